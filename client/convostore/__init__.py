@@ -1,0 +1,23 @@
+"""convostore client: conversation memory for agents, served by the convostore sidecar."""
+
+from .errors import (
+    ConvostoreError,
+    NotFoundError,
+    RequestRejectedError,
+    StoreUnavailableError,
+    UnauthorizedError,
+)
+from .session import SidecarSession
+from .store import SidecarStore
+from .transport import close_pools
+
+__all__ = [
+    "ConvostoreError",
+    "NotFoundError",
+    "RequestRejectedError",
+    "SidecarSession",
+    "SidecarStore",
+    "StoreUnavailableError",
+    "UnauthorizedError",
+    "close_pools",
+]

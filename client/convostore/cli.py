@@ -1,0 +1,183 @@
+"""The `convostore` command: run the sidecar, and inspect or move a store's sessions.
+
+`convostore sessions export` writes JSON Lines, one `{"session_id", "item"}` object per
+item in conversation order; `import` reads the same format back. Each imported batch
+carries an idempotency key derived from the file's content and the batch's position,
+so an interrupted import can simply be run again without duplicating items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
+
+from .errors import ConvostoreError
+from .store import SidecarStore
+
+IMPORT_BATCH = 500
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result: int = args.run(args)
+        return result
+    except ConvostoreError as exc:
+        print(f"convostore: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"convostore: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convostore", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    sidecar = commands.add_parser("sidecar", help="serve the session API")
+    sidecar.add_argument(
+        "--config",
+        default=os.environ.get("CONVOSTORE_CONFIG"),
+        help="YAML or JSON config (default: $CONVOSTORE_CONFIG, else one "
+        "SQLite store 'default' at ./convostore.db)",
+    )
+    sidecar.add_argument("--host", help="TCP address to listen on (default 127.0.0.1)")
+    sidecar.add_argument("--port", type=int, help="TCP port (default 8790)")
+    sidecar.add_argument("--socket", help="also listen on this unix socket")
+    sidecar.add_argument("--token-file", help="require this bearer token")
+    sidecar.add_argument("--log-level", default="INFO")
+    sidecar.set_defaults(run=_run_sidecar)
+
+    sessions = commands.add_parser("sessions", help="inspect a running sidecar's sessions")
+    sessions.add_argument("--url", help="sidecar URL (default: $CONVOSTORE_URL)")
+    sessions.add_argument("--store", default="default")
+    sessions.add_argument("--token-file", help="bearer token file ($CONVOSTORE_TOKEN_FILE)")
+    actions = sessions.add_subparsers(required=True, metavar="ACTION")
+    ls = actions.add_parser("ls", help="list session ids")
+    ls.add_argument("--prefix", default="")
+    ls.set_defaults(run=lambda a: _run(_ls(a)))
+    show = actions.add_parser("show", help="print a session's items as JSON")
+    show.add_argument("session_id")
+    show.add_argument("--limit", type=int)
+    show.set_defaults(run=lambda a: _run(_show(a)))
+    export = actions.add_parser("export", help="write sessions as JSON Lines")
+    export.add_argument("--prefix", default="")
+    export.add_argument("-o", "--output", default="-", help="file (default: stdout)")
+    export.set_defaults(run=_run_export)
+    imp = actions.add_parser("import", help="append sessions from JSON Lines")
+    imp.add_argument("file", help="file written by export ('-' for stdin)")
+    imp.set_defaults(run=_run_import)
+    clear = actions.add_parser("clear", help="delete a session")
+    clear.add_argument("session_id")
+    clear.set_defaults(run=lambda a: _run(_clear(a)))
+    return parser
+
+
+def _run_sidecar(args: argparse.Namespace) -> int:
+    try:
+        from convostore_sidecar.main import run_sidecar
+    except ImportError as exc:
+        raise ValueError(
+            f"the sidecar needs the [sidecar] extra ({exc.name} is missing): "
+            "pip install 'convostore[sidecar]'"
+        ) from exc
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    return run_sidecar(
+        config_path=args.config,
+        host=args.host,
+        port=args.port,
+        socket=args.socket,
+        token_file=args.token_file,
+    )
+
+
+def _run(coro: Any) -> int:
+    result: int = asyncio.run(coro)
+    return result
+
+
+def _store(args: argparse.Namespace) -> SidecarStore:
+    return SidecarStore(args.store, args.url, token_file=args.token_file)
+
+
+async def _ls(args: argparse.Namespace) -> int:
+    async for session_id in _store(args).session_ids(args.prefix):
+        print(session_id)
+    return 0
+
+
+async def _show(args: argparse.Namespace) -> int:
+    items = await _store(args).session(args.session_id).get_items(args.limit)
+    print(json.dumps(items, indent=2, ensure_ascii=False))
+    return 0
+
+
+async def _clear(args: argparse.Namespace) -> int:
+    await _store(args).session(args.session_id).clear_session()
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    if args.output == "-":
+        return _run(_export(args, sys.stdout))
+    with open(args.output, "w", encoding="utf-8") as out:
+        return _run(_export(args, out))
+
+
+async def _export(args: argparse.Namespace, out: TextIO) -> int:
+    store = _store(args)
+    async for session_id in store.session_ids(args.prefix):
+        for item in await store.session(session_id).get_items():
+            line = {"session_id": session_id, "item": item}
+            out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n")
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        return _run(_import(args, sys.stdin.read()))
+    with open(args.file, encoding="utf-8") as f:
+        return _run(_import(args, f.read()))
+
+
+async def _import(args: argparse.Namespace, text: str) -> int:
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    store = _store(args)
+    total = 0
+    for first_line, session_id, items in _batches(text):
+        key = f"import-{digest}-{first_line}"
+        await store.session(session_id).add_items(items, idempotency_key=key)
+        total += len(items)
+    print(f"imported {total} items", file=sys.stderr)
+    return 0
+
+
+def _batches(text: str) -> Iterator[tuple[int, str, list[Any]]]:
+    """Consecutive lines of one session, up to IMPORT_BATCH at a time, with line numbers."""
+    batch: list[Any] = []
+    current, first = "", 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            session_id, item = record["session_id"], record["item"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"line {number}: not a {{session_id, item}} record: {exc}") from exc
+        if batch and (session_id != current or len(batch) >= IMPORT_BATCH):
+            yield first, current, batch
+            batch = []
+        if not batch:
+            current, first = session_id, number
+        batch.append(item)
+    if batch:
+        yield first, current, batch

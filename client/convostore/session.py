@@ -1,0 +1,93 @@
+"""`SidecarSession`: the Agents SDK `Session` protocol, served by the convostore sidecar.
+
+The contract is the SDK's: `get_items(limit)` returns the latest `limit` items oldest
+first (all of them without a limit, none for 0), `add_items` appends one ordered batch
+atomically, `pop_item` removes and returns the newest item or `None`, `clear_session`
+forgets the session. Items come back exactly as they were stored, which the Runner
+relies on when it compares what it wrote with what it reads back.
+
+Every append carries a fresh `Idempotency-Key`, so a retry after a lost response
+appends once: the sidecar remembers the key with the batch, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+from .transport import Endpoint, Transport, read_token
+
+Item = Any
+
+
+def store_path(store: str) -> str:
+    return f"/v1/stores/{quote(store, safe='')}"
+
+
+class SidecarSession:
+    """Conversation history for one session id, kept by the sidecar in `store`."""
+
+    def __init__(
+        self,
+        session_id: str,
+        store: str = "default",
+        url: str | None = None,
+        session_settings: Any | None = None,
+        *,
+        token: str | None = None,
+        token_file: str | None = None,
+        timeout: float = 10.0,
+        retries: int = 3,
+    ) -> None:
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError("session_id must be a non-empty string")
+        self.session_id = session_id
+        self.store = store
+        self.session_settings = session_settings
+        self._transport = Transport(
+            Endpoint.parse(url), read_token(token, token_file), timeout=timeout, retries=retries
+        )
+        self._path = f"{store_path(store)}/sessions/{quote(session_id, safe='')}"
+
+    async def get_items(self, limit: int | None = None) -> list[Item]:
+        """The latest `limit` items, oldest first; `session_settings.limit` when not given."""
+        if limit is None and self.session_settings is not None:
+            limit = getattr(self.session_settings, "limit", None)
+        params = None if limit is None else {"limit": str(limit)}
+        body = await self._transport.call(
+            "GET", self._path + "/items", params=params, idempotent=True
+        )
+        items: list[Item] = body["items"]
+        return items
+
+    async def add_items(self, items: list[Item], *, idempotency_key: str | None = None) -> None:
+        """Append `items` in order, as one atomic batch; an empty list does nothing.
+
+        A request repeated with the same `idempotency_key` appends once (a fresh key is
+        made when none is given, which covers the client's own retries).
+        """
+        if not items:
+            return
+        payload = json.dumps({"items": items}, ensure_ascii=False, allow_nan=False)
+        await self._transport.call(
+            "POST",
+            self._path + "/items",
+            body=payload.encode("utf-8"),
+            headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+            idempotent=True,
+        )
+
+    async def pop_item(self) -> Item | None:
+        """Remove and return the newest item, or `None` when the session is empty."""
+        body = await self._transport.call("POST", self._path + "/items:pop", idempotent=False)
+        return body["item"]
+
+    async def clear_session(self) -> None:
+        """Remove every item of this session."""
+        await self._transport.call("DELETE", self._path, idempotent=True)
+
+    async def clear(self) -> None:
+        """Alias of `clear_session`, as in the seed documents' examples."""
+        await self.clear_session()

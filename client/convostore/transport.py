@@ -1,0 +1,198 @@
+"""HTTP transport to the sidecar: URL handling, pooled connections, safe retries.
+
+A pool of keep-alive connections lives as long as the event loop that created it.
+Agent code runs sessions under `asyncio.run` and `Runner.run_sync`, which may start a
+new loop per call; aiohttp sessions cannot cross loops. The only clean-up hook a loop
+offers is the finalization of async generators (`loop.shutdown_asyncgens`, called by
+both), so each pool is owned by a parked async generator that closes it on the way out.
+
+Retries happen only where they cannot duplicate or lose an effect: a request whose
+connection was never established, and any request that is idempotent (reads, clears,
+and appends, which always carry an `Idempotency-Key`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import weakref
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .errors import (
+    ConvostoreError,
+    NotFoundError,
+    RequestRejectedError,
+    StoreUnavailableError,
+    UnauthorizedError,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8790"
+_RETRYABLE_STATUSES = frozenset({502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the sidecar listens: a base URL plus, for `unix://`, the socket path."""
+
+    base_url: str
+    socket_path: str | None
+
+    @classmethod
+    def parse(cls, url: str | None) -> Endpoint:
+        raw = url or os.environ.get("CONVOSTORE_URL") or DEFAULT_URL
+        parts = urlsplit(raw)
+        if parts.scheme == "unix":
+            path = parts.path or parts.netloc
+            if not path:
+                raise ValueError(f"CONVOSTORE_URL {raw!r} names no socket path")
+            return cls("http://localhost", path)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return cls(raw.rstrip("/"), None)
+        raise ValueError(f"sidecar URL {raw!r} must be http://host:port or unix:///path")
+
+
+def read_token(token: str | None, token_file: str | None) -> str | None:
+    """The bearer token: given directly, from a file, or from `CONVOSTORE_TOKEN_FILE`."""
+    if token:
+        return token
+    path = token_file or os.environ.get("CONVOSTORE_TOKEN_FILE")
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip() or None
+
+
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Endpoint, _Pool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _Pool:
+    """One aiohttp session bound to one loop, closed when that loop finalizes."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        connector: aiohttp.BaseConnector
+        if endpoint.socket_path:
+            connector = aiohttp.UnixConnector(path=endpoint.socket_path, limit=64)
+        else:
+            connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=None)
+        self.http = aiohttp.ClientSession(connector=connector, json_serialize=json.dumps)
+        self._owner = self._hold()
+
+    async def park(self) -> None:
+        await self._owner.__anext__()
+
+    async def _hold(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await self.http.close()
+
+
+async def pool_for(endpoint: Endpoint) -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    pools = _pools.setdefault(loop, {})
+    pool = pools.get(endpoint)
+    if pool is None or pool.http.closed:
+        pool = _Pool(endpoint)
+        await pool.park()
+        pools[endpoint] = pool
+    return pool.http
+
+
+async def close_pools() -> None:
+    """Close this loop's pools now (optional: they also close when the loop finalizes)."""
+    pools = _pools.pop(asyncio.get_running_loop(), {})
+    for pool in pools.values():
+        await pool.http.close()
+
+
+@dataclass
+class Transport:
+    """Sends one API call, retrying only what is safe, and maps errors to exceptions."""
+
+    endpoint: Endpoint
+    token: str | None
+    timeout: float = 10.0
+    retries: int = 3
+    backoff: float = 0.05
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool,
+    ) -> Any:
+        all_headers = {"Accept": "application/json"}
+        if body is not None:
+            all_headers["Content-Type"] = "application/json"
+        if self.token:
+            all_headers["Authorization"] = f"Bearer {self.token}"
+        all_headers.update(headers or {})
+        url = self.endpoint.base_url + path
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        attempt = 0
+        while True:
+            delay = self.backoff * (2**attempt)
+            try:
+                http = await pool_for(self.endpoint)
+                async with http.request(
+                    method, url, params=params, data=body, headers=all_headers, timeout=timeout
+                ) as resp:
+                    raw = await resp.read()
+                    if resp.status < 400:
+                        return json.loads(raw) if raw else None
+                    error = _error_from(resp.status, raw)
+                    if (
+                        not idempotent
+                        or resp.status not in _RETRYABLE_STATUSES
+                        or attempt >= self.retries
+                    ):
+                        raise error
+                    delay = max(delay, min(_retry_after(resp.headers), 2.0))
+            except aiohttp.ClientConnectorError as exc:
+                if attempt >= self.retries:
+                    raise StoreUnavailableError(
+                        "sidecar_unreachable", f"cannot connect to the sidecar: {exc}"
+                    ) from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not idempotent or attempt >= self.retries:
+                    raise StoreUnavailableError(
+                        "sidecar_unreachable",
+                        f"request to the sidecar failed: {exc!r}; its outcome is unknown",
+                    ) from exc
+            attempt += 1
+            await asyncio.sleep(delay)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float:
+    try:
+        return float(headers.get("Retry-After", "0"))
+    except ValueError:
+        return 0.0
+
+
+def _error_from(status: int, raw: bytes) -> ConvostoreError:
+    code, message = "http_error", raw.decode("utf-8", "replace")[:500]
+    try:
+        error = json.loads(raw)["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    if status == 401:
+        return UnauthorizedError(code, message, status)
+    if status == 404:
+        return NotFoundError(code, message, status)
+    if status >= 500:
+        return StoreUnavailableError(code, message, status)
+    return RequestRejectedError(code, message, status)

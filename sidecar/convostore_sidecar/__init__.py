@@ -1,0 +1,1 @@
+"""convostore sidecar: serves the session API on localhost for the agents of one pod."""

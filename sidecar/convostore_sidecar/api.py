@@ -1,0 +1,148 @@
+"""The v1 session API: one small handler per route; see `openapi.yaml` for the contract."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+
+from aiohttp import web
+
+from . import validation
+from .drivers.base import BackendUnavailable, Idempotency
+from .errors import ApiError
+from .jsonbody import dumps, items_document
+from .state import METRICS, OPENAPI, STORES
+from .stores import Store
+
+routes = web.RouteTableDef()
+SESSION = "/v1/stores/{store}/sessions/{session_id}"
+READY_TIMEOUT_SECONDS = 2.0
+DEFAULT_PAGE = 100
+
+
+def _store(request: web.Request) -> Store:
+    return request.app[STORES].get(request.match_info["store"])
+
+
+def _session(request: web.Request, store: Store) -> str:
+    return validation.session_id(request.match_info["session_id"], store.config.limits)
+
+
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+@routes.get(SESSION + "/items")
+async def get_items(request: web.Request) -> web.Response:
+    store = _store(request)
+    session_id = _session(request, store)
+    limit = validation.limit_param(request.query.get("limit"), default=None, maximum=None)
+    items = [] if limit == 0 else await store.driver.latest(session_id, limit)
+    return _json(items_document(items))
+
+
+@routes.post(SESSION + "/items")
+async def append_items(request: web.Request) -> web.Response:
+    store = _store(request)
+    session_id = _session(request, store)
+    limits = store.config.limits
+    key = validation.idempotency_key(request.headers.get("Idempotency-Key"))
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    if (request.content_length or 0) > limits.max_request_bytes:
+        raise ApiError(413, "request_too_large", f"the limit is {limits.max_request_bytes} bytes")
+    raw = await request.read()
+    if len(raw) > limits.max_request_bytes:
+        raise ApiError(413, "request_too_large", f"the limit is {limits.max_request_bytes} bytes")
+    body = validation.append_body(raw, limits)
+    idempotency = (
+        None if key is None else Idempotency(key, body.fingerprint, store.config.idempotency_ttl)
+    )
+    result = await store.driver.append(session_id, body.items, idempotency)
+    if not result.replayed:
+        request.app[METRICS].items_appended.labels(store.name).inc(result.appended)
+    return _json(dumps({"appended": result.appended, "replayed": result.replayed}))
+
+
+@routes.post(SESSION + "/items:pop")
+async def pop_item(request: web.Request) -> web.Response:
+    store = _store(request)
+    item = await store.driver.pop(_session(request, store))
+    if item is not None:
+        request.app[METRICS].items_popped.labels(store.name).inc()
+    return _json(b'{"item":' + (item if item is not None else b"null") + b"}")
+
+
+@routes.delete(SESSION)
+async def clear_session(request: web.Request) -> web.Response:
+    store = _store(request)
+    await store.driver.clear(_session(request, store))
+    return web.Response(status=204)
+
+
+@routes.get("/v1/stores/{store}/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    store = _store(request)
+    prefix = validation.session_prefix(request.query.get("prefix", ""), store.config.limits)
+    limit = validation.limit_param(
+        request.query.get("limit"), default=DEFAULT_PAGE, maximum=validation.MAX_LIST_LIMIT
+    )
+    after = _decode_cursor(request.query.get("cursor"))
+    page_size = max(limit or DEFAULT_PAGE, 1)
+    ids = await store.driver.list_sessions(prefix, after, page_size + 1)
+    more = len(ids) > page_size
+    ids = ids[:page_size]
+    cursor = _encode_cursor(ids[-1]) if more else None
+    return _json(dumps({"sessions": ids, "next_cursor": cursor}))
+
+
+def _encode_cursor(session_id: str) -> str:
+    return base64.urlsafe_b64encode(session_id.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(raw: str | None) -> str | None:
+    if not raw:
+        return None
+    try:
+        decoded = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "invalid_cursor", "cursor is not one this sidecar returned") from exc
+    if not validation.SESSION_ID.fullmatch(decoded):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this sidecar returned")
+    return decoded
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return _json(b'{"status":"ok"}')
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    registry = request.app[STORES]
+    stores = list(registry)
+    results = await asyncio.gather(*(_ping(store) for store in stores))
+    status = {store.name: result for store, result in zip(stores, results, strict=True)}
+    ready = all(result == "ok" for result in results)
+    return _json(dumps({"ready": ready, "stores": status}), status=200 if ready else 503)
+
+
+async def _ping(store: Store) -> str:
+    try:
+        await asyncio.wait_for(store.driver.ping(), READY_TIMEOUT_SECONDS)
+    except (BackendUnavailable, TimeoutError) as exc:
+        return f"unavailable: {exc}" if str(exc) else "unavailable: no answer in time"
+    return "ok"
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].exposition(), content_type="text/plain", charset="utf-8"
+    )
+
+
+@routes.get("/v1/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return _json(request.app[OPENAPI])

@@ -1,0 +1,46 @@
+"""Assembles the sidecar's aiohttp application from its configuration."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from importlib import resources
+
+import yaml
+from aiohttp import web
+
+from .api import routes
+from .config import SidecarConfig
+from .jsonbody import dumps
+from .metrics import Metrics
+from .middleware import TokenCheck, auth_middleware, error_middleware, metrics_middleware
+from .state import METRICS, OPENAPI, STORES, TOKEN
+from .stores import Stores
+
+BODY_SLACK = 64 << 10
+
+
+def openapi_document() -> dict[str, object]:
+    text = resources.files("convostore_sidecar").joinpath("openapi.yaml").read_text("utf-8")
+    document: dict[str, object] = yaml.safe_load(text)
+    return document
+
+
+def build_app(config: SidecarConfig) -> web.Application:
+    largest_body = max(store.limits.max_request_bytes for store in config.stores.values())
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        client_max_size=largest_body + BODY_SLACK,
+    )
+    app[METRICS] = Metrics()
+    app[STORES] = Stores(config)
+    app[TOKEN] = TokenCheck(config.token_file) if config.token_file else None
+    app[OPENAPI] = dumps(openapi_document())
+    app.cleanup_ctx.append(_stores_lifecycle)
+    app.add_routes(routes)
+    return app
+
+
+async def _stores_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    await app[STORES].open(app[METRICS])
+    yield
+    await app[STORES].close()

@@ -1,0 +1,272 @@
+"""The sidecar's configuration: one YAML or JSON file naming the stores it serves.
+
+Every setting is validated at start-up, and an error names the store, the field and what
+is allowed, so a typo in a mounted config fails the pod at once instead of at the first
+conversation. Unknown fields are errors for the same reason. With no file at all the
+sidecar serves one store, `default`, on SQLite at `./convostore.db`.
+
+```yaml
+listen: {host: 127.0.0.1, port: 8790, socket: /var/run/convostore/sidecar.sock}
+auth: {tokenFile: /var/run/secrets/convostore/token}
+stores:
+  chat:
+    backend: redis            # sqlite | redis | postgres
+    redis: {url: "redis://redis:6379/0"}
+    ttl: 24h                  # idle time after which a session expires
+    maxItems: 500             # older items are trimmed on append
+    limits: {maxItemBytes: 1048576, maxRequestBytes: 8388608, maxItemsPerRequest: 1000}
+```
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .drivers import BACKENDS, parse_backend_settings
+from .drivers.base import Retention
+
+STORE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
+_DURATION_UNITS = (86400, 3600, 60, 1)
+
+
+class ConfigError(ValueError):
+    """A configuration value that the sidecar cannot honour, with where it is."""
+
+
+class Section:
+    """A mapping read field by field, remembering its path for error messages."""
+
+    def __init__(self, data: Any, where: str, store: str | None = None) -> None:
+        self.store = store
+        self.where = where
+        if not isinstance(data, Mapping):
+            self.fail(None, f"must be a mapping, got {type(data).__name__}")
+        self._data: Mapping[str, Any] = data
+        self._read: set[str] = set()
+
+    def fail(self, key: str | None, message: str) -> None:
+        path = ".".join(p for p in (self.where, key) if p)
+        prefix = f"store {self.store!r}: " if self.store else ""
+        raise ConfigError(f"{prefix}field {path!r}: {message}" if path else prefix + message)
+
+    def _get(self, key: str) -> Any:
+        self._read.add(key)
+        return self._data.get(key)
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def string(
+        self, key: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None
+    ) -> str | None:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"must be a non-empty string, got {value!r}")
+        if pattern is not None and not pattern.fullmatch(value):
+            self.fail(key, f"must match {pattern.pattern}, got {value!r}")
+        return str(value)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = self._get(key)
+        if value is None and default is not None:
+            return default
+        if value not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return str(value)
+
+    def integer(self, key: str, default: int | None, *, low: int, high: int) -> int | None:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(key, f"must be an integer from {low} to {high}, got {value!r}")
+        return int(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, got {value!r}")
+        return bool(value)
+
+    def duration(self, key: str, default: float | None, *, low: float, high: float) -> float | None:
+        """Seconds, given as a number or as text such as `90s`, `15m`, `24h`, `7d`, `1h30m`."""
+        value = self._get(key)
+        if value is None:
+            return default
+        seconds: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and value.strip():
+            match = _DURATION.fullmatch(value.strip())
+            if match:
+                parts = zip(match.groups(), _DURATION_UNITS, strict=True)
+                seconds = sum(float(part) * unit for part, unit in parts if part)
+        if seconds is None or not low <= seconds <= high:
+            self.fail(
+                key,
+                f"must be a duration from {low:g}s to {high:g}s (a number of seconds or "
+                f"text such as 90s, 15m, 24h, 7d), got {value!r}",
+            )
+        return seconds
+
+    def section(self, key: str, *, store: str | None = None) -> Section:
+        """The mapping under `key`; naming a `store` starts a store's own field paths."""
+        value = self._get(key)
+        if store is not None:
+            return Section({} if value is None else value, "", store)
+        where = f"{self.where}.{key}" if self.where else key
+        return Section({} if value is None else value, where, self.store)
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def done(self) -> None:
+        unknown = sorted(set(self._data) - self._read)
+        if unknown:
+            self.fail(None, f"unknown field(s) {', '.join(map(repr, unknown))}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_item_bytes: int = 1 << 20
+    max_request_bytes: int = 8 << 20
+    max_items_per_request: int = 1000
+    max_session_id_length: int = 256
+
+    @classmethod
+    def parse(cls, s: Section) -> Limits:
+        limits = cls(
+            max_item_bytes=_req(
+                s.integer("maxItemBytes", cls.max_item_bytes, low=2, high=64 << 20)
+            ),
+            max_request_bytes=_req(
+                s.integer("maxRequestBytes", cls.max_request_bytes, low=16, high=256 << 20)
+            ),
+            max_items_per_request=_req(
+                s.integer("maxItemsPerRequest", cls.max_items_per_request, low=1, high=10_000)
+            ),
+            max_session_id_length=_req(
+                s.integer("maxSessionIdLength", cls.max_session_id_length, low=1, high=1024)
+            ),
+        )
+        s.done()
+        return limits
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    name: str
+    backend: str
+    settings: Any
+    retention: Retention = field(default_factory=Retention)
+    limits: Limits = field(default_factory=Limits)
+    idempotency_ttl: float = 86400.0
+    sweep_interval: float = 60.0
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8790
+    socket: str | None = None
+    socket_mode: int = 0o660
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    stores: dict[str, StoreConfig]
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    token_file: str | None = None
+    shutdown_timeout: float = 30.0
+
+
+def _req(value: int | None) -> int:
+    assert value is not None
+    return value
+
+
+def default_config() -> SidecarConfig:
+    """One store, `default`, on SQLite at `./convostore.db`."""
+    return parse_config({"stores": {"default": {"backend": "sqlite"}}})
+
+
+def load_config(path: str | Path) -> SidecarConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML or JSON: {exc}") from exc
+    return parse_config(data)
+
+
+def parse_config(data: Any) -> SidecarConfig:
+    root = Section(data, "")
+    listen_s = root.section("listen")
+    listen = ListenConfig(
+        host=listen_s.string("host", ListenConfig.host) or ListenConfig.host,
+        port=_req(listen_s.integer("port", ListenConfig.port, low=0, high=65535)),
+        socket=listen_s.string("socket"),
+        socket_mode=_req(
+            listen_s.integer("socketMode", ListenConfig.socket_mode, low=0, high=0o777)
+        ),
+    )
+    listen_s.done()
+    auth_s = root.section("auth")
+    token_file = auth_s.string("tokenFile")
+    auth_s.done()
+    shutdown = root.duration("shutdownTimeout", 30.0, low=0, high=3600)
+    stores_s = root.section("stores")
+    names = stores_s.keys()
+    if not names:
+        root.fail("stores", "must name at least one store")
+    stores = {name: parse_store(name, stores_s) for name in names}
+    root.done()
+    return SidecarConfig(
+        stores=stores,
+        listen=listen,
+        token_file=token_file,
+        shutdown_timeout=shutdown or 0.0,
+    )
+
+
+def parse_store(name: Any, stores: Section) -> StoreConfig:
+    if not isinstance(name, str) or not STORE_NAME.fullmatch(name):
+        stores.fail(
+            None,
+            f"store name {name!r} must be 1-63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit",
+        )
+    s = stores.section(name, store=name)
+    backend = s.choice("backend", tuple(BACKENDS))
+    settings = parse_backend_settings(backend, s.section(backend))
+    retention = Retention(
+        ttl_seconds=s.duration("ttl", None, low=1, high=10 * 365 * 86400),
+        max_items=s.integer("maxItems", None, low=1, high=10_000_000),
+    )
+    store = StoreConfig(
+        name=name,
+        backend=backend,
+        settings=settings,
+        retention=retention,
+        limits=Limits.parse(s.section("limits")),
+        idempotency_ttl=s.duration("idempotencyTtl", 86400.0, low=1, high=30 * 86400) or 0.0,
+        sweep_interval=s.duration("sweepInterval", 60.0, low=0.1, high=86400) or 0.0,
+    )
+    s.done()
+    return store

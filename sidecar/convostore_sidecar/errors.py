@@ -1,0 +1,26 @@
+"""API errors: every failure leaves the sidecar as `{"error": {"code", "message"}}`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .jsonbody import dumps
+
+
+class ApiError(Exception):
+    """A request the sidecar refuses, with the HTTP status and the code clients match on."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=dumps({"error": {"code": code, "message": message}}),
+        content_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,52 @@
+"""Entry point of `convostore sidecar`: load and check the config, then serve."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sys
+
+from .config import ConfigError, SidecarConfig, default_config, load_config
+from .serve import serve
+
+log = logging.getLogger("convostore.sidecar")
+
+
+def run_sidecar(
+    *,
+    config_path: str | None,
+    host: str | None = None,
+    port: int | None = None,
+    socket: str | None = None,
+    token_file: str | None = None,
+) -> int:
+    try:
+        config = load_config(config_path) if config_path else default_config()
+    except ConfigError as exc:
+        print(f"convostore sidecar: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    config = _with_overrides(config, host, port, socket, token_file)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"convostore sidecar: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _with_overrides(
+    config: SidecarConfig,
+    host: str | None,
+    port: int | None,
+    socket: str | None,
+    token_file: str | None,
+) -> SidecarConfig:
+    listen = config.listen
+    listen = dataclasses.replace(
+        listen,
+        host=host or listen.host,
+        port=listen.port if port is None else port,
+        socket=socket or listen.socket,
+    )
+    return dataclasses.replace(config, listen=listen, token_file=token_file or config.token_file)

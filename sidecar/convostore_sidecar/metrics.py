@@ -1,0 +1,49 @@
+"""Prometheus metrics of one sidecar, in a registry of its own (not the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "convostore_requests",
+            "API requests handled, by route, store, method and status.",
+            ["route", "store", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "convostore_request_duration_seconds",
+            "Time to answer an API request, by route and store.",
+            ["route", "store"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.backend_errors = Counter(
+            "convostore_backend_errors",
+            "Backend calls that failed because the backend was unavailable.",
+            ["store", "backend"],
+            registry=self.registry,
+        )
+        self.items_appended = Counter(
+            "convostore_items_appended",
+            "Items stored by appends (replayed appends are not counted again).",
+            ["store"],
+            registry=self.registry,
+        )
+        self.items_popped = Counter(
+            "convostore_items_popped", "Items removed by pops.", ["store"], registry=self.registry
+        )
+        self.sessions_expired = Counter(
+            "convostore_sessions_expired",
+            "Sessions deleted by the retention sweep.",
+            ["store"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

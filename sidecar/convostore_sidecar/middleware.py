@@ -1,0 +1,114 @@
+"""Cross-cutting request handling: metrics, errors as JSON, and the bearer token."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .drivers.base import BackendUnavailable, IdempotencyKeyReused
+from .errors import ApiError, error_response
+from .state import METRICS, STORES, TOKEN
+
+log = logging.getLogger("convostore.sidecar")
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
+RETRY_AFTER_SECONDS = "1"
+
+
+def _labels(request: web.Request) -> tuple[str, str]:
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    store = request.match_info.get("store", "")
+    return route, store if store in request.app[STORES] else ("unknown" if store else "")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    route, store = _labels(request)
+    metrics = request.app[METRICS]
+    metrics.latency.labels(route, store).observe(time.perf_counter() - started)
+    metrics.requests.labels(route, store, request.method, str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except BackendUnavailable as exc:
+        _, store = _labels(request)
+        backend = request.app[STORES].get(store).config.backend if store else ""
+        request.app[METRICS].backend_errors.labels(store, backend).inc()
+        log.warning("store %s: backend unavailable: %s", store, exc)
+        return error_response(
+            503,
+            "backend_unavailable",
+            f"the backend of store {store!r} is unavailable; retry later",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    except IdempotencyKeyReused as exc:
+        return error_response(
+            409,
+            "idempotency_key_reused",
+            f"Idempotency-Key {exc.args[0]!r} was already used with a different request body",
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "request_too_large",
+        }.get(exc.status, "http_error")
+        return error_response(
+            exc.status,
+            code,
+            exc.reason,
+            headers={"Allow": exc.headers.get("Allow", "")} if exc.status == 405 else None,
+        )
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal", "unexpected error in the sidecar; see its log")
+
+
+class TokenCheck:
+    """Compares bearer tokens with the file's content, re-read when a token does not match
+    so that a rotated Secret takes effect without a restart."""
+
+    def __init__(self, path: str) -> None:
+        self._path = Path(path)
+        self._token = self._read()
+
+    def _read(self) -> bytes:
+        token = self._path.read_bytes().strip()
+        if not token:
+            raise ValueError(f"token file {str(self._path)!r} is empty")
+        return token
+
+    def accepts(self, presented: bytes) -> bool:
+        if hmac.compare_digest(presented, self._token):
+            return True
+        try:
+            self._token = self._read()
+        except (OSError, ValueError):
+            return False
+        return hmac.compare_digest(presented, self._token)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    check = request.app[TOKEN]
+    if check is None or request.path in OPEN_PATHS:
+        return await handler(request)
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not check.accepts(presented.strip().encode()):
+        raise ApiError(401, "unauthorized", "a valid bearer token is required")
+    return await handler(request)

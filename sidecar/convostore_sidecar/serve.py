@@ -1,0 +1,54 @@
+"""Runs the sidecar: TCP on loopback and, when configured, a unix socket.
+
+On SIGTERM (the kubelet stopping the pod) or SIGINT the listeners close first, requests
+in flight are allowed to finish within `shutdownTimeout`, the drivers close, and the
+process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import build_app
+from .config import SidecarConfig
+
+log = logging.getLogger("convostore.sidecar")
+
+
+async def serve(config: SidecarConfig) -> None:
+    app = build_app(config)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout
+    )
+    await runner.setup()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        listen = config.listen
+        await web.TCPSite(runner, listen.host, listen.port).start()
+        where = [f"http://{listen.host}:{listen.port}"]
+        if listen.socket:
+            _replace_stale_socket(Path(listen.socket))
+            await web.UnixSite(runner, listen.socket).start()
+            os.chmod(listen.socket, listen.socket_mode)
+            where.append(f"unix://{listen.socket}")
+        stores = ", ".join(f"{s.name} ({s.backend})" for s in config.stores.values())
+        log.info("convostore sidecar serving %s on %s", stores, " and ".join(where))
+        await stopping.wait()
+        log.info("stopping: finishing requests in flight")
+    finally:
+        await runner.cleanup()
+
+
+def _replace_stale_socket(path: Path) -> None:
+    """A socket file left by a killed sidecar would make the new one fail to bind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)

@@ -1,0 +1,17 @@
+"""Typed keys of the application state, set once at start-up."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .middleware import TokenCheck
+    from .stores import Stores
+
+STORES: web.AppKey[Stores] = web.AppKey("stores")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+TOKEN: web.AppKey[TokenCheck | None] = web.AppKey("token")
+OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")

@@ -1,0 +1,76 @@
+"""The stores a sidecar serves: each store's config with its open driver.
+
+Retention sweeps run here, one background task per store, because expiry is a property
+of the store rather than of any request: drivers already hide expired sessions from
+reads, and the sweep reclaims their space in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .config import SidecarConfig, StoreConfig
+from .drivers import open_driver
+from .drivers.base import BackendUnavailable, Driver
+from .errors import ApiError
+from .metrics import Metrics
+
+log = logging.getLogger("convostore.sidecar")
+
+
+@dataclass
+class Store:
+    config: StoreConfig
+    driver: Driver
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+class Stores:
+    def __init__(self, config: SidecarConfig) -> None:
+        self._stores = {name: Store(cfg, open_driver(cfg)) for name, cfg in config.stores.items()}
+        self._sweepers: list[asyncio.Task[None]] = []
+
+    def __iter__(self) -> Iterator[Store]:
+        return iter(self._stores.values())
+
+    def get(self, name: str) -> Store:
+        store = self._stores.get(name)
+        if store is None:
+            raise ApiError(404, "store_not_found", f"this sidecar serves no store named {name!r}")
+        return store
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._stores
+
+    async def open(self, metrics: Metrics) -> None:
+        for store in self._stores.values():
+            await store.driver.open()
+            self._sweepers.append(asyncio.create_task(_sweep_forever(store, metrics)))
+
+    async def close(self) -> None:
+        for task in self._sweepers:
+            task.cancel()
+        for task in self._sweepers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for store in self._stores.values():
+            await store.driver.close()
+
+
+async def _sweep_forever(store: Store, metrics: Metrics) -> None:
+    while True:
+        await asyncio.sleep(store.config.sweep_interval)
+        try:
+            swept = await store.driver.sweep()
+        except BackendUnavailable as exc:
+            log.warning("store %s: retention sweep skipped: %s", store.name, exc)
+            continue
+        if swept:
+            metrics.sessions_expired.labels(store.name).inc(swept)

@@ -1,0 +1,105 @@
+"""What a well-formed request is: session ids, append bodies, limits and keys.
+
+Everything here runs before a driver is called, so a rejected request changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from .config import Limits
+from .errors import ApiError
+from .jsonbody import dumps, loads
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._:@-]+")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+MAX_LIST_LIMIT = 1000
+
+
+def session_id(value: str, limits: Limits) -> str:
+    if not 1 <= len(value) <= limits.max_session_id_length:
+        raise ApiError(
+            400,
+            "invalid_session_id",
+            f"a session id has 1 to {limits.max_session_id_length} characters, got {len(value)}",
+        )
+    if not SESSION_ID.fullmatch(value) or value in (".", ".."):
+        raise ApiError(
+            400,
+            "invalid_session_id",
+            "a session id may only contain letters, digits and . _ : @ - (and is not '.' or '..')",
+        )
+    return value
+
+
+def session_prefix(value: str, limits: Limits) -> str:
+    if value and (len(value) > limits.max_session_id_length or not SESSION_ID.fullmatch(value)):
+        raise ApiError(400, "invalid_prefix", "a prefix uses the characters of session ids")
+    return value
+
+
+def limit_param(raw: str | None, *, default: int | None, maximum: int | None) -> int | None:
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        raise ApiError(400, "invalid_limit", f"limit must be a non-negative integer, got {raw!r}")
+    value = int(raw)
+    if maximum is not None and value > maximum:
+        raise ApiError(400, "invalid_limit", f"limit must be at most {maximum}, got {value}")
+    return value
+
+
+def idempotency_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(raw):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )
+    return raw
+
+
+@dataclass(frozen=True)
+class AppendBody:
+    items: list[bytes]
+    fingerprint: str
+
+
+def append_body(raw: bytes, limits: Limits) -> AppendBody:
+    """Parse `{"items": [...]}`; each item must be a JSON object within the size limit."""
+    try:
+        document = loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict) or set(document) != {"items"}:
+        raise ApiError(400, "invalid_body", 'the body must be an object {"items": [...]}')
+    items = document["items"]
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "invalid_body", '"items" must be a non-empty array')
+    if len(items) > limits.max_items_per_request:
+        raise ApiError(
+            413,
+            "too_many_items",
+            f"{len(items)} items in one request; the limit is {limits.max_items_per_request}",
+        )
+    encoded: list[bytes] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ApiError(
+                400,
+                "invalid_item",
+                f"item {index} must be a JSON object, got {type(item).__name__}",
+            )
+        data = dumps(item)
+        if len(data) > limits.max_item_bytes:
+            raise ApiError(
+                413,
+                "item_too_large",
+                f"item {index} has {len(data)} bytes; the limit is {limits.max_item_bytes}",
+            )
+        encoded.append(data)
+    return AppendBody(items=encoded, fingerprint=hashlib.sha256(raw).hexdigest())

@@ -1,0 +1,228 @@
+"""Session semantics every driver must share, checked through the real HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from convostore import SidecarStore
+
+from tests.support import Subject, unique
+
+
+def msg(n: int, **extra: Any) -> dict[str, Any]:
+    return {"role": "user", "content": f"message {n}", **extra}
+
+
+async def test_append_keeps_order_across_batches(subject: Subject) -> None:
+    session = subject.session()
+    await session.add_items([msg(1), msg(2)])
+    await session.add_items([msg(3)])
+    assert await session.get_items() == [msg(1), msg(2), msg(3)]
+
+
+async def test_limit_returns_latest_n_oldest_first(subject: Subject) -> None:
+    session = subject.session()
+    await session.add_items([msg(n) for n in range(10)])
+    assert await session.get_items(limit=3) == [msg(7), msg(8), msg(9)]
+    assert await session.get_items(limit=0) == []
+    assert await session.get_items(limit=50) == [msg(n) for n in range(10)]
+
+
+async def test_unknown_session_reads_empty_and_pops_none(subject: Subject) -> None:
+    session = subject.session()
+    assert await session.get_items() == []
+    assert await session.pop_item() is None
+
+
+async def test_pop_returns_newest_then_older(subject: Subject) -> None:
+    session = subject.session()
+    await session.add_items([msg(1), msg(2)])
+    assert await session.pop_item() == msg(2)
+    assert await session.pop_item() == msg(1)
+    assert await session.pop_item() is None
+    await session.add_items([msg(3)])
+    assert await session.get_items() == [msg(3)]
+
+
+async def test_clear_forgets_items_and_the_session(subject: Subject) -> None:
+    session, other = subject.session(), subject.session()
+    await session.add_items([msg(1)])
+    await other.add_items([msg(2)])
+    await session.clear_session()
+    assert await session.get_items() == []
+    assert await other.get_items() == [msg(2)]
+    ids = [sid async for sid in SidecarStore("conf", subject.sidecar.url).session_ids()]
+    assert ids == [other.session_id]
+
+
+async def test_list_sessions_pages_by_prefix_in_order(subject: Subject) -> None:
+    wanted = sorted(f"user-{n:03d}" for n in range(23))
+    for session_id in [*wanted, "other-1", "usex-1"]:
+        await subject.session(session_id).add_items([msg(0)])
+    store = SidecarStore("conf", subject.sidecar.url)
+    assert [sid async for sid in store.session_ids("user-", page_size=10)] == wanted
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{subject.sidecar.url}/v1/stores/conf/sessions",
+            params={"prefix": "user-", "limit": "10"},
+        ) as resp,
+    ):
+        page = await resp.json()
+    assert page["sessions"] == wanted[:10]
+    assert page["next_cursor"]
+
+
+async def test_idempotency_key_appends_once(subject: Subject) -> None:
+    session = subject.session()
+    await session.add_items([msg(1), msg(2)], idempotency_key="k-1")
+    await session.add_items([msg(1), msg(2)], idempotency_key="k-1")
+    await session.add_items([msg(3)], idempotency_key="k-2")
+    assert await session.get_items() == [msg(1), msg(2), msg(3)]
+
+
+async def test_idempotency_key_with_other_body_is_refused(subject: Subject) -> None:
+    url = f"{subject.sidecar.url}/v1/stores/conf/sessions/{unique()}/items"
+    headers = {"Idempotency-Key": "same"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json={"items": [msg(1)]}, headers=headers) as first:
+            assert (await first.json()) == {"appended": 1, "replayed": False}
+        async with http.post(url, json={"items": [msg(1)]}, headers=headers) as again:
+            assert (await again.json()) == {"appended": 1, "replayed": True}
+        async with http.post(url, json={"items": [msg(2)]}, headers=headers) as other:
+            assert other.status == 409
+            assert (await other.json())["error"]["code"] == "idempotency_key_reused"
+        async with http.get(url) as read:
+            assert (await read.json())["items"] == [msg(1)]
+
+
+async def test_idle_session_expires_after_ttl(make_subject: Callable[..., Any]) -> None:
+    subject: Subject = await make_subject(ttl=1)
+    session, fresh = subject.session(), subject.session()
+    await session.add_items([msg(1)])
+    await asyncio.sleep(1.3)
+    await fresh.add_items([msg(9)])
+    assert await session.get_items() == []
+    assert await session.pop_item() is None
+    ids = [sid async for sid in SidecarStore("conf", subject.sidecar.url).session_ids()]
+    assert ids == [fresh.session_id]
+    await session.add_items([msg(2)])
+    assert await session.get_items() == [msg(2)]
+
+
+async def test_written_session_does_not_expire(make_subject: Callable[..., Any]) -> None:
+    subject: Subject = await make_subject(ttl=1)
+    session = subject.session()
+    for n in range(4):
+        await session.add_items([msg(n)])
+        await asyncio.sleep(0.4)
+    assert await session.get_items() == [msg(n) for n in range(4)]
+
+
+async def test_sweep_removes_expired_sessions(make_subject: Callable[..., Any]) -> None:
+    subject: Subject = await make_subject(ttl=1)
+    session = subject.session()
+    await session.add_items([msg(1)])
+    await asyncio.sleep(1.3)
+    swept = await subject.driver.sweep()
+    assert swept == (0 if subject.backend == "redis" else 1)
+    assert await session.get_items() == []
+
+
+async def test_max_items_trims_oldest_on_append(make_subject: Callable[..., Any]) -> None:
+    subject: Subject = await make_subject(maxItems=5)
+    session = subject.session()
+    await session.add_items([msg(n) for n in range(4)])
+    await session.add_items([msg(n) for n in range(4, 8)])
+    assert await session.get_items() == [msg(n) for n in range(3, 8)]
+
+
+async def test_json_values_round_trip_exactly(subject: Subject) -> None:
+    nested: dict[str, Any] = {"leaf": True}
+    for depth in range(60):
+        nested = {"level": depth, "child": [nested]}
+    items = [
+        {"text": 'héllo wörld 你好 🚀 \u202e rtl \u0000 nul \\ " quote', "emoji": "👩‍💻"},
+        {"big": 123456789012345678901234567890, "neg": -(2**70), "f": 0.1, "e": 1e-300},
+        {"floats": [1.0, -0.0, 2.5e300], "null": None, "empty": {}, "list": []},
+        nested,
+        {"key order": 1, "a": 2, "Z": 3, "é": 4},
+    ]
+    session = subject.session()
+    await session.add_items(items)
+    back = await session.get_items()
+    assert back == items
+    assert [list(item) for item in back] == [list(item) for item in items]
+    assert back[1]["big"] == 123456789012345678901234567890
+    assert isinstance(back[2]["floats"][0], float)
+
+
+async def test_one_mebibyte_item_round_trips(subject: Subject) -> None:
+    payload = "x" * ((1 << 20) - 64)
+    session = subject.session()
+    await session.add_items([{"blob": payload}])
+    assert await session.get_items() == [{"blob": payload}]
+
+
+async def test_concurrent_writers_lose_nothing_and_never_interleave(subject: Subject) -> None:
+    session_id = unique()
+    writers, batches, size = 12, 6, 5
+
+    async def write(writer: int) -> None:
+        session = subject.session(session_id)
+        for batch in range(batches):
+            await session.add_items([{"w": writer, "b": batch, "i": i} for i in range(size)])
+
+    await asyncio.gather(*(write(w) for w in range(writers)))
+    items = await subject.session(session_id).get_items()
+    assert len(items) == writers * batches * size
+    runs = [items[n : n + size] for n in range(0, len(items), size)]
+    for run in runs:
+        assert [(i["w"], i["b"], i["i"]) for i in run] == [
+            (run[0]["w"], run[0]["b"], i) for i in range(size)
+        ]
+    for writer in range(writers):
+        order = [i["b"] for i in items if i["w"] == writer and i["i"] == 0]
+        assert order == list(range(batches))
+
+
+async def test_concurrent_pops_never_return_the_same_item(subject: Subject) -> None:
+    session_id = unique()
+    await subject.session(session_id).add_items([{"n": n} for n in range(120)])
+
+    async def drain() -> list[int]:
+        session, got = subject.session(session_id), []
+        while (item := await session.pop_item()) is not None:
+            got.append(item["n"])
+        return got
+
+    results = await asyncio.gather(*(drain() for _ in range(8)))
+    popped = [n for result in results for n in result]
+    assert sorted(popped) == list(range(120))
+    for result in results:
+        assert result == sorted(result, reverse=True)
+
+
+async def test_writers_and_poppers_together_account_for_every_item(subject: Subject) -> None:
+    session_id = unique()
+    popped: list[int] = []
+
+    async def write(writer: int) -> None:
+        session = subject.session(session_id)
+        for n in range(20):
+            await session.add_items([{"n": writer * 1000 + n}])
+
+    async def pop() -> None:
+        session = subject.session(session_id)
+        for _ in range(15):
+            item = await session.pop_item()
+            if item is not None:
+                popped.append(item["n"])
+
+    await asyncio.gather(*(write(w) for w in range(4)), *(pop() for _ in range(4)))
+    remaining = [i["n"] for i in await subject.session(session_id).get_items()]
+    assert sorted(popped + remaining) == sorted(w * 1000 + n for w in range(4) for n in range(20))
+    assert len(set(popped)) == len(popped)

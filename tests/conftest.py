@@ -1,0 +1,103 @@
+"""Shared fixtures: real database servers and real sidecars (in-process or as a process)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from convostore_sidecar.app import build_app
+from convostore_sidecar.config import parse_config
+
+from tests.servers import PostgresServer, RedisServer, free_port
+from tests.support import RunningSidecar, SidecarProcess, StartSidecar, unique
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = RedisServer()
+    server.start()
+    yield server.url
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    if os.environ.get("POSTGRES_DSN"):
+        yield os.environ["POSTGRES_DSN"]
+        return
+    server = PostgresServer()
+    server.start()
+    yield server.dsn
+    server.destroy()
+
+
+@pytest.fixture
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """Builds one store's config for a backend, isolated from every other test."""
+
+    def make(backend: str, **extra: Any) -> dict[str, Any]:
+        config: dict[str, Any] = {"backend": backend}
+        if backend == "sqlite":
+            config["sqlite"] = {"path": str(tmp_path / "convostore.db")}
+        elif backend == "redis":
+            config["redis"] = {
+                "url": request.getfixturevalue("redis_url"),
+                "keyPrefix": unique("test"),
+            }
+        elif backend == "postgres":
+            config["postgres"] = {
+                "dsn": request.getfixturevalue("postgres_dsn"),
+                "schema": "t_" + uuid.uuid4().hex[:12],
+            }
+        config.update(extra)
+        return config
+
+    return make
+
+
+@pytest.fixture
+async def start_sidecar() -> AsyncIterator[StartSidecar]:
+    """Starts the real aiohttp app on a loopback port in this test's event loop."""
+    servers: list[TestServer] = []
+
+    async def start(config: dict[str, Any]) -> RunningSidecar:
+        server = TestServer(build_app(parse_config(config)), host="127.0.0.1", port=free_port())
+        await server.start_server()
+        servers.append(server)
+        return RunningSidecar(server)
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def sidecar(start_sidecar: StartSidecar, tmp_path: Path) -> RunningSidecar:
+    """The default set-up: one store `default` on SQLite."""
+    return await start_sidecar(
+        {"stores": {"default": {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "c.db")}}}}
+    )
+
+
+@pytest.fixture
+def sidecar_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], SidecarProcess]]:
+    started: list[SidecarProcess] = []
+
+    def make(config: dict[str, Any]) -> SidecarProcess:
+        proc = SidecarProcess(config, tmp_path)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        if proc.process is not None:
+            proc.process.kill()
+            proc.process.wait()

@@ -1,0 +1,103 @@
+"""Helpers shared by the tests: unique names, running sidecars in-process and as processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from convostore import SidecarSession
+
+from tests.servers import free_port
+
+BACKENDS = ("sqlite", "redis", "postgres")
+
+
+def unique(prefix: str = "s") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class RunningSidecar:
+    def __init__(self, server: TestServer) -> None:
+        self.server = server
+        self.app: web.Application = server.app
+        self.url = str(server.make_url("")).rstrip("/")
+
+
+StartSidecar = Callable[..., Awaitable[RunningSidecar]]
+
+
+@dataclass
+class Subject:
+    """A sidecar serving one store `conf` on the backend under test."""
+
+    backend: str
+    sidecar: RunningSidecar
+    store_config: dict[str, Any]
+
+    def session(self, session_id: str | None = None) -> SidecarSession:
+        return SidecarSession(session_id or unique(), "conf", url=self.sidecar.url)
+
+    @property
+    def driver(self) -> Any:
+        from convostore_sidecar.state import STORES
+
+        return self.sidecar.app[STORES].get("conf").driver
+
+
+class SidecarProcess:
+    """`convostore sidecar` run as a real process, as in a pod."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        self.config_path = workdir / f"sidecar-{uuid.uuid4().hex[:6]}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self, *extra: str) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "convostore",
+                "sidecar",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            cwd=self.workdir,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                assert self.process.stderr is not None
+                raise RuntimeError(f"sidecar exited: {self.process.stderr.read()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("sidecar did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=30)
+        self.process = None
+        return code
