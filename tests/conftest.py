@@ -16,6 +16,8 @@ from convostore_sidecar.config import parse_config
 from tests.servers import PostgresServer, RedisServer, free_port
 from tests.support import RunningSidecar, SidecarProcess, StartSidecar, unique
 
+os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:

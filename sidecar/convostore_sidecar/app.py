@@ -12,8 +12,15 @@ from .api import routes
 from .config import SidecarConfig
 from .jsonbody import dumps
 from .metrics import Metrics
-from .middleware import TokenCheck, auth_middleware, error_middleware, metrics_middleware
-from .state import METRICS, OPENAPI, STORES, TOKEN
+from .middleware import (
+    InFlight,
+    TokenCheck,
+    auth_middleware,
+    error_middleware,
+    in_flight_middleware,
+    metrics_middleware,
+)
+from .state import IN_FLIGHT, METRICS, OPENAPI, STORES, TOKEN
 from .stores import Stores
 
 BODY_SLACK = 64 << 10
@@ -28,10 +35,11 @@ def openapi_document() -> dict[str, object]:
 def build_app(config: SidecarConfig) -> web.Application:
     largest_body = max(store.limits.max_request_bytes for store in config.stores.values())
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[in_flight_middleware, metrics_middleware, error_middleware, auth_middleware],
         client_max_size=largest_body + BODY_SLACK,
     )
     app[METRICS] = Metrics()
+    app[IN_FLIGHT] = InFlight()
     app[STORES] = Stores(config)
     app[TOKEN] = TokenCheck(config.token_file) if config.token_file else None
     app[OPENAPI] = dumps(openapi_document())

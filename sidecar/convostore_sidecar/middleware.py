@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -12,7 +13,7 @@ from aiohttp.typedefs import Handler
 
 from .drivers.base import BackendUnavailable, IdempotencyKeyReused
 from .errors import ApiError, error_response
-from .state import METRICS, STORES, TOKEN
+from .state import IN_FLIGHT, METRICS, STORES, TOKEN
 
 log = logging.getLogger("convostore.sidecar")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
@@ -24,6 +25,37 @@ def _labels(request: web.Request) -> tuple[str, str]:
     route = resource.canonical if resource is not None else "unmatched"
     store = request.match_info.get("store", "")
     return route, store if store in request.app[STORES] else ("unknown" if store else "")
+
+
+class InFlight:
+    """Counts requests inside handlers, so shutdown can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+@web.middleware
+async def in_flight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    in_flight = request.app[IN_FLIGHT]
+    in_flight.enter()
+    try:
+        return await handler(request)
+    finally:
+        in_flight.leave()
 
 
 @web.middleware

@@ -2,7 +2,9 @@
 
 On SIGTERM (the kubelet stopping the pod) or SIGINT the listeners close first, requests
 in flight are allowed to finish within `shutdownTimeout`, the drivers close, and the
-process exits 0.
+process exits 0. The wait for requests happens here, before aiohttp's own shutdown,
+because that shutdown stops reading from open connections: a request whose body was
+still arriving would never complete.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from aiohttp import web
 
 from .app import build_app
 from .config import SidecarConfig
+from .state import IN_FLIGHT
 
 log = logging.getLogger("convostore.sidecar")
 
@@ -43,7 +46,15 @@ async def serve(config: SidecarConfig) -> None:
         stores = ", ".join(f"{s.name} ({s.backend})" for s in config.stores.values())
         log.info("convostore sidecar serving %s on %s", stores, " and ".join(where))
         await stopping.wait()
-        log.info("stopping: finishing requests in flight")
+        for site in list(runner.sites):
+            await site.stop()
+        in_flight = app[IN_FLIGHT]
+        log.info("stopping: finishing %d request(s) in flight", in_flight.count)
+        try:
+            async with asyncio.timeout(config.shutdown_timeout):
+                await in_flight.wait_idle()
+        except TimeoutError:
+            log.warning("stopping with %d request(s) unfinished", in_flight.count)
     finally:
         await runner.cleanup()
 

@@ -8,10 +8,11 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from .metrics import Metrics
-    from .middleware import TokenCheck
+    from .middleware import InFlight, TokenCheck
     from .stores import Stores
 
 STORES: web.AppKey[Stores] = web.AppKey("stores")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 TOKEN: web.AppKey[TokenCheck | None] = web.AppKey("token")
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
+IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")

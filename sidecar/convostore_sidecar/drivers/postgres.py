@@ -67,6 +67,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection cut between a statement and its COMMIT
     asyncpg.CannotConnectNowError,
     asyncpg.OperatorInterventionError,
     asyncpg.QueryCanceledError,

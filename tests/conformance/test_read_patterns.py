@@ -1,0 +1,110 @@
+"""A long session's latest-20 read must not read the session whole.
+
+Asserted on what each backend reports it did, never on time: SQLite's query plan and
+the virtual-machine steps it executes, PostgreSQL's `EXPLAIN ANALYZE` row counts, and
+the commands Redis receives (`MONITOR`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from convostore_sidecar.drivers import postgres as pg_driver
+from convostore_sidecar.drivers import sqlite as sqlite_driver
+
+from tests.support import Subject, unique
+
+LONG, SHORT, LIMIT = 10_000, 20, 20
+
+
+async def fill(subject: Subject, session_id: str, count: int) -> None:
+    session = subject.session(session_id)
+    for start in range(0, count, 1000):
+        await session.add_items([{"n": n} for n in range(start, min(start + 1000, count))])
+
+
+async def test_latest_20_of_10000_reads_about_20_items(subject: Subject) -> None:
+    long_id, short_id = unique("long"), unique("short")
+    await fill(subject, long_id, LONG)
+    await fill(subject, short_id, SHORT)
+    inspect = {"sqlite": sqlite_reads, "postgres": postgres_reads, "redis": redis_reads}
+    long_cost = await inspect[subject.backend](subject, long_id)
+    short_cost = await inspect[subject.backend](subject, short_id)
+    assert long_cost <= 2 * short_cost, (long_cost, short_cost)
+    items = await subject.session(long_id).get_items(limit=LIMIT)
+    assert [i["n"] for i in items] == list(range(LONG - LIMIT, LONG))
+
+
+async def sqlite_reads(subject: Subject, session_id: str) -> int:
+    """VM steps of the driver's own latest-N statement, after checking its plan."""
+    conn = sqlite3.connect(subject.store_config["sqlite"]["path"])
+    params = ("conf", session_id, float("-inf"), LIMIT)
+    plan = " | ".join(
+        r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sqlite_driver.LATEST_SQL, params)
+    )
+    assert "SCAN" not in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(count, 1)
+    assert len(conn.execute(sqlite_driver.LATEST_SQL, params).fetchall()) == LIMIT
+    conn.close()
+    return steps
+
+
+async def postgres_reads(subject: Subject, session_id: str) -> int:
+    """Rows the driver's own latest-N statement touched, per `EXPLAIN ANALYZE`."""
+    settings = subject.store_config["postgres"]
+    conn = await asyncpg.connect(settings["dsn"])
+    try:
+        sql = pg_driver.LATEST_SQL.format(s=settings["schema"])
+        plan = await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, "conf", session_id, None, LIMIT
+        )
+    finally:
+        await conn.close()
+    import json
+
+    nodes = list(_plan_nodes(json.loads(plan)[0]["Plan"]))
+    assert not any(n["Node Type"] in ("Seq Scan", "Sort") for n in nodes), nodes
+    return sum(int(n.get("Actual Rows", 0)) * int(n.get("Actual Loops", 1)) for n in nodes)
+
+
+def _plan_nodes(node: dict[str, Any]) -> Any:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+async def redis_reads(subject: Subject, session_id: str) -> int:
+    """Elements the commands Redis received for one read could return."""
+    url = subject.store_config["redis"]["url"]
+    monitor_client = aioredis.Redis.from_url(url)
+    seen: list[str] = []
+    async with monitor_client.monitor() as monitor:
+        listener = asyncio.create_task(_collect(monitor, seen))
+        await asyncio.sleep(0.1)
+        await subject.session(session_id).get_items(limit=LIMIT)
+        await asyncio.sleep(0.2)
+        listener.cancel()
+    await monitor_client.aclose()
+    reads = [c for c in seen if session_id in c]
+    assert reads, seen
+    assert all(c.split()[0].upper() == "LRANGE" for c in reads), reads
+    assert all(c.split()[-2:] == [f"-{LIMIT}", "-1"] for c in reads), reads
+    return LIMIT * len(reads)
+
+
+async def _collect(monitor: Any, seen: list[str]) -> None:
+    while True:
+        info = await monitor.next_command()
+        seen.append(str(info["command"]))

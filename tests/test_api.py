@@ -1,0 +1,335 @@
+"""Every endpoint and error path of the v1 API, on the embedded default."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from convostore_sidecar.state import STORES
+
+from tests.support import RunningSidecar, StartSidecar
+
+ITEMS = "/v1/stores/default/sessions/{}/items"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def stored_items(sidecar: RunningSidecar, session_id: str) -> list[bytes]:
+    result: list[bytes] = await sidecar.app[STORES].get("default").driver.latest(session_id, None)
+    return result
+
+
+async def error_of(resp: aiohttp.ClientResponse) -> tuple[int, str]:
+    body = await resp.json()
+    assert set(body) == {"error"}
+    assert body["error"]["message"]
+    return resp.status, body["error"]["code"]
+
+
+async def test_append_then_read_then_pop_then_clear(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    url = sidecar.url + ITEMS.format("u1")
+    async with http.post(url, json={"items": [{"a": 1}, {"b": 2}]}) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"appended": 2, "replayed": False}
+    async with http.get(url, params={"limit": "1"}) as resp:
+        assert await resp.json() == {"items": [{"b": 2}]}
+    async with http.post(url + ":pop") as resp:
+        assert await resp.json() == {"item": {"b": 2}}
+    async with http.delete(sidecar.url + "/v1/stores/default/sessions/u1") as resp:
+        assert resp.status == 204
+    async with http.get(url) as resp:
+        assert await resp.json() == {"items": []}
+    async with http.post(url + ":pop") as resp:
+        assert await resp.json() == {"item": None}
+
+
+HOSTILE_IDS = [
+    "..",
+    ".",
+    "a%2Fb",
+    "..%2F..%2Fetc%2Fpasswd",
+    "nul%00byte",
+    "x" * 257,
+    "caf%C3%A9",
+    "space%20d",
+    "semi;colon",
+    "%F0%9F%98%80",
+    "quote%22",
+    "%2E%2E",
+    "%2e",
+]
+
+
+@pytest.mark.parametrize("session_id", HOSTILE_IDS)
+async def test_hostile_session_ids_are_refused_and_store_nothing(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession, session_id: str
+) -> None:
+    url = sidecar.url + ITEMS.format(session_id)
+    refusals = {
+        (400, "invalid_session_id"),
+        (404, "not_found"),
+        (405, "method_not_allowed"),  # "." and ".." are resolved away by URL normalization
+    }
+    async with http.post(url, json={"items": [{"a": 1}]}) as resp:
+        assert await error_of(resp) in refusals
+    async with http.get(url) as resp:
+        assert await error_of(resp) in refusals
+    assert [sid async for sid in _ids(sidecar)] == []
+
+
+async def _ids(sidecar: RunningSidecar) -> AsyncIterator[str]:
+    for sid in await sidecar.app[STORES].get("default").driver.list_sessions("", None, 100):
+        yield sid
+
+
+async def test_longest_allowed_session_id_works(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    session_id = "A-z0.9_:@" * 28 + "abcd"
+    assert len(session_id) == 256
+    async with http.post(sidecar.url + ITEMS.format(session_id), json={"items": [{"a": 1}]}) as r:
+        assert r.status == 200
+    assert await stored_items(sidecar, session_id) == [b'{"a":1}']
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "invalid_body"),
+        (b"", "invalid_body"),
+        (b"\xff\xfe", "invalid_body"),
+        (b"[]", "invalid_body"),
+        (b'{"items": {}}', "invalid_body"),
+        (b'{"items": []}', "invalid_body"),
+        (b'{"items": [1]}', "invalid_item"),
+        (b'{"items": ["text"]}', "invalid_item"),
+        (b'{"items": [null]}', "invalid_item"),
+        (b'{"items": [{"a": NaN}]}', "invalid_body"),
+        (b'{"items": [{"a": Infinity}]}', "invalid_body"),
+        (b'{"items": [{"a": 1}], "extra": true}', "invalid_body"),
+        (b'{"items": [{"a": 1}]} trailing', "invalid_body"),
+        (b"[" * 100_000, "invalid_body"),
+    ],
+)
+async def test_malformed_bodies_get_400_and_store_nothing(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession, body: bytes, code: str
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    async with http.post(sidecar.url + ITEMS.format("s"), data=body, headers=headers) as resp:
+        assert await error_of(resp) == (400, code)
+    assert await stored_items(sidecar, "s") == []
+
+
+async def test_non_json_content_type_is_refused(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    body = json.dumps({"items": [{"a": 1}]})
+    headers = {"Content-Type": "text/plain"}
+    async with http.post(sidecar.url + ITEMS.format("s"), data=body, headers=headers) as resp:
+        assert await error_of(resp) == (415, "unsupported_media_type")
+    assert await stored_items(sidecar, "s") == []
+
+
+async def test_over_limit_requests_get_413_and_store_nothing(
+    start_sidecar: StartSidecar, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    limits = {"maxItemBytes": 100, "maxRequestBytes": 1000, "maxItemsPerRequest": 3}
+    sidecar = await start_sidecar(
+        {
+            "stores": {
+                "default": {
+                    "backend": "sqlite",
+                    "sqlite": {"path": str(tmp_path / "l.db")},
+                    "limits": limits,
+                }
+            }
+        }
+    )
+    url = sidecar.url + ITEMS.format("s")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"items": [{"x": "y" * 100}]}, "item_too_large"),
+        ({"items": [{"n": n} for n in range(4)]}, "too_many_items"),
+        ({"items": [{"x": "y" * 80}], "pad": "z" * 1000}, "request_too_large"),
+    ]
+    for body, code in cases:
+        async with http.post(url, json=body) as resp:
+            assert await error_of(resp) == (413, code)
+    async with http.post(url, json={"items": [{"n": n} for n in range(3)]}) as resp:
+        assert resp.status == 200
+    assert len(await stored_items_of(sidecar, "s")) == 3
+
+
+async def stored_items_of(sidecar: RunningSidecar, session_id: str) -> list[bytes]:
+    return await stored_items(sidecar, session_id)
+
+
+async def test_default_limits_refuse_an_item_over_one_mebibyte(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    body = {"items": [{"blob": "x" * (1 << 20)}]}
+    async with http.post(sidecar.url + ITEMS.format("s"), json=body) as resp:
+        assert await error_of(resp) == (413, "item_too_large")
+    too_big = b'{"items":[' + b",".join([b'{"b":"' + b"x" * 900_000 + b'"}'] * 10) + b"]}"
+    headers = {"Content-Type": "application/json"}
+    async with http.post(sidecar.url + ITEMS.format("s"), data=too_big, headers=headers) as resp:
+        assert await error_of(resp) == (413, "request_too_large")
+    assert await stored_items(sidecar, "s") == []
+
+
+@pytest.mark.parametrize("limit", ["-1", "abc", "1.5", "", "99999999999", "1e3", " 1"])
+async def test_bad_limit_is_refused(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession, limit: str
+) -> None:
+    async with http.get(sidecar.url + ITEMS.format("s"), params={"limit": limit}) as resp:
+        assert await error_of(resp) == (400, "invalid_limit")
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "ünïcode"])
+async def test_bad_idempotency_key_is_refused(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession, key: str
+) -> None:
+    headers = {"Idempotency-Key": key}
+    async with http.post(
+        sidecar.url + ITEMS.format("s"), json={"items": [{"a": 1}]}, headers=headers
+    ) as resp:
+        assert await error_of(resp) == (400, "invalid_idempotency_key")
+    assert await stored_items(sidecar, "s") == []
+
+
+async def test_unknown_store_is_404_on_every_route(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    base = sidecar.url + "/v1/stores/nope/sessions"
+    calls = [
+        ("GET", base + "/s/items"),
+        ("POST", base + "/s/items"),
+        ("POST", base + "/s/items:pop"),
+        ("DELETE", base + "/s"),
+        ("GET", base),
+    ]
+    for method, url in calls:
+        async with http.request(method, url, json={"items": [{"a": 1}]}) as resp:
+            assert await error_of(resp) == (404, "store_not_found")
+
+
+async def test_unknown_route_and_method_are_json_errors(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(sidecar.url + "/v2/anything") as resp:
+        assert await error_of(resp) == (404, "not_found")
+    async with http.put(sidecar.url + ITEMS.format("s")) as resp:
+        assert await error_of(resp) == (405, "method_not_allowed")
+
+
+@pytest.mark.parametrize("cursor", ["%%%", "bm90IHZhbGlkIGlkIQ", "////"])
+async def test_bad_cursor_and_prefix_are_refused(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession, cursor: str
+) -> None:
+    url = sidecar.url + "/v1/stores/default/sessions"
+    async with http.get(url, params={"cursor": cursor}) as resp:
+        assert await error_of(resp) == (400, "invalid_cursor")
+    async with http.get(url, params={"prefix": "../x"}) as resp:
+        assert await error_of(resp) == (400, "invalid_prefix")
+    async with http.get(url, params={"limit": "1001"}) as resp:
+        assert await error_of(resp) == (400, "invalid_limit")
+
+
+async def test_bearer_token_guards_the_api_but_not_probes(
+    start_sidecar: StartSidecar, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    sidecar = await start_sidecar(
+        {
+            "auth": {"tokenFile": str(token_file)},
+            "stores": {
+                "default": {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "a.db")}}
+            },
+        }
+    )
+    url = sidecar.url + ITEMS.format("s")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        async with http.post(url, json={"items": [{"a": 1}]}, headers=headers) as resp:
+            assert await error_of(resp) == (401, "unauthorized")
+    assert await stored_items(sidecar, "s") == []
+    async with http.post(
+        url, json={"items": [{"a": 1}]}, headers={"Authorization": "Bearer s3cret"}
+    ) as resp:
+        assert resp.status == 200
+    for path in ("/healthz", "/readyz", "/metrics", "/v1/openapi.json"):
+        async with http.get(sidecar.url + path) as resp:
+            assert resp.status == 200, path
+    token_file.write_text("rotated")
+    async with http.get(url, headers={"Authorization": "Bearer rotated"}) as resp:
+        assert resp.status == 200
+    async with http.get(url, headers={"Authorization": "Bearer s3cret"}) as resp:
+        assert resp.status == 401
+
+
+async def test_metrics_count_requests_latency_and_items(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    url = sidecar.url + ITEMS.format("m")
+    async with http.post(url, json={"items": [{"a": 1}, {"a": 2}]}) as resp:
+        assert resp.status == 200
+    async with http.post(url, json={"items": [{"a": 1}]}, headers={"Idempotency-Key": "k"}):
+        pass
+    async with http.post(url, json={"items": [{"a": 1}]}, headers={"Idempotency-Key": "k"}):
+        pass
+    async with http.get(sidecar.url + "/v1/stores/ghost/sessions/m/items"):
+        pass
+    async with http.get(sidecar.url + "/metrics") as resp:
+        text = await resp.text()
+    route = "/v1/stores/{store}/sessions/{session_id}/items"
+    assert 'convostore_items_appended_total{store="default"} 3.0' in text
+    assert (
+        f'convostore_requests_total{{method="POST",route="{route}",status="200",store="default"}}'
+        " 3.0" in text
+    )
+    assert (
+        f'convostore_request_duration_seconds_count{{route="{route}",store="default"}} 3.0' in text
+    )
+    assert 'store="unknown"' in text
+    assert "ghost" not in text
+
+
+async def test_readyz_reports_each_store(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(sidecar.url + "/readyz") as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"ready": True, "stores": {"default": "ok"}}
+    async with http.get(sidecar.url + "/healthz") as resp:
+        assert await resp.json() == {"status": "ok"}
+
+
+async def test_openapi_document_matches_the_served_routes(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(sidecar.url + "/v1/openapi.json") as resp:
+        document = await resp.json()
+    in_repo = Path(__file__).parents[1] / "sidecar/convostore_sidecar/openapi.yaml"
+    assert document == yaml.safe_load(in_repo.read_text())
+    documented = {
+        (method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    served = {
+        (route.method, route.resource.canonical)
+        for route in sidecar.app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    assert served == documented

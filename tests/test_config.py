@@ -1,0 +1,138 @@
+"""Config validation: every bad setting is refused at start-up, naming store and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from convostore_sidecar.config import ConfigError, default_config, load_config, parse_config
+
+
+def store(**fields: Any) -> dict[str, Any]:
+    return {"stores": {"chat": {"backend": "sqlite", **fields}}}
+
+
+def test_no_config_means_one_sqlite_store_in_the_working_directory() -> None:
+    config = default_config()
+    assert list(config.stores) == ["default"]
+    assert config.stores["default"].backend == "sqlite"
+    assert config.stores["default"].settings.path == "./convostore.db"
+    assert (config.listen.host, config.listen.port) == ("127.0.0.1", 8790)
+
+
+def test_a_full_config_is_read_with_durations_and_limits() -> None:
+    config = parse_config(
+        {
+            "listen": {"port": 9000, "socket": "/tmp/x.sock"},
+            "stores": {
+                "chat": {
+                    "backend": "redis",
+                    "redis": {"url": "rediss://r:6380/1", "keyPrefix": "app"},
+                    "ttl": "1h30m",
+                    "maxItems": 200,
+                    "limits": {"maxItemBytes": 2048},
+                },
+                "audit": {
+                    "backend": "postgres",
+                    "postgres": {"dsn": "postgresql://u@db/app", "poolMax": 4},
+                    "ttl": 600,
+                },
+            },
+        }
+    )
+    chat, audit = config.stores["chat"], config.stores["audit"]
+    assert chat.retention.ttl_seconds == 5400
+    assert chat.retention.max_items == 200
+    assert chat.limits.max_item_bytes == 2048
+    assert chat.limits.max_items_per_request == 1000
+    assert chat.settings.key_prefix == "app"
+    assert audit.settings.pool_max == 4
+    assert audit.retention.ttl_seconds == 600
+    assert config.listen.socket == "/tmp/x.sock"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stores": {}}, "field 'stores': must name at least one store"),
+        ({"stores": {"Chat": {"backend": "sqlite"}}}, "store name 'Chat' must be"),
+        (
+            {"stores": {"chat": {"backend": "mongo"}}},
+            "store 'chat': field 'backend': must be one of",
+        ),
+        (store(ttl="soon"), "store 'chat': field 'ttl': must be a duration"),
+        (store(ttl=-5), "store 'chat': field 'ttl': must be a duration"),
+        (store(ttl=True), "store 'chat': field 'ttl'"),
+        (store(maxItems=0), "store 'chat': field 'maxItems': must be an integer from 1"),
+        (store(maxItems="10"), "store 'chat': field 'maxItems'"),
+        (store(limits={"maxItemBytes": 1 << 40}), "field 'limits.maxItemBytes'"),
+        (store(limits={"maxItemsPerRequest": 0}), "field 'limits.maxItemsPerRequest'"),
+        (store(limits={"bogus": 1}), "field 'limits': unknown field(s) 'bogus'"),
+        (store(tll=60), "store 'chat': unknown field(s) 'tll'"),
+        (store(sqlite={"path": "a\x00b"}), "field 'sqlite.path': must not contain NUL"),
+        (store(sqlite=["x"]), "field 'sqlite': must be a mapping"),
+        (
+            {"stores": {"c": {"backend": "redis", "redis": {"url": "http://x"}}}},
+            "store 'c': field 'redis.url': must start with redis://",
+        ),
+        (
+            {"stores": {"c": {"backend": "redis", "redis": {"keyPrefix": "a{b}"}}}},
+            "field 'redis.keyPrefix': must not contain { or }",
+        ),
+        (
+            {"stores": {"c": {"backend": "redis", "redis": {"tls": {"caFile": "/ca"}}}}},
+            "field 'redis.tls': TLS files need a rediss:// url",
+        ),
+        (
+            {"stores": {"c": {"backend": "postgres"}}},
+            "store 'c': field 'postgres.dsn': is required",
+        ),
+        (
+            {"stores": {"c": {"backend": "postgres", "postgres": {"dsn": "mysql://x"}}}},
+            "field 'postgres.dsn': must start with postgresql://",
+        ),
+        (
+            {
+                "stores": {
+                    "c": {
+                        "backend": "postgres",
+                        "postgres": {"dsn": "postgresql://x", "schema": "x; DROP"},
+                    }
+                }
+            },
+            "field 'postgres.schema': must match",
+        ),
+        (
+            {
+                "stores": {
+                    "c": {
+                        "backend": "postgres",
+                        "postgres": {"dsn": "postgresql://x", "poolMin": 5, "poolMax": 2},
+                    }
+                }
+            },
+            "field 'postgres.poolMin': must not exceed poolMax",
+        ),
+        ({"listen": {"port": 70000}, **store()}, "field 'listen.port': must be an integer"),
+        ({"listen": {"hots": "x"}, **store()}, "field 'listen': unknown field(s) 'hots'"),
+        ({"stores": store()["stores"], "extra": 1}, "unknown field(s) 'extra'"),
+        ("just text", "must be a mapping"),
+    ],
+)
+def test_bad_settings_name_the_store_and_the_field(data: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(data)
+    assert message in str(error.value)
+
+
+def test_config_files_in_yaml_and_json(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("stores:\n  chat:\n    backend: sqlite\n    ttl: 2m\n")
+    (tmp_path / "c.json").write_text('{"stores": {"chat": {"backend": "sqlite", "ttl": 120}}}')
+    for name in ("c.yaml", "c.json"):
+        assert load_config(tmp_path / name).stores["chat"].retention.ttl_seconds == 120
+    (tmp_path / "bad.yaml").write_text("stores: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML or JSON"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")

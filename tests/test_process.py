@@ -1,0 +1,159 @@
+"""`convostore sidecar` and `convostore sessions` as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from convostore import SidecarSession
+
+from tests.support import SidecarProcess
+
+Make = Callable[[dict[str, Any]], SidecarProcess]
+
+
+def sqlite_config(path: Path) -> dict[str, Any]:
+    return {"stores": {"default": {"backend": "sqlite", "sqlite": {"path": str(path)}}}}
+
+
+def test_restart_keeps_the_history(sidecar_process: Make, tmp_path: Path) -> None:
+    proc = sidecar_process(sqlite_config(tmp_path / "keep.db"))
+    proc.start()
+    asyncio.run(SidecarSession("u", url=proc.url).add_items([{"n": 1}, {"n": 2}]))
+    assert proc.stop() == 0
+    proc.start()
+    assert asyncio.run(SidecarSession("u", url=proc.url).get_items()) == [{"n": 1}, {"n": 2}]
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_zero(
+    sidecar_process: Make, tmp_path: Path
+) -> None:
+    proc = sidecar_process(sqlite_config(tmp_path / "term.db"))
+    proc.start()
+    assert proc.process is not None
+    pid = proc.process.pid
+    body = json.dumps({"items": [{"n": n, "pad": "x" * 1000} for n in range(200)]}).encode()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield body[:1000]
+        await asyncio.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        yield body[1000:]
+
+    async def append_slowly() -> int:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                proc.url + "/v1/stores/default/sessions/slow/items",
+                data=slow_body(),
+                headers={"Content-Type": "application/json"},
+            ) as resp,
+        ):
+            return resp.status
+
+    assert asyncio.run(append_slowly()) == 200
+    assert proc.process.wait(timeout=30) == 0
+    proc.process = None
+    proc.start()
+    assert len(asyncio.run(SidecarSession("slow", url=proc.url).get_items())) == 200
+
+
+def test_two_sidecars_share_one_sqlite_file(sidecar_process: Make, tmp_path: Path) -> None:
+    config = sqlite_config(tmp_path / "shared.db")
+    first, second = sidecar_process(config), sidecar_process(config)
+    first.start()
+    second.start()
+
+    async def write(url: str, writer: int) -> None:
+        session = SidecarSession("shared", url=url)
+        for batch in range(25):
+            await session.add_items([{"w": writer, "b": batch, "i": i} for i in range(4)])
+
+    async def both() -> list[Any]:
+        await asyncio.gather(*(write(p.url, w) for w, p in enumerate([first, second] * 2)))
+        return await SidecarSession("shared", url=second.url).get_items()
+
+    items = asyncio.run(both())
+    assert len(items) == 4 * 25 * 4
+    for start in range(0, len(items), 4):
+        run = items[start : start + 4]
+        assert [i["i"] for i in run] == [0, 1, 2, 3]
+        assert len({(i["w"], i["b"]) for i in run}) == 1
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "convostore", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_sessions_commands_list_show_export_import_and_clear(
+    sidecar_process: Make, tmp_path: Path
+) -> None:
+    source = sidecar_process(sqlite_config(tmp_path / "source.db"))
+    target = sidecar_process(sqlite_config(tmp_path / "target.db"))
+    source.start()
+    target.start()
+
+    async def fill() -> None:
+        await SidecarSession("alice", url=source.url).add_items([{"n": n} for n in range(3)])
+        await SidecarSession("bob", url=source.url).add_items([{"text": "héllo 🚀"}])
+
+    asyncio.run(fill())
+    listed = run_cli("sessions", "--url", source.url, "ls")
+    assert listed.stdout.split() == ["alice", "bob"]
+    shown = run_cli("sessions", "--url", source.url, "show", "alice", "--limit", "2")
+    assert json.loads(shown.stdout) == [{"n": 1}, {"n": 2}]
+    export = tmp_path / "export.jsonl"
+    assert run_cli("sessions", "--url", source.url, "export", "-o", str(export)).returncode == 0
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    assert lines[-1] == {"session_id": "bob", "item": {"text": "héllo 🚀"}}
+    for _ in range(2):  # a repeated import does not duplicate anything
+        assert run_cli("sessions", "--url", target.url, "import", str(export)).returncode == 0
+    again = tmp_path / "again.jsonl"
+    run_cli("sessions", "--url", target.url, "export", "-o", str(again))
+    assert again.read_text() == export.read_text()
+    assert run_cli("sessions", "--url", target.url, "clear", "alice").returncode == 0
+    assert run_cli("sessions", "--url", target.url, "ls").stdout.split() == ["bob"]
+
+
+def test_cli_errors_are_one_clear_line(sidecar_process: Make, tmp_path: Path) -> None:
+    proc = sidecar_process(sqlite_config(tmp_path / "e.db"))
+    proc.start()
+    missing = run_cli("sessions", "--url", proc.url, "--store", "nope", "ls")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        "convostore: store_not_found: this sidecar serves no store named 'nope'"
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"session_id": "a"}\n')
+    broken = run_cli("sessions", "--url", proc.url, "import", str(bad))
+    assert broken.returncode == 1
+    assert "line 1: not a {session_id, item} record" in broken.stderr
+
+
+def test_invalid_config_exits_2_with_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("stores:\n  chat:\n    backend: redis\n    redis: {url: 'http://x'}\n")
+    result = run_cli("sidecar", "--config", str(config))
+    assert result.returncode == 2
+    assert "store 'chat': field 'redis.url': must start with redis://" in result.stderr
+
+
+def test_sigint_also_stops_cleanly(sidecar_process: Make, tmp_path: Path) -> None:
+    proc = sidecar_process(sqlite_config(tmp_path / "int.db"))
+    proc.start()
+    assert proc.stop(signal.SIGINT) == 0
