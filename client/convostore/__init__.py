@@ -1,5 +1,6 @@
 """convostore client: conversation memory for agents, served by the convostore sidecar."""
 
+from .encrypted import DecryptionError, EncryptedSession
 from .errors import (
     ConvostoreError,
     NotFoundError,
@@ -13,6 +14,8 @@ from .transport import close_pools
 
 __all__ = [
     "ConvostoreError",
+    "DecryptionError",
+    "EncryptedSession",
     "NotFoundError",
     "RequestRejectedError",
     "SidecarSession",

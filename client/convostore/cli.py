@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import ConvostoreError
@@ -77,6 +79,23 @@ def _parser() -> argparse.ArgumentParser:
     clear = actions.add_parser("clear", help="delete a session")
     clear.add_argument("session_id")
     clear.set_defaults(run=lambda a: _run(_clear(a)))
+
+    keys = commands.add_parser("keys", help="encryption keys of encrypted stores")
+    key_actions = keys.add_subparsers(required=True, metavar="ACTION")
+    generate = key_actions.add_parser("generate", help="print a new random key (base64)")
+    generate.add_argument("--dir", help="write it to DIR/ID (mode 0600) instead")
+    generate.add_argument("--id", help="the key id, with --dir")
+    generate.set_defaults(run=_generate_key)
+    rotate = key_actions.add_parser(
+        "rotate", help="re-encrypt a store's items under its primary key, online"
+    )
+    rotate.add_argument("--url", help="sidecar URL (default: $CONVOSTORE_URL)")
+    rotate.add_argument("--store", default="default")
+    rotate.add_argument("--token-file", help="bearer token file ($CONVOSTORE_TOKEN_FILE)")
+    rotate.add_argument(
+        "--state", help="progress file: an interrupted rotation resumes after its last session"
+    )
+    rotate.set_defaults(run=lambda a: _run(_rotate(a)))
     return parser
 
 
@@ -123,6 +142,40 @@ async def _show(args: argparse.Namespace) -> int:
 
 async def _clear(args: argparse.Namespace) -> int:
     await _store(args).session(args.session_id).clear_session()
+    return 0
+
+
+def _generate_key(args: argparse.Namespace) -> int:
+    key = base64.b64encode(os.urandom(32)).decode()
+    if not args.dir:
+        print(key)
+        return 0
+    if not args.id:
+        raise ValueError("--dir needs --id (the key's file name)")
+    path = Path(args.dir) / args.id
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(key + "\n")
+    print(f"wrote key {args.id!r} to {path}", file=sys.stderr)
+    return 0
+
+
+async def _rotate(args: argparse.Namespace) -> int:
+    """Walk the store's sessions in order, re-encrypting each; progress goes to stderr and,
+    with --state, to a file that a re-run resumes from."""
+    state = Path(args.state) if args.state else None
+    resume_after = state.read_text().strip() if state and state.exists() else ""
+    store = _store(args)
+    sessions = items = 0
+    async for session_id in store.session_ids():
+        if session_id <= resume_after:
+            continue
+        items += await store.session(session_id).reencrypt()
+        sessions += 1
+        if state:
+            state.write_text(session_id)
+        if sessions % 100 == 0:
+            print(f"{sessions} sessions, {items} items re-encrypted", file=sys.stderr)
+    print(f"done: {sessions} sessions, {items} items re-encrypted", file=sys.stderr)
     return 0
 
 

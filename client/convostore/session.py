@@ -88,6 +88,12 @@ class SidecarSession:
         """Remove every item of this session."""
         await self._transport.call("DELETE", self._path, idempotent=True)
 
+    async def reencrypt(self) -> int:
+        """Re-encrypt this session's items under the store's primary key (key rotation)."""
+        body = await self._transport.call("POST", self._path + ":reencrypt", idempotent=True)
+        count: int = body["reencrypted"]
+        return count
+
     async def clear(self) -> None:
         """Alias of `clear_session`, as in the seed documents' examples."""
         await self.clear_session()

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import validation
 from .drivers.base import BackendUnavailable, Idempotency
+from .encryption import EncryptedDriver, refuse_ciphertext
 from .errors import ApiError
 from .jsonbody import dumps, items_document
 from .state import METRICS, OPENAPI, STORES
@@ -39,6 +40,9 @@ async def get_items(request: web.Request) -> web.Response:
     session_id = _session(request, store)
     limit = validation.limit_param(request.query.get("limit"), default=None, maximum=None)
     items = [] if limit == 0 else await store.driver.latest(session_id, limit)
+    if store.config.encryption is None:
+        for item in items:
+            refuse_ciphertext(item)
     return _json(items_document(items))
 
 
@@ -68,10 +72,22 @@ async def append_items(request: web.Request) -> web.Response:
 @routes.post(SESSION + "/items:pop")
 async def pop_item(request: web.Request) -> web.Response:
     store = _store(request)
-    item = await store.driver.pop(_session(request, store))
+    check = refuse_ciphertext if store.config.encryption is None else None
+    item = await store.driver.pop(_session(request, store), check)
     if item is not None:
         request.app[METRICS].items_popped.labels(store.name).inc()
     return _json(b'{"item":' + (item if item is not None else b"null") + b"}")
+
+
+@routes.post(SESSION + ":reencrypt")
+async def reencrypt_session(request: web.Request) -> web.Response:
+    """Re-encrypt a session's items under the store's primary key (key rotation)."""
+    store = _store(request)
+    session_id = _session(request, store)
+    if not isinstance(store.driver, EncryptedDriver):
+        raise ApiError(400, "not_encrypted", f"store {store.name!r} has no encryption configured")
+    count = await store.driver.reencrypt(session_id)
+    return _json(dumps({"reencrypted": count}))
 
 
 @routes.delete(SESSION)

@@ -31,6 +31,7 @@ import yaml
 
 from .drivers import BACKENDS, parse_backend_settings
 from .drivers.base import Retention
+from .encryption import Keyring
 
 STORE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -132,6 +133,10 @@ class Section:
     def keys(self) -> list[str]:
         return list(self._data)
 
+    def raw(self, key: str) -> Any:
+        """A value read as it is, for fields with a shape of their own."""
+        return self._get(key)
+
     def done(self) -> None:
         unknown = sorted(set(self._data) - self._read)
         if unknown:
@@ -174,6 +179,7 @@ class StoreConfig:
     limits: Limits = field(default_factory=Limits)
     idempotency_ttl: float = 86400.0
     sweep_interval: float = 60.0
+    encryption: Keyring | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,15 @@ def parse_config(data: Any) -> SidecarConfig:
     )
 
 
+def _keyring(store: Section) -> Keyring | None:
+    if not store.has("encryption"):
+        return None
+    section = store.section("encryption")
+    keyring = Keyring.parse(section)
+    section.done()
+    return keyring
+
+
 def parse_store(name: Any, stores: Section) -> StoreConfig:
     if not isinstance(name, str) or not STORE_NAME.fullmatch(name):
         stores.fail(
@@ -267,6 +282,7 @@ def parse_store(name: Any, stores: Section) -> StoreConfig:
         limits=Limits.parse(s.section("limits")),
         idempotency_ttl=s.duration("idempotencyTtl", 86400.0, low=1, high=30 * 86400) or 0.0,
         sweep_interval=s.duration("sweepInterval", 60.0, low=0.1, high=86400) or 0.0,
+        encryption=_keyring(s),
     )
     s.done()
     return store

@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .drivers.base import BackendUnavailable, IdempotencyKeyReused
+from .encryption import DecryptionFailed
 from .errors import ApiError, error_response
 from .state import IN_FLIGHT, METRICS, STORES, TOKEN
 
@@ -85,6 +86,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "backend_unavailable",
             f"the backend of store {store!r} is unavailable; retry later",
             headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    except DecryptionFailed as exc:
+        _, store = _labels(request)
+        log.error("store %s: decryption failed (key %s): %s", store, exc.key_id, exc.reason)
+        return error_response(
+            500,
+            "decryption_failed",
+            f"store {store!r}: an item could not be decrypted: {exc.reason}",
+            headers={"X-Convostore-Key-Id": exc.key_id or ""},
         )
     except IdempotencyKeyReused as exc:
         return error_response(

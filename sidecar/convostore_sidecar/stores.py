@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .config import SidecarConfig, StoreConfig
 from .drivers import open_driver
 from .drivers.base import BackendUnavailable, Driver
+from .encryption import EncryptedDriver
 from .errors import ApiError
 from .metrics import Metrics
 
@@ -27,6 +28,13 @@ class Store:
     config: StoreConfig
     driver: Driver
 
+    @classmethod
+    def open(cls, config: StoreConfig) -> Store:
+        driver = open_driver(config)
+        if config.encryption is not None:
+            driver = EncryptedDriver(driver, config.encryption, config.name)
+        return cls(config, driver)
+
     @property
     def name(self) -> str:
         return self.config.name
@@ -34,7 +42,7 @@ class Store:
 
 class Stores:
     def __init__(self, config: SidecarConfig) -> None:
-        self._stores = {name: Store(cfg, open_driver(cfg)) for name, cfg in config.stores.items()}
+        self._stores = {name: Store.open(cfg) for name, cfg in config.stores.items()}
         self._sweepers: list[asyncio.Task[None]] = []
 
     def __iter__(self) -> Iterator[Store]:

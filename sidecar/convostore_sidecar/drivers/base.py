@@ -12,6 +12,10 @@ the conformance suite in `tests/conformance/` checks against each of them:
 - `latest(n)` returns the newest `n` items oldest first, reading about `n` items, never
   the whole session; `latest(None)` returns everything.
 - `pop` removes and returns the newest item; two concurrent pops never get the same one.
+  A `check` given to `pop` sees the item before it is removed, in the same atomic step;
+  if it raises, nothing is removed (an item that cannot be decrypted stays stored).
+- `rewrite` replaces items in place, atomically with respect to other writers; it is how
+  key rotation re-encrypts a session while agents keep using it.
 - `clear` forgets the session; `list_sessions` pages through ids in byte order.
 - Retention: with `ttl` a session idle (not written) for that long is gone, whether or
   not a sweep has run yet; with `max_items` the oldest items are trimmed on append.
@@ -21,9 +25,12 @@ the conformance suite in `tests/conformance/` checks against each of them:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+Check = Callable[[bytes], object]
+Transform = Callable[[bytes], bytes | None]
 
 
 class BackendUnavailable(Exception):
@@ -72,7 +79,7 @@ class Driver(Protocol):
 
     async def latest(self, session_id: str, limit: int | None) -> list[bytes]: ...
 
-    async def pop(self, session_id: str) -> bytes | None: ...
+    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None: ...
 
     async def clear(self, session_id: str) -> None: ...
 
@@ -81,6 +88,9 @@ class Driver(Protocol):
 
     async def sweep(self) -> int:
         """Delete expired sessions and idempotency keys; return how many sessions went."""
+
+    async def rewrite(self, session_id: str, transform: Transform) -> int:
+        """Replace each item for which `transform` returns bytes; return how many."""
 
 
 def replay_of(idempotency: Idempotency, fingerprint: str, appended: int) -> AppendResult:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from .base import AppendResult, BackendUnavailable, Idempotency, replay_of
+from .base import AppendResult, BackendUnavailable, Check, Idempotency, Transform, replay_of
 
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
@@ -285,7 +285,7 @@ class PostgresDriver:
         )
         return [row[0] for row in reversed(rows)]
 
-    async def pop(self, session_id: str) -> bytes | None:
+    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
         s, store = self._s, self.store
 
         async def pop(conn: asyncpg.Connection) -> bytes | None:
@@ -300,21 +300,29 @@ class PostgresDriver:
                 )
                 if row is None or row["expired"]:
                     return None
-                data: bytes | None = await conn.fetchval(
-                    f"DELETE FROM {s}.items WHERE (store, session_id, seq) = ("
-                    f" SELECT store, session_id, seq FROM {s}.items"
-                    f" WHERE store = $1 AND session_id = $2 ORDER BY seq DESC LIMIT 1)"
-                    f" RETURNING data",
+                newest = await conn.fetchrow(
+                    f"SELECT seq, data FROM {s}.items WHERE store = $1 AND session_id = $2"
+                    f" ORDER BY seq DESC LIMIT 1",
                     store,
                     session_id,
                 )
-                if data is not None:
-                    await conn.execute(
-                        f"UPDATE {s}.sessions SET updated_at = now()"
-                        f" WHERE store = $1 AND session_id = $2",
-                        store,
-                        session_id,
-                    )
+                if newest is None:
+                    return None
+                if check is not None:
+                    check(newest["data"])
+                await conn.execute(
+                    f"DELETE FROM {s}.items WHERE store = $1 AND session_id = $2 AND seq = $3",
+                    store,
+                    session_id,
+                    newest["seq"],
+                )
+                await conn.execute(
+                    f"UPDATE {s}.sessions SET updated_at = now()"
+                    f" WHERE store = $1 AND session_id = $2",
+                    store,
+                    session_id,
+                )
+                data: bytes = newest["data"]
                 return data
 
         return await self._run(pop)
@@ -379,3 +387,32 @@ class PostgresDriver:
                 await conn.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK)
 
         return await self._run(sweep)
+
+    async def rewrite(self, session_id: str, transform: Transform) -> int:
+        s, store = self._s, self.store
+
+        async def rewrite(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                await conn.execute(
+                    f"SELECT 1 FROM {s}.sessions WHERE store = $1 AND session_id = $2 FOR UPDATE",
+                    store,
+                    session_id,
+                )
+                rows = await conn.fetch(
+                    f"SELECT seq, data FROM {s}.items WHERE store = $1 AND session_id = $2",
+                    store,
+                    session_id,
+                )
+                changed = [
+                    (store, session_id, row["seq"], new)
+                    for row in rows
+                    if (new := transform(row["data"])) is not None
+                ]
+                await conn.executemany(
+                    f"UPDATE {s}.items SET data = $4"
+                    f" WHERE store = $1 AND session_id = $2 AND seq = $3",
+                    changed,
+                )
+                return len(changed)
+
+        return await self._run(rewrite)

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError, WatchError
 from redis.retry import Retry
 
-from .base import AppendResult, BackendUnavailable, Idempotency, replay_of
+from .base import AppendResult, BackendUnavailable, Check, Idempotency, Transform, replay_of
 
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
@@ -65,6 +65,7 @@ return item
 """
 
 _UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
+OPTIMISTIC_ATTEMPTS = 50
 
 
 @dataclass(frozen=True)
@@ -196,11 +197,35 @@ class RedisDriver:
         items = await self._call(lambda: self.client.lrange(items_key, start, -1))
         return cast(list[bytes], items)
 
-    async def pop(self, session_id: str) -> bytes | None:
+    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
+        if check is not None:
+            return await self._call(functools.partial(self._checked_pop, session_id, check))
         item: bytes | None = await self._call(
             lambda: self._pop(keys=list(self.keys(session_id)), args=[self._ttl_ms()])
         )
         return item
+
+    async def _checked_pop(self, session_id: str, check: Check) -> bytes | None:
+        """Pop with a look at the item first: a WATCH transaction, retried on contention."""
+        items_key, seq_key = self.keys(session_id)
+        for _ in range(OPTIMISTIC_ATTEMPTS):
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(items_key)
+                    newest = await pipe.lindex(items_key, -1)
+                    if newest is None:
+                        return None
+                    check(cast(bytes, newest))
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.rpop(items_key)
+                    if ttl := self._ttl_ms():
+                        pipe.pexpire(items_key, ttl)
+                        pipe.pexpire(seq_key, ttl)
+                    popped = (await pipe.execute())[0]
+                    return cast(bytes, popped)
+                except WatchError:
+                    continue
+        raise BackendUnavailable(f"redis: session {session_id!r} changed too often to pop")
 
     async def clear(self, session_id: str) -> None:
         async def run() -> None:
@@ -242,3 +267,27 @@ class RedisDriver:
     async def sweep(self) -> int:
         """Redis expires keys itself; listings prune the index as they go."""
         return 0
+
+    async def rewrite(self, session_id: str, transform: Transform) -> int:
+        return await self._call(functools.partial(self._rewrite, session_id, transform))
+
+    async def _rewrite(self, session_id: str, transform: Transform) -> int:
+        items_key, _ = self.keys(session_id)
+        for _ in range(OPTIMISTIC_ATTEMPTS):
+            async with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(items_key)
+                    items = cast(list[bytes], await pipe.lrange(items_key, 0, -1))
+                    changed = {
+                        index: new
+                        for index, item in enumerate(items)
+                        if (new := transform(item)) is not None
+                    }
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    for index, new in changed.items():
+                        pipe.lset(items_key, index, cast(str, new))
+                    await pipe.execute()
+                    return len(changed)
+                except WatchError:
+                    continue
+        raise BackendUnavailable(f"redis: session {session_id!r} changed too often to rewrite")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .base import AppendResult, BackendUnavailable, Idempotency, replay_of
+from .base import AppendResult, BackendUnavailable, Check, Idempotency, Transform, replay_of
 
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
@@ -236,7 +236,7 @@ class SqliteDriver:
 
         return await self._reader.run(read)
 
-    async def pop(self, session_id: str) -> bytes | None:
+    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
         store, now = self.store, time.time()
 
         def pop(conn: sqlite3.Connection) -> bytes | None:
@@ -249,6 +249,8 @@ class SqliteDriver:
             ).fetchone()
             if row is None:
                 return None
+            if check is not None:
+                check(row[1])
             conn.execute(
                 "DELETE FROM convostore_items WHERE store = ? AND session_id = ? AND seq = ?",
                 (store, session_id, row[0]),
@@ -321,3 +323,22 @@ class SqliteDriver:
             return len(ids)
 
         return await self._writer.run(lambda conn: _transaction(conn, sweep))
+
+    async def rewrite(self, session_id: str, transform: Transform) -> int:
+        key = (self.store, session_id)
+
+        def rewrite(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT seq, data FROM convostore_items WHERE store = ? AND session_id = ?", key
+            ).fetchall()
+            changed = [
+                (new, *key, seq) for seq, data in rows if (new := transform(data)) is not None
+            ]
+            conn.executemany(
+                "UPDATE convostore_items SET data = ?"
+                " WHERE store = ? AND session_id = ? AND seq = ?",
+                changed,
+            )
+            return len(changed)
+
+        return await self._writer.run(lambda conn: _transaction(conn, rewrite))

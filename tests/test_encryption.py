@@ -1,0 +1,327 @@
+"""Encryption at rest in the sidecar, and end-to-end encryption in the client."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from agents import Agent, Runner
+from agents.memory import SQLiteSession
+from agents.testing import ScriptedModel, assistant_message
+from convostore import DecryptionError, EncryptedSession, SidecarSession, StoreUnavailableError
+from convostore_sidecar.config import ConfigError, parse_config
+from convostore_sidecar.encryption import generate_key
+
+from tests.support import BACKENDS, RunningSidecar, SidecarProcess, StartSidecar, unique
+
+MARKER = "PLAINTEXT-MARKER-7f3a"
+K1, K2 = generate_key(), generate_key()
+
+
+def encrypted(store: dict[str, Any], *keys: tuple[str, str], primary: str | None = None) -> dict:
+    encryption: dict[str, Any] = {"keys": [{"id": kid, "value": value} for kid, value in keys]}
+    if primary:
+        encryption["primary"] = primary
+    return {"stores": {"conf": {**store, "encryption": encryption}}}
+
+
+async def error_code(url: str, method: str = "GET") -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as http, http.request(method, url) as resp:
+        body = await resp.json()
+        return resp.status, body["error"]["code"], body["error"]["message"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_backend_bytes_hold_no_plaintext(
+    backend: str, start_sidecar: StartSidecar, store_config: Callable[..., dict[str, Any]]
+) -> None:
+    store = store_config(backend)
+    sidecar = await start_sidecar(encrypted(store, ("k1", K1)))
+    session = SidecarSession("secret-user", "conf", url=sidecar.url)
+    await session.add_items([{"content": MARKER}, {"content": f"again {MARKER}"}])
+    assert await session.get_items() == [{"content": MARKER}, {"content": f"again {MARKER}"}]
+    raw = await raw_backend_bytes(backend, store)
+    assert raw, "the backend holds the items somewhere"
+    assert MARKER.encode() not in raw
+    assert b"cs1\x02k1" in raw
+
+
+async def raw_backend_bytes(backend: str, store: dict[str, Any]) -> bytes:
+    if backend == "sqlite":
+        path = Path(store["sqlite"]["path"])
+        return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    if backend == "redis":
+        client = aioredis.Redis.from_url(store["redis"]["url"])
+        prefix = store["redis"]["keyPrefix"]
+        blob = b""
+        async for key in client.scan_iter(match=f"{prefix}*"):
+            kind = await client.type(key)
+            if kind == b"list":
+                blob += b"".join(await client.lrange(key, 0, -1))
+            elif kind == b"string":
+                blob += await client.get(key) or b""
+        await client.aclose()
+        return blob
+    conn = await asyncpg.connect(store["postgres"]["dsn"])
+    schema = store["postgres"]["schema"]
+    rows = await conn.fetch(f"SELECT data FROM {schema}.items")
+    await conn.close()
+    return b"".join(row["data"] for row in rows)
+
+
+@pytest.fixture
+async def sqlite_encrypted(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> tuple[RunningSidecar, Path]:
+    path = tmp_path / "enc.db"
+    sidecar = await start_sidecar(
+        encrypted({"backend": "sqlite", "sqlite": {"path": str(path)}}, ("k1", K1))
+    )
+    return sidecar, path
+
+
+async def test_a_tampered_item_fails_loudly_and_pop_keeps_it(
+    sqlite_encrypted: tuple[RunningSidecar, Path],
+) -> None:
+    sidecar, path = sqlite_encrypted
+    session = SidecarSession("victim", "conf", url=sidecar.url)
+    await session.add_items([{"n": 1}, {"n": 2}])
+    with sqlite3.connect(path) as db:
+        data = db.execute("SELECT data FROM convostore_items WHERE seq = 1").fetchone()[0]
+        flipped = data[:-1] + bytes([data[-1] ^ 1])
+        db.execute("UPDATE convostore_items SET data = ? WHERE seq = 1", (flipped,))
+    url = f"{sidecar.url}/v1/stores/conf/sessions/victim/items"
+    status, code, message = await error_code(url)
+    assert (status, code) == (500, "decryption_failed")
+    assert "'k1'" in message
+    assert (await error_code(url + ":pop", "POST"))[:2] == (500, "decryption_failed")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM convostore_items").fetchone()[0] == 2
+    with pytest.raises(StoreUnavailableError) as error:
+        await session.get_items()
+    assert error.value.code == "decryption_failed"
+
+
+async def test_an_item_copied_into_another_session_does_not_decrypt(
+    sqlite_encrypted: tuple[RunningSidecar, Path],
+) -> None:
+    sidecar, path = sqlite_encrypted
+    await SidecarSession("alice", "conf", url=sidecar.url).add_items([{"secret": "alice's"}])
+    await SidecarSession("mallory", "conf", url=sidecar.url).add_items([{"mine": True}])
+    with sqlite3.connect(path) as db:
+        stolen = db.execute(
+            "SELECT data FROM convostore_items WHERE session_id = 'alice'"
+        ).fetchone()[0]
+        db.execute("UPDATE convostore_items SET data = ? WHERE session_id = 'mallory'", (stolen,))
+    status, code, _ = await error_code(f"{sidecar.url}/v1/stores/conf/sessions/mallory/items")
+    assert (status, code) == (500, "decryption_failed")
+
+
+async def test_a_wrong_or_missing_key_names_the_key_id(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    store = {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "k.db")}}
+    first = await start_sidecar(encrypted(store, ("k1", K1)))
+    await SidecarSession("s", "conf", url=first.url).add_items([{"n": 1}])
+    wrong = await start_sidecar(encrypted(store, ("k1", K2)))
+    url = f"{wrong.url}/v1/stores/conf/sessions/s/items"
+    status, code, message = await error_code(url)
+    assert (status, code) == (500, "decryption_failed")
+    assert "key 'k1' does not authenticate" in message
+    missing = await start_sidecar(encrypted(store, ("k9", K2)))
+    _, code, message = await error_code(f"{missing.url}/v1/stores/conf/sessions/s/items")
+    assert code == "decryption_failed"
+    assert "key 'k1' is not in this store's keyring" in message
+    plain = await start_sidecar({"stores": {"conf": store}})
+    url = f"{plain.url}/v1/stores/conf/sessions/s/items"
+    status, code, message = await error_code(url)
+    assert (status, code) == (500, "decryption_failed")
+    assert "encrypted (key 'k1') but this store has no encryption" in message
+    assert (await error_code(url + ":pop", "POST"))[:2] == (500, "decryption_failed")
+    assert await SidecarSession("s", "conf", url=first.url).get_items() == [{"n": 1}]
+
+
+def test_rotation_keeps_old_items_readable_and_moves_them_to_the_new_key(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
+) -> None:
+    db = tmp_path / "rot.db"
+    store = {"backend": "sqlite", "sqlite": {"path": str(db)}}
+    old = sidecar_process(encrypted(store, ("k1", K1)))
+    old.start()
+    for n in range(5):
+        asyncio.run(SidecarSession(f"user-{n}", "conf", url=old.url).add_items([{"n": n}]))
+    old.stop()
+
+    both = sidecar_process(encrypted(store, ("k1", K1), ("k2", K2), primary="k2"))
+    both.start()
+    asyncio.run(SidecarSession("user-0", "conf", url=both.url).add_items([{"n": "new"}]))
+    assert key_ids(db) == {"k1": 5, "k2": 1}
+    assert asyncio.run(SidecarSession("user-0", "conf", url=both.url).get_items()) == [
+        {"n": 0},
+        {"n": "new"},
+    ]
+    state = tmp_path / "rotation.state"
+    rotate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convostore",
+            "keys",
+            "rotate",
+            "--url",
+            both.url,
+            "--store",
+            "conf",
+            "--state",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rotate.returncode == 0, rotate.stderr
+    assert "done: 5 sessions, 5 items re-encrypted" in rotate.stderr
+    assert state.read_text() == "user-4"
+    assert key_ids(db) == {"k2": 6}
+    both.stop()
+
+    new_only = sidecar_process(encrypted(store, ("k2", K2)))
+    new_only.start()
+    for n in range(1, 5):
+        items = asyncio.run(SidecarSession(f"user-{n}", "conf", url=new_only.url).get_items())
+        assert items == [{"n": n}]
+
+
+def key_ids(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        rows = [r[0] for r in conn.execute("SELECT data FROM convostore_items")]
+    counts: dict[str, int] = {}
+    for data in rows:
+        kid = data[4 : 4 + data[3]].decode()
+        counts[kid] = counts.get(kid, 0) + 1
+    return counts
+
+
+async def test_reencrypt_on_a_plain_store_is_refused(sidecar: RunningSidecar) -> None:
+    url = f"{sidecar.url}/v1/stores/default/sessions/s:reencrypt"
+    assert (await error_code(url, "POST"))[:2] == (400, "not_encrypted")
+
+
+@pytest.mark.parametrize(
+    ("encryption", "message"),
+    [
+        ({}, "field 'encryption.keys': name at least one key"),
+        ({"keys": "abc"}, "field 'encryption.keys': must be a list"),
+        ({"keys": [{"id": "bad id", "value": K1}]}, "needs an id of 1-64"),
+        ({"keys": [{"id": "k", "value": "bm90IDMyIGJ5dGVz"}]}, "a key has 32 bytes"),
+        ({"keys": [{"id": "k", "value": "***"}]}, "not base64"),
+        ({"keys": [{"id": "k", "value": K1, "file": "/x"}]}, "exactly one of file or value"),
+        ({"keys": [{"id": "k", "file": "/nonexistent/key"}]}, "field 'encryption.keys[0]'"),
+        (
+            {"keys": [{"id": "a", "value": K1}, {"id": "b", "value": K2}]},
+            "field 'encryption.primary': name the key",
+        ),
+        ({"keys": [{"id": "a", "value": K1}], "primary": "b"}, "'b' is not among the keys"),
+        ({"keysDir": "/nonexistent"}, "is not a readable directory"),
+        ({"keys": [{"id": "a", "value": K1}], "extra": 1}, "unknown field(s) 'extra'"),
+    ],
+)
+def test_bad_encryption_settings_are_refused(encryption: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config({"stores": {"chat": {"backend": "sqlite", "encryption": encryption}}})
+    assert "store 'chat'" in str(error.value)
+    assert message in str(error.value)
+
+
+def test_keys_come_from_a_mounted_secret_directory(tmp_path: Path) -> None:
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convostore",
+            "keys",
+            "generate",
+            "--dir",
+            str(tmp_path),
+            "--id",
+            "k7",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "wrote key 'k7'" in made.stderr
+    assert oct((tmp_path / "k7").stat().st_mode & 0o777) == oct(0o600)
+    config = parse_config(
+        {"stores": {"c": {"backend": "sqlite", "encryption": {"keysDir": str(tmp_path)}}}}
+    )
+    keyring = config.stores["c"].encryption
+    assert keyring is not None
+    assert keyring.primary == "k7"
+    assert len(keyring.keys["k7"]) == 32
+
+
+async def test_encrypted_session_hides_items_from_the_sidecar(sidecar: RunningSidecar) -> None:
+    key = generate_key()
+    inner = SidecarSession("e2e", url=sidecar.url)
+    session = EncryptedSession(inner, key)
+    await session.add_items([{"content": MARKER}, {"n": 2}])
+    assert await session.get_items() == [{"content": MARKER}, {"n": 2}]
+    assert await session.get_items(limit=1) == [{"n": 2}]
+    stored = await inner.get_items()
+    assert all(item["type"] == "convostore.encrypted" for item in stored)
+    assert MARKER not in str(stored)
+    assert await session.pop_item() == {"n": 2}
+
+
+async def test_encrypted_session_with_a_wrong_key_fails_and_pops_nothing(
+    sidecar: RunningSidecar,
+) -> None:
+    inner = SidecarSession("e2e-wrong", url=sidecar.url)
+    await EncryptedSession(inner, generate_key()).add_items([{"n": 1}])
+    intruder = EncryptedSession(inner, generate_key())
+    with pytest.raises(DecryptionError):
+        await intruder.get_items()
+    with pytest.raises(DecryptionError):
+        await intruder.pop_item()
+    assert len(await inner.get_items()) == 1
+    other_session = EncryptedSession(SidecarSession("e2e-other", url=sidecar.url), generate_key())
+    await other_session.inner.add_items(await inner.get_items())
+    with pytest.raises(DecryptionError):
+        await other_session.get_items()
+
+
+async def test_encrypted_session_rotates_with_previous_keys(sidecar: RunningSidecar) -> None:
+    old, new = generate_key(), generate_key()
+    inner = SidecarSession("e2e-rotate", url=sidecar.url)
+    await EncryptedSession(inner, old).add_items([{"n": 1}])
+    rotated = EncryptedSession(inner, new, previous_keys=[old])
+    await rotated.add_items([{"n": 2}])
+    assert await rotated.get_items() == [{"n": 1}, {"n": 2}]
+    with pytest.raises(DecryptionError):
+        await EncryptedSession(inner, new).get_items()
+
+
+async def test_encrypted_session_wraps_any_sdk_session_under_the_runner(
+    sidecar: RunningSidecar,
+) -> None:
+    key = generate_key()
+    sdk_session = EncryptedSession(SQLiteSession(unique()), key)
+    sidecar_session = EncryptedSession(SidecarSession(unique(), url=sidecar.url), key)
+    for session in (sdk_session, sidecar_session):
+        model = ScriptedModel([[assistant_message("one")], [assistant_message("two")]])
+        agent = Agent(name="a", model=model)
+        await Runner.run(agent, "first", session=session)
+        await Runner.run(agent, "second", session=session)
+        assert len(model.calls[1].input) == 3
+        assert len(await session.get_items()) == 4
+        assert all(i["type"] == "convostore.encrypted" for i in await session.inner.get_items())
