@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestServer
 from convostore_sidecar.app import build_app
 from convostore_sidecar.config import parse_config
 
+from tests.dapr_standin import DaprStandIn
 from tests.servers import PostgresServer, RedisServer, free_port
 from tests.support import RunningSidecar, SidecarProcess, StartSidecar, unique
 
@@ -41,6 +42,14 @@ def postgres_dsn() -> Iterator[str]:
     server.destroy()
 
 
+@pytest.fixture(scope="session")
+def dapr_runtime(redis_url: str) -> Iterator[DaprStandIn]:
+    runtime = DaprStandIn(redis_url)
+    runtime.start()
+    yield runtime
+    runtime.stop()
+
+
 @pytest.fixture
 def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., dict[str, Any]]:
     """Builds one store's config for a backend, isolated from every other test."""
@@ -53,6 +62,13 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
             config["redis"] = {
                 "url": request.getfixturevalue("redis_url"),
                 "keyPrefix": unique("test"),
+            }
+        elif backend == "dapr":
+            runtime = request.getfixturevalue("dapr_runtime")
+            config["dapr"] = {
+                "stateStore": "statestore",
+                "keyPrefix": unique("test"),
+                **runtime.endpoints,
             }
         elif backend == "postgres":
             config["postgres"] = {

@@ -20,7 +20,7 @@ from convostore import SidecarSession
 
 from tests.servers import free_port
 
-BACKENDS = ("sqlite", "redis", "postgres")
+BACKENDS = ("sqlite", "redis", "postgres", "dapr")
 
 
 def unique(prefix: str = "s") -> str:

@@ -42,33 +42,43 @@ async def error_code(url: str, method: str = "GET") -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_backend_bytes_hold_no_plaintext(
-    backend: str, start_sidecar: StartSidecar, store_config: Callable[..., dict[str, Any]]
+    backend: str,
+    start_sidecar: StartSidecar,
+    store_config: Callable[..., dict[str, Any]],
+    request: pytest.FixtureRequest,
 ) -> None:
     store = store_config(backend)
     sidecar = await start_sidecar(encrypted(store, ("k1", K1)))
     session = SidecarSession("secret-user", "conf", url=sidecar.url)
     await session.add_items([{"content": MARKER}, {"content": f"again {MARKER}"}])
     assert await session.get_items() == [{"content": MARKER}, {"content": f"again {MARKER}"}]
-    raw = await raw_backend_bytes(backend, store)
+    redis_url = request.getfixturevalue("redis_url") if backend in ("redis", "dapr") else ""
+    raw = await raw_backend_bytes(backend, store, redis_url)
     assert raw, "the backend holds the items somewhere"
     assert MARKER.encode() not in raw
     assert b"cs1\x02k1" in raw
 
 
-async def raw_backend_bytes(backend: str, store: dict[str, Any]) -> bytes:
+async def raw_backend_bytes(backend: str, store: dict[str, Any], redis_url: str) -> bytes:
     if backend == "sqlite":
         path = Path(store["sqlite"]["path"])
         return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
-    if backend == "redis":
-        client = aioredis.Redis.from_url(store["redis"]["url"])
-        prefix = store["redis"]["keyPrefix"]
+    if backend in ("redis", "dapr"):
+        client = aioredis.Redis.from_url(redis_url)
+        pattern = (
+            f"{store['redis']['keyPrefix']}*"
+            if backend == "redis"
+            else f"dapr:statestore||{store['dapr']['keyPrefix']}*"
+        )
         blob = b""
-        async for key in client.scan_iter(match=f"{prefix}*"):
+        async for key in client.scan_iter(match=pattern):
             kind = await client.type(key)
             if kind == b"list":
                 blob += b"".join(await client.lrange(key, 0, -1))
             elif kind == b"string":
                 blob += await client.get(key) or b""
+            elif kind == b"hash":
+                blob += await client.hget(key, "data") or b""
         await client.aclose()
         return blob
     conn = await asyncpg.connect(store["postgres"]["dsn"])

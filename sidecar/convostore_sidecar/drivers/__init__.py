@@ -19,6 +19,7 @@ BACKENDS = {
     "sqlite": "convostore_sidecar.drivers.sqlite",
     "redis": "convostore_sidecar.drivers.redis",
     "postgres": "convostore_sidecar.drivers.postgres",
+    "dapr": "convostore_sidecar.drivers.dapr",
 }
 
 
