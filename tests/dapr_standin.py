@@ -23,12 +23,13 @@ import threading
 from collections import Counter
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import redis
 from dapr.proto.common.v1 import common_pb2
 from dapr.proto.runtime.v1 import dapr_pb2_grpc, state_pb2
+from google.protobuf import empty_pb2  # type: ignore[import-untyped]
 
 from tests.servers import free_port
 
@@ -61,7 +62,7 @@ return 'ok'
 """
 
 
-class DaprStandIn(dapr_pb2_grpc.DaprServicer):  # type: ignore[misc]
+class DaprStandIn(dapr_pb2_grpc.DaprServicer):
     def __init__(self, redis_url: str, api_token: str | None = None) -> None:
         self.redis = redis.Redis.from_url(redis_url)
         self._apply = self.redis.register_script(APPLY)
@@ -78,7 +79,7 @@ class DaprStandIn(dapr_pb2_grpc.DaprServicer):  # type: ignore[misc]
 
     def start(self) -> None:
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        dapr_pb2_grpc.add_DaprServicer_to_server(self, self._grpc)
+        dapr_pb2_grpc.add_DaprServicer_to_server(self, self._grpc)  # type: ignore[no-untyped-call]
         self._grpc.add_insecure_port(f"127.0.0.1:{self.grpc_port}")
         self._grpc.start()
         self._http = ThreadingHTTPServer(("127.0.0.1", self.http_port), _Health)
@@ -156,9 +157,8 @@ class DaprStandIn(dapr_pb2_grpc.DaprServicer):  # type: ignore[misc]
     def GetState(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._authorize(context)
         self.calls["GetState"] += 1
-        data, version = self.redis.hmget(
-            self._key(request.store_name, request.key), "data", "version"
-        )
+        record = self.redis.hmget(self._key(request.store_name, request.key), "data", "version")
+        data, version = cast(list[bytes | None], record)
         return state_pb2.GetStateResponse(data=data or b"", etag=(version or b"").decode())
 
     def GetBulkState(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -220,8 +220,6 @@ class DaprStandIn(dapr_pb2_grpc.DaprServicer):  # type: ignore[misc]
 
 
 def _empty() -> Any:
-    from google.protobuf import empty_pb2
-
     return empty_pb2.Empty()
 
 

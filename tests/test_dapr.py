@@ -129,7 +129,7 @@ async def test_dapr_api_token_is_sent(
     token_runtime: DaprStandIn, start_sidecar: StartSidecar, tmp_path: Path
 ) -> None:
     async with grpc.aio.insecure_channel(token_runtime.endpoints["grpcEndpoint"]) as channel:
-        stub = dapr_pb2_grpc.DaprStub(channel)
+        stub = dapr_pb2_grpc.DaprStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.GetState(state_pb2.GetStateRequest(store_name="statestore", key="x"))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

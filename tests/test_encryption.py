@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
@@ -27,7 +27,9 @@ MARKER = "PLAINTEXT-MARKER-7f3a"
 K1, K2 = generate_key(), generate_key()
 
 
-def encrypted(store: dict[str, Any], *keys: tuple[str, str], primary: str | None = None) -> dict:
+def encrypted(
+    store: dict[str, Any], *keys: tuple[str, str], primary: str | None = None
+) -> dict[str, Any]:
     encryption: dict[str, Any] = {"keys": [{"id": kid, "value": value} for kid, value in keys]}
     if primary:
         encryption["primary"] = primary
@@ -64,7 +66,7 @@ async def raw_backend_bytes(backend: str, store: dict[str, Any], redis_url: str)
         path = Path(store["sqlite"]["path"])
         return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
     if backend in ("redis", "dapr"):
-        client = aioredis.Redis.from_url(redis_url)
+        client: aioredis.Redis = aioredis.Redis.from_url(redis_url, decode_responses=False)
         pattern = (
             f"{store['redis']['keyPrefix']}*"
             if backend == "redis"
@@ -74,11 +76,11 @@ async def raw_backend_bytes(backend: str, store: dict[str, Any], redis_url: str)
         async for key in client.scan_iter(match=pattern):
             kind = await client.type(key)
             if kind == b"list":
-                blob += b"".join(await client.lrange(key, 0, -1))
+                blob += b"".join(cast(list[bytes], await client.lrange(key, 0, -1)))
             elif kind == b"string":
-                blob += await client.get(key) or b""
+                blob += cast(bytes, await client.get(key) or b"")
             elif kind == b"hash":
-                blob += await client.hget(key, "data") or b""
+                blob += cast(bytes, await client.hget(key, "data") or b"")
         await client.aclose()
         return blob
     conn = await asyncpg.connect(store["postgres"]["dsn"])

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 from .errors import (
     ConvostoreError,
@@ -123,6 +124,12 @@ class Transport:
     retries: int = 3
     backoff: float = 0.05
 
+    def __post_init__(self) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=self.timeout)
+        self._headers = {"Accept": "application/json"}
+        if self.token:
+            self._headers["Authorization"] = f"Bearer {self.token}"
+
     async def call(
         self,
         method: str,
@@ -133,21 +140,21 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         idempotent: bool,
     ) -> Any:
-        all_headers = {"Accept": "application/json"}
-        if body is not None:
-            all_headers["Content-Type"] = "application/json"
-        if self.token:
-            all_headers["Authorization"] = f"Bearer {self.token}"
-        all_headers.update(headers or {})
-        url = self.endpoint.base_url + path
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        all_headers = self._headers
+        if body is not None or headers:
+            all_headers = {**self._headers, **(headers or {})}
+            if body is not None:
+                all_headers["Content-Type"] = "application/json"
+        url = URL(self.endpoint.base_url + path, encoded=True)
+        if params:
+            url = url.with_query(params)
         attempt = 0
         while True:
             delay = self.backoff * (2**attempt)
             try:
                 http = await pool_for(self.endpoint)
                 async with http.request(
-                    method, url, params=params, data=body, headers=all_headers, timeout=timeout
+                    method, url, data=body, headers=all_headers, timeout=self._timeout
                 ) as resp:
                     raw = await resp.read()
                     if resp.status < 400:

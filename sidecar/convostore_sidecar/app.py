@@ -17,8 +17,7 @@ from .middleware import (
     TokenCheck,
     auth_middleware,
     error_middleware,
-    in_flight_middleware,
-    metrics_middleware,
+    observe_middleware,
 )
 from .state import IN_FLIGHT, METRICS, OPENAPI, STORES, TOKEN
 from .stores import Stores
@@ -35,7 +34,7 @@ def openapi_document() -> dict[str, object]:
 def build_app(config: SidecarConfig) -> web.Application:
     largest_body = max(store.limits.max_request_bytes for store in config.stores.values())
     app = web.Application(
-        middlewares=[in_flight_middleware, metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[observe_middleware, error_middleware, auth_middleware],
         client_max_size=largest_body + BODY_SLACK,
     )
     app[METRICS] = Metrics()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -9,6 +12,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "convostore_requests",
@@ -44,6 +48,19 @@ class Metrics:
             ["store"],
             registry=self.registry,
         )
+
+    def observe(self, route: str, store: str, method: str, status: int, started: float) -> None:
+        """Count one request and its latency; label children are looked up once."""
+        key = (route, store, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, store, method, str(status)),
+                self.latency.labels(route, store),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

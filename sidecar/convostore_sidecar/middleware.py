@@ -50,23 +50,18 @@ class InFlight:
 
 
 @web.middleware
-async def in_flight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    in_flight = request.app[IN_FLIGHT]
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts the request in flight (for shutdown) and records its metrics."""
+    app = request.app
+    in_flight = app[IN_FLIGHT]
     in_flight.enter()
+    started = time.perf_counter()
     try:
-        return await handler(request)
+        response = await handler(request)
     finally:
         in_flight.leave()
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    response = await handler(request)
     route, store = _labels(request)
-    metrics = request.app[METRICS]
-    metrics.latency.labels(route, store).observe(time.perf_counter() - started)
-    metrics.requests.labels(route, store, request.method, str(response.status)).inc()
+    app[METRICS].observe(route, store, request.method, response.status, started)
     return response
 
 

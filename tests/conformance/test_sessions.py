@@ -144,7 +144,7 @@ async def test_json_values_round_trip_exactly(subject: Subject) -> None:
     nested: dict[str, Any] = {"leaf": True}
     for depth in range(60):
         nested = {"level": depth, "child": [nested]}
-    items = [
+    items: list[dict[str, Any]] = [
         {"text": 'héllo wörld 你好 🚀 \u202e rtl \u0000 nul \\ " quote', "emoji": "👩‍💻"},
         {"big": 123456789012345678901234567890, "neg": -(2**70), "f": 0.1, "e": 1e-300},
         {"floats": [1.0, -0.0, 2.5e300], "null": None, "empty": {}, "list": []},

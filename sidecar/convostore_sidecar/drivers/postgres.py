@@ -2,8 +2,10 @@
 
 Appends and pops lock the session's row first (`SELECT ... FOR UPDATE`), so operations
 on one session are serialized and sequence numbers follow commit order: concurrent
-batches never interleave or reorder, and two pops never return the same item. The
-latest N items are read backwards along the items' primary key. Item bytes are `bytea`,
+batches never interleave or reorder, and two pops never return the same item. An append
+is one call of the schema's `append` function, which runs that whole transaction on the
+server in one round trip. The latest N items are read backwards along the items'
+primary key. Item bytes are `bytea`,
 never `jsonb`, which would reorder keys and rewrite numbers.
 
 The schema is created on first contact, under an advisory lock so that many sidecars
@@ -19,7 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
@@ -52,6 +54,47 @@ CREATE TABLE IF NOT EXISTS {s}.idempotency_keys (
     fingerprint text NOT NULL, appended integer NOT NULL, expires_at timestamptz NOT NULL,
     PRIMARY KEY (store, session_id, key));
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON {s}.idempotency_keys (store, expires_at);
+CREATE OR REPLACE FUNCTION {s}.append(
+    p_store text, p_session text, p_items bytea[], p_key text, p_fingerprint text,
+    p_key_ttl float8, p_ttl float8, p_max_items bigint
+) RETURNS TABLE (replayed boolean, fingerprint text, appended integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_next bigint;
+    v_expired boolean;
+BEGIN
+    IF p_key IS NOT NULL THEN
+        INSERT INTO {s}.idempotency_keys AS k VALUES (
+            p_store, p_session, p_key, p_fingerprint, cardinality(p_items),
+            now() + make_interval(secs => p_key_ttl))
+        ON CONFLICT (store, session_id, key) DO UPDATE
+            SET fingerprint = EXCLUDED.fingerprint, appended = EXCLUDED.appended,
+                expires_at = EXCLUDED.expires_at
+            WHERE k.expires_at <= now();
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT true, k.fingerprint, k.appended FROM {s}.idempotency_keys AS k
+                WHERE k.store = p_store AND k.session_id = p_session AND k.key = p_key;
+            RETURN;
+        END IF;
+    END IF;
+    INSERT INTO {s}.sessions VALUES (p_store, p_session, 0, now()) ON CONFLICT DO NOTHING;
+    SELECT s.next_seq, (p_ttl IS NOT NULL AND s.updated_at <= now() - make_interval(secs => p_ttl))
+        INTO v_next, v_expired
+        FROM {s}.sessions AS s WHERE s.store = p_store AND s.session_id = p_session FOR UPDATE;
+    IF v_expired THEN
+        DELETE FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session;
+    END IF;
+    INSERT INTO {s}.items (store, session_id, seq, data)
+        SELECT p_store, p_session, v_next + t.ord - 1, t.data
+        FROM unnest(p_items) WITH ORDINALITY AS t(data, ord);
+    UPDATE {s}.sessions AS s SET next_seq = v_next + cardinality(p_items), updated_at = now()
+        WHERE s.store = p_store AND s.session_id = p_session;
+    IF p_max_items IS NOT NULL THEN
+        DELETE FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session
+            AND i.seq < v_next + cardinality(p_items) - p_max_items;
+    END IF;
+    RETURN QUERY SELECT false, NULL::text, cardinality(p_items);
+END $$;
 INSERT INTO {s}.schema_version (version) VALUES ({v}) ON CONFLICT DO NOTHING;
 """
 
@@ -198,86 +241,27 @@ class PostgresDriver:
     async def ping(self) -> None:
         await self._run(lambda conn: conn.fetchval("SELECT 1"))
 
-    async def _lock_session(self, conn: asyncpg.Connection, session_id: str) -> Any:
-        await conn.execute(
-            f"INSERT INTO {self._s}.sessions VALUES ($1, $2, 0, now()) ON CONFLICT DO NOTHING",
-            self.store,
-            session_id,
-        )
-        return await conn.fetchrow(
-            f"SELECT next_seq, ($3::float8 IS NOT NULL AND"
-            f" updated_at <= now() - make_interval(secs => $3::float8)) AS expired"
-            f" FROM {self._s}.sessions WHERE store = $1 AND session_id = $2 FOR UPDATE",
-            self.store,
-            session_id,
-            self._ttl(),
-        )
-
     async def append(
         self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
     ) -> AppendResult:
-        s, store = self._s, self.store
-
-        async def append(conn: asyncpg.Connection) -> AppendResult:
-            async with conn.transaction():
-                if idempotency is not None:
-                    fresh = await conn.fetchval(
-                        f"INSERT INTO {s}.idempotency_keys VALUES ($1, $2, $3, $4, $5,"
-                        f" now() + make_interval(secs => $6)) ON CONFLICT (store, session_id, key)"
-                        f" DO UPDATE SET fingerprint = EXCLUDED.fingerprint,"
-                        f" appended = EXCLUDED.appended, expires_at = EXCLUDED.expires_at"
-                        f" WHERE {s}.idempotency_keys.expires_at <= now() RETURNING true",
-                        store,
-                        session_id,
-                        idempotency.key,
-                        idempotency.fingerprint,
-                        len(items),
-                        idempotency.ttl_seconds,
-                    )
-                    if not fresh:
-                        seen = await conn.fetchrow(
-                            f"SELECT fingerprint, appended FROM {s}.idempotency_keys"
-                            f" WHERE store = $1 AND session_id = $2 AND key = $3",
-                            store,
-                            session_id,
-                            idempotency.key,
-                        )
-                        return replay_of(idempotency, seen["fingerprint"], seen["appended"])
-                row = await self._lock_session(conn, session_id)
-                first = row["next_seq"]
-                if row["expired"]:
-                    await conn.execute(
-                        f"DELETE FROM {s}.items WHERE store = $1 AND session_id = $2",
-                        store,
-                        session_id,
-                    )
-                await conn.execute(
-                    f"INSERT INTO {s}.items (store, session_id, seq, data)"
-                    f" SELECT $1, $2, $3 + ord - 1, data"
-                    f" FROM unnest($4::bytea[]) WITH ORDINALITY AS t(data, ord)",
-                    store,
-                    session_id,
-                    first,
-                    list(items),
-                )
-                next_seq = first + len(items)
-                await conn.execute(
-                    f"UPDATE {s}.sessions SET next_seq = $3, updated_at = now()"
-                    f" WHERE store = $1 AND session_id = $2",
-                    store,
-                    session_id,
-                    next_seq,
-                )
-                if self.retention.max_items:
-                    await conn.execute(
-                        f"DELETE FROM {s}.items WHERE store = $1 AND session_id = $2 AND seq < $3",
-                        store,
-                        session_id,
-                        next_seq - self.retention.max_items,
-                    )
-                return AppendResult(appended=len(items), replayed=False)
-
-        return await self._run(append)
+        """One round trip: the schema's `append` function does the whole transaction."""
+        row = await self._run(
+            lambda conn: conn.fetchrow(
+                f"SELECT * FROM {self._s}.append($1, $2, $3, $4, $5, $6, $7, $8)",
+                self.store,
+                session_id,
+                list(items),
+                idempotency.key if idempotency else None,
+                idempotency.fingerprint if idempotency else None,
+                idempotency.ttl_seconds if idempotency else None,
+                self._ttl(),
+                self.retention.max_items,
+            )
+        )
+        if row["replayed"]:
+            assert idempotency is not None
+            return replay_of(idempotency, row["fingerprint"], row["appended"])
+        return AppendResult(appended=len(items), replayed=False)
 
     async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
         rows = await self._run(

@@ -7,8 +7,9 @@ idempotency key in one script; no other client can observe half of it. The lates
 items are `LRANGE -N -1`, which Redis serves from the list's tail without walking it.
 
 Session ids are also kept in one sorted set per store (all scores 0, so ordered by
-bytes) for paged listing. It is updated after the script, outside the session's slot;
-an id whose session has expired is pruned from it when a listing meets it.
+bytes) for paged listing. It lives outside the session's slot, so it is updated after
+the script, and only when the script reports that the append started the session; an
+id whose session has expired is pruned from it when a listing meets it.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ local count = #ARGV - 5
 for first = 6, #ARGV, 1000 do
   redis.call('RPUSH', items, unpack(ARGV, first, math.min(first + 999, #ARGV)))
 end
-redis.call('INCRBY', seq, count)
+local total = redis.call('INCRBY', seq, count)
 if max_items > 0 then redis.call('LTRIM', items, -max_items, -1) end
 if ttl_ms > 0 then
   redis.call('PEXPIRE', items, ttl_ms)
   redis.call('PEXPIRE', seq, ttl_ms)
 end
 if use_idem then redis.call('SET', idem, fingerprint .. ' ' .. count, 'PX', idem_ms) end
+if total == count then return 1 end
 return false
 """
 
@@ -179,13 +181,13 @@ class RedisDriver:
         ]
 
         async def run() -> Any:
-            seen = await self._append(keys=[items_key, seq_key, idem_key], args=args)
-            if seen is None:
+            outcome = await self._append(keys=[items_key, seq_key, idem_key], args=args)
+            if outcome == 1:
                 await self.client.zadd(self._index, {session_id: 0})
-            return seen
+            return outcome
 
         seen = await self._call(run)
-        if seen is None:
+        if seen is None or seen == 1:
             return AppendResult(appended=len(items), replayed=False)
         assert idempotency is not None
         fingerprint, _, count = seen.decode().partition(" ")
@@ -229,8 +231,10 @@ class RedisDriver:
 
     async def clear(self, session_id: str) -> None:
         async def run() -> None:
-            await self.client.delete(*self.keys(session_id))
-            await self.client.zrem(self._index, session_id)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.delete(*self.keys(session_id))
+                pipe.zrem(self._index, session_id)
+                await pipe.execute()
 
         await self._call(run)
 

@@ -1,0 +1,224 @@
+"""`python -m bench [--smoke]`: run every scenario, print the tables, write RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.harness import SdkSessions, Servers, Sidecar, sidecar_factory
+from bench.scenarios import Figures, agent_turns, burst, fill, long_history
+
+BACKENDS = ("sqlite", "redis", "postgres")
+SDK_NAMES = {"sqlite": "SQLiteSession", "redis": "RedisSession", "postgres": "SQLAlchemySession"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    turns: int
+    history: int
+    repeat: int
+    stored: int
+    cold_starts: int
+
+
+FULL = Sizes(turns=3000, history=10_000, repeat=300, stored=100_000, cold_starts=5)
+SMOKE = Sizes(turns=40, history=200, repeat=5, stored=500, cold_starts=1)
+
+
+@dataclass
+class BackendResult:
+    turns: dict[tuple[str, int], Figures]
+    history: dict[str, dict[str, Figures]]
+    bursts: dict[str, Figures]
+    cold_start_s: float
+    idle_rss: int
+    loaded_rss: int
+
+
+async def measure(backend: str, servers: Servers, sdk: SdkSessions, sizes: Sizes) -> BackendResult:
+    sidecar = Sidecar(servers.store(backend), servers.workdir)
+    cold = []
+    for _ in range(sizes.cold_starts):
+        cold.append(sidecar.start())
+        sidecar.stop()
+    sidecar.start()
+    try:
+        idle_rss = sidecar.rss_bytes()
+        ours, theirs = sidecar_factory(sidecar.url), await sdk.factory(backend)
+        turns: dict[tuple[str, int], Figures] = {}
+        for tasks in (1, 8):
+            for name, make in (("convostore", ours), ("sdk", theirs)):
+                await agent_turns(make, tasks, max(10, sizes.turns // 10))  # warm-up
+                turns[(name, tasks)] = await agent_turns(make, tasks, sizes.turns)
+        history = {
+            "convostore": await long_history(ours, sizes.history, sizes.repeat),
+            "sdk": await long_history(theirs, sizes.history, sizes.repeat),
+        }
+        bursts = {
+            "convostore": await burst(ours, sizes.repeat),
+            "sdk": await burst(theirs, sizes.repeat),
+        }
+        for n in range(sizes.stored // 1000 or 1):
+            await fill(ours(f"memory-{n}"), min(1000, sizes.stored))
+        loaded_rss = sidecar.rss_bytes()
+    finally:
+        sidecar.stop()
+    return BackendResult(turns, history, bursts, statistics.median(cold), idle_rss, loaded_rss)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "—"
+
+
+def render(results: dict[str, BackendResult], sizes: Sizes, command: str) -> str:
+    out = [
+        "# Benchmark results",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
+        f"- machine: {os.cpu_count()} cores, {_cpu_model()}, Python {platform.python_version()}",
+        f"- sizes: {sizes}",
+        "- convostore = `SidecarSession` → sidecar process → backend; SDK = the Agents SDK's "
+        "own session for that backend, used directly in the agent process. Same servers, "
+        "same run, alternating.",
+        "",
+        "## (a) Agent turn: add_items(1 message) + get_items(limit=20), 64 sessions",
+        "",
+        "| backend | tasks | convostore turns/s | SDK turns/s | ratio | convostore p50 ms | "
+        "SDK p50 ms | convostore p99 ms | SDK p99 ms | convostore agent CPU ms/turn | "
+        "SDK CPU ms/turn | CPU ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, r in results.items():
+        for tasks in (1, 8):
+            a, b = r.turns[("convostore", tasks)], r.turns[("sdk", tasks)]
+            out.append(
+                f"| {backend} ({SDK_NAMES[backend]}) | {tasks} | {a.ops_per_second:.0f} | "
+                f"{b.ops_per_second:.0f} | {ratio(a.ops_per_second, b.ops_per_second)} | "
+                f"{a.p50_ms:.2f} | {b.p50_ms:.2f} | {a.p99_ms:.2f} | {b.p99_ms:.2f} | "
+                f"{a.cpu_ms_per_op:.3f} | {b.cpu_ms_per_op:.3f} | "
+                f"{ratio(a.cpu_ms_per_op, b.cpu_ms_per_op)} |"
+            )
+    out += [
+        "",
+        f"## (b) Long history: {sizes.history:,}-item session",
+        "",
+        "| backend | who | latest-20 p50 ms (long) | latest-20 p50 ms (20 items) | long/short | "
+        "all items p50 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backend, r in results.items():
+        for who, h in r.history.items():
+            long, short = h["latest20_long"], h["latest20_short"]
+            out.append(
+                f"| {backend} | {who} | {long.p50_ms:.2f} | {short.p50_ms:.2f} | "
+                f"{ratio(long.p50_ms, short.p50_ms)} | {h['all_long'].p50_ms:.1f} |"
+            )
+    out += [
+        "",
+        "## (c) Burst: add_items(50 items)",
+        "",
+        "| backend | convostore p50 ms | SDK p50 ms | convostore/SDK |",
+        "|---|---|---|---|",
+    ]
+    for backend, r in results.items():
+        a, b = r.bursts["convostore"], r.bursts["sdk"]
+        out.append(f"| {backend} | {a.p50_ms:.2f} | {b.p50_ms:.2f} | {ratio(a.p50_ms, b.p50_ms)} |")
+    out += [
+        "",
+        "## (d, e) The sidecar process",
+        "",
+        f"| backend | idle RSS MB | RSS after {sizes.stored:,} items MB "
+        "| cold start to /readyz s |",
+        "|---|---|---|---|",
+    ]
+    for backend, r in results.items():
+        out.append(
+            f"| {backend} | {r.idle_rss / 2**20:.1f} | {r.loaded_rss / 2**20:.1f} | "
+            f"{r.cold_start_s:.2f} |"
+        )
+    out += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
+    return "\n".join(out) + "\n"
+
+
+def targets(results: dict[str, BackendResult]) -> list[tuple[str, str, bool]]:
+    rows = []
+    for backend, r in results.items():
+        a, b = r.turns[("convostore", 8)], r.turns[("sdk", 8)]
+        need = 1.0 if backend == "sqlite" else 2.0
+        got = a.ops_per_second / b.ops_per_second
+        rows.append(
+            (f"{backend}: turns/s at 8 tasks ≥ {need:.1f}× SDK", f"{got:.2f}×", got >= need)
+        )
+    for backend in ("redis", "sqlite"):
+        if backend in results:
+            p50 = results[backend].turns[("convostore", 1)].p50_ms
+            rows.append((f"{backend}: p50 turn at 1 task ≤ 1.0 ms", f"{p50:.2f} ms", p50 <= 1.0))
+    if "redis" in results:
+        sdk_cpu = results["redis"].turns[("sdk", 1)].cpu_ms_per_op
+        for backend, r in results.items():
+            cpu = r.turns[("convostore", 1)].cpu_ms_per_op
+            rows.append(
+                (
+                    f"{backend}: agent CPU per turn ≤ SDK RedisSession's ({sdk_cpu:.3f} ms)",
+                    f"{cpu:.3f} ms",
+                    cpu <= sdk_cpu,
+                )
+            )
+    for backend, r in results.items():
+        h = r.history["convostore"]
+        got = h["latest20_long"].p50_ms / h["latest20_short"].p50_ms
+        rows.append((f"{backend}: latest-20 on long ≤ 2× on 20 items", f"{got:.2f}×", got <= 2.0))
+    for backend, r in results.items():
+        mb = r.idle_rss / 2**20
+        rows.append((f"{backend}: sidecar idle RSS ≤ 60 MB", f"{mb:.1f} MB", mb <= 60))
+        rows.append(
+            (f"{backend}: cold start ≤ 1.5 s", f"{r.cold_start_s:.2f} s", r.cold_start_s <= 1.5)
+        )
+    return rows
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+async def run(sizes: Sizes, backends: tuple[str, ...]) -> dict[str, BackendResult]:
+    with Servers() as servers:
+        sdk = SdkSessions(servers)
+        try:
+            return {b: await measure(b, servers, sdk, sizes) for b in backends}
+        finally:
+            await sdk.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--output", default=str(Path(__file__).parent / "RESULTS.md"))
+    args = parser.parse_args()
+    os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    sizes = SMOKE if args.smoke else FULL
+    results = asyncio.run(run(sizes, tuple(args.backends.split(","))))
+    report = render(results, sizes, "python -m bench " + " ".join(sys.argv[1:]))
+    print(report)
+    Path(args.output).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

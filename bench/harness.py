@@ -1,0 +1,162 @@
+"""What the scenarios run against: database servers, sidecar processes, and sessions."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.servers import PostgresServer, RedisServer, free_port
+
+SessionFactory = Callable[[str], Any]
+
+
+@dataclass
+class Sidecar:
+    """A `convostore sidecar` process with one store, `default`."""
+
+    store: dict[str, Any]
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> float:
+        """Start it and return the seconds until `/readyz` answered 200."""
+        config = self.workdir / f"sidecar-{self.port}.yaml"
+        config.write_text(yaml.safe_dump({"stores": {"default": self.store}}))
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "convostore",
+                "sidecar",
+                "--config",
+                str(config),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=self.workdir,
+        )
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return time.perf_counter() - started
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError("the sidecar exited during start-up") from None
+                time.sleep(0.002)
+
+    def rss_bytes(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(kb) * 1024
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+class Servers:
+    """Private Redis and PostgreSQL, shared by the sidecar and the SDK sessions."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="convostore-bench-"))
+        self.redis = RedisServer()
+        self.postgres = PostgresServer()
+
+    def __enter__(self) -> Servers:
+        self.redis.start()
+        self.postgres.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.redis.destroy()
+        self.postgres.destroy()
+
+    def store(self, backend: str) -> dict[str, Any]:
+        run = uuid.uuid4().hex[:8]
+        if backend == "sqlite":
+            return {"backend": "sqlite", "sqlite": {"path": str(self.workdir / f"cs-{run}.db")}}
+        if backend == "redis":
+            return {"backend": "redis", "redis": {"url": self.redis.url, "keyPrefix": f"b{run}"}}
+        return {
+            "backend": "postgres",
+            "postgres": {"dsn": self.postgres.dsn, "schema": f"b_{run}", "poolMax": 16},
+        }
+
+
+class SdkSessions:
+    """The Agents SDK's own sessions on the same servers, one shared client per backend."""
+
+    def __init__(self, servers: Servers) -> None:
+        self.servers = servers
+        self._closers: list[Callable[[], Any]] = []
+
+    async def factory(self, backend: str) -> SessionFactory:
+        run = uuid.uuid4().hex[:8]
+        if backend == "sqlite":
+            from agents.memory import SQLiteSession
+
+            path = self.servers.workdir / f"sdk-{run}.db"
+            return lambda sid: SQLiteSession(sid, path)
+        if backend == "redis":
+            import redis.asyncio as aioredis
+            from agents.extensions.memory import RedisSession
+
+            client = aioredis.Redis.from_url(self.servers.redis.url)
+            self._closers.append(client.aclose)
+            return lambda sid: RedisSession(sid, redis_client=client, key_prefix=f"sdk{run}")
+        from agents.extensions.memory import SQLAlchemySession
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        dsn = self.servers.postgres.dsn.replace("postgresql://", "postgresql+asyncpg://")
+        engine = create_async_engine(dsn, pool_size=16)
+        self._closers.append(engine.dispose)
+        sessions, messages = f"s_{run}", f"m_{run}"
+        first = SQLAlchemySession(
+            "warmup",
+            engine=engine,
+            create_tables=True,
+            sessions_table=sessions,
+            messages_table=messages,
+        )
+        await first.get_items()
+        return lambda sid: SQLAlchemySession(
+            sid, engine=engine, sessions_table=sessions, messages_table=messages
+        )
+
+    async def close(self) -> None:
+        for close in self._closers:
+            await close()
+
+
+def sidecar_factory(url: str) -> SessionFactory:
+    from convostore import SidecarSession
+
+    return lambda sid: SidecarSession(sid, url=url)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (the agent's side), user and system, every thread."""
+    return time.process_time()

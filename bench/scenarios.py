@@ -1,0 +1,88 @@
+"""The measured workloads. Each returns plain numbers; `__main__` turns them into tables."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.harness import SessionFactory, cpu_seconds
+
+MESSAGE = {"role": "user", "content": "x" * 200, "type": "message"}  # about 250 bytes
+
+
+@dataclass
+class Figures:
+    ops_per_second: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_op: float
+
+
+def _figures(latencies: list[float], wall: float, cpu: float) -> Figures:
+    ordered = sorted(latencies)
+    return Figures(
+        ops_per_second=len(ordered) / wall,
+        p50_ms=statistics.median(ordered) * 1000,
+        p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+        cpu_ms_per_op=cpu / len(ordered) * 1000,
+    )
+
+
+async def agent_turns(make: SessionFactory, tasks: int, turns: int, sessions: int = 64) -> Figures:
+    """(a) One turn: append one message, then read the latest 20, over `sessions` sessions."""
+    pool = [make(f"turn-{n}") for n in range(sessions)]
+    for session in pool:
+        await session.add_items([MESSAGE])
+    latencies: list[float] = []
+    counter = iter(range(turns))
+
+    async def worker() -> None:
+        for n in counter:
+            session = pool[n % sessions]
+            started = time.perf_counter()
+            await session.add_items([MESSAGE])
+            await session.get_items(limit=20)
+            latencies.append(time.perf_counter() - started)
+
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return _figures(latencies, time.perf_counter() - wall, cpu_seconds() - cpu)
+
+
+async def timed(call: Any, repeat: int) -> Figures:
+    latencies: list[float] = []
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    for _ in range(repeat):
+        started = time.perf_counter()
+        await call()
+        latencies.append(time.perf_counter() - started)
+    return _figures(latencies, time.perf_counter() - wall, cpu_seconds() - cpu)
+
+
+async def fill(session: Any, count: int, batch: int = 1000) -> None:
+    for start in range(0, count, batch):
+        await session.add_items(
+            [{**MESSAGE, "n": n} for n in range(start, min(count, start + batch))]
+        )
+
+
+async def long_history(make: SessionFactory, items: int, repeat: int) -> dict[str, Figures]:
+    """(b) latest-20 and the whole history of a long session, and latest-20 of a short one."""
+    long, short = make("long-history"), make("short-history")
+    await fill(long, items)
+    await fill(short, 20)
+    return {
+        "latest20_long": await timed(lambda: long.get_items(limit=20), repeat),
+        "latest20_short": await timed(lambda: short.get_items(limit=20), repeat),
+        "all_long": await timed(long.get_items, max(1, repeat // 20)),
+    }
+
+
+async def burst(make: SessionFactory, repeat: int) -> Figures:
+    """(c) One append of 50 items."""
+    session = make("burst")
+    batch = [{**MESSAGE, "n": n} for n in range(50)]
+    return await timed(lambda: session.add_items(batch), repeat)

@@ -1,0 +1,32 @@
+"""The benchmark harness in its seconds-long smoke mode, so that it cannot rot.
+
+Only the shape of the report is checked here: speed is the harness's business, measured
+side by side in one run, never asserted in a test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
+    output = tmp_path / "RESULTS.md"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = output.read_text()
+    for heading in ("(a) Agent turn", "(b) Long history", "(c) Burst", "(d, e) The sidecar"):
+        assert heading in report
+    for backend in ("sqlite", "redis", "postgres"):
+        assert f"| {backend} (" in report
+        assert f"{backend}: cold start ≤ 1.5 s" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" in line]
+    assert rows
+    assert report == run.stdout.strip() + "\n"
