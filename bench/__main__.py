@@ -146,6 +146,9 @@ def render(results: dict[str, BackendResult], sizes: Sizes, command: str) -> str
         )
     out += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
+    notes = Path(__file__).parent / "NOTES.md"
+    if notes.exists():
+        out += ["", notes.read_text().rstrip()]
     return "\n".join(out) + "\n"
 
 
