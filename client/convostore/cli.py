@@ -20,10 +20,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import aiohttp
+
 from .errors import ConvostoreError
 from .store import SidecarStore
+from .transport import Endpoint, pool_for
 
 IMPORT_BATCH = 500
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,13 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     sidecar = commands.add_parser("sidecar", help="serve the session API")
     sidecar.add_argument(
         "--config",
-        default=os.environ.get("CONVOSTORE_CONFIG"),
-        help="YAML or JSON config (default: $CONVOSTORE_CONFIG, else one "
-        "SQLite store 'default' at ./convostore.db)",
+        action="append",
+        default=[],
+        help="YAML or JSON config; repeat it to combine one file per store (default: "
+        "$CONVOSTORE_CONFIG, else one SQLite store 'default' at ./convostore.db)",
     )
     sidecar.add_argument("--host", help="TCP address to listen on (default 127.0.0.1)")
     sidecar.add_argument("--port", type=int, help="TCP port (default 8790)")
     sidecar.add_argument("--socket", help="also listen on this unix socket")
+    sidecar.add_argument(
+        "--socket-mode", type=lambda v: int(v, 8), help="the socket's permissions, e.g. 0660"
+    )
     sidecar.add_argument("--token-file", help="require this bearer token")
     sidecar.add_argument("--log-level", default="INFO")
     sidecar.set_defaults(run=_run_sidecar)
@@ -79,6 +87,35 @@ def _parser() -> argparse.ArgumentParser:
     clear = actions.add_parser("clear", help="delete a session")
     clear.add_argument("session_id")
     clear.set_defaults(run=lambda a: _run(_clear(a)))
+
+    probe = commands.add_parser("probe", help="exit 0 when the sidecar answers /healthz")
+    probe.add_argument("--url", help="sidecar URL (default: $CONVOSTORE_URL)")
+    probe.add_argument("--ready", action="store_true", help="ask /readyz instead")
+    probe.set_defaults(run=lambda a: _run(_probe(a)))
+
+    operator = commands.add_parser("operator", help="the Kubernetes operator")
+    operator_actions = operator.add_subparsers(required=True, metavar="ACTION")
+    run_op = operator_actions.add_parser("run", help="run the operator")
+    run_op.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeat it; default: all namespaces)",
+    )
+    run_op.add_argument("--standalone", action="store_true", help="no peering with replicas")
+    run_op.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    run_op.add_argument(
+        "--sidecar-image",
+        default=os.environ.get("CONVOSTORE_SIDECAR_IMAGE", "ghcr.io/convostore/convostore:0.1.0"),
+    )
+    run_op.set_defaults(run=_run_operator)
+    crd = operator_actions.add_parser("crd", help="print the ConversationStore CRD as YAML")
+    crd.set_defaults(run=_print_crd)
+    rules = operator_actions.add_parser("rbac", help="print the operator's RBAC rules as YAML")
+    rules.set_defaults(run=_print_rbac)
 
     keys = commands.add_parser("keys", help="encryption keys of encrypted stores")
     key_actions = keys.add_subparsers(required=True, metavar="ACTION")
@@ -110,11 +147,13 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
+    from_env = os.environ.get("CONVOSTORE_CONFIG")
     return run_sidecar(
-        config_path=args.config,
+        config_paths=args.config or ([from_env] if from_env else []),
         host=args.host,
         port=args.port,
         socket=args.socket,
+        socket_mode=args.socket_mode,
         token_file=args.token_file,
     )
 
@@ -142,6 +181,57 @@ async def _show(args: argparse.Namespace) -> int:
 
 async def _clear(args: argparse.Namespace) -> int:
     await _store(args).session(args.session_id).clear_session()
+    return 0
+
+
+async def _probe(args: argparse.Namespace) -> int:
+    endpoint = Endpoint.parse(args.url)
+    http = await pool_for(endpoint)
+    path = "/readyz" if args.ready else "/healthz"
+    try:
+        async with http.get(endpoint.base_url + path, timeout=PROBE_TIMEOUT) as resp:
+            return 0 if resp.status == 200 else 1
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"convostore: probe failed: {exc!r}", file=sys.stderr)
+        return 1
+
+
+def _operator_main() -> Any:
+    try:
+        from convostore_operator import main
+    except ImportError as exc:
+        raise ValueError(
+            f"the operator needs the [operator] extra ({exc.name} is missing): "
+            "pip install 'convostore[operator]'"
+        ) from exc
+    return main
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    main = _operator_main()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    result: int = main.run_operator(
+        namespaces=args.namespace,
+        standalone=args.standalone,
+        webhook=main.webhook_from_environment(),
+        sidecar_image=args.sidecar_image,
+    )
+    return result
+
+
+def _print_crd(args: argparse.Namespace) -> int:
+    _operator_main()
+    from convostore_operator.manifests import crd_yaml
+
+    print(crd_yaml(), end="")
+    return 0
+
+
+def _print_rbac(args: argparse.Namespace) -> int:
+    _operator_main()
+    from convostore_operator.manifests import rules_yaml
+
+    print(rules_yaml(), end="")
     return 0
 
 

@@ -208,17 +208,36 @@ def default_config() -> SidecarConfig:
     return parse_config({"stores": {"default": {"backend": "sqlite"}}})
 
 
-def load_config(path: str | Path) -> SidecarConfig:
-    p = Path(path)
+def load_config(*paths: str | Path) -> SidecarConfig:
+    """One config from one or more files; with several (one per store, as the operator
+    mounts them), their stores are combined and any other section may appear once."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        data = _read(Path(path))
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping")
+        for key, value in data.items():
+            if key == "stores" and isinstance(value, dict):
+                clash = set(value) & set(merged.get("stores", {}))
+                if clash:
+                    raise ConfigError(f"store {sorted(clash)[0]!r} is defined in two files")
+                merged.setdefault("stores", {}).update(value)
+            elif key in merged:
+                raise ConfigError(f"section {key!r} appears in more than one config file")
+            else:
+                merged[key] = value
+    return parse_config(merged)
+
+
+def _read(p: Path) -> Any:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from exc
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML or JSON: {exc}") from exc
-    return parse_config(data)
 
 
 def parse_config(data: Any) -> SidecarConfig:

@@ -17,18 +17,19 @@ log = logging.getLogger("convostore.sidecar")
 
 def run_sidecar(
     *,
-    config_path: str | None,
+    config_paths: list[str],
     host: str | None = None,
     port: int | None = None,
     socket: str | None = None,
+    socket_mode: int | None = None,
     token_file: str | None = None,
 ) -> int:
     try:
-        config = load_config(config_path) if config_path else default_config()
+        config = load_config(*config_paths) if config_paths else default_config()
     except ConfigError as exc:
         print(f"convostore sidecar: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    config = _with_overrides(config, host, port, socket, token_file)
+    config = _with_overrides(config, host, port, socket, socket_mode, token_file)
     try:
         _event_loop_runner()(serve(config))
     except OSError as exc:
@@ -42,6 +43,7 @@ def _with_overrides(
     host: str | None,
     port: int | None,
     socket: str | None,
+    socket_mode: int | None,
     token_file: str | None,
 ) -> SidecarConfig:
     listen = config.listen
@@ -50,6 +52,7 @@ def _with_overrides(
         host=host or listen.host,
         port=listen.port if port is None else port,
         socket=socket or listen.socket,
+        socket_mode=listen.socket_mode if socket_mode is None else socket_mode,
     )
     return dataclasses.replace(config, listen=listen, token_file=token_file or config.token_file)
 

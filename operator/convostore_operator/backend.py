@@ -1,0 +1,91 @@
+"""Talking to a store's backend from the operator, with the sidecar's own drivers.
+
+The operator renders the store as a sidecar would see it, with credential and key files
+in a private temporary directory, parses it with the sidecar's config parser and opens
+the sidecar's driver. So a reachability check is the sidecar's `ping`, the PostgreSQL
+schema is created the way a sidecar creates it, and a `Delete` purge clears sessions the
+way the API does: one design, checked by the same code that serves traffic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convostore_sidecar.config import parse_config
+from convostore_sidecar.drivers.base import BackendUnavailable, Driver
+from convostore_sidecar.stores import Store
+
+from .render import render
+
+PURGE_PAGE = 500
+LOCAL_BACKENDS = {
+    "sqlite": "history lives in each pod's embedded SQLite",
+    "dapr": "the Dapr state store is reached through each pod's own Dapr sidecar",
+}
+
+
+@dataclass(frozen=True)
+class Reachability:
+    status: str  # "True", "False" or "Unknown"
+    reason: str
+    message: str
+
+
+@contextlib.asynccontextmanager
+async def opened(
+    name: str,
+    spec: dict[str, Any],
+    secrets: dict[str, str],
+    keys: dict[str, bytes],
+) -> AsyncIterator[Driver]:
+    with tempfile.TemporaryDirectory(prefix="convostore-operator-") as tmp:
+        root = Path(tmp)
+        rendered = render(
+            name, spec, secrets, stores_root=str(root / "stores"), keys_root=str(root / "keys")
+        )
+        for folder, files in (
+            (root / "stores" / name, rendered.files),
+            (root / "keys" / name, keys),
+        ):
+            folder.mkdir(parents=True)
+            for file, data in files.items():
+                (folder / file).write_bytes(data)
+        store = Store.open(parse_config(rendered.config).stores[name])
+        await store.driver.open()
+        try:
+            yield store.driver
+        finally:
+            await store.driver.close()
+
+
+async def check(
+    name: str, spec: dict[str, Any], secrets: dict[str, str], keys: dict[str, bytes]
+) -> Reachability:
+    if spec["backend"] in LOCAL_BACKENDS:
+        return Reachability("Unknown", "CheckedBySidecar", LOCAL_BACKENDS[spec["backend"]])
+    try:
+        async with opened(name, spec, secrets, keys) as driver:
+            await driver.ping()
+    except BackendUnavailable as exc:
+        return Reachability("False", "Unreachable", str(exc))
+    return Reachability("True", "Reachable", f"the {spec['backend']} backend answered")
+
+
+async def purge(
+    name: str, spec: dict[str, Any], secrets: dict[str, str], keys: dict[str, bytes]
+) -> int:
+    """Clear every session of the store; returns how many there were."""
+    if spec["backend"] in LOCAL_BACKENDS:
+        return 0
+    cleared = 0
+    async with opened(name, spec, secrets, keys) as driver:
+        while ids := await driver.list_sessions("", None, PURGE_PAGE):
+            for session_id in ids:
+                await driver.clear(session_id)
+            cleared += len(ids)
+    return cleared

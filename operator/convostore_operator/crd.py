@@ -1,0 +1,279 @@
+"""The ConversationStore CRD, defined once, here; the YAML in the chart and in
+`manifests/` is generated from it (`convostore operator crd`) and a test keeps them equal.
+
+The schema does what an API server can do before the operator sees anything: types,
+enums, patterns and bounds per field, and CEL rules for what depends on several fields
+("a postgres backend needs postgres.dsnSecretRef"). The operator validates again
+(`spec.py`), since not every cluster enforces every rule and the message can be better.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GROUP, VERSION, KIND, PLURAL, SHORT = (
+    "convostore.dev",
+    "v1alpha1",
+    "ConversationStore",
+    "conversationstores",
+    "cstore",
+)
+BACKENDS = ["sqlite", "redis", "postgres", "dapr"]
+DURATION = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+SECRET_KEY = r"^[-._a-zA-Z0-9]{1,253}$"
+
+
+def _secret_ref(what: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": f"The Secret (in the store's namespace) and key that hold {what}.",
+        "required": ["name", "key"],
+        "properties": {
+            "name": {"type": "string", "pattern": NAME, "maxLength": 253},
+            "key": {"type": "string", "pattern": SECRET_KEY},
+        },
+    }
+
+
+def _int(low: int, high: int, description: str) -> dict[str, Any]:
+    return {"type": "integer", "minimum": low, "maximum": high, "description": description}
+
+
+SPEC: dict[str, Any] = {
+    "type": "object",
+    "required": ["backend"],
+    "properties": {
+        "backend": {"type": "string", "enum": BACKENDS, "description": "Where history lives."},
+        "sqlite": {
+            "type": "object",
+            "description": "Embedded SQLite inside each pod (history is per pod).",
+            "properties": {
+                "path": {
+                    "type": "string",
+                    "default": "/var/lib/convostore/convostore.db",
+                    "pattern": r"^/[^\x00]*$",
+                    "maxLength": 1024,
+                }
+            },
+        },
+        "redis": {
+            "type": "object",
+            "properties": {
+                "url": {
+                    "type": "string",
+                    "pattern": r"^(redis|rediss)://[^\s]+$",
+                    "maxLength": 2048,
+                    "description": "Without a password; see passwordSecretRef.",
+                },
+                "urlSecretRef": _secret_ref("the Redis URL"),
+                "username": {"type": "string", "maxLength": 256},
+                "passwordSecretRef": _secret_ref("the Redis password"),
+                "keyPrefix": {"type": "string", "pattern": r"^[^{}\s]{1,200}$"},
+            },
+        },
+        "postgres": {
+            "type": "object",
+            "properties": {
+                "dsnSecretRef": _secret_ref("a postgresql:// DSN"),
+                "passwordSecretRef": _secret_ref("the password, if not in the DSN"),
+                "schema": {"type": "string", "pattern": r"^[a-z_][a-z0-9_]{0,62}$"},
+                "poolMax": _int(1, 1000, "Connections per sidecar."),
+            },
+        },
+        "dapr": {
+            "type": "object",
+            "required": ["stateStore"],
+            "properties": {
+                "stateStore": {"type": "string", "pattern": NAME, "maxLength": 253},
+                "component": {
+                    "type": "object",
+                    "description": "Create and own this Dapr Component, named stateStore.",
+                    "required": ["type"],
+                    "properties": {
+                        "type": {"type": "string", "pattern": r"^state\.[a-z0-9.-]{1,100}$"},
+                        "version": {"type": "string", "default": "v1", "pattern": r"^v[0-9]+$"},
+                        "metadata": {
+                            "type": "array",
+                            "maxItems": 100,
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string", "maxLength": 256},
+                                    "value": {"type": "string", "maxLength": 65536},
+                                    "secretKeyRef": _secret_ref("the value"),
+                                },
+                                "x-kubernetes-validations": [
+                                    {
+                                        "rule": "has(self.value) != has(self.secretKeyRef)",
+                                        "message": "give either value or secretKeyRef",
+                                    }
+                                ],
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "retention": {
+            "type": "object",
+            "properties": {
+                "ttl": {
+                    "type": "string",
+                    "pattern": DURATION,
+                    "maxLength": 32,
+                    "description": "Idle time after which a session expires, e.g. 24h.",
+                },
+                "maxItems": _int(1, 10_000_000, "Older items are trimmed on append."),
+            },
+        },
+        "limits": {
+            "type": "object",
+            "properties": {
+                "maxItemBytes": _int(2, 64 << 20, "Largest item, serialized."),
+                "maxRequestBytes": _int(16, 256 << 20, "Largest request body."),
+                "maxItemsPerRequest": _int(1, 10_000, "Items in one append."),
+            },
+        },
+        "encryption": {
+            "type": "object",
+            "properties": {
+                "enabled": {"type": "boolean", "default": False},
+                "keySecretRef": {
+                    "type": "object",
+                    "description": "A Secret whose keys are key ids and values base64 keys. "
+                    "Without one, the operator generates <name>-convostore-keys.",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string", "pattern": NAME}},
+                },
+                "primary": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+            },
+        },
+        "deletionPolicy": {
+            "type": "string",
+            "enum": ["Retain", "Delete"],
+            "default": "Retain",
+            "description": "Delete purges the store's sessions from the backend.",
+        },
+    },
+    "x-kubernetes-validations": [
+        {
+            "rule": "self.backend != 'postgres' || (has(self.postgres) && "
+            "has(self.postgres.dsnSecretRef))",
+            "message": "a postgres backend needs postgres.dsnSecretRef",
+            "fieldPath": ".postgres.dsnSecretRef",
+        },
+        {
+            "rule": "self.backend != 'redis' || (has(self.redis) && "
+            "(has(self.redis.url) || has(self.redis.urlSecretRef)))",
+            "message": "a redis backend needs redis.url or redis.urlSecretRef",
+            "fieldPath": ".redis.url",
+        },
+        {
+            "rule": "self.backend != 'dapr' || has(self.dapr)",
+            "message": "a dapr backend needs dapr.stateStore",
+            "fieldPath": ".dapr.stateStore",
+        },
+        {
+            "rule": "!has(self.redis) || self.backend == 'redis'",
+            "message": "redis settings need backend: redis",
+            "fieldPath": ".redis",
+        },
+        {
+            "rule": "!has(self.postgres) || self.backend == 'postgres'",
+            "message": "postgres settings need backend: postgres",
+            "fieldPath": ".postgres",
+        },
+        {
+            "rule": "!has(self.dapr) || self.backend == 'dapr'",
+            "message": "dapr settings need backend: dapr",
+            "fieldPath": ".dapr",
+        },
+        {
+            "rule": "!has(self.sqlite) || self.backend == 'sqlite'",
+            "message": "sqlite settings need backend: sqlite",
+            "fieldPath": ".sqlite",
+        },
+    ],
+}
+
+CONDITION: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "status"],
+    "properties": {
+        "type": {"type": "string"},
+        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "reason": {"type": "string"},
+        "message": {"type": "string"},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+        "observedGeneration": {"type": "integer"},
+    },
+}
+
+STATUS: dict[str, Any] = {
+    "type": "object",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "properties": {
+        "observedGeneration": {"type": "integer"},
+        "phase": {"type": "string", "enum": ["Pending", "Ready", "Degraded", "Failed"]},
+        "configHash": {"type": "string"},
+        "configSecret": {"type": "string"},
+        "conditions": {
+            "type": "array",
+            "items": CONDITION,
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    },
+}
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": [SHORT],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Backend", "type": "string", "jsonPath": ".spec.backend"},
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": SPEC,
+                                "status": STATUS,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }

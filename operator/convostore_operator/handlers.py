@@ -1,0 +1,378 @@
+"""The reconcile loop: Kopf handlers for ConversationStore objects, and the webhook.
+
+Create, update and resume all run one idempotent `reconcile`: validate the spec, read
+every Secret it names, and only then write anything (key Secret, Dapr Component, config
+Secret), so an invalid spec or a missing Secret leaves nothing half-created behind; it
+is reported in `status` and as an Event that names the field or the Secret. A timer
+re-checks the backend and reports changes. Deletion honours `deletionPolicy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from convostore_sidecar.drivers.base import BackendUnavailable
+
+from . import backend
+from .crd import GROUP, PLURAL, VERSION
+from .inject import INJECT, StoreMount, already_injected, inject, requested_stores
+from .kube import Kube, MissingSecret
+from .render import dapr_component, render
+from .spec import InvalidSpec, secret_refs, validate
+
+FIRST_KEY_ID = "k1"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    sidecar_image: str = "ghcr.io/convostore/convostore:0.1.0"
+    check_interval: float = 60.0
+    retry_delay: float = 30.0
+
+
+@dataclass
+class Prepared:
+    """Everything read and checked before anything is written."""
+
+    spec: dict[str, Any]
+    secrets: dict[str, str]
+    keys_secret: str | None
+    keys: dict[str, bytes]
+    primary: str | None
+
+
+def keys_secret_name(name: str, spec: dict[str, Any]) -> str | None:
+    encryption = spec.get("encryption", {})
+    if not encryption.get("enabled"):
+        return None
+    ref = encryption.get("keySecretRef")
+    return str(ref["name"]) if ref else f"{name}-convostore-keys"
+
+
+def owner_of(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": {"name": body.metadata.name, "uid": body.metadata.uid},
+    }
+
+
+def prepare(kube: Kube, name: str, namespace: str, raw_spec: Any) -> Prepared:
+    """Validate the spec and read what it refers to; raises InvalidSpec or MissingSecret."""
+    spec = validate(dict(raw_spec))
+    secrets = {
+        key: kube.secret_value(namespace, ref.name, ref.key)
+        for key, ref in secret_refs(spec).items()
+    }
+    keys_secret = keys_secret_name(name, spec)
+    keys: dict[str, bytes] = {}
+    encryption = spec.get("encryption", {})
+    if keys_secret and "keySecretRef" in encryption:
+        found = kube.read_secret(namespace, keys_secret)
+        if found is None:
+            raise MissingSecret(keys_secret)
+        keys = found
+    elif keys_secret:
+        keys = kube.read_secret(namespace, keys_secret) or {}
+    primary = encryption.get("primary")
+    if keys_secret and "keySecretRef" in encryption:
+        if primary is None and len(keys) != 1:
+            raise InvalidSpec(
+                "spec.encryption.primary",
+                f"name the key that encrypts new items; Secret {keys_secret!r} holds "
+                f"{', '.join(sorted(keys)) or 'no keys'}",
+            )
+        if primary is not None and primary not in keys:
+            raise InvalidSpec(
+                "spec.encryption.primary", f"Secret {keys_secret!r} has no key {primary!r}"
+            )
+    return Prepared(spec, secrets, keys_secret, keys, primary)
+
+
+def condition(
+    kind: str, status: str, reason: str, message: str, generation: int | None, previous: Any
+) -> dict[str, Any]:
+    old = next((c for c in previous or [] if c.get("type") == kind), None)
+    changed = old is None or old.get("status") != status
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": now if changed or not old else old.get("lastTransitionTime", now),
+    }
+
+
+def report(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    status: Any,
+    phase: str,
+    conditions: list[dict[str, Any]],
+    **extra: Any,
+) -> None:
+    """Write status, and post an Event for every condition that changed."""
+    previous = {c.get("type"): c.get("status") for c in (status or {}).get("conditions") or []}
+    for item in conditions:
+        if previous.get(item["type"]) != item["status"]:
+            level = "Normal" if item["status"] != "False" else "Warning"
+            kopf.event(
+                body,
+                type=level,
+                reason=item["reason"],
+                message=f"{item['type']}={item['status']}: {item['message']}",
+            )
+    patch.status["phase"] = phase
+    patch.status["conditions"] = conditions
+    patch.status["observedGeneration"] = body.metadata.get("generation")
+    for key, value in extra.items():
+        patch.status[key] = value
+
+
+def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
+    """Register every handler on `registry` (tests give each operator a fresh one)."""
+    resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.startup(registry=registry)
+    def startup(memo: kopf.Memo, **_: Any) -> None:
+        if getattr(memo, "kube", None) is None:
+            from .kube import api_client
+
+            memo.kube = Kube(api_client())
+
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    @kopf.on.resume(*resource, registry=registry)
+    async def reconcile(
+        body: kopf.Body,
+        name: str,
+        namespace: str,
+        spec: Any,
+        status: Any,
+        patch: kopf.Patch,
+        memo: kopf.Memo,
+        **_: Any,
+    ) -> None:
+        kube: Kube = memo.kube
+        generation = body.metadata.get("generation")
+        previous = (status or {}).get("conditions")
+        try:
+            prepared = await asyncio.to_thread(prepare, kube, name, namespace, spec)
+        except (InvalidSpec, MissingSecret) as exc:
+            reason = "InvalidSpec" if isinstance(exc, InvalidSpec) else "SecretNotFound"
+            failed = [
+                condition("ConfigRendered", "False", reason, str(exc), generation, previous),
+                condition("Ready", "False", reason, str(exc), generation, previous),
+            ]
+            report(body, patch, status, "Failed", failed)
+            if isinstance(exc, InvalidSpec):
+                raise kopf.PermanentError(str(exc)) from exc
+            raise kopf.TemporaryError(str(exc), delay=config.retry_delay) from exc
+
+        spec_ = prepared.spec
+        owner = owner_of(body)
+        if prepared.keys_secret and not prepared.keys:
+            generated = {FIRST_KEY_ID: base64.b64encode(os.urandom(32))}
+            keep = spec_.get("deletionPolicy", "Retain") == "Retain"
+            await asyncio.to_thread(
+                kube.create_secret_if_absent,
+                namespace,
+                prepared.keys_secret,
+                generated,
+                None if keep else owner,
+            )
+            prepared.keys = (
+                await asyncio.to_thread(kube.read_secret, namespace, prepared.keys_secret)
+                or generated
+            )
+            kopf.event(
+                body,
+                type="Normal",
+                reason="KeyGenerated",
+                message=f"generated encryption key Secret {prepared.keys_secret!r}",
+            )
+        if spec_["backend"] == "dapr" and "component" in spec_["dapr"]:
+            component = dapr_component(name, namespace, spec_)
+            await asyncio.to_thread(kube.apply_component, component, owner)
+        rendered = render(name, spec_, prepared.secrets, primary_key=prepared.primary)
+        config_hash = rendered.config_hash(prepared.keys)
+        await asyncio.to_thread(
+            kube.apply_secret,
+            namespace,
+            f"{name}-convostore",
+            rendered.secret_data(),
+            owner=owner,
+            annotations={f"{GROUP}/config-hash": config_hash},
+            labels={f"{GROUP}/store": name},
+        )
+        old_hash = (status or {}).get("configHash")
+        if old_hash and old_hash != config_hash:
+            rolled = await asyncio.to_thread(kube.roll_workloads, namespace, name, config_hash)
+            if rolled:
+                kopf.event(
+                    body,
+                    type="Normal",
+                    reason="Rolled",
+                    message=f"config changed; restarted {', '.join(rolled)}",
+                )
+        reach = await backend.check(name, spec_, prepared.secrets, prepared.keys)
+        ready = "False" if reach.status == "False" else "True"
+        report(
+            body,
+            patch,
+            status,
+            "Ready" if ready == "True" else "Degraded",
+            [
+                condition(
+                    "ConfigRendered",
+                    "True",
+                    "Rendered",
+                    f"sidecar config in Secret {name}-convostore",
+                    generation,
+                    previous,
+                ),
+                condition(
+                    "BackendReachable",
+                    reach.status,
+                    reach.reason,
+                    reach.message,
+                    generation,
+                    previous,
+                ),
+                condition(
+                    "Ready",
+                    ready,
+                    reach.reason if ready == "False" else "Ready",
+                    reach.message if ready == "False" else "the store can serve sessions",
+                    generation,
+                    previous,
+                ),
+            ],
+            configHash=config_hash,
+            configSecret=f"{name}-convostore",
+        )
+
+    @kopf.timer(
+        *resource,
+        interval=config.check_interval,
+        initial_delay=config.check_interval,
+        registry=registry,
+    )
+    async def recheck(
+        body: kopf.Body,
+        name: str,
+        namespace: str,
+        spec: Any,
+        status: Any,
+        patch: kopf.Patch,
+        memo: kopf.Memo,
+        **_: Any,
+    ) -> None:
+        if (status or {}).get("phase") not in ("Ready", "Degraded"):
+            return
+        try:
+            prepared = await asyncio.to_thread(prepare, memo.kube, name, namespace, spec)
+        except (InvalidSpec, MissingSecret):
+            return
+        reach = await backend.check(name, prepared.spec, prepared.secrets, prepared.keys)
+        conditions = list((status or {}).get("conditions") or [])
+        generation = body.metadata.get("generation")
+        ready = "False" if reach.status == "False" else "True"
+        updated = [c for c in conditions if c.get("type") not in ("BackendReachable", "Ready")]
+        updated += [
+            condition(
+                "BackendReachable",
+                reach.status,
+                reach.reason,
+                reach.message,
+                generation,
+                conditions,
+            ),
+            condition(
+                "Ready",
+                ready,
+                reach.reason if ready == "False" else "Ready",
+                reach.message if ready == "False" else "the store can serve sessions",
+                generation,
+                conditions,
+            ),
+        ]
+        report(body, patch, status, "Ready" if ready == "True" else "Degraded", updated)
+
+    @kopf.on.delete(*resource, registry=registry)
+    async def delete(
+        body: kopf.Body, name: str, namespace: str, spec: Any, memo: kopf.Memo, **_: Any
+    ) -> None:
+        if spec.get("deletionPolicy", "Retain") != "Delete":
+            kopf.event(
+                body,
+                type="Normal",
+                reason="Retained",
+                message="deletionPolicy Retain: the store's data is kept",
+            )
+            return
+        try:
+            prepared = await asyncio.to_thread(prepare, memo.kube, name, namespace, spec)
+        except InvalidSpec:
+            return
+        except MissingSecret as exc:
+            raise kopf.TemporaryError(f"cannot purge: {exc}", delay=config.retry_delay) from exc
+        try:
+            cleared = await backend.purge(name, prepared.spec, prepared.secrets, prepared.keys)
+        except BackendUnavailable as exc:
+            raise kopf.TemporaryError(f"cannot purge yet: {exc}", delay=config.retry_delay) from exc
+        kopf.event(
+            body,
+            type="Normal",
+            reason="Purged",
+            message=f"deletionPolicy Delete: cleared {cleared} session(s)",
+        )
+
+    @kopf.index(*resource, id="stores", registry=registry)
+    def stores(name: str, namespace: str, spec: Any, status: Any, **_: Any) -> dict[Any, Any]:
+        return {
+            (namespace, name): StoreMount(
+                name=name,
+                config_hash=str((status or {}).get("configHash", "")),
+                keys_secret=keys_secret_name(name, dict(spec)),
+                embedded=spec.get("backend") == "sqlite",
+            )
+        }
+
+    @kopf.on.mutate(
+        "v1",
+        "pods",
+        operations={"CREATE"},
+        id="inject-sidecar",
+        annotations={INJECT: "true"},
+        registry=registry,
+    )
+    def inject_sidecar(
+        body: kopf.Body,
+        patch: kopf.Patch,
+        stores: kopf.Index[Any, StoreMount],
+        namespace: str | None,
+        **_: Any,
+    ) -> None:
+        pod = dict(body)
+        names = requested_stores(pod)
+        if names is None or already_injected(pod):
+            return
+        ns = namespace or body.metadata.namespace
+        missing = [n for n in names if (ns, n) not in stores]
+        if missing:
+            raise kopf.AdmissionError(
+                f"convostore: no ConversationStore named {', '.join(map(repr, missing))} "
+                f"in namespace {ns!r} (from the pod's {GROUP}/stores annotation)",
+                code=400,
+            )
+        mounts = [next(iter(stores[(ns, n)])) for n in names]
+        patch.fns.append(lambda pod_body: inject(dict(pod_body), mounts, config.sidecar_image))

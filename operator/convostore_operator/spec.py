@@ -1,0 +1,95 @@
+"""Validating a ConversationStore's spec: the CRD's own schema, then its CEL rules.
+
+Both come from `crd.py`, so the operator refuses exactly what a conforming API server
+would have refused, with an error that names the field. This matters on clusters (and
+emulators) that skip some validation, and for objects stored under an older schema.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import celpy
+import jsonschema
+from celpy import celtypes
+from celpy.adapter import json_to_cel
+
+from .crd import SPEC
+
+
+class InvalidSpec(Exception):
+    """A spec the operator cannot act on; `field` is its path, e.g. `spec.redis.url`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    name: str
+    key: str
+
+
+_validator = jsonschema.Draft202012Validator(SPEC)
+
+
+def validate(spec: Any) -> dict[str, Any]:
+    """The spec, checked; raises `InvalidSpec` for the first problem found."""
+    errors = sorted(_validator.iter_errors(spec), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        path = ".".join(["spec", *map(str, first.absolute_path)])
+        raise InvalidSpec(path, _short(first))
+    for field, message in cel_failures(SPEC, spec, "spec"):
+        raise InvalidSpec(field, message)
+    result: dict[str, Any] = spec
+    return result
+
+
+def cel_failures(schema: dict[str, Any], value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(field, message) of every `x-kubernetes-validations` rule that `value` breaks,
+    evaluated with a CEL interpreter where the API server would evaluate it."""
+    for rule in schema.get("x-kubernetes-validations", []):
+        outcome = _program(rule["rule"]).evaluate({"self": json_to_cel(value)})
+        if not (isinstance(outcome, celtypes.BoolType) and outcome):
+            yield path + rule.get("fieldPath", ""), rule["message"]
+    if isinstance(value, dict):
+        for name, child in schema.get("properties", {}).items():
+            if name in value:
+                yield from cel_failures(child, value[name], f"{path}.{name}")
+    elif isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            yield from cel_failures(schema["items"], item, f"{path}[{index}]")
+
+
+@functools.cache
+def _program(rule: str) -> celpy.Runner:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
+def _short(error: jsonschema.ValidationError) -> str:
+    if error.validator == "enum":
+        allowed = ", ".join(str(v) for v in error.validator_value)  # type: ignore[union-attr]
+        return f"must be one of {allowed}; got {error.instance!r}"
+    if error.validator == "pattern":
+        return f"{error.instance!r} does not match {error.validator_value}"
+    return error.message
+
+
+def secret_refs(spec: dict[str, Any]) -> dict[str, SecretRef]:
+    """Every Secret value the spec refers to, by a name the renderer uses."""
+    refs: dict[str, SecretRef] = {}
+    section = spec.get(spec["backend"], {})
+    for field in ("urlSecretRef", "passwordSecretRef", "dsnSecretRef"):
+        if field in section:
+            refs[field] = SecretRef(section[field]["name"], section[field]["key"])
+    for index, item in enumerate(section.get("component", {}).get("metadata", [])):
+        if "secretKeyRef" in item:
+            ref = item["secretKeyRef"]
+            refs[f"component.{index}"] = SecretRef(ref["name"], ref["key"])
+    return refs

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# End to end on a real cluster, for machines with a container engine (not run in CI here):
+# kind cluster -> image -> helm install -> a store -> an agent pod that converses through
+# its sidecar -> the history survives a pod restart. Needs docker (or podman), kind,
+# kubectl and helm on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cluster=${CLUSTER:-convostore-e2e}
+image=convostore:e2e
+
+kind create cluster --name "$cluster" --wait 120s
+trap '[ "${KEEP:-}" = 1 ] || kind delete cluster --name "$cluster"' EXIT
+docker build -t "$image" .
+kind load docker-image "$image" --name "$cluster"
+
+helm install convostore charts/convostore -n convostore-system --create-namespace \
+  --set image.repository=convostore --set image.tag=e2e --set image.pullPolicy=Never --wait
+helm test convostore -n convostore-system
+
+kubectl create namespace agents
+kubectl apply -f manifests/examples/store-sqlite.yaml
+kubectl wait -n agents cstore/scratch --for=jsonpath='{.status.phase}'=Ready --timeout=60s
+
+# The "agent" is the image itself, which writes and reads through its sidecar with the
+# client library.
+kubectl apply -f - <<YAML
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: e2e-agent, namespace: agents}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: e2e-agent}}
+  template:
+    metadata:
+      labels: {app: e2e-agent, convostore.dev/inject: "true"}
+      annotations: {convostore.dev/inject: "true", convostore.dev/stores: scratch}
+    spec:
+      containers:
+        - name: agent
+          image: $image
+          imagePullPolicy: Never
+          command: [sleep, infinity]
+YAML
+kubectl rollout status -n agents deployment/e2e-agent --timeout=120s
+pod() { kubectl get pod -n agents -l app=e2e-agent -o jsonpath='{.items[0].metadata.name}'; }
+converse='
+import asyncio
+from convostore import SidecarSession
+async def main():
+    s = SidecarSession("e2e-user", store="scratch")
+    await s.add_items([{"role": "user", "content": "remember me"}])
+    print(len(await s.get_items()))
+asyncio.run(main())'
+kubectl exec -n agents "$(pod)" -c agent -- python -c "$converse"
+
+# Restart the agent container (not the pod: the sidecar's emptyDir keeps the SQLite file).
+kubectl exec -n agents "$(pod)" -c agent -- kill 1 || true
+kubectl wait -n agents pod/"$(pod)" --for=condition=Ready --timeout=60s
+count=$(kubectl exec -n agents "$(pod)" -c agent -- python -c "
+import asyncio
+from convostore import SidecarSession
+print(len(asyncio.run(SidecarSession('e2e-user', store='scratch').get_items())))")
+[ "$count" -ge 1 ] || { echo "history lost across the restart" >&2; exit 1; }
+echo "e2e: history survived the restart ($count items)"

@@ -1,0 +1,170 @@
+"""The Helm chart and manifests/, checked offline: lint, render, validate every object
+against Kubernetes' own schemas, and keep the generated files current."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from convostore_operator.manifests import crd_yaml, rules_yaml
+from convostore_operator.rbac import RULES
+
+from tests.chart.tools import ROOT, checkov_binary, helm_binary
+
+CHART = ROOT / "charts" / "convostore"
+VALUE_FILES = [None, *sorted((CHART / "ci").glob("*.yaml"))]
+KUBERNETES = "1.37"
+CUSTOM_KINDS = {"ClusterKopfPeering", "KopfPeering", "ServiceMonitor", "ConversationStore"}
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    binary = helm_binary()
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home),
+        "HELM_CONFIG_HOME": str(home),
+        "HELM_DATA_HOME": str(home),
+    }
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(binary), *args], env=env, capture_output=True, text=True, check=check
+        )
+
+    return run
+
+
+def render(helm: Any, values: Path | None, *extra: str) -> list[dict[str, Any]]:
+    args = ["template", "convostore", str(CHART), "-n", "convostore-system", "--include-crds"]
+    if values is not None:
+        args += ["-f", str(values)]
+    output = helm(*args, *extra).stdout
+    return [doc for doc in yaml.safe_load_all(output) if doc]
+
+
+@pytest.mark.parametrize("values", VALUE_FILES, ids=lambda v: v.stem if v else "defaults")
+def test_lint_strict(helm: Any, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    result = helm(*args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", VALUE_FILES, ids=lambda v: v.stem if v else "defaults")
+def test_every_rendered_object_is_valid_kubernetes(helm: Any, values: Path | None) -> None:
+    objects = render(helm, values)
+    assert {"Deployment", "ClusterRole", "ServiceAccount"} <= {o["kind"] for o in objects}
+    for obj in objects:
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_operator_and_sidecar_run_locked_down(helm: Any) -> None:
+    objects = render(helm, None)
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 2
+    [container] = spec["containers"]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["limits"]["memory"]
+    [pdb] = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_webhook_only_touches_opted_in_pods(helm: Any) -> None:
+    [hooks] = [o for o in render(helm, None) if o["kind"] == "MutatingWebhookConfiguration"]
+    [hook] = hooks["webhooks"]
+    assert hook["objectSelector"] == {"matchLabels": {"convostore.dev/inject": "true"}}
+    excluded = hook["namespaceSelector"]["matchExpressions"][0]
+    assert excluded["operator"] == "NotIn"
+    assert {"kube-system", "convostore-system"} <= set(excluded["values"])
+    assert hook["failurePolicy"] == "Fail"
+    assert hook["clientConfig"]["service"]["path"] == "/inject-sidecar"
+    ignore = render(helm, None, "--set", "webhook.failurePolicy=Ignore")
+    [hooks] = [o for o in ignore if o["kind"] == "MutatingWebhookConfiguration"]
+    assert hooks["webhooks"][0]["failurePolicy"] == "Ignore"
+
+
+def test_cluster_role_is_the_operators_rules(helm: Any) -> None:
+    [role] = [o for o in render(helm, None) if o["kind"] == "ClusterRole"]
+    assert role["rules"] == RULES
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "operator.replicas=0",
+        "webhook.failurePolicy=Sometimes",
+        "operator.watchNamespaces[0]=Not_A_Namespace",
+        "webhook.port=80",
+        "unknownKey=1",
+    ],
+)
+def test_values_schema_refuses_bad_values(helm: Any, setting: str) -> None:
+    result = helm("template", "x", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+
+
+def test_generated_files_are_current(helm: Any) -> None:
+    assert (CHART / "crds" / "conversationstores.yaml").read_text() == crd_yaml()
+    assert (CHART / "files" / "operator-rules.yaml").read_text() == rules_yaml()
+    rendered = helm(
+        "template", "convostore", str(CHART), "-n", "convostore-system", "--include-crds"
+    ).stdout
+    assert (ROOT / "manifests" / "install.yaml").read_text() == INSTALL_HEADER + rendered, (
+        "regenerate with scripts/render-manifests.sh"
+    )
+
+
+INSTALL_HEADER = (
+    "# Generated by scripts/render-manifests.sh: "
+    "helm template convostore charts/convostore -n convostore-system --include-crds\n"
+)
+
+
+@pytest.mark.parametrize(
+    "name", ["agent-deployment.yaml", "pod-manual-sidecar.yaml"], ids=lambda n: n[:-5]
+)
+def test_workload_examples_are_valid_kubernetes(name: str) -> None:
+    for obj in yaml.safe_load_all((ROOT / "manifests" / "examples" / name).read_text()):
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("values", VALUE_FILES, ids=lambda v: v.stem if v else "defaults")
+def test_checkov_finds_nothing_beyond_the_justified_skips(
+    helm: Any, values: Path | None, tmp_path: Path
+) -> None:
+    args = ["template", "convostore", str(CHART), "-n", "convostore-system"]
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(helm(*args, *(["-f", str(values)] if values else [])).stdout)
+    result = subprocess.run(
+        [
+            str(checkov_binary()),
+            "-f",
+            str(rendered),
+            "--config-file",
+            str(CHART / ".checkov.yaml"),
+            "--quiet",
+            "--compact",
+            "--skip-download",
+        ],
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout
+    assert "Failed checks: 0" in result.stdout

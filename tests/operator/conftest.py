@@ -1,0 +1,216 @@
+"""Fixtures that run the real Kopf operator against the emulated Kubernetes API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+from convostore_operator.certs import WebhookTLS, issue
+from convostore_operator.handlers import OperatorConfig, register
+from convostore_operator.kube import Kube, api_client
+from convostore_operator.main import operator_settings
+from convostore_operator.webhook import PodWebhookServer
+
+from tests.operator.emulator import STORES, RealisticEmulator, declare_resources
+from tests.servers import free_port
+
+pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
+NAMESPACE = "agents"
+
+
+@pytest.fixture
+def cluster(kmock: RealisticEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    declare_resources(kmock)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "kind: Config\ncurrent-context: emulator\n"
+        f"clusters: [{{name: emulator, cluster: {{server: '{str(kmock.url).rstrip('/')}'}}}}]\n"
+        "contexts: [{name: emulator, context: {cluster: emulator}}]\nusers: []\n"
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    return kmock
+
+
+@pytest.fixture
+def kube(cluster: Any) -> Kube:
+    return Kube(api_client())
+
+
+Operator = Callable[..., Awaitable[None]]
+
+
+@dataclass
+class WebhookEndpoint:
+    url: str
+    ca: bytes
+
+
+@pytest.fixture
+def webhook_tls(tmp_path: Path) -> tuple[WebhookTLS, Path, Path]:
+    tls = issue(["localhost"], datetime.datetime.now(datetime.UTC))
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(tls.cert)
+    key.write_bytes(tls.key)
+    return tls, cert, key
+
+
+@pytest.fixture
+async def operator(
+    cluster: Any, kube: Kube, webhook_tls: tuple[WebhookTLS, Path, Path]
+) -> AsyncIterator[Operator]:
+    """Starts the operator (standalone, one namespace) in this test's event loop, with
+    its admission webhook served over HTTPS on a loopback port (`operator.webhook`).
+
+    Kopf cancels, when it stops, every task that did not exist when it started; each
+    operator is told to spare the other operators' runners and this fixture's teardown."""
+    runners: list[asyncio.Task[None]] = []
+    stops: list[asyncio.Event] = []
+    spared: list[set[asyncio.Task[Any]]] = []
+    tls, cert, key = webhook_tls
+
+    async def start(
+        config: OperatorConfig | None = None,
+        *,
+        peering: int | None = None,
+        clusterwide: bool = False,
+        memo_kube: Kube | None = None,
+        **settings_changes: Any,
+    ) -> None:
+        """`peering=<priority>` runs with mandatory peering (the KopfPeering named
+        "convostore" must exist) instead of standalone."""
+        registry = kopf.OperatorRegistry()
+        register(registry, config or OperatorConfig(sidecar_image="convostore:test"))
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=str(cluster.url).rstrip("/"))
+
+        settings = kopf.OperatorSettings()
+        operator_settings(settings, standalone=peering is None)
+        if peering is not None:
+            settings.peering.priority = peering
+        settings.posting.level = 0
+        port = free_port()
+        settings.admission.server = PodWebhookServer(
+            addr="127.0.0.1", port=port, host="localhost", certfile=str(cert), pkeyfile=str(key)
+        )
+        start.webhook = WebhookEndpoint(  # type: ignore[attr-defined]
+            f"https://localhost:{port}", tls.ca_cert
+        )
+        for name, value in settings_changes.items():
+            section, field = name.split("__")
+            setattr(getattr(settings, section), field, value)
+        stop = asyncio.Event()
+        spare = set(asyncio.all_tasks()) | set(runners)
+        tasks = await kopf.spawn_tasks(
+            registry=registry,
+            settings=settings,
+            namespaces=[] if clusterwide else [NAMESPACE],
+            clusterwide=clusterwide,
+            standalone=peering is None,
+            stop_flag=stop,
+            memo=kopf.Memo(kube=memo_kube or kube),
+        )
+        runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=spare))
+        for earlier in spared:
+            earlier.add(runner)
+        runners.append(runner)
+        stops.append(stop)
+        spared.append(spare)
+
+    yield start
+    for spare in spared:
+        spare.add(asyncio.current_task())  # type: ignore[arg-type]
+    for stop in stops:
+        stop.set()
+    await asyncio.wait_for(asyncio.gather(*runners), 30)
+
+
+async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
+    """Poll `check` until it returns something truthy (and return that)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            result = check()
+        except (KeyError, AssertionError):
+            result = None
+        if result:
+            return result
+        assert asyncio.get_running_loop().time() < deadline, "the condition was never met"
+        await asyncio.sleep(0.1)
+
+
+def store_object(cluster: Any, name: str) -> Any:
+    obj = cluster.objects[STORES, NAMESPACE, name]
+    return None if obj.deleted else obj
+
+
+def is_gone(cluster: Any, name: str) -> bool:
+    return store_object(cluster, name) is None
+
+
+def phase_is(cluster: Any, name: str, phase: str) -> bool:
+    return bool(store_object(cluster, name)["status"].get("phase") == phase)
+
+
+def condition(obj: Any, kind: str) -> dict[str, Any]:
+    """The status condition of that type (an AssertionError, which `eventually` waits
+    out, while it is not there)."""
+    for item in (obj.get("status") or {}).get("conditions") or []:
+        if item["type"] == kind:
+            return dict(item)
+    raise AssertionError(f"no {kind} condition yet")
+
+
+async def create_store(cluster: Any, name: str, spec: dict[str, Any]) -> None:
+    await cluster.post(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores",
+        json={
+            "apiVersion": "convostore.dev/v1alpha1",
+            "kind": "ConversationStore",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": spec,
+        },
+    )
+
+
+def events_for(cluster: Any, name: str) -> list[dict[str, Any]]:
+    found = []
+    for (resource, _, _), obj in cluster.objects.items():
+        regarding = obj.get("involvedObject") or obj.get("regarding") or {}
+        if resource.plural == "events" and not obj.deleted and regarding.get("name") == name:
+            found.append(dict(obj))
+    return found
+
+
+def secret_data(cluster: Any, name: str) -> dict[str, bytes] | None:
+    """A Secret's decoded data as the emulated API server holds it (None if absent).
+
+    Tests read the emulator directly: a blocking kubernetes-client call from the test's
+    event loop would stall the emulator, which serves on that same loop."""
+    try:
+        obj = cluster.objects["v1/secrets", NAMESPACE, name]
+    except KeyError:
+        return None
+    if obj.deleted:
+        return None
+    return {key: base64.b64decode(value) for key, value in (obj.get("data") or {}).items()}
+
+
+async def create_secret(cluster: Any, name: str, data: dict[str, str]) -> None:
+    await cluster.post(
+        f"/api/v1/namespaces/{NAMESPACE}/secrets",
+        json={
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        },
+    )

@@ -1,0 +1,173 @@
+"""The CRD: generated files match the code, the schema is structural, and examples and
+hostile specs are accepted or refused as an API server would (schema, then CEL rules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from convostore_operator.crd import GROUP, KIND, PLURAL, SHORT, VERSION, crd
+from convostore_operator.manifests import crd_yaml
+from convostore_operator.spec import InvalidSpec, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("store-*.yaml"))
+
+
+def test_generated_crd_file_is_current() -> None:
+    assert (ROOT / "manifests" / "crd.yaml").read_text() == crd_yaml(), (
+        "regenerate with: convostore operator crd > manifests/crd.yaml"
+    )
+    assert yaml.safe_load(crd_yaml()) == crd()
+
+
+def test_names_columns_and_status_subresource() -> None:
+    definition = crd()
+    assert definition["metadata"]["name"] == f"{PLURAL}.{GROUP}"
+    assert definition["spec"]["names"]["shortNames"] == [SHORT]
+    [version] = definition["spec"]["versions"]
+    assert version["name"] == VERSION
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert {"Backend", "Ready", "Age"} <= set(columns)
+
+
+def non_structural(schema: dict[str, Any], path: str = "") -> list[str]:
+    """Nodes without a `type` (what a structural schema forbids), besides those that
+    preserve unknown fields."""
+    problems = [] if "type" in schema else [path or "<root>"]
+    for name, child in schema.get("properties", {}).items():
+        problems += non_structural(child, f"{path}.{name}")
+    if "items" in schema:
+        problems += non_structural(schema["items"], f"{path}[]")
+    return problems
+
+
+def test_schema_is_structural() -> None:
+    [version] = crd()["spec"]["versions"]
+    assert non_structural(version["schema"]["openAPIV3Schema"]) == []
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_store_is_valid(path: Path) -> None:
+    document = yaml.safe_load(path.read_text())
+    assert document["kind"] == KIND
+    assert document["apiVersion"] == f"{GROUP}/{VERSION}"
+    assert validate(document["spec"]) == document["spec"]
+
+
+def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
+    specs = [yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES]
+    assert {s["backend"] for s in specs} == {"sqlite", "redis", "postgres", "dapr"}
+    assert any(s.get("encryption", {}).get("enabled") for s in specs)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "message"),
+    [
+        ({}, "spec", "'backend' is a required property"),
+        ({"backend": "mongo"}, "spec.backend", "must be one of"),
+        ({"backend": 7}, "spec.backend", "7 is not of type 'string'"),
+        ({"backend": "postgres"}, "spec.postgres.dsnSecretRef", "needs postgres.dsnSecretRef"),
+        ({"backend": "postgres", "postgres": {}}, "spec.postgres.dsnSecretRef", "dsnSecretRef"),
+        ({"backend": "redis"}, "spec.redis.url", "needs redis.url or redis.urlSecretRef"),
+        ({"backend": "redis", "redis": {"url": "http://x"}}, "spec.redis.url", "does not match"),
+        (
+            {"backend": "redis", "redis": {"url": "redis://x", "keyPrefix": "{a}"}},
+            "spec.redis.keyPrefix",
+            "does not match",
+        ),
+        ({"backend": "dapr"}, "spec.dapr.stateStore", "needs dapr.stateStore"),
+        ({"backend": "sqlite", "dapr": {"stateStore": "x"}}, "spec.dapr", "need backend: dapr"),
+        (
+            {"backend": "sqlite", "sqlite": {"path": "relative.db"}},
+            "spec.sqlite.path",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "sqlite": {"path": "/a\x00b"}},
+            "spec.sqlite.path",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "retention": {"ttl": "1 day"}},
+            "spec.retention.ttl",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "retention": {"ttl": "9" * 40 + "s"}},
+            "spec.retention.ttl",
+            "too long",
+        ),
+        (
+            {"backend": "sqlite", "retention": {"maxItems": -1}},
+            "spec.retention.maxItems",
+            "minimum",
+        ),
+        (
+            {"backend": "sqlite", "retention": {"maxItems": 10**12}},
+            "spec.retention.maxItems",
+            "maximum",
+        ),
+        (
+            {"backend": "sqlite", "limits": {"maxItemBytes": "1Mi"}},
+            "spec.limits.maxItemBytes",
+            "not of type 'integer'",
+        ),
+        (
+            {"backend": "sqlite", "encryption": {"enabled": "yes"}},
+            "spec.encryption.enabled",
+            "not of type 'boolean'",
+        ),
+        (
+            {"backend": "sqlite", "encryption": {"keySecretRef": {"name": "UPPER"}}},
+            "spec.encryption.keySecretRef.name",
+            "does not match",
+        ),
+        ({"backend": "sqlite", "deletionPolicy": "Purge"}, "spec.deletionPolicy", "must be one of"),
+        (
+            {"backend": "postgres", "postgres": {"dsnSecretRef": {"name": "../x", "key": "dsn"}}},
+            "spec.postgres.dsnSecretRef.name",
+            "does not match",
+        ),
+        (
+            {
+                "backend": "dapr",
+                "dapr": {
+                    "stateStore": "s",
+                    "component": {"type": "state.redis", "metadata": [{"name": "a"}]},
+                },
+            },
+            "spec.dapr.component.metadata[0]",
+            "give either value or secretKeyRef",
+        ),
+        (
+            {
+                "backend": "dapr",
+                "dapr": {"stateStore": "s", "component": {"type": "bindings.kafka"}},
+            },
+            "spec.dapr.component.type",
+            "does not match",
+        ),
+    ],
+)
+def test_invalid_specs_are_refused_naming_the_field(
+    spec: dict[str, Any], field: str, message: str
+) -> None:
+    with pytest.raises(InvalidSpec) as refused:
+        validate(spec)
+    assert refused.value.field == field
+    assert message in refused.value.message
+
+
+def test_a_huge_spec_is_refused_quickly_not_walked_forever() -> None:
+    items = [{"name": f"k{i}", "value": "v"} for i in range(1000)]
+    spec = {
+        "backend": "dapr",
+        "dapr": {"stateStore": "s", "component": {"type": "state.redis", "metadata": items}},
+    }
+    with pytest.raises(InvalidSpec) as refused:
+        validate(spec)
+    assert refused.value.field == "spec.dapr.component.metadata"

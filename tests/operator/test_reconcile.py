@@ -1,0 +1,359 @@
+"""The reconcile loop against the emulated API and real backends."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+import yaml
+from convostore_operator.handlers import OperatorConfig
+from convostore_sidecar.config import load_config
+
+from tests.operator.conftest import (
+    NAMESPACE,
+    Operator,
+    condition,
+    create_secret,
+    create_store,
+    events_for,
+    eventually,
+    is_gone,
+    phase_is,
+    secret_data,
+    store_object,
+)
+from tests.operator.emulator import RealisticEmulator
+
+pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
+
+
+def rendered(cluster: Any, name: str) -> dict[str, bytes]:
+    data = secret_data(cluster, f"{name}-convostore")
+    assert data is not None, f"no Secret {name}-convostore"
+    return data
+
+
+async def test_sqlite_store_renders_config_and_reports_ready(
+    cluster: Any, operator: Operator, tmp_path: Path
+) -> None:
+    await operator()
+    await create_store(cluster, "chat", {"backend": "sqlite", "retention": {"ttl": "24h"}})
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "chat")) and o.get("status", {}).get("phase") and o
+    )
+    assert obj["status"]["phase"] == "Ready"
+    assert condition(obj, "ConfigRendered")["status"] == "True"
+    assert condition(obj, "BackendReachable")["reason"] == "CheckedBySidecar"
+    assert condition(obj, "Ready")["status"] == "True"
+    assert obj["status"]["observedGeneration"] == 1
+    data = rendered(cluster, "chat")
+    config = yaml.safe_load(data["config.yaml"])
+    assert config == {
+        "stores": {
+            "chat": {
+                "backend": "sqlite",
+                "ttl": "24h",
+                "sqlite": {"path": "/var/lib/convostore/convostore.db"},
+            }
+        }
+    }
+    (tmp_path / "config.yaml").write_bytes(data["config.yaml"])
+    assert load_config(tmp_path / "config.yaml").stores["chat"].retention.ttl_seconds == 86400
+    secret = cluster.objects["v1/secrets", NAMESPACE, "chat-convostore"]
+    assert secret["metadata"]["ownerReferences"][0]["kind"] == "ConversationStore"
+    assert (
+        obj["status"]["configHash"]
+        == secret["metadata"]["annotations"]["convostore.dev/config-hash"]
+    )
+    reasons = {e["reason"] for e in events_for(cluster, "chat")}
+    assert {"Rendered", "Ready"} <= reasons
+
+
+async def test_redis_store_with_a_password_secret_is_reachable(
+    cluster: Any, operator: Operator, redis_url: str
+) -> None:
+    await create_secret(cluster, "redis-auth", {"password": ""})
+    await operator()
+    await create_store(
+        cluster,
+        "cache",
+        {
+            "backend": "redis",
+            "redis": {"url": redis_url, "keyPrefix": "op-test"},
+        },
+    )
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "cache")) and condition(o, "BackendReachable") and o
+    )
+    assert condition(obj, "BackendReachable")["status"] == "True"
+    assert obj["status"]["phase"] == "Ready"
+
+
+async def test_postgres_store_bootstraps_the_schema(
+    cluster: Any, operator: Operator, postgres_dsn: str
+) -> None:
+    await create_secret(cluster, "pg", {"dsn": postgres_dsn})
+    await operator()
+    await create_store(
+        cluster,
+        "audit",
+        {
+            "backend": "postgres",
+            "postgres": {"dsnSecretRef": {"name": "pg", "key": "dsn"}, "schema": "op_audit"},
+        },
+    )
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "audit")) and condition(o, "BackendReachable") and o
+    )
+    assert condition(obj, "BackendReachable")["status"] == "True"
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        assert await conn.fetchval("SELECT max(version) FROM op_audit.schema_version") == 1
+    finally:
+        await conn.close()
+    config = yaml.safe_load(rendered(cluster, "audit")["config.yaml"])
+    assert config["stores"]["audit"]["postgres"]["dsn"] == postgres_dsn
+
+
+async def test_unreachable_backend_is_degraded_with_the_reason(
+    cluster: Any, operator: Operator
+) -> None:
+    await operator()
+    await create_store(
+        cluster,
+        "down",
+        {
+            "backend": "redis",
+            "redis": {"url": "redis://127.0.0.1:1/0"},
+        },
+    )
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "down")) and condition(o, "BackendReachable") and o
+    )
+    assert obj["status"]["phase"] == "Degraded"
+    reachable = condition(obj, "BackendReachable")
+    assert (reachable["status"], reachable["reason"]) == ("False", "Unreachable")
+    assert any(
+        e["type"] == "Warning" and e["reason"] == "Unreachable" for e in events_for(cluster, "down")
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"backend": "mongo"}, "spec.backend"),
+        ({"backend": "postgres"}, "spec.postgres.dsnSecretRef"),
+        ({"backend": "redis", "redis": {"url": "http://x"}}, "spec.redis.url"),
+        ({"backend": "sqlite", "redis": {"url": "redis://x"}}, "spec.redis"),
+        ({"backend": "sqlite", "retention": {"ttl": "soon"}}, "spec.retention.ttl"),
+        ({"backend": "sqlite", "retention": {"maxItems": 0}}, "spec.retention.maxItems"),
+        ({"backend": "sqlite", "deletionPolicy": "Maybe"}, "spec.deletionPolicy"),
+    ],
+)
+async def test_invalid_spec_fails_naming_the_field_and_creates_nothing(
+    cluster: Any, operator: Operator, spec: dict[str, Any], field: str
+) -> None:
+    await operator()
+    await create_store(cluster, "bad", spec)
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "bad")) and o.get("status", {}).get("phase") and o
+    )
+    assert obj["status"]["phase"] == "Failed"
+    rendered_condition = condition(obj, "ConfigRendered")
+    assert rendered_condition["reason"] == "InvalidSpec"
+    assert rendered_condition["message"].startswith(field)
+    warnings = [e for e in events_for(cluster, "bad") if e["type"] == "Warning"]
+    assert any(field in e["message"] for e in warnings)
+    assert secret_data(cluster, "bad-convostore") is None
+
+
+async def test_missing_secret_is_reported_then_picked_up(
+    cluster: Any, operator: Operator, postgres_dsn: str
+) -> None:
+    await operator(OperatorConfig(sidecar_image="convostore:test", retry_delay=1.0))
+    await create_store(
+        cluster,
+        "late",
+        {
+            "backend": "postgres",
+            "postgres": {"dsnSecretRef": {"name": "late-pg", "key": "dsn"}},
+        },
+    )
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "late")) and o.get("status", {}).get("phase") and o
+    )
+    assert obj["status"]["phase"] == "Failed"
+    assert condition(obj, "ConfigRendered")["reason"] == "SecretNotFound"
+    assert "'late-pg'" in condition(obj, "ConfigRendered")["message"]
+    assert secret_data(cluster, "late-convostore") is None
+    await create_secret(cluster, "late-pg", {"dsn": postgres_dsn})
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "late")) and o["status"]["phase"] == "Ready" and o
+    )
+    assert secret_data(cluster, "late-convostore") is not None
+
+
+async def test_encryption_key_is_generated_once_and_kept(
+    cluster: Any, operator: Operator, tmp_path: Path
+) -> None:
+    await operator()
+    await create_store(cluster, "vault", {"backend": "sqlite", "encryption": {"enabled": True}})
+    keys = await eventually(lambda: secret_data(cluster, "vault-convostore-keys"))
+    assert list(keys) == ["k1"]
+    obj = await eventually(
+        lambda: (
+            (o := store_object(cluster, "vault"))
+            and o.get("status", {}).get("phase") == "Ready"
+            and o
+        )
+    )
+    first_hash = obj["status"]["configHash"]
+    await cluster.patch(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/vault",
+        json={"spec": {"retention": {"maxItems": 50}}},
+    )
+    await eventually(lambda: store_object(cluster, "vault")["status"]["observedGeneration"] == 2)
+    assert secret_data(cluster, "vault-convostore-keys") == keys
+    assert store_object(cluster, "vault")["status"]["configHash"] != first_hash
+    keys_object = cluster.objects["v1/secrets", NAMESPACE, "vault-convostore-keys"]
+    assert not keys_object["metadata"].get("ownerReferences"), "Retain keeps keys with the data"
+    config = yaml.safe_load(rendered(cluster, "vault")["config.yaml"])
+    assert config["stores"]["vault"]["encryption"] == {"keysDir": "/etc/convostore/keys/vault"}
+
+
+async def test_dapr_store_creates_and_owns_its_component(cluster: Any, operator: Operator) -> None:
+    await create_secret(cluster, "redis-auth", {"password": "pw"})
+    await operator()
+    await create_store(
+        cluster,
+        "portable",
+        {
+            "backend": "dapr",
+            "dapr": {
+                "stateStore": "chat-state",
+                "component": {
+                    "type": "state.redis",
+                    "metadata": [
+                        {"name": "redisHost", "value": "redis:6379"},
+                        {
+                            "name": "redisPassword",
+                            "secretKeyRef": {"name": "redis-auth", "key": "password"},
+                        },
+                    ],
+                },
+            },
+        },
+    )
+    component = await eventually(
+        lambda: cluster.objects["dapr.io/v1alpha1/components", NAMESPACE, "chat-state"]
+    )
+    assert component["spec"]["type"] == "state.redis"
+    assert component["spec"]["metadata"][1] == {
+        "name": "redisPassword",
+        "secretKeyRef": {"name": "redis-auth", "key": "password"},
+    }
+    assert component["metadata"]["ownerReferences"][0]["name"] == "portable"
+
+
+async def test_config_change_rolls_workloads_that_use_the_store(
+    cluster: Any, operator: Operator
+) -> None:
+    for name, stores in (("agent", "chat,other"), ("unrelated", "other")):
+        await cluster.post(
+            f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments",
+            json={
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "spec": {
+                    "selector": {"matchLabels": {"app": name}},
+                    "template": {
+                        "metadata": {
+                            "labels": {"app": name},
+                            "annotations": {
+                                "convostore.dev/inject": "true",
+                                "convostore.dev/stores": stores,
+                            },
+                        },
+                        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
+                    },
+                },
+            },
+        )
+    await operator()
+    await create_store(cluster, "chat", {"backend": "sqlite"})
+    await eventually(lambda: store_object(cluster, "chat")["status"]["phase"] == "Ready")
+    await cluster.patch(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/chat",
+        json={"spec": {"retention": {"ttl": "1h"}}},
+    )
+    new_hash = await eventually(
+        lambda: (
+            store_object(cluster, "chat")["status"]["observedGeneration"] == 2
+            and store_object(cluster, "chat")["status"]["configHash"]
+        )
+    )
+
+    def template_annotations(name: str) -> dict[str, str]:
+        deployment = cluster.objects["apps/v1/deployments", NAMESPACE, name]
+        return dict(deployment["spec"]["template"]["metadata"]["annotations"])
+
+    await eventually(
+        lambda: template_annotations("agent").get("convostore.dev/config-hash-chat") == new_hash
+    )
+    assert "convostore.dev/config-hash-chat" not in template_annotations("unrelated")
+    assert any(e["reason"] == "Rolled" for e in events_for(cluster, "chat"))
+
+
+async def test_retain_keeps_data_and_delete_purges_it(
+    cluster: Any, operator: Operator, redis_url: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    await operator()
+    for name, policy in (("keep", "Retain"), ("purge", "Delete")):
+        await create_store(
+            cluster,
+            name,
+            {
+                "backend": "redis",
+                "deletionPolicy": policy,
+                "redis": {"url": redis_url, "keyPrefix": f"op-{name}"},
+            },
+        )
+        await eventually(functools.partial(phase_is, cluster, name, "Ready"))
+        await client.rpush(f"op-{name}:{{s1}}:items", b'{"n":1}')
+        await client.set(f"op-{name}:{{s1}}:seq", 1)
+        await client.zadd(f"op-{name}:sessions", {"s1": 0})
+        obj = store_object(cluster, name)
+        assert "convostore.dev/finalizer" in obj["metadata"]["finalizers"]
+        await cluster.delete(
+            f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/{name}"
+        )
+        await eventually(functools.partial(is_gone, cluster, name))
+    assert await client.exists("op-keep:{s1}:items") == 1
+    assert await client.exists("op-purge:{s1}:items") == 0
+    assert any(e["reason"] == "Purged" for e in events_for(cluster, "purge"))
+    assert any(e["reason"] == "Retained" for e in events_for(cluster, "keep"))
+    await client.aclose()
+
+
+async def test_reconcile_twice_changes_nothing(cluster: Any, operator: Operator) -> None:
+    await operator()
+    await create_store(cluster, "twice", {"backend": "sqlite", "encryption": {"enabled": True}})
+    await eventually(lambda: store_object(cluster, "twice")["status"]["phase"] == "Ready")
+    before = (
+        secret_data(cluster, "twice-convostore"),
+        secret_data(cluster, "twice-convostore-keys"),
+    )
+    await operator()  # a second operator resumes the same object
+    await asyncio.sleep(2)
+    after = (
+        secret_data(cluster, "twice-convostore"),
+        secret_data(cluster, "twice-convostore-keys"),
+    )
+    assert before == after

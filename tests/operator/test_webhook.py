@@ -1,0 +1,168 @@
+"""Sidecar injection through the operator's real admission webhook, over HTTPS."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import json
+import ssl
+import uuid
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import pytest
+
+from tests.operator.conftest import (
+    NAMESPACE,
+    Operator,
+    create_store,
+    eventually,
+    phase_is,
+)
+from tests.operator.emulator import RealisticEmulator
+
+pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
+
+
+def agent_pod(annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "agent-", "annotations": annotations or {}},
+        "spec": {
+            "containers": [
+                {"name": "agent", "image": "agent:1"},
+                {"name": "tools", "image": "tools:1", "env": [{"name": "A", "value": "1"}]},
+            ]
+        },
+    }
+
+
+async def review(operator: Operator, pod: dict[str, Any]) -> dict[str, Any]:
+    """Send one AdmissionReview as the API server would; return its `response`."""
+    endpoint = operator.webhook  # type: ignore[attr-defined]
+    tls = ssl.create_default_context(cadata=endpoint.ca.decode())
+    uid = str(uuid.uuid4())
+    body = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": NAMESPACE,
+            "userInfo": {"username": "system:serviceaccount:agents:deployer"},
+            "object": pod,
+            "dryRun": False,
+        },
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{endpoint.url}/inject-sidecar", json=body, ssl=tls) as answer,
+    ):
+        assert answer.status == 200
+        payload = await answer.json()
+    response: dict[str, Any] = payload["response"]
+    assert response["uid"] == uid
+    return response
+
+
+def patched(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    assert response["allowed"] is True
+    if "patch" not in response:
+        return pod
+    assert response["patchType"] == "JSONPatch"
+    ops = json.loads(base64.b64decode(response["patch"]))
+    result: dict[str, Any] = jsonpatch.apply_patch(copy.deepcopy(pod), ops)
+    return result
+
+
+async def ready_stores(cluster: Any, operator: Operator, *specs: tuple[str, Any]) -> None:
+    await operator()
+    for name, spec in specs:
+        await create_store(cluster, name, spec)
+    for name, _ in specs:
+        await eventually(functools.partial(phase_is, cluster, name, "Ready"))
+
+
+async def test_injects_the_native_sidecar_with_config_keys_and_url(
+    cluster: Any, operator: Operator
+) -> None:
+    await ready_stores(
+        cluster,
+        operator,
+        ("chat", {"backend": "sqlite"}),
+        ("vault", {"backend": "sqlite", "encryption": {"enabled": True}}),
+    )
+    pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": "chat, vault"})
+    result = patched(pod, await review(operator, pod))
+
+    [sidecar] = result["spec"]["initContainers"]
+    assert sidecar["name"] == "convostore"
+    assert sidecar["image"] == "convostore:test"
+    assert sidecar["restartPolicy"] == "Always"
+    args = sidecar["args"]
+    assert args[:3] == ["sidecar", "--socket", "/var/run/convostore/sidecar.sock"]
+    configs = [args[i + 1] for i, arg in enumerate(args) if arg == "--config"]
+    assert configs == [
+        "/etc/convostore/stores/chat/config.yaml",
+        "/etc/convostore/stores/vault/config.yaml",
+    ]
+    security = sidecar["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+
+    volumes = {v["name"]: v for v in result["spec"]["volumes"]}
+    assert volumes["convostore-store-chat"]["secret"]["secretName"] == "chat-convostore"
+    assert volumes["convostore-keys-vault"]["secret"]["secretName"] == "vault-convostore-keys"
+    assert "emptyDir" in volumes["convostore-socket"]
+    assert "emptyDir" in volumes["convostore-data"], "embedded SQLite needs a writable dir"
+
+    for container in result["spec"]["containers"]:
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["CONVOSTORE_URL"] == "unix:///var/run/convostore/sidecar.sock"
+        assert {"name": "convostore-socket", "mountPath": "/var/run/convostore"} in container[
+            "volumeMounts"
+        ]
+    assert {"name": "A", "value": "1"} in result["spec"]["containers"][1]["env"]
+    assert len(result["metadata"]["annotations"]["convostore.dev/config-hash"]) == 16
+
+
+async def test_injection_is_idempotent(cluster: Any, operator: Operator) -> None:
+    await ready_stores(cluster, operator, ("chat", {"backend": "sqlite"}))
+    pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": "chat"})
+    once = patched(pod, await review(operator, pod))
+    twice = patched(once, await review(operator, once))
+    assert twice == once
+    assert len(twice["spec"]["initContainers"]) == 1
+
+
+@pytest.mark.parametrize(
+    "stores",
+    ["missing", "chat,missing", "../../etc/passwd", "x" * 5000, 'chat,{"a":1}'],
+)
+async def test_a_pod_naming_an_unknown_store_is_denied_by_name(
+    cluster: Any, operator: Operator, stores: str
+) -> None:
+    await ready_stores(cluster, operator, ("chat", {"backend": "sqlite"}))
+    pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": stores})
+    response = await review(operator, pod)
+    assert response["allowed"] is False
+    assert "patch" not in response
+    message = response["status"]["message"]
+    assert "no ConversationStore named" in message
+    assert NAMESPACE in message
+    assert "'chat'" not in message, "only the missing names are reported"
+
+
+async def test_pods_that_do_not_ask_are_left_alone(cluster: Any, operator: Operator) -> None:
+    await ready_stores(cluster, operator, ("chat", {"backend": "sqlite"}))
+    for asked in (None, {"convostore.dev/inject": "false"}, {"other": "true"}):
+        pod = agent_pod(asked)
+        assert patched(pod, await review(operator, pod)) == pod
