@@ -28,6 +28,7 @@ from tests.operator.conftest import (
     store_object,
 )
 from tests.operator.emulator import RealisticEmulator
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 
@@ -357,3 +358,21 @@ async def test_reconcile_twice_changes_nothing(cluster: Any, operator: Operator)
         secret_data(cluster, "twice-convostore-keys"),
     )
     assert before == after
+
+
+async def test_the_timer_follows_the_backend_going_and_coming_back(
+    cluster: Any, operator: Operator
+) -> None:
+    server = RedisServer()
+    server.start()
+    try:
+        await operator(OperatorConfig(sidecar_image="convostore:test", check_interval=1.0))
+        await create_store(cluster, "flaky", {"backend": "redis", "redis": {"url": server.url}})
+        await eventually(functools.partial(phase_is, cluster, "flaky", "Ready"))
+        await asyncio.to_thread(server.stop)
+        await eventually(functools.partial(phase_is, cluster, "flaky", "Degraded"))
+        assert condition(store_object(cluster, "flaky"), "BackendReachable")["status"] == "False"
+        await asyncio.to_thread(server.start)
+        await eventually(functools.partial(phase_is, cluster, "flaky", "Ready"))
+    finally:
+        server.destroy()
