@@ -20,6 +20,7 @@ import kopf
 from convostore_sidecar.drivers.base import BackendUnavailable
 
 from . import backend
+from .backend import Reachability
 from .crd import GROUP, PLURAL, VERSION
 from .inject import INJECT, StoreMount, already_injected, inject, requested_stores
 from .kube import Kube, MissingSecret
@@ -109,6 +110,23 @@ def condition(
         "observedGeneration": generation,
         "lastTransitionTime": now if changed or not old else old.get("lastTransitionTime", now),
     }
+
+
+def reachability_conditions(
+    reach: Reachability, generation: int | None, previous: Any
+) -> tuple[str, list[dict[str, Any]]]:
+    """The phase and the BackendReachable and Ready conditions a reachability check gives;
+    reconcile and the timer both report them."""
+    if reach.status == "False":
+        ready = condition("Ready", "False", reach.reason, reach.message, generation, previous)
+    else:
+        ready = condition(
+            "Ready", "True", "Ready", "the store can serve sessions", generation, previous
+        )
+    reachable = condition(
+        "BackendReachable", reach.status, reach.reason, reach.message, generation, previous
+    )
+    return ("Degraded" if reach.status == "False" else "Ready"), [reachable, ready]
 
 
 def report(
@@ -224,38 +242,21 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
                     message=f"config changed; restarted {', '.join(rolled)}",
                 )
         reach = await backend.check(name, spec_, prepared.secrets, prepared.keys)
-        ready = "False" if reach.status == "False" else "True"
+        phase, reachability = reachability_conditions(reach, generation, previous)
+        rendered_condition = condition(
+            "ConfigRendered",
+            "True",
+            "Rendered",
+            f"sidecar config in Secret {name}-convostore",
+            generation,
+            previous,
+        )
         report(
             body,
             patch,
             status,
-            "Ready" if ready == "True" else "Degraded",
-            [
-                condition(
-                    "ConfigRendered",
-                    "True",
-                    "Rendered",
-                    f"sidecar config in Secret {name}-convostore",
-                    generation,
-                    previous,
-                ),
-                condition(
-                    "BackendReachable",
-                    reach.status,
-                    reach.reason,
-                    reach.message,
-                    generation,
-                    previous,
-                ),
-                condition(
-                    "Ready",
-                    ready,
-                    reach.reason if ready == "False" else "Ready",
-                    reach.message if ready == "False" else "the store can serve sessions",
-                    generation,
-                    previous,
-                ),
-            ],
+            phase,
+            [rendered_condition, *reachability],
             configHash=config_hash,
             configSecret=f"{name}-convostore",
         )
@@ -284,28 +285,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             return
         reach = await backend.check(name, prepared.spec, prepared.secrets, prepared.keys)
         conditions = list((status or {}).get("conditions") or [])
-        generation = body.metadata.get("generation")
-        ready = "False" if reach.status == "False" else "True"
-        updated = [c for c in conditions if c.get("type") not in ("BackendReachable", "Ready")]
-        updated += [
-            condition(
-                "BackendReachable",
-                reach.status,
-                reach.reason,
-                reach.message,
-                generation,
-                conditions,
-            ),
-            condition(
-                "Ready",
-                ready,
-                reach.reason if ready == "False" else "Ready",
-                reach.message if ready == "False" else "the store can serve sessions",
-                generation,
-                conditions,
-            ),
-        ]
-        report(body, patch, status, "Ready" if ready == "True" else "Degraded", updated)
+        phase, reachability = reachability_conditions(
+            reach, body.metadata.get("generation"), conditions
+        )
+        kept = [c for c in conditions if c.get("type") not in ("BackendReachable", "Ready")]
+        report(body, patch, status, phase, kept + reachability)
 
     @kopf.on.delete(*resource, registry=registry)
     async def delete(

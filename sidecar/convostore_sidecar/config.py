@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, overload
 
 import yaml
 
@@ -53,7 +53,7 @@ class Section:
         self._data: Mapping[str, Any] = data
         self._read: set[str] = set()
 
-    def fail(self, key: str | None, message: str) -> None:
+    def fail(self, key: str | None, message: str) -> NoReturn:
         path = ".".join(p for p in (self.where, key) if p)
         prefix = f"store {self.store!r}: " if self.store else ""
         raise ConfigError(f"{prefix}field {path!r}: {message}" if path else prefix + message)
@@ -65,6 +65,12 @@ class Section:
     def has(self, key: str) -> bool:
         return key in self._data
 
+    @overload
+    def string(self, key: str, default: str, *, pattern: re.Pattern[str] | None = None) -> str: ...
+    @overload
+    def string(
+        self, key: str, default: None = None, *, pattern: re.Pattern[str] | None = None
+    ) -> str | None: ...
     def string(
         self, key: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None
     ) -> str | None:
@@ -85,6 +91,10 @@ class Section:
             self.fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
         return str(value)
 
+    @overload
+    def integer(self, key: str, default: int, *, low: int, high: int) -> int: ...
+    @overload
+    def integer(self, key: str, default: None, *, low: int, high: int) -> int | None: ...
     def integer(self, key: str, default: int | None, *, low: int, high: int) -> int | None:
         value = self._get(key)
         if value is None:
@@ -101,6 +111,10 @@ class Section:
             self.fail(key, f"must be true or false, got {value!r}")
         return bool(value)
 
+    @overload
+    def duration(self, key: str, default: float, *, low: float, high: float) -> float: ...
+    @overload
+    def duration(self, key: str, default: None, *, low: float, high: float) -> float | None: ...
     def duration(self, key: str, default: float | None, *, low: float, high: float) -> float | None:
         """Seconds, given as a number or as text such as `90s`, `15m`, `24h`, `7d`, `1h30m`."""
         value = self._get(key)
@@ -153,17 +167,15 @@ class Limits:
     @classmethod
     def parse(cls, s: Section) -> Limits:
         limits = cls(
-            max_item_bytes=_req(
-                s.integer("maxItemBytes", cls.max_item_bytes, low=2, high=64 << 20)
+            max_item_bytes=s.integer("maxItemBytes", cls.max_item_bytes, low=2, high=64 << 20),
+            max_request_bytes=s.integer(
+                "maxRequestBytes", cls.max_request_bytes, low=16, high=256 << 20
             ),
-            max_request_bytes=_req(
-                s.integer("maxRequestBytes", cls.max_request_bytes, low=16, high=256 << 20)
+            max_items_per_request=s.integer(
+                "maxItemsPerRequest", cls.max_items_per_request, low=1, high=10_000
             ),
-            max_items_per_request=_req(
-                s.integer("maxItemsPerRequest", cls.max_items_per_request, low=1, high=10_000)
-            ),
-            max_session_id_length=_req(
-                s.integer("maxSessionIdLength", cls.max_session_id_length, low=1, high=1024)
+            max_session_id_length=s.integer(
+                "maxSessionIdLength", cls.max_session_id_length, low=1, high=1024
             ),
         )
         s.done()
@@ -196,11 +208,6 @@ class SidecarConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     token_file: str | None = None
     shutdown_timeout: float = 30.0
-
-
-def _req(value: int | None) -> int:
-    assert value is not None
-    return value
 
 
 def default_config() -> SidecarConfig:
@@ -244,12 +251,10 @@ def parse_config(data: Any) -> SidecarConfig:
     root = Section(data, "")
     listen_s = root.section("listen")
     listen = ListenConfig(
-        host=listen_s.string("host", ListenConfig.host) or ListenConfig.host,
-        port=_req(listen_s.integer("port", ListenConfig.port, low=0, high=65535)),
+        host=listen_s.string("host", ListenConfig.host),
+        port=listen_s.integer("port", ListenConfig.port, low=0, high=65535),
         socket=listen_s.string("socket"),
-        socket_mode=_req(
-            listen_s.integer("socketMode", ListenConfig.socket_mode, low=0, high=0o777)
-        ),
+        socket_mode=listen_s.integer("socketMode", ListenConfig.socket_mode, low=0, high=0o777),
     )
     listen_s.done()
     auth_s = root.section("auth")
@@ -266,7 +271,7 @@ def parse_config(data: Any) -> SidecarConfig:
         stores=stores,
         listen=listen,
         token_file=token_file,
-        shutdown_timeout=shutdown or 0.0,
+        shutdown_timeout=shutdown,
     )
 
 
@@ -299,8 +304,8 @@ def parse_store(name: Any, stores: Section) -> StoreConfig:
         settings=settings,
         retention=retention,
         limits=Limits.parse(s.section("limits")),
-        idempotency_ttl=s.duration("idempotencyTtl", 86400.0, low=1, high=30 * 86400) or 0.0,
-        sweep_interval=s.duration("sweepInterval", 60.0, low=0.1, high=86400) or 0.0,
+        idempotency_ttl=s.duration("idempotencyTtl", 86400.0, low=1, high=30 * 86400),
+        sweep_interval=s.duration("sweepInterval", 60.0, low=0.1, high=86400),
         encryption=_keyring(s),
     )
     s.done()

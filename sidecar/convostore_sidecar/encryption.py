@@ -94,7 +94,6 @@ class Keyring:
         primary = s.string("primary", min(keys) if len(keys) == 1 else None)
         if primary is None:
             s.fail("primary", f"name the key that encrypts new items, one of {sorted(keys)}")
-        assert primary is not None
         if primary not in keys:
             s.fail("primary", f"{primary!r} is not among the keys {sorted(keys)}")
         return cls(keys, primary, s.boolean("allowPlaintext", False))

@@ -169,16 +169,36 @@ def condition(obj: Any, kind: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} condition yet")
 
 
-async def create_store(cluster: Any, name: str, spec: dict[str, Any]) -> None:
+async def create(cluster: Any, api_version: str, kind: str, name: str, **fields: Any) -> None:
+    """POST one namespaced object to the emulator, as `kubectl create` would."""
+    prefix = "/api" if "/" not in api_version else "/apis"
+    plural = kind.lower() + ("es" if kind.endswith("s") else "s")
     await cluster.post(
-        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores",
+        f"{prefix}/{api_version}/namespaces/{NAMESPACE}/{plural}",
         json={
-            "apiVersion": "convostore.dev/v1alpha1",
-            "kind": "ConversationStore",
+            "apiVersion": api_version,
+            "kind": kind,
             "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": spec,
+            **fields,
         },
     )
+
+
+async def create_store(cluster: Any, name: str, spec: dict[str, Any]) -> None:
+    await create(cluster, "convostore.dev/v1alpha1", "ConversationStore", name, spec=spec)
+
+
+async def create_workload(cluster: Any, kind: str, name: str, stores: str) -> None:
+    """A Deployment or StatefulSet whose pods ask for the sidecar with these stores."""
+    template = {
+        "metadata": {
+            "labels": {"app": name},
+            "annotations": {"convostore.dev/inject": "true", "convostore.dev/stores": stores},
+        },
+        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
+    }
+    spec = {"selector": {"matchLabels": {"app": name}}, "template": template}
+    await create(cluster, "apps/v1", kind, name, spec=spec)
 
 
 def events_for(cluster: Any, name: str) -> list[dict[str, Any]]:
@@ -205,12 +225,5 @@ def secret_data(cluster: Any, name: str) -> dict[str, bytes] | None:
 
 
 async def create_secret(cluster: Any, name: str, data: dict[str, str]) -> None:
-    await cluster.post(
-        f"/api/v1/namespaces/{NAMESPACE}/secrets",
-        json={
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
-        },
-    )
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    await create(cluster, "v1", "Secret", name, data=encoded)

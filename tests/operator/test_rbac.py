@@ -18,6 +18,7 @@ from tests.operator.conftest import (
     NAMESPACE,
     Operator,
     create_store,
+    create_workload,
     eventually,
     is_gone,
     phase_is,
@@ -58,30 +59,6 @@ def rolled(cluster: Any, kind: str, name: str) -> bool:
     return "convostore.dev/config-hash-vault" in template["metadata"]["annotations"]
 
 
-async def workload(cluster: Any, kind: str, name: str) -> None:
-    await cluster.post(
-        f"/apis/apps/v1/namespaces/{NAMESPACE}/{kind}",
-        json={
-            "apiVersion": "apps/v1",
-            "kind": "Deployment" if kind == "deployments" else "StatefulSet",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {
-                "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {
-                        "labels": {"app": name},
-                        "annotations": {
-                            "convostore.dev/inject": "true",
-                            "convostore.dev/stores": "vault",
-                        },
-                    },
-                    "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
-                },
-            },
-        },
-    )
-
-
 async def test_rules_grant_exactly_what_a_full_life_cycle_uses(
     cluster: Any, kube: Kube, operator: Operator, redis_url: str, tmp_path: Path
 ) -> None:
@@ -111,8 +88,8 @@ async def test_rules_grant_exactly_what_a_full_life_cycle_uses(
             ],
         },
     )
-    await workload(cluster, "deployments", "agent")
-    await workload(cluster, "statefulsets", "memory")
+    await create_workload(cluster, "Deployment", "agent", "vault")
+    await create_workload(cluster, "StatefulSet", "memory", "vault")
     webhook = WebhookSettings(
         namespace="convostore-system",
         service="convostore-webhook",

@@ -20,6 +20,7 @@ from tests.operator.conftest import (
     condition,
     create_secret,
     create_store,
+    create_workload,
     events_for,
     eventually,
     is_gone,
@@ -265,27 +266,7 @@ async def test_config_change_rolls_workloads_that_use_the_store(
     cluster: Any, operator: Operator
 ) -> None:
     for name, stores in (("agent", "chat,other"), ("unrelated", "other")):
-        await cluster.post(
-            f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments",
-            json={
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {"name": name, "namespace": NAMESPACE},
-                "spec": {
-                    "selector": {"matchLabels": {"app": name}},
-                    "template": {
-                        "metadata": {
-                            "labels": {"app": name},
-                            "annotations": {
-                                "convostore.dev/inject": "true",
-                                "convostore.dev/stores": stores,
-                            },
-                        },
-                        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
-                    },
-                },
-            },
-        )
+        await create_workload(cluster, "Deployment", name, stores)
     await operator()
     await create_store(cluster, "chat", {"backend": "sqlite"})
     await eventually(lambda: store_object(cluster, "chat")["status"]["phase"] == "Ready")

@@ -68,7 +68,6 @@ class Settings:
         state_store = s.string("stateStore")
         if state_store is None:
             s.fail("stateStore", "is required: the name of the Dapr state store component")
-        assert state_store is not None
         prefix = s.string("keyPrefix")
         if prefix is not None and "||" in prefix:
             s.fail("keyPrefix", "must not contain '||', Dapr's key separator")
@@ -78,9 +77,8 @@ class Settings:
             grpc_endpoint=s.string("grpcEndpoint"),
             http_endpoint=s.string("httpEndpoint"),
             api_token_file=s.string("apiTokenFile"),
-            timeout=s.duration("timeout", cls.timeout, low=0.05, high=300) or cls.timeout,
-            max_attempts=s.integer("maxAttempts", cls.max_attempts, low=1, high=1000)
-            or cls.max_attempts,
+            timeout=s.duration("timeout", cls.timeout, low=0.05, high=300),
+            max_attempts=s.integer("maxAttempts", cls.max_attempts, low=1, high=1000),
         )
 
 

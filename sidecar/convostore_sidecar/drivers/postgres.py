@@ -132,30 +132,22 @@ class Settings:
         dsn = s.string("dsn")
         if dsn is None:
             s.fail("dsn", "is required (postgresql://user@host:port/database)")
-        assert dsn is not None
         if not dsn.startswith(("postgresql://", "postgres://")):
             s.fail("dsn", "must start with postgresql:// (the password may go in passwordFile)")
         settings = cls(
             dsn=dsn,
             password_file=s.string("passwordFile"),
-            schema=s.string("schema", cls.schema, pattern=IDENTIFIER) or cls.schema,
-            pool_min=_int(s.integer("poolMin", cls.pool_min, low=0, high=100)),
-            pool_max=_int(s.integer("poolMax", cls.pool_max, low=1, high=1000)),
-            connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.1, high=60)
-            or cls.connect_timeout,
+            schema=s.string("schema", cls.schema, pattern=IDENTIFIER),
+            pool_min=s.integer("poolMin", cls.pool_min, low=0, high=100),
+            pool_max=s.integer("poolMax", cls.pool_max, low=1, high=1000),
+            connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.1, high=60),
             statement_timeout=s.duration(
                 "statementTimeout", cls.statement_timeout, low=0.01, high=3600
-            )
-            or cls.statement_timeout,
+            ),
         )
         if settings.pool_min > settings.pool_max:
             s.fail("poolMin", f"must not exceed poolMax ({settings.pool_max})")
         return settings
-
-
-def _int(value: int | None) -> int:
-    assert value is not None
-    return value
 
 
 def open_driver(store: StoreConfig) -> PostgresDriver:

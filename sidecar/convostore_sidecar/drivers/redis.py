@@ -85,7 +85,7 @@ class Settings:
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
-        url = s.string("url", cls.url) or cls.url
+        url = s.string("url", cls.url)
         if not url.startswith(("redis://", "rediss://", "unix://")):
             s.fail("url", f"must start with redis://, rediss:// or unix://, got {url!r}")
         prefix = s.string("keyPrefix")
@@ -100,11 +100,9 @@ class Settings:
             ca_file=tls.string("caFile"),
             cert_file=tls.string("certFile"),
             key_file=tls.string("keyFile"),
-            connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.01, high=60)
-            or cls.connect_timeout,
-            timeout=s.duration("timeout", cls.timeout, low=0.01, high=300) or cls.timeout,
-            max_connections=s.integer("maxConnections", cls.max_connections, low=1, high=10_000)
-            or cls.max_connections,
+            connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.01, high=60),
+            timeout=s.duration("timeout", cls.timeout, low=0.01, high=300),
+            max_connections=s.integer("maxConnections", cls.max_connections, low=1, high=10_000),
         )
         tls.done()
         if (settings.ca_file or settings.cert_file) and not url.startswith("rediss://"):

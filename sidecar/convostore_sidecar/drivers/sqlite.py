@@ -65,12 +65,12 @@ class Settings:
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
-        path = s.string("path", cls.path) or cls.path
+        path = s.string("path", cls.path)
         if "\x00" in path:
             s.fail("path", "must not contain NUL")
         return cls(
             path=path,
-            busy_timeout=s.duration("busyTimeout", cls.busy_timeout, low=0, high=600) or 0.0,
+            busy_timeout=s.duration("busyTimeout", cls.busy_timeout, low=0, high=600),
         )
 
 
