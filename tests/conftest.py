@@ -14,6 +14,7 @@ from convostore_sidecar.app import build_app
 from convostore_sidecar.config import parse_config
 
 from tests.dapr_standin import DaprStandIn
+from tests.openai_standin import OpenAIStandIn
 from tests.servers import PostgresServer, RedisServer, free_port
 from tests.support import RunningSidecar, SidecarProcess, StartSidecar, unique
 
@@ -51,6 +52,22 @@ def dapr_runtime(redis_url: str) -> Iterator[DaprStandIn]:
 
 
 @pytest.fixture
+def openai_api() -> Iterator[OpenAIStandIn]:
+    """The Conversations API stand-in, fresh for each test."""
+    api = OpenAIStandIn()
+    api.start()
+    yield api
+    api.shutdown()
+
+
+@pytest.fixture
+def openai_key_file(tmp_path: Path, openai_api: OpenAIStandIn) -> Path:
+    path = tmp_path / "openai-api-key"
+    path.write_text(openai_api.api_key + "\n")
+    return path
+
+
+@pytest.fixture
 def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., dict[str, Any]]:
     """Builds one store's config for a backend, isolated from every other test."""
 
@@ -74,6 +91,12 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
             config["postgres"] = {
                 "dsn": request.getfixturevalue("postgres_dsn"),
                 "schema": "t_" + uuid.uuid4().hex[:12],
+            }
+        elif backend == "openai":
+            config["openai"] = {
+                "baseURL": request.getfixturevalue("openai_api").base_url,
+                "apiKeyFile": str(request.getfixturevalue("openai_key_file")),
+                "mapping": {"sqlite": {"path": str(tmp_path / "openai-map.db")}},
             }
         config.update(extra)
         return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -20,7 +21,13 @@ from convostore import SidecarSession
 
 from tests.servers import free_port
 
-BACKENDS = ("sqlite", "redis", "postgres", "dapr")
+BACKENDS = ("sqlite", "redis", "postgres", "dapr", "openai")
+# What a backend cannot do, by the conformance marker (or `encryption`) that needs it.
+LACKS = {"openai": frozenset({"retention", "any_json", "encryption"})}
+
+
+def backends_with(*capabilities: str) -> tuple[str, ...]:
+    return tuple(b for b in BACKENDS if not LACKS.get(b, frozenset()) & set(capabilities))
 
 
 def unique(prefix: str = "s") -> str:
@@ -47,6 +54,25 @@ class Subject:
 
     def session(self, session_id: str | None = None) -> SidecarSession:
         return SidecarSession(session_id or unique(), "conf", url=self.sidecar.url)
+
+    def item(self, **fields: Any) -> dict[str, Any]:
+        """An item carrying `fields`, in a shape the backend accepts: any JSON object,
+        or for `openai` a user message whose text is the fields as JSON."""
+        if self.backend == "openai":
+            return {"role": "user", "content": json.dumps(fields)}
+        return fields
+
+    def value(self, item: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The fields an item read back carries (`openai` stores a message item)."""
+        if item is None or self.backend != "openai":
+            return item
+        assert item["type"] == "message", item
+        assert item["id"].startswith("msg_"), item
+        fields: dict[str, Any] = json.loads(item["content"][0]["text"])
+        return fields
+
+    def values(self, items: list[Any]) -> list[dict[str, Any] | None]:
+        return [self.value(item) for item in items]
 
     @property
     def driver(self) -> Any:

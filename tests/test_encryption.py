@@ -21,7 +21,7 @@ from convostore import DecryptionError, EncryptedSession, SidecarSession, StoreU
 from convostore_sidecar.config import ConfigError, parse_config
 from convostore_sidecar.encryption import generate_key
 
-from tests.support import BACKENDS, RunningSidecar, SidecarProcess, StartSidecar, unique
+from tests.support import RunningSidecar, SidecarProcess, StartSidecar, backends_with, unique
 
 MARKER = "PLAINTEXT-MARKER-7f3a"
 K1, K2 = generate_key(), generate_key()
@@ -42,7 +42,7 @@ async def error_code(url: str, method: str = "GET") -> tuple[int, str, str]:
         return resp.status, body["error"]["code"], body["error"]["message"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_with("encryption"))
 async def test_backend_bytes_hold_no_plaintext(
     backend: str,
     start_sidecar: StartSidecar,

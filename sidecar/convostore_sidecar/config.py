@@ -10,7 +10,7 @@ listen: {host: 127.0.0.1, port: 8790, socket: /var/run/convostore/sidecar.sock}
 auth: {tokenFile: /var/run/secrets/convostore/token}
 stores:
   chat:
-    backend: redis            # sqlite | redis | postgres
+    backend: redis            # sqlite | redis | postgres | dapr | openai
     redis: {url: "redis://redis:6379/0"}
     ttl: 24h                  # idle time after which a session expires
     maxItems: 500             # older items are trimmed on append
@@ -29,7 +29,7 @@ from typing import Any, NoReturn, overload
 
 import yaml
 
-from .drivers import BACKENDS, parse_backend_settings
+from .drivers import BACKENDS, parse_backend_settings, unsupported_settings
 from .drivers.base import Retention
 from .encryption import Keyring
 
@@ -293,6 +293,9 @@ def parse_store(name: Any, stores: Section) -> StoreConfig:
         )
     s = stores.section(name, store=name)
     backend = s.choice("backend", tuple(BACKENDS))
+    for key, reason in unsupported_settings(backend).items():
+        if s.has(key):
+            s.fail(key, f"the {backend} backend cannot honour it: {reason}")
     settings = parse_backend_settings(backend, s.section(backend))
     retention = Retention(
         ttl_seconds=s.duration("ttl", None, low=1, high=10 * 365 * 86400),

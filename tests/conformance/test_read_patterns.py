@@ -1,8 +1,9 @@
 """A long session's latest-20 read must not read the session whole.
 
 Asserted on what each backend reports it did, never on time: SQLite's query plan and
-the virtual-machine steps it executes, PostgreSQL's `EXPLAIN ANALYZE` row counts, and
-the commands Redis receives (`MONITOR`).
+the virtual-machine steps it executes, PostgreSQL's `EXPLAIN ANALYZE` row counts, the
+commands Redis receives (`MONITOR`), the records the Dapr stand-in served, and the
+items the Conversations API stand-in returned.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from convostore_sidecar.drivers import postgres as pg_driver
 from convostore_sidecar.drivers import sqlite as sqlite_driver
 
 from tests.dapr_standin import DaprStandIn
+from tests.openai_standin import OpenAIStandIn
 from tests.support import Subject, unique
 
 LONG, SHORT, LIMIT = 10_000, 20, 20
@@ -26,7 +28,8 @@ LONG, SHORT, LIMIT = 10_000, 20, 20
 async def fill(subject: Subject, session_id: str, count: int) -> None:
     session = subject.session(session_id)
     for start in range(0, count, 1000):
-        await session.add_items([{"n": n} for n in range(start, min(start + 1000, count))])
+        batch = range(start, min(start + 1000, count))
+        await session.add_items([subject.item(n=n) for n in batch])
 
 
 async def test_latest_20_of_10000_reads_about_20_items(
@@ -39,12 +42,16 @@ async def test_latest_20_of_10000_reads_about_20_items(
         runtime = request.getfixturevalue("dapr_runtime")
         long_cost = await dapr_reads(subject, long_id, runtime)
         short_cost = await dapr_reads(subject, short_id, runtime)
+    elif subject.backend == "openai":
+        api = request.getfixturevalue("openai_api")
+        long_cost = await openai_reads(subject, long_id, api)
+        short_cost = await openai_reads(subject, short_id, api)
     else:
         inspect = {"sqlite": sqlite_reads, "postgres": postgres_reads, "redis": redis_reads}
         long_cost = await inspect[subject.backend](subject, long_id)
         short_cost = await inspect[subject.backend](subject, short_id)
     assert long_cost <= 2 * short_cost, (long_cost, short_cost)
-    items = await subject.session(long_id).get_items(limit=LIMIT)
+    items: list[Any] = subject.values(await subject.session(long_id).get_items(limit=LIMIT))
     assert [i["n"] for i in items] == list(range(LONG - LIMIT, LONG))
 
 
@@ -120,6 +127,15 @@ async def dapr_reads(subject: Subject, session_id: str, runtime: DaprStandIn) ->
     calls = sum(runtime.calls.values()) - before_calls
     assert calls <= 3, runtime.calls
     return runtime.bulk_keys_read - before_bulk + calls
+
+
+async def openai_reads(subject: Subject, session_id: str, api: OpenAIStandIn) -> int:
+    """Items the Conversations API returned for one read, newest first in one page."""
+    before = len(api.requests)
+    await subject.session(session_id).get_items(limit=LIMIT)
+    lists = [r for r in api.requests[before:] if r.method == "GET"]
+    assert [(r.query.get("order"), r.query.get("limit")) for r in lists] == [("desc", "20")]
+    return sum(r.returned_items for r in lists)
 
 
 async def _collect(monitor: Any, seen: list[str]) -> None:

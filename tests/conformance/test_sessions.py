@@ -1,4 +1,9 @@
-"""Session semantics every driver must share, checked through the real HTTP API."""
+"""Session semantics every driver must share, checked through the real HTTP API.
+
+Items are built with `subject.item(...)` and read back with `subject.values(...)`, so the
+same test runs on drivers that keep any JSON (where they are the identity) and on the
+`openai` driver, which keeps only the API's own item shapes.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,25 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from convostore import SidecarStore
 
 from tests.support import Subject, unique
 
 
-def msg(n: int, **extra: Any) -> dict[str, Any]:
-    return {"role": "user", "content": f"message {n}", **extra}
-
-
 async def test_append_keeps_order_across_batches(subject: Subject) -> None:
     session = subject.session()
-    await session.add_items([msg(1), msg(2)])
-    await session.add_items([msg(3)])
-    assert await session.get_items() == [msg(1), msg(2), msg(3)]
+    await session.add_items([subject.item(n=1), subject.item(n=2)])
+    await session.add_items([subject.item(n=3)])
+    assert subject.values(await session.get_items()) == [{"n": 1}, {"n": 2}, {"n": 3}]
 
 
 async def test_limit_returns_latest_n_oldest_first(subject: Subject) -> None:
     session = subject.session()
-    await session.add_items([msg(n) for n in range(10)])
-    assert await session.get_items(limit=3) == [msg(7), msg(8), msg(9)]
+    await session.add_items([subject.item(n=n) for n in range(10)])
+    assert subject.values(await session.get_items(limit=3)) == [{"n": 7}, {"n": 8}, {"n": 9}]
     assert await session.get_items(limit=0) == []
-    assert await session.get_items(limit=50) == [msg(n) for n in range(10)]
+    assert subject.values(await session.get_items(limit=50)) == [{"n": n} for n in range(10)]
 
 
 async def test_unknown_session_reads_empty_and_pops_none(subject: Subject) -> None:
@@ -39,21 +41,21 @@ async def test_unknown_session_reads_empty_and_pops_none(subject: Subject) -> No
 
 async def test_pop_returns_newest_then_older(subject: Subject) -> None:
     session = subject.session()
-    await session.add_items([msg(1), msg(2)])
-    assert await session.pop_item() == msg(2)
-    assert await session.pop_item() == msg(1)
+    await session.add_items([subject.item(n=1), subject.item(n=2)])
+    assert subject.value(await session.pop_item()) == {"n": 2}
+    assert subject.value(await session.pop_item()) == {"n": 1}
     assert await session.pop_item() is None
-    await session.add_items([msg(3)])
-    assert await session.get_items() == [msg(3)]
+    await session.add_items([subject.item(n=3)])
+    assert subject.values(await session.get_items()) == [{"n": 3}]
 
 
 async def test_clear_forgets_items_and_the_session(subject: Subject) -> None:
     session, other = subject.session(), subject.session()
-    await session.add_items([msg(1)])
-    await other.add_items([msg(2)])
+    await session.add_items([subject.item(n=1)])
+    await other.add_items([subject.item(n=2)])
     await session.clear_session()
     assert await session.get_items() == []
-    assert await other.get_items() == [msg(2)]
+    assert subject.values(await other.get_items()) == [{"n": 2}]
     ids = [sid async for sid in SidecarStore("conf", subject.sidecar.url).session_ids()]
     assert ids == [other.session_id]
 
@@ -61,7 +63,7 @@ async def test_clear_forgets_items_and_the_session(subject: Subject) -> None:
 async def test_list_sessions_pages_by_prefix_in_order(subject: Subject) -> None:
     wanted = sorted(f"user-{n:03d}" for n in range(23))
     for session_id in [*wanted, "other-1", "usex-1"]:
-        await subject.session(session_id).add_items([msg(0)])
+        await subject.session(session_id).add_items([subject.item(n=0)])
     store = SidecarStore("conf", subject.sidecar.url)
     assert [sid async for sid in store.session_ids("user-", page_size=10)] == wanted
     async with (
@@ -78,68 +80,74 @@ async def test_list_sessions_pages_by_prefix_in_order(subject: Subject) -> None:
 
 async def test_idempotency_key_appends_once(subject: Subject) -> None:
     session = subject.session()
-    await session.add_items([msg(1), msg(2)], idempotency_key="k-1")
-    await session.add_items([msg(1), msg(2)], idempotency_key="k-1")
-    await session.add_items([msg(3)], idempotency_key="k-2")
-    assert await session.get_items() == [msg(1), msg(2), msg(3)]
+    await session.add_items([subject.item(n=1), subject.item(n=2)], idempotency_key="k-1")
+    await session.add_items([subject.item(n=1), subject.item(n=2)], idempotency_key="k-1")
+    await session.add_items([subject.item(n=3)], idempotency_key="k-2")
+    assert subject.values(await session.get_items()) == [{"n": 1}, {"n": 2}, {"n": 3}]
 
 
 async def test_idempotency_key_with_other_body_is_refused(subject: Subject) -> None:
     url = f"{subject.sidecar.url}/v1/stores/conf/sessions/{unique()}/items"
     headers = {"Idempotency-Key": "same"}
+    first_body, other_body = {"items": [subject.item(n=1)]}, {"items": [subject.item(n=2)]}
     async with aiohttp.ClientSession() as http:
-        async with http.post(url, json={"items": [msg(1)]}, headers=headers) as first:
+        async with http.post(url, json=first_body, headers=headers) as first:
             assert (await first.json()) == {"appended": 1, "replayed": False}
-        async with http.post(url, json={"items": [msg(1)]}, headers=headers) as again:
+        async with http.post(url, json=first_body, headers=headers) as again:
             assert (await again.json()) == {"appended": 1, "replayed": True}
-        async with http.post(url, json={"items": [msg(2)]}, headers=headers) as other:
+        async with http.post(url, json=other_body, headers=headers) as other:
             assert other.status == 409
             assert (await other.json())["error"]["code"] == "idempotency_key_reused"
         async with http.get(url) as read:
-            assert (await read.json())["items"] == [msg(1)]
+            assert subject.values((await read.json())["items"]) == [{"n": 1}]
 
 
+@pytest.mark.retention
 async def test_idle_session_expires_after_ttl(make_subject: Callable[..., Any]) -> None:
     subject: Subject = await make_subject(ttl=1)
     session, fresh = subject.session(), subject.session()
-    await session.add_items([msg(1)])
+    await session.add_items([{"n": 1}])
     await asyncio.sleep(1.3)
-    await fresh.add_items([msg(9)])
+    await fresh.add_items([{"n": 9}])
     assert await session.get_items() == []
     assert await session.pop_item() is None
     ids = [sid async for sid in SidecarStore("conf", subject.sidecar.url).session_ids()]
     assert ids == [fresh.session_id]
-    await session.add_items([msg(2)])
-    assert await session.get_items() == [msg(2)]
+    await session.add_items([{"n": 2}])
+    assert await session.get_items() == [{"n": 2}]
 
 
+@pytest.mark.retention
 async def test_written_session_does_not_expire(make_subject: Callable[..., Any]) -> None:
     subject: Subject = await make_subject(ttl=1)
     session = subject.session()
     for n in range(4):
-        await session.add_items([msg(n)])
+        await session.add_items([{"n": n}])
         await asyncio.sleep(0.4)
-    assert await session.get_items() == [msg(n) for n in range(4)]
+    assert await session.get_items() == [{"n": n} for n in range(4)]
 
 
+@pytest.mark.retention
 async def test_sweep_removes_expired_sessions(make_subject: Callable[..., Any]) -> None:
     subject: Subject = await make_subject(ttl=1)
     session = subject.session()
-    await session.add_items([msg(1)])
+    await session.add_items([{"n": 1}])
     await asyncio.sleep(1.3)
     swept = await subject.driver.sweep()
     assert swept == (0 if subject.backend in ("redis", "dapr") else 1)  # they expire natively
     assert await session.get_items() == []
 
 
+@pytest.mark.retention
 async def test_max_items_trims_oldest_on_append(make_subject: Callable[..., Any]) -> None:
     subject: Subject = await make_subject(maxItems=5)
     session = subject.session()
-    await session.add_items([msg(n) for n in range(4)])
-    await session.add_items([msg(n) for n in range(4, 8)])
-    assert await session.get_items() == [msg(n) for n in range(3, 8)]
+    await session.add_items([{"n": n} for n in range(4)])
+    await session.add_items([{"n": n} for n in range(4, 8)])
+    assert await session.get_items() == [{"n": n} for n in range(3, 8)]
 
 
+@pytest.mark.any_json
 async def test_json_values_round_trip_exactly(subject: Subject) -> None:
     nested: dict[str, Any] = {"leaf": True}
     for depth in range(60):
@@ -160,6 +168,7 @@ async def test_json_values_round_trip_exactly(subject: Subject) -> None:
     assert isinstance(back[2]["floats"][0], float)
 
 
+@pytest.mark.any_json
 async def test_one_mebibyte_item_round_trips(subject: Subject) -> None:
     payload = "x" * ((1 << 20) - 64)
     session = subject.session()
@@ -174,10 +183,10 @@ async def test_concurrent_writers_lose_nothing_and_never_interleave(subject: Sub
     async def write(writer: int) -> None:
         session = subject.session(session_id)
         for batch in range(batches):
-            await session.add_items([{"w": writer, "b": batch, "i": i} for i in range(size)])
+            await session.add_items([subject.item(w=writer, b=batch, i=i) for i in range(size)])
 
     await asyncio.gather(*(write(w) for w in range(writers)))
-    items = await subject.session(session_id).get_items()
+    items: list[Any] = subject.values(await subject.session(session_id).get_items())
     assert len(items) == writers * batches * size
     runs = [items[n : n + size] for n in range(0, len(items), size)]
     for run in runs:
@@ -191,11 +200,11 @@ async def test_concurrent_writers_lose_nothing_and_never_interleave(subject: Sub
 
 async def test_concurrent_pops_never_return_the_same_item(subject: Subject) -> None:
     session_id = unique()
-    await subject.session(session_id).add_items([{"n": n} for n in range(120)])
+    await subject.session(session_id).add_items([subject.item(n=n) for n in range(120)])
 
     async def drain() -> list[int]:
         session, got = subject.session(session_id), []
-        while (item := await session.pop_item()) is not None:
+        while (item := subject.value(await session.pop_item())) is not None:
             got.append(item["n"])
         return got
 
@@ -213,16 +222,18 @@ async def test_writers_and_poppers_together_account_for_every_item(subject: Subj
     async def write(writer: int) -> None:
         session = subject.session(session_id)
         for n in range(20):
-            await session.add_items([{"n": writer * 1000 + n}])
+            await session.add_items([subject.item(n=writer * 1000 + n)])
 
     async def pop() -> None:
         session = subject.session(session_id)
         for _ in range(15):
-            item = await session.pop_item()
+            item = subject.value(await session.pop_item())
             if item is not None:
                 popped.append(item["n"])
 
     await asyncio.gather(*(write(w) for w in range(4)), *(pop() for _ in range(4)))
-    remaining = [i["n"] for i in await subject.session(session_id).get_items()]
-    assert sorted(popped + remaining) == sorted(w * 1000 + n for w in range(4) for n in range(20))
+    remaining: list[Any] = subject.values(await subject.session(session_id).get_items())
+    assert sorted(popped + [i["n"] for i in remaining]) == sorted(
+        w * 1000 + n for w in range(4) for n in range(20)
+    )
     assert len(set(popped)) == len(popped)

@@ -20,6 +20,7 @@ BACKENDS = {
     "redis": "convostore_sidecar.drivers.redis",
     "postgres": "convostore_sidecar.drivers.postgres",
     "dapr": "convostore_sidecar.drivers.dapr",
+    "openai": "convostore_sidecar.drivers.openai",
 }
 
 
@@ -37,6 +38,12 @@ def parse_backend_settings(backend: str, section: Section) -> Any:
     settings = _module(backend).Settings.parse(section)
     section.done()
     return settings
+
+
+def unsupported_settings(backend: str) -> dict[str, str]:
+    """Store settings the backend cannot honour, each with the reason it gives."""
+    unsupported: dict[str, str] = getattr(_module(backend), "UNSUPPORTED", {})
+    return unsupported
 
 
 def open_driver(store: StoreConfig) -> Driver:
