@@ -1,7 +1,8 @@
 """Talking to a store's backend from the operator, with the sidecar's own drivers.
 
 The operator renders the store as a sidecar would see it, with credential and key files
-in a private temporary directory, parses it with the sidecar's config parser and opens
+(and any SQLite file, such as an openai store's per-pod map) in a private temporary
+directory, parses it with the sidecar's config parser and opens
 the sidecar's driver. So a reachability check is the sidecar's `ping`, the PostgreSQL
 schema is created the way a sidecar creates it, and a `Delete` purge clears sessions the
 way the API does: one design, checked by the same code that serves traffic.
@@ -46,11 +47,17 @@ async def opened(
     with tempfile.TemporaryDirectory(prefix="convostore-operator-") as tmp:
         root = Path(tmp)
         rendered = render(
-            name, spec, secrets, stores_root=str(root / "stores"), keys_root=str(root / "keys")
+            name,
+            spec,
+            secrets,
+            stores_root=str(root / "stores"),
+            keys_root=str(root / "keys"),
+            data_root=str(root / "data"),
         )
         for folder, files in (
             (root / "stores" / name, rendered.files),
             (root / "keys" / name, keys),
+            (root / "data", {}),
         ):
             folder.mkdir(parents=True)
             for file, data in files.items():

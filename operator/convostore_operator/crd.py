@@ -18,7 +18,7 @@ GROUP, VERSION, KIND, PLURAL, SHORT = (
     "conversationstores",
     "cstore",
 )
-BACKENDS = ["sqlite", "redis", "postgres", "dapr"]
+BACKENDS = ["sqlite", "redis", "postgres", "dapr", "openai"]
 DURATION = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]{1,253}$"
@@ -40,47 +40,121 @@ def _int(low: int, high: int, description: str) -> dict[str, Any]:
     return {"type": "integer", "minimum": low, "maximum": high, "description": description}
 
 
+SQLITE: dict[str, Any] = {
+    "type": "object",
+    "description": "Embedded SQLite inside each pod (history is per pod).",
+    "properties": {
+        "path": {
+            "type": "string",
+            "default": "/var/lib/convostore/convostore.db",
+            "pattern": r"^/[^\x00]*$",
+            "maxLength": 1024,
+        }
+    },
+}
+
+REDIS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "url": {
+            "type": "string",
+            "pattern": r"^(redis|rediss)://[^\s]+$",
+            "maxLength": 2048,
+            "description": "Without a password; see passwordSecretRef.",
+        },
+        "urlSecretRef": _secret_ref("the Redis URL"),
+        "username": {"type": "string", "maxLength": 256},
+        "passwordSecretRef": _secret_ref("the Redis password"),
+        "keyPrefix": {"type": "string", "pattern": r"^[^{}\s]{1,200}$"},
+    },
+}
+
+POSTGRES: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "dsnSecretRef": _secret_ref("a postgresql:// DSN"),
+        "passwordSecretRef": _secret_ref("the password, if not in the DSN"),
+        "schema": {"type": "string", "pattern": r"^[a-z_][a-z0-9_]{0,62}$"},
+        "poolMax": _int(1, 1000, "Connections per sidecar."),
+    },
+}
+
+
+def _backend_rules(backends: list[str], where: str = "") -> list[dict[str, Any]]:
+    """CEL rules tying `<where>backend` to its section: a section only with its backend,
+    and what each backend cannot do without."""
+    needs = {
+        "postgres": (
+            "has(self.postgres) && has(self.postgres.dsnSecretRef)",
+            "postgres.dsnSecretRef",
+            "postgres.dsnSecretRef",
+        ),
+        "redis": (
+            "has(self.redis) && (has(self.redis.url) || has(self.redis.urlSecretRef))",
+            "redis.url or {w}redis.urlSecretRef",
+            "redis.url",
+        ),
+        "dapr": ("has(self.dapr)", "dapr.stateStore", "dapr.stateStore"),
+        "openai": ("has(self.openai)", "openai.apiKeySecretRef", "openai.apiKeySecretRef"),
+    }
+    rules = [
+        {
+            "rule": f"self.backend != '{backend}' || ({needs[backend][0]})",
+            "message": f"a {backend} backend needs {where}" + needs[backend][1].format(w=where),
+            "fieldPath": f".{needs[backend][2]}",
+        }
+        for backend in backends
+        if backend in needs
+    ]
+    rules += [
+        {
+            "rule": f"!has(self.{backend}) || self.backend == '{backend}'",
+            "message": f"{where}{backend} settings need {where}backend: {backend}",
+            "fieldPath": f".{backend}",
+        }
+        for backend in backends
+    ]
+    return rules
+
+
+MAPPING_BACKENDS = ["sqlite", "redis", "postgres"]
+
+OPENAI: dict[str, Any] = {
+    "type": "object",
+    "description": "OpenAI's Conversations API; the sidecar holds the key.",
+    "required": ["apiKeySecretRef"],
+    "properties": {
+        "apiKeySecretRef": _secret_ref("the OpenAI API key"),
+        "baseURL": {"type": "string", "pattern": r"^https?://[^\s]+$", "maxLength": 2048},
+        "organization": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"},
+        "project": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"},
+        "timeout": {"type": "string", "pattern": DURATION, "maxLength": 32},
+        "maxRetries": _int(0, 10, "Retries of rate-limited and failed calls, with backoff."),
+        "mapping": {
+            "type": "object",
+            "description": "Where the session to conversation map lives: sqlite (one per "
+            "pod) or redis or postgres, shared by every pod of the store.",
+            "required": ["backend"],
+            "properties": {
+                "backend": {"type": "string", "enum": MAPPING_BACKENDS},
+                "sqlite": SQLITE,
+                "redis": REDIS,
+                "postgres": POSTGRES,
+            },
+            "x-kubernetes-validations": _backend_rules(MAPPING_BACKENDS, "mapping."),
+        },
+    },
+}
+
 SPEC: dict[str, Any] = {
     "type": "object",
     "required": ["backend"],
     "properties": {
         "backend": {"type": "string", "enum": BACKENDS, "description": "Where history lives."},
-        "sqlite": {
-            "type": "object",
-            "description": "Embedded SQLite inside each pod (history is per pod).",
-            "properties": {
-                "path": {
-                    "type": "string",
-                    "default": "/var/lib/convostore/convostore.db",
-                    "pattern": r"^/[^\x00]*$",
-                    "maxLength": 1024,
-                }
-            },
-        },
-        "redis": {
-            "type": "object",
-            "properties": {
-                "url": {
-                    "type": "string",
-                    "pattern": r"^(redis|rediss)://[^\s]+$",
-                    "maxLength": 2048,
-                    "description": "Without a password; see passwordSecretRef.",
-                },
-                "urlSecretRef": _secret_ref("the Redis URL"),
-                "username": {"type": "string", "maxLength": 256},
-                "passwordSecretRef": _secret_ref("the Redis password"),
-                "keyPrefix": {"type": "string", "pattern": r"^[^{}\s]{1,200}$"},
-            },
-        },
-        "postgres": {
-            "type": "object",
-            "properties": {
-                "dsnSecretRef": _secret_ref("a postgresql:// DSN"),
-                "passwordSecretRef": _secret_ref("the password, if not in the DSN"),
-                "schema": {"type": "string", "pattern": r"^[a-z_][a-z0-9_]{0,62}$"},
-                "poolMax": _int(1, 1000, "Connections per sidecar."),
-            },
-        },
+        "sqlite": SQLITE,
+        "redis": REDIS,
+        "postgres": POSTGRES,
+        "openai": OPENAI,
         "dapr": {
             "type": "object",
             "required": ["stateStore"],
@@ -158,42 +232,19 @@ SPEC: dict[str, Any] = {
         },
     },
     "x-kubernetes-validations": [
+        *_backend_rules(BACKENDS),
         {
-            "rule": "self.backend != 'postgres' || (has(self.postgres) && "
-            "has(self.postgres.dsnSecretRef))",
-            "message": "a postgres backend needs postgres.dsnSecretRef",
-            "fieldPath": ".postgres.dsnSecretRef",
+            "rule": "self.backend != 'openai' || !has(self.retention)",
+            "message": "the openai backend cannot honour retention: the Conversations API "
+            "keeps items until they are deleted",
+            "fieldPath": ".retention",
         },
         {
-            "rule": "self.backend != 'redis' || (has(self.redis) && "
-            "(has(self.redis.url) || has(self.redis.urlSecretRef)))",
-            "message": "a redis backend needs redis.url or redis.urlSecretRef",
-            "fieldPath": ".redis.url",
-        },
-        {
-            "rule": "self.backend != 'dapr' || has(self.dapr)",
-            "message": "a dapr backend needs dapr.stateStore",
-            "fieldPath": ".dapr.stateStore",
-        },
-        {
-            "rule": "!has(self.redis) || self.backend == 'redis'",
-            "message": "redis settings need backend: redis",
-            "fieldPath": ".redis",
-        },
-        {
-            "rule": "!has(self.postgres) || self.backend == 'postgres'",
-            "message": "postgres settings need backend: postgres",
-            "fieldPath": ".postgres",
-        },
-        {
-            "rule": "!has(self.dapr) || self.backend == 'dapr'",
-            "message": "dapr settings need backend: dapr",
-            "fieldPath": ".dapr",
-        },
-        {
-            "rule": "!has(self.sqlite) || self.backend == 'sqlite'",
-            "message": "sqlite settings need backend: sqlite",
-            "fieldPath": ".sqlite",
+            "rule": "self.backend != 'openai' || !has(self.encryption) || "
+            "!has(self.encryption.enabled) || !self.encryption.enabled",
+            "message": "the openai backend cannot encrypt at rest: the Conversations API "
+            "must read the items it stores",
+            "fieldPath": ".encryption.enabled",
         },
     ],
 }

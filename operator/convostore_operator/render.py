@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
 
 STORES_ROOT = "/etc/convostore/stores"
 KEYS_ROOT = "/etc/convostore/keys"
+DEFAULT_SQLITE_PATH = "/var/lib/convostore/convostore.db"
 
 
 @dataclass(frozen=True)
@@ -45,36 +47,21 @@ def render(
     stores_root: str = STORES_ROOT,
     keys_root: str = KEYS_ROOT,
     primary_key: str | None = None,
+    data_root: str | None = None,
 ) -> Rendered:
-    """`secrets` holds the values of `spec.secret_refs(spec)`, by the same names."""
+    """`secrets` holds the values of `spec.secret_refs(spec)`, by the same names;
+    `data_root` moves every SQLite file there (the operator's own checks use it)."""
     backend = spec["backend"]
     section = spec.get(backend, {})
     here = f"{stores_root}/{name}"
     files: dict[str, bytes] = {}
     store: dict[str, Any] = {"backend": backend}
-    if backend == "sqlite":
-        store["sqlite"] = {"path": section.get("path", "/var/lib/convostore/convostore.db")}
-    elif backend == "redis":
-        redis: dict[str, Any] = {"url": secrets.get("urlSecretRef") or section["url"]}
-        if "username" in section:
-            redis["username"] = section["username"]
-        if "passwordSecretRef" in secrets:
-            files["redis-password"] = secrets["passwordSecretRef"].encode()
-            redis["passwordFile"] = f"{here}/redis-password"
-        if "keyPrefix" in section:
-            redis["keyPrefix"] = section["keyPrefix"]
-        store["redis"] = redis
-    elif backend == "postgres":
-        postgres: dict[str, Any] = {"dsn": secrets["dsnSecretRef"].strip()}
-        if "passwordSecretRef" in secrets:
-            files["postgres-password"] = secrets["passwordSecretRef"].encode()
-            postgres["passwordFile"] = f"{here}/postgres-password"
-        for key in ("schema", "poolMax"):
-            if key in section:
-                postgres[key] = section[key]
-        store["postgres"] = postgres
-    else:
+    if backend == "openai":
+        store["openai"] = _openai(section, secrets, files, here, data_root)
+    elif backend == "dapr":
         store["dapr"] = {"stateStore": section["stateStore"]}
+    else:
+        store[backend] = _database(backend, section, secrets, files, here, data_root)
     retention = spec.get("retention", {})
     if "ttl" in retention:
         store["ttl"] = retention["ttl"]
@@ -88,6 +75,62 @@ def render(
             encryption["primary"] = primary_key
         store["encryption"] = encryption
     return Rendered(config={"stores": {name: store}}, files=files)
+
+
+def _database(
+    backend: str,
+    section: dict[str, Any],
+    secrets: dict[str, str],
+    files: dict[str, bytes],
+    here: str,
+    data_root: str | None,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """A sqlite, redis or postgres section; `prefix` names the secrets and files of the
+    openai backend's map store apart from the store's own."""
+    if backend == "sqlite":
+        path = section.get("path", DEFAULT_SQLITE_PATH)
+        return {"path": path if data_root is None else f"{data_root}/{PurePosixPath(path).name}"}
+    rendered: dict[str, Any] = {}
+    if backend == "redis":
+        rendered["url"] = secrets.get(f"{prefix}urlSecretRef") or section["url"]
+        if "username" in section:
+            rendered["username"] = section["username"]
+        if "keyPrefix" in section:
+            rendered["keyPrefix"] = section["keyPrefix"]
+    else:
+        rendered["dsn"] = secrets[f"{prefix}dsnSecretRef"].strip()
+        for key in ("schema", "poolMax"):
+            if key in section:
+                rendered[key] = section[key]
+    if f"{prefix}passwordSecretRef" in secrets:
+        file = f"{prefix.replace('.', '-')}{backend}-password"
+        files[file] = secrets[f"{prefix}passwordSecretRef"].encode()
+        rendered["passwordFile"] = f"{here}/{file}"
+    return rendered
+
+
+def _openai(
+    section: dict[str, Any],
+    secrets: dict[str, str],
+    files: dict[str, bytes],
+    here: str,
+    data_root: str | None,
+) -> dict[str, Any]:
+    files["openai-api-key"] = secrets["apiKeySecretRef"].strip().encode()
+    rendered: dict[str, Any] = {"apiKeyFile": f"{here}/openai-api-key"}
+    for key in ("baseURL", "organization", "project", "timeout", "maxRetries"):
+        if key in section:
+            rendered[key] = section[key]
+    mapping = section.get("mapping", {"backend": "sqlite"})
+    backend = mapping["backend"]
+    rendered["mapping"] = {
+        "backend": backend,
+        backend: _database(
+            backend, mapping.get(backend, {}), secrets, files, here, data_root, "mapping."
+        ),
+    }
+    return rendered
 
 
 def dapr_component(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:

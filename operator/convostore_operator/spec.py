@@ -82,14 +82,24 @@ def _short(error: jsonschema.ValidationError) -> str:
 
 
 def secret_refs(spec: dict[str, Any]) -> dict[str, SecretRef]:
-    """Every Secret value the spec refers to, by a name the renderer uses."""
-    refs: dict[str, SecretRef] = {}
+    """Every Secret value the spec refers to, by a name the renderer uses; the openai
+    backend's map store adds its own under `mapping.`."""
     section = spec.get(spec["backend"], {})
-    for field in ("urlSecretRef", "passwordSecretRef", "dsnSecretRef"):
-        if field in section:
-            refs[field] = SecretRef(section[field]["name"], section[field]["key"])
+    refs = _section_refs(section)
+    mapping = section.get("mapping", {})
+    if spec["backend"] == "openai" and mapping:
+        mapped = _section_refs(mapping.get(mapping["backend"], {}))
+        refs.update({f"mapping.{field}": ref for field, ref in mapped.items()})
     for index, item in enumerate(section.get("component", {}).get("metadata", [])):
         if "secretKeyRef" in item:
             ref = item["secretKeyRef"]
             refs[f"component.{index}"] = SecretRef(ref["name"], ref["key"])
     return refs
+
+
+def _section_refs(section: dict[str, Any]) -> dict[str, SecretRef]:
+    return {
+        field: SecretRef(section[field]["name"], section[field]["key"])
+        for field in ("urlSecretRef", "passwordSecretRef", "dsnSecretRef", "apiKeySecretRef")
+        if field in section
+    }

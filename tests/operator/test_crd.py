@@ -13,6 +13,7 @@ from convostore_operator.manifests import crd_yaml
 from convostore_operator.spec import InvalidSpec, validate
 
 ROOT = Path(__file__).resolve().parents[2]
+KEY = {"name": "openai", "key": "api-key"}
 EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("store-*.yaml"))
 
 
@@ -60,7 +61,7 @@ def test_every_example_store_is_valid(path: Path) -> None:
 
 def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
     specs = [yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES]
-    assert {s["backend"] for s in specs} == {"sqlite", "redis", "postgres", "dapr"}
+    assert {s["backend"] for s in specs} == {"sqlite", "redis", "postgres", "dapr", "openai"}
     assert any(s.get("encryption", {}).get("enabled") for s in specs)
 
 
@@ -150,6 +151,74 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             },
             "spec.dapr.component.type",
             "does not match",
+        ),
+        ({"backend": "openai"}, "spec.openai.apiKeySecretRef", "needs openai.apiKeySecretRef"),
+        ({"backend": "openai", "openai": {}}, "spec.openai", "'apiKeySecretRef' is a required"),
+        (
+            {"backend": "sqlite", "openai": {"apiKeySecretRef": KEY}},
+            "spec.openai",
+            "openai settings need backend: openai",
+        ),
+        (
+            {"backend": "openai", "openai": {"apiKeySecretRef": KEY, "baseURL": "ftp://x"}},
+            "spec.openai.baseURL",
+            "does not match",
+        ),
+        (
+            {"backend": "openai", "openai": {"apiKeySecretRef": KEY, "project": "p\nx"}},
+            "spec.openai.project",
+            "does not match",
+        ),
+        (
+            {"backend": "openai", "openai": {"apiKeySecretRef": KEY, "maxRetries": 11}},
+            "spec.openai.maxRetries",
+            "maximum",
+        ),
+        (
+            {"backend": "openai", "openai": {"apiKeySecretRef": KEY}, "retention": {"ttl": "1h"}},
+            "spec.retention",
+            "cannot honour retention",
+        ),
+        (
+            {
+                "backend": "openai",
+                "openai": {"apiKeySecretRef": KEY},
+                "encryption": {"enabled": True},
+            },
+            "spec.encryption.enabled",
+            "cannot encrypt at rest",
+        ),
+        (
+            {"backend": "openai", "openai": {"apiKeySecretRef": KEY, "mapping": {}}},
+            "spec.openai.mapping",
+            "'backend' is a required property",
+        ),
+        (
+            {
+                "backend": "openai",
+                "openai": {"apiKeySecretRef": KEY, "mapping": {"backend": "dapr"}},
+            },
+            "spec.openai.mapping.backend",
+            "must be one of",
+        ),
+        (
+            {
+                "backend": "openai",
+                "openai": {"apiKeySecretRef": KEY, "mapping": {"backend": "redis"}},
+            },
+            "spec.openai.mapping.redis.url",
+            "needs mapping.redis.url or mapping.redis.urlSecretRef",
+        ),
+        (
+            {
+                "backend": "openai",
+                "openai": {
+                    "apiKeySecretRef": KEY,
+                    "mapping": {"backend": "sqlite", "postgres": {"schema": "x"}},
+                },
+            },
+            "spec.openai.mapping.postgres",
+            "mapping.postgres settings need mapping.backend: postgres",
         ),
     ],
 )

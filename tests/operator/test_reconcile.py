@@ -12,8 +12,9 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 from convostore_operator.handlers import OperatorConfig
-from convostore_sidecar.config import load_config
+from convostore_sidecar.config import load_config, parse_config
 
+from tests.openai_standin import OpenAIStandIn
 from tests.operator.conftest import (
     NAMESPACE,
     Operator,
@@ -30,6 +31,7 @@ from tests.operator.conftest import (
 )
 from tests.operator.emulator import RealisticEmulator
 from tests.servers import RedisServer
+from tests.support import unique
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 
@@ -120,6 +122,48 @@ async def test_postgres_store_bootstraps_the_schema(
         await conn.close()
     config = yaml.safe_load(rendered(cluster, "audit")["config.yaml"])
     assert config["stores"]["audit"]["postgres"]["dsn"] == postgres_dsn
+
+
+async def test_openai_store_renders_its_key_and_checks_the_api_with_it(
+    cluster: Any, operator: Operator, openai_api: OpenAIStandIn, redis_url: str
+) -> None:
+    await create_secret(cluster, "openai", {"api-key": openai_api.api_key})
+    await create_secret(cluster, "openai-old", {"api-key": "sk-revoked-key-4321"})
+    await operator()
+
+    def spec(secret: str) -> dict[str, Any]:
+        mapping = {"backend": "redis", "redis": {"url": redis_url, "keyPrefix": unique()}}
+        return {
+            "backend": "openai",
+            "openai": {
+                "apiKeySecretRef": {"name": secret, "key": "api-key"},
+                "baseURL": openai_api.base_url,
+                "mapping": mapping,
+            },
+        }
+
+    await create_store(cluster, "assistant", spec("openai"))
+    await create_store(cluster, "revoked", spec("openai-old"))
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "assistant")) and condition(o, "BackendReachable") and o
+    )
+    assert condition(obj, "BackendReachable")["status"] == "True"
+    assert obj["status"]["phase"] == "Ready"
+    data = rendered(cluster, "assistant")
+    assert data["openai-api-key"] == openai_api.api_key.encode()
+    store = parse_config(yaml.safe_load(data["config.yaml"])).stores["assistant"]
+    assert store.settings.api_key_file == "/etc/convostore/stores/assistant/openai-api-key"
+    assert store.settings.mapping.backend == "redis"
+    pings = [r for r in openai_api.requests if r.path.endswith("/conv_convostore_ping")]
+    keys = {r.headers["Authorization"] for r in pings}
+    assert keys == {f"Bearer {openai_api.api_key}", "Bearer sk-revoked-key-4321"}
+    bad = await eventually(
+        lambda: (o := store_object(cluster, "revoked")) and condition(o, "BackendReachable") and o
+    )
+    reachable = condition(bad, "BackendReachable")
+    assert (reachable["status"], bad["status"]["phase"]) == ("False", "Degraded")
+    assert "refused the sidecar's API key" in reachable["message"]
+    assert "4321" not in reachable["message"]
 
 
 async def test_unreachable_backend_is_degraded_with_the_reason(
