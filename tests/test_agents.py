@@ -88,6 +88,65 @@ async def test_session_settings_limit_bounds_what_the_model_sees(
     assert len(await session.get_items()) == 6
 
 
+def weather_script(cities: list[str]) -> ScriptedModel:
+    """Per city, one turn: a tool call, then the answer that uses its output."""
+    turns: list[Any] = []
+    for n, city in enumerate(cities):
+        call = function_call("lookup_weather", {"city": city}, call_id=f"call_{n}")
+        turns += [[call], [assistant_message(f"sunny in {city}")]]
+    return ScriptedModel(turns)
+
+
+def kinds(model_input: Any) -> list[str]:
+    return [item.get("type", "message") for item in model_input]
+
+
+async def test_history_turns_replays_whole_turns_with_their_tool_calls(
+    sidecar: RunningSidecar,
+) -> None:
+    model = weather_script(["Oslo", "Bergen", "Tromsø"])
+    agent = Agent(name="assistant", model=model, tools=[lookup_weather])
+    session = SidecarSession("by-turns", url=sidecar.url, history_turns=1)
+    for city in ("Oslo", "Bergen", "Tromsø"):
+        await Runner.run(agent, f"Weather in {city}?", session=session)
+    last_turn_first_call = model.calls[4].input
+    assert texts(last_turn_first_call) == [
+        "Weather in Bergen?",
+        "sunny in Bergen",
+        "Weather in Tromsø?",
+    ]
+    assert kinds(last_turn_first_call) == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+        "message",
+    ]
+    assert len(await SidecarSession("by-turns", url=sidecar.url).get_items()) == 12
+
+
+async def test_whole_turns_widens_a_limit_that_would_split_a_tool_call(
+    sidecar: RunningSidecar,
+) -> None:
+    config = RunConfig(session_settings=SessionSettings(limit=3))
+    results = {}
+    for whole in (False, True):
+        model = weather_script(["Oslo", "Bergen"])
+        agent = Agent(name="assistant", model=model, tools=[lookup_weather])
+        session = SidecarSession(f"widened-{whole}", url=sidecar.url, whole_turns=whole)
+        for city in ("Oslo", "Bergen"):
+            await Runner.run(agent, f"Weather in {city}?", session=session, run_config=config)
+        results[whole] = kinds(model.calls[2].input)
+    assert results[False] == ["function_call", "function_call_output", "message", "message"]
+    assert results[True] == [
+        "message",
+        "function_call",
+        "function_call_output",
+        "message",
+        "message",
+    ]
+
+
 async def test_session_input_callback_shapes_the_input(sidecar: RunningSidecar) -> None:
     seen: list[int] = []
 

@@ -187,12 +187,31 @@ async def test_default_limits_refuse_an_item_over_one_mebibyte(
     assert await stored_items(sidecar, "s") == []
 
 
-@pytest.mark.parametrize("limit", ["-1", "abc", "1.5", "", "99999999999", "1e3", " 1"])
+@pytest.mark.parametrize("limit", ["-1", "abc", "1.5", "", "99999999999", "1e3", " 1", "²", "٣"])
 async def test_bad_limit_is_refused(
     sidecar: RunningSidecar, http: aiohttp.ClientSession, limit: str
 ) -> None:
     async with http.get(sidecar.url + ITEMS.format("s"), params={"limit": limit}) as resp:
         assert await error_of(resp) == (400, "invalid_limit")
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"turns": "-1"}, "invalid_turns"),
+        ({"turns": "two"}, "invalid_turns"),
+        ({"turns": "100001"}, "invalid_turns"),
+        ({"turns": "²"}, "invalid_turns"),
+        ({"turns": "2", "limit": "5"}, "invalid_limit"),
+        ({"limit": "5", "whole_turns": "yes"}, "invalid_whole_turns"),
+        ({"limit": "5", "whole_turns": "True"}, "invalid_whole_turns"),
+    ],
+)
+async def test_bad_turn_reads_are_refused(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession, params: dict[str, str], code: str
+) -> None:
+    async with http.get(sidecar.url + ITEMS.format("s"), params=params) as resp:
+        assert await error_of(resp) == (400, code)
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "tab\there", "ünïcode"])

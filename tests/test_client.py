@@ -88,6 +88,12 @@ def test_url_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
         Endpoint.parse("unix://")
 
 
+@pytest.mark.parametrize("turns", [0, -2, 1.5, "3", True])
+def test_history_turns_must_be_a_positive_integer(turns: Any) -> None:
+    with pytest.raises(ValueError, match="history_turns must be a positive integer"):
+        SidecarSession("s", url="http://127.0.0.1:1", history_turns=turns)
+
+
 def test_token_file_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("abc\n")

@@ -40,22 +40,41 @@ class SidecarSession:
         token_file: str | None = None,
         timeout: float = 10.0,
         retries: int = 3,
+        history_turns: int | None = None,
+        whole_turns: bool = False,
     ) -> None:
         if not isinstance(session_id, str) or not session_id:
             raise ValueError("session_id must be a non-empty string")
+        if history_turns is not None and (
+            isinstance(history_turns, bool)
+            or not isinstance(history_turns, int)
+            or history_turns < 1
+        ):
+            raise ValueError(f"history_turns must be a positive integer, got {history_turns!r}")
         self.session_id = session_id
         self.store = store
         self.session_settings = session_settings
+        self.history_turns = history_turns
+        self.whole_turns = whole_turns
         self._transport = Transport(
             Endpoint.parse(url), read_token(token, token_file), timeout=timeout, retries=retries
         )
         self._path = f"{store_path(store)}/sessions/{quote(session_id, safe='')}"
 
     async def get_items(self, limit: int | None = None) -> list[Item]:
-        """The latest `limit` items, oldest first; `session_settings.limit` when not given."""
+        """The latest `limit` items, oldest first; `session_settings.limit` when not given.
+
+        Without any limit, a session made with `history_turns=N` reads the latest N user
+        turns whole; with `whole_turns=True` a limit is widened back to the start of the
+        turn it would cut, so no tool call comes back without its output.
+        """
         if limit is None and self.session_settings is not None:
             limit = getattr(self.session_settings, "limit", None)
-        params = None if limit is None else {"limit": str(limit)}
+        params: dict[str, str] | None = None
+        if limit is not None:
+            params = {"limit": str(limit), **({"whole_turns": "true"} if self.whole_turns else {})}
+        elif self.history_turns is not None:
+            params = {"turns": str(self.history_turns)}
         body = await self._transport.call(
             "GET", self._path + "/items", params=params, idempotent=True
         )

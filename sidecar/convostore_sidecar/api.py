@@ -15,11 +15,13 @@ from .errors import ApiError
 from .jsonbody import dumps, items_document
 from .state import METRICS, OPENAPI, STORES
 from .stores import Store
+from .turns import latest_turns, widened_to_turns
 
 routes = web.RouteTableDef()
 SESSION = "/v1/stores/{store}/sessions/{session_id}"
 READY_TIMEOUT_SECONDS = 2.0
 DEFAULT_PAGE = 100
+MAX_TURNS = 100_000
 
 
 def _store(request: web.Request) -> Store:
@@ -38,8 +40,20 @@ def _json(body: bytes, status: int = 200) -> web.Response:
 async def get_items(request: web.Request) -> web.Response:
     store = _store(request)
     session_id = _session(request, store)
-    limit = validation.limit_param(request.query.get("limit"), default=None, maximum=None)
-    items = [] if limit == 0 else await store.driver.latest(session_id, limit)
+    query = request.query
+    limit = validation.limit_param(query.get("limit"), default=None, maximum=None)
+    turns = validation.limit_param(
+        query.get("turns"), default=None, maximum=MAX_TURNS, name="turns"
+    )
+    whole_turns = validation.flag_param(query.get("whole_turns"), "whole_turns")
+    if turns is not None and limit is not None:
+        raise ApiError(400, "invalid_limit", "give either limit or turns, not both")
+    if turns is not None:
+        items = await latest_turns(store.driver, session_id, turns)
+    elif limit is not None and whole_turns:
+        items = await widened_to_turns(store.driver, session_id, limit)
+    else:
+        items = [] if limit == 0 else await store.driver.latest(session_id, limit)
     if store.config.encryption is None:
         for item in items:
             refuse_ciphertext(item)

@@ -40,15 +40,27 @@ def session_prefix(value: str, limits: Limits) -> str:
     return value
 
 
-def limit_param(raw: str | None, *, default: int | None, maximum: int | None) -> int | None:
+def limit_param(
+    raw: str | None, *, default: int | None, maximum: int | None, name: str = "limit"
+) -> int | None:
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 9:
-        raise ApiError(400, "invalid_limit", f"limit must be a non-negative integer, got {raw!r}")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        raise ApiError(
+            400, f"invalid_{name}", f"{name} must be a non-negative integer, got {raw!r}"
+        )
     value = int(raw)
     if maximum is not None and value > maximum:
-        raise ApiError(400, "invalid_limit", f"limit must be at most {maximum}, got {value}")
+        raise ApiError(400, f"invalid_{name}", f"{name} must be at most {maximum}, got {value}")
     return value
+
+
+def flag_param(raw: str | None, name: str) -> bool:
+    if raw is None or raw == "false":
+        return False
+    if raw == "true":
+        return True
+    raise ApiError(400, f"invalid_{name}", f"{name} must be true or false, got {raw!r}")
 
 
 def idempotency_key(raw: str | None) -> str | None:

@@ -237,3 +237,58 @@ async def test_writers_and_poppers_together_account_for_every_item(subject: Subj
         w * 1000 + n for w in range(4) for n in range(20)
     )
     assert len(set(popped)) == len(popped)
+
+
+def tool_turn(turn: int, calls: int) -> list[dict[str, Any]]:
+    """One user turn: the user's message, `calls` tool calls each with its output, and
+    the assistant's answer."""
+    items: list[dict[str, Any]] = [{"role": "user", "content": f"question {turn}"}]
+    for call in range(calls):
+        call_id = f"call_{turn}_{call}"
+        items += [
+            {"type": "function_call", "call_id": call_id, "name": "lookup", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": call_id, "output": f"out {call_id}"},
+        ]
+    return [*items, {"role": "assistant", "content": f"answer {turn}"}]
+
+
+def labels(items: list[Any]) -> list[str]:
+    """What each item is: the user's question, a call or output by id, an answer."""
+    out = []
+    for item in items:
+        if item.get("role") == "user":
+            content = item["content"]
+            out.append(content if isinstance(content, str) else content[0]["text"])
+        elif item.get("role") == "assistant":
+            out.append("answer")
+        else:
+            out.append(f"{item['type']} {item['call_id']}")
+    return out
+
+
+async def test_reads_by_turns_and_whole_turn_limits_never_split_a_call(subject: Subject) -> None:
+    session = subject.session()
+    for turn, calls in ((1, 1), (2, 0), (3, 2)):
+        await session.add_items(tool_turn(turn, calls))
+    everything = labels(await session.get_items())
+    assert len(everything) == 12
+    url = f"{subject.sidecar.url}/v1/stores/conf/sessions/{session.session_id}/items"
+
+    async def read(**params: str) -> list[str]:
+        async with aiohttp.ClientSession() as http, http.get(url, params=params) as resp:
+            assert resp.status == 200, await resp.text()
+            return labels((await resp.json())["items"])
+
+    assert await read(turns="1") == everything[6:]
+    assert await read(turns="2") == everything[4:]
+    assert await read(turns="9") == everything
+    assert await read(turns="0") == []
+    assert (await read(limit="4"))[0] == "function_call_output call_3_0"
+    assert await read(limit="4", whole_turns="true") == everything[6:]
+    assert await read(limit="7", whole_turns="true") == everything[4:]
+    assert await read(limit="6", whole_turns="true") == everything[6:]
+    assert await read(limit="50", whole_turns="true") == everything
+    assert await read(limit="0", whole_turns="true") == []
+    url = url.replace(session.session_id, unique())
+    assert await read(turns="3") == []
+    assert await read(limit="3", whole_turns="true") == []
