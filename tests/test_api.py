@@ -41,7 +41,7 @@ async def test_append_then_read_then_pop_then_clear(
     url = sidecar.url + ITEMS.format("u1")
     async with http.post(url, json={"items": [{"a": 1}, {"b": 2}]}) as resp:
         assert resp.status == 200
-        assert await resp.json() == {"appended": 2, "replayed": False}
+        assert await resp.json() == {"appended": 2, "replayed": False, "turn": 0, "anchor": 0}
     async with http.get(url, params={"limit": "1"}) as resp:
         assert await resp.json() == {"items": [{"b": 2}]}
     async with http.post(url + ":pop") as resp:

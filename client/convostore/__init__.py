@@ -1,5 +1,6 @@
 """convostore client: conversation memory for agents, served by the convostore sidecar."""
 
+from .advanced import AdvancedSidecarSession
 from .encrypted import DecryptionError, EncryptedSession
 from .errors import (
     ConvostoreError,
@@ -13,6 +14,7 @@ from .store import SidecarStore
 from .transport import close_pools
 
 __all__ = [
+    "AdvancedSidecarSession",
     "ConvostoreError",
     "DecryptionError",
     "EncryptedSession",

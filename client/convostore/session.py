@@ -68,13 +68,16 @@ class SidecarSession:
         turns whole; with `whole_turns=True` a limit is widened back to the start of the
         turn it would cut, so no tool call comes back without its output.
         """
+        return await self._read(limit, {})
+
+    async def _read(self, limit: int | None, where: dict[str, str]) -> list[Item]:
         if limit is None and self.session_settings is not None:
             limit = getattr(self.session_settings, "limit", None)
-        params: dict[str, str] | None = None
+        params = dict(where)
         if limit is not None:
-            params = {"limit": str(limit), **({"whole_turns": "true"} if self.whole_turns else {})}
+            params.update(limit=str(limit), **({"whole_turns": "true"} if self.whole_turns else {}))
         elif self.history_turns is not None:
-            params = {"turns": str(self.history_turns)}
+            params.update(turns=str(self.history_turns))
         body = await self._transport.call(
             "GET", self._path + "/items", params=params, idempotent=True
         )
@@ -87,20 +90,31 @@ class SidecarSession:
         A request repeated with the same `idempotency_key` appends once (a fresh key is
         made when none is given, which covers the client's own retries).
         """
-        if not items:
-            return
+        if items:
+            await self._append(items, idempotency_key, {})
+
+    async def _append(
+        self, items: list[Item], idempotency_key: str | None, where: dict[str, str]
+    ) -> dict[str, Any]:
         payload = json.dumps({"items": items}, ensure_ascii=False, allow_nan=False)
-        await self._transport.call(
+        answer: dict[str, Any] = await self._transport.call(
             "POST",
             self._path + "/items",
+            params=where,
             body=payload.encode("utf-8"),
             headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
             idempotent=True,
         )
+        return answer
 
     async def pop_item(self) -> Item | None:
         """Remove and return the newest item, or `None` when the session is empty."""
-        body = await self._transport.call("POST", self._path + "/items:pop", idempotent=False)
+        return await self._pop({})
+
+    async def _pop(self, where: dict[str, str]) -> Item | None:
+        body = await self._transport.call(
+            "POST", self._path + "/items:pop", params=where, idempotent=False
+        )
         return body["item"]
 
     async def clear_session(self) -> None:

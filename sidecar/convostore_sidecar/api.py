@@ -9,7 +9,7 @@ import binascii
 from aiohttp import web
 
 from . import validation
-from .drivers.base import BackendUnavailable, Idempotency
+from .drivers.base import MAIN, BackendUnavailable, Idempotency
 from .encryption import EncryptedDriver, refuse_ciphertext
 from .errors import ApiError
 from .jsonbody import dumps, items_document
@@ -48,12 +48,17 @@ async def get_items(request: web.Request) -> web.Response:
     whole_turns = validation.flag_param(query.get("whole_turns"), "whole_turns")
     if turns is not None and limit is not None:
         raise ApiError(400, "invalid_limit", "give either limit or turns, not both")
+    branch = validation.branch_id(query.get("branch"))
+
+    async def read(count: int | None) -> list[bytes]:
+        return await store.latest(session_id, branch, count)
+
     if turns is not None:
-        items = await latest_turns(store.driver, session_id, turns)
+        items = await latest_turns(read, turns)
     elif limit is not None and whole_turns:
-        items = await widened_to_turns(store.driver, session_id, limit)
+        items = await widened_to_turns(read, limit)
     else:
-        items = [] if limit == 0 else await store.driver.latest(session_id, limit)
+        items = [] if limit == 0 else await read(limit)
     if store.config.encryption is None:
         for item in items:
             refuse_ciphertext(item)
@@ -73,21 +78,28 @@ async def append_items(request: web.Request) -> web.Response:
     raw = await request.read()
     if len(raw) > limits.max_request_bytes:
         raise ApiError(413, "request_too_large", f"the limit is {limits.max_request_bytes} bytes")
+    branch = validation.branch_id(request.query.get("branch"))
     body = validation.append_body(raw, limits)
+    fingerprint = body.fingerprint if branch == MAIN else f"{body.fingerprint}@{branch}"
     idempotency = (
-        None if key is None else Idempotency(key, body.fingerprint, store.config.idempotency_ttl)
+        None if key is None else Idempotency(key, fingerprint, store.config.idempotency_ttl)
     )
-    result = await store.driver.append(session_id, body.items, idempotency)
+    result = await store.append(session_id, branch, body.items, body.meta, idempotency)
     if not result.replayed:
         request.app[METRICS].items_appended.labels(store.name).inc(result.appended)
-    return _json(dumps({"appended": result.appended, "replayed": result.replayed}))
+    answer: dict[str, object] = {"appended": result.appended, "replayed": result.replayed}
+    if result.turn is not None:
+        answer.update(turn=result.turn, anchor=result.anchor)
+    return _json(dumps(answer))
 
 
 @routes.post(SESSION + "/items:pop")
 async def pop_item(request: web.Request) -> web.Response:
     store = _store(request)
     check = refuse_ciphertext if store.config.encryption is None else None
-    item = await store.driver.pop(_session(request, store), check)
+    session_id = _session(request, store)
+    branch = validation.branch_id(request.query.get("branch"))
+    item = await store.pop(session_id, branch, check)
     if item is not None:
         request.app[METRICS].items_popped.labels(store.name).inc()
     return _json(b'{"item":' + (item if item is not None else b"null") + b"}")

@@ -8,6 +8,7 @@ from importlib import resources
 import yaml
 from aiohttp import web
 
+from . import branches
 from .api import routes
 from .config import SidecarConfig
 from .jsonbody import dumps
@@ -44,6 +45,7 @@ def build_app(config: SidecarConfig) -> web.Application:
     app[OPENAPI] = dumps(openapi_document())
     app.cleanup_ctx.append(_stores_lifecycle)
     app.add_routes(routes)
+    app.add_routes(branches.routes)
     return app
 
 

@@ -20,17 +20,30 @@ import binascii
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .drivers.base import AppendResult, Check, Driver, Idempotency, Transform
+from .drivers.base import (
+    AppendResult,
+    BranchInfo,
+    Branching,
+    Check,
+    Driver,
+    Idempotency,
+    ItemShape,
+    Meta,
+    Transform,
+    TurnUsage,
+    Usage,
+    UserTurn,
+)
 
 if TYPE_CHECKING:
     from .config import Section
@@ -223,6 +236,70 @@ class EncryptedDriver:
 
     async def clear(self, session_id: str) -> None:
         await self.inner.clear(session_id)
+
+    @property
+    def branching(self) -> bool:
+        """Structure is the inner driver's; only items pass through the keyring."""
+        return bool(getattr(self.inner, "branching", False))
+
+    @property
+    def _structured(self) -> Branching:
+        return cast(Branching, self.inner)
+
+    async def append_to(
+        self,
+        session_id: str,
+        branch: str,
+        items: Sequence[bytes],
+        meta: Sequence[Meta],
+        idempotency: Idempotency | None,
+    ) -> AppendResult:
+        sealed = [self.keyring.encrypt(self.store, session_id, item) for item in items]
+        return await self._structured.append_to(session_id, branch, sealed, meta, idempotency)
+
+    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+        items = await self._structured.latest_in(session_id, branch, limit)
+        return [self.keyring.decrypt(self.store, session_id, item) for item in items]
+
+    async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
+        opened: list[bytes] = []
+
+        def decrypt_first(data: bytes) -> None:
+            opened.append(self.keyring.decrypt(self.store, session_id, data))
+            if check is not None:
+                check(opened[-1])
+
+        item = await self._structured.pop_from(session_id, branch, decrypt_first)
+        return None if item is None else opened[-1]
+
+    async def branches(self, session_id: str) -> list[BranchInfo]:
+        return await self._structured.branches(session_id)
+
+    async def branch_exists(self, session_id: str, branch: str) -> bool:
+        return await self._structured.branch_exists(session_id, branch)
+
+    async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
+        await self._structured.create_branch(session_id, source, turn, new)
+
+    async def delete_branch(self, session_id: str, branch: str) -> None:
+        await self._structured.delete_branch(session_id, branch)
+
+    async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
+        turns = await self._structured.user_turns(session_id, branch)
+        return [
+            replace(t, item=self.keyring.decrypt(self.store, session_id, t.item)) for t in turns
+        ]
+
+    async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
+        return await self._structured.shapes(session_id, branch)
+
+    async def record_usage(
+        self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
+    ) -> int | None:
+        return await self._structured.record_usage(session_id, branch, turn, anchor, usage)
+
+    async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
+        return await self._structured.usage(session_id, branch)
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.inner.list_sessions(prefix, after, limit)

@@ -11,7 +11,13 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .drivers.base import BackendUnavailable, IdempotencyKeyReused
+from .drivers.base import (
+    BackendUnavailable,
+    BranchIdUsed,
+    BranchNotFound,
+    IdempotencyKeyReused,
+    TurnNotFound,
+)
 from .encryption import DecryptionFailed
 from .errors import ApiError, error_response
 from .state import IN_FLIGHT, METRICS, STORES, TOKEN
@@ -90,6 +96,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "decryption_failed",
             f"store {store!r}: an item could not be decrypted: {exc.reason}",
             headers={"X-Convostore-Key-Id": exc.key_id or ""},
+        )
+    except BranchNotFound as exc:
+        return error_response(404, "branch_not_found", f"no branch {exc.args[0]!r} in this session")
+    except BranchIdUsed as exc:
+        return error_response(
+            409,
+            "branch_id_used",
+            f"branch id {exc.args[0]!r} was already used in this session; choose a new one",
+        )
+    except TurnNotFound as exc:
+        return error_response(
+            400, "turn_not_found", f"turn {exc.args[0]} does not contain a user message"
         )
     except IdempotencyKeyReused as exc:
         return error_response(

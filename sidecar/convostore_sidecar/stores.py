@@ -10,12 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from .config import SidecarConfig, StoreConfig
 from .drivers import open_driver
-from .drivers.base import BackendUnavailable, Driver
+from .drivers.base import (
+    MAIN,
+    AppendResult,
+    BackendUnavailable,
+    Branching,
+    Check,
+    Driver,
+    Idempotency,
+    Meta,
+)
 from .encryption import EncryptedDriver
 from .errors import ApiError
 from .metrics import Metrics
@@ -38,6 +48,40 @@ class Store:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def branching(self) -> Branching:
+        """The driver's structure calls, or 501 naming the backend when it has none."""
+        if not getattr(self.driver, "branching", False):
+            raise ApiError(
+                501,
+                "not_supported",
+                f"store {self.name!r}: the {self.config.backend} backend keeps no branches,"
+                " turns or usage; only the main branch's items",
+            )
+        return cast(Branching, self.driver)
+
+    async def append(
+        self,
+        session_id: str,
+        branch: str,
+        items: Sequence[bytes],
+        meta: Sequence[Meta],
+        idempotency: Idempotency | None,
+    ) -> AppendResult:
+        if branch == MAIN and not getattr(self.driver, "branching", False):
+            return await self.driver.append(session_id, items, idempotency)
+        return await self.branching.append_to(session_id, branch, items, meta, idempotency)
+
+    async def latest(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+        if branch == MAIN and not getattr(self.driver, "branching", False):
+            return await self.driver.latest(session_id, limit)
+        return await self.branching.latest_in(session_id, branch, limit)
+
+    async def pop(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
+        if branch == MAIN and not getattr(self.driver, "branching", False):
+            return await self.driver.pop(session_id, check)
+        return await self.branching.pop_from(session_id, branch, check)
 
 
 class Stores:

@@ -3,16 +3,18 @@
 An item limit can separate a tool call from its output, and the next model call that
 replays such history fails. A turn starts at a user message and runs to the next one,
 so a read that starts at a turn's first item keeps every call with its output. Both
-reads here use only the drivers' `latest`, so they work on every backend (and behind
+reads here use only a read of the latest N items, so they work on every backend (and behind
 encryption at rest): they read a window of the newest items and widen it until it
 reaches the turn start they need, so a long session is not read whole for a few turns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import orjson
 
-from .drivers.base import Driver
+Read = Callable[[int], Awaitable[list[bytes]]]
 
 FIRST_WINDOW = 32
 GROWTH = 4
@@ -28,14 +30,14 @@ def is_user_message(item: bytes) -> bool:
     return isinstance(value, dict) and value.get("role") == "user"
 
 
-async def latest_turns(driver: Driver, session_id: str, turns: int) -> list[bytes]:
+async def latest_turns(read: Read, turns: int) -> list[bytes]:
     """The items of the latest `turns` user turns, oldest first (all of them when the
     session has fewer turns, with whatever came before its first user message)."""
     if turns == 0:
         return []
     window = max(FIRST_WINDOW, turns * GROWTH)
     while True:
-        items = await driver.latest(session_id, window)
+        items = await read(window)
         starts = [index for index, item in enumerate(items) if is_user_message(item)]
         if len(starts) >= turns:
             return items[starts[-turns] :]
@@ -44,13 +46,13 @@ async def latest_turns(driver: Driver, session_id: str, turns: int) -> list[byte
         window *= GROWTH
 
 
-async def widened_to_turns(driver: Driver, session_id: str, limit: int) -> list[bytes]:
+async def widened_to_turns(read: Read, limit: int) -> list[bytes]:
     """The latest `limit` items, widened back to the start of the turn the cut falls in."""
     if limit == 0:
         return []
     window = max(FIRST_WINDOW, limit * 2)
     while True:
-        items = await driver.latest(session_id, window)
+        items = await read(window)
         cut = min(max(len(items) - limit, 0), len(items) - 1)
         start = next((i for i in range(cut, -1, -1) if is_user_message(items[i])), None)
         if start is not None:

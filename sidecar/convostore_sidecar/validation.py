@@ -10,10 +10,13 @@ import re
 from dataclasses import dataclass
 
 from .config import Limits
+from .drivers.base import MAIN, Meta
 from .errors import ApiError
 from .jsonbody import dumps, loads
+from .structure import describe
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:@-]+")
+BRANCH_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 MAX_LIST_LIMIT = 1000
 
@@ -30,6 +33,18 @@ def session_id(value: str, limits: Limits) -> str:
             400,
             "invalid_session_id",
             "a session id may only contain letters, digits and . _ : @ - (and is not '.' or '..')",
+        )
+    return value
+
+
+def branch_id(value: str | None) -> str:
+    if value is None:
+        return MAIN
+    if not BRANCH_ID.fullmatch(value) or value in (".", ".."):
+        raise ApiError(
+            400,
+            "invalid_branch_id",
+            "a branch id has 1 to 128 letters, digits or . _ : @ - (and is not '.' or '..')",
         )
     return value
 
@@ -78,6 +93,7 @@ def idempotency_key(raw: str | None) -> str | None:
 @dataclass(frozen=True)
 class AppendBody:
     items: list[bytes]
+    meta: list[Meta]
     fingerprint: str
 
 
@@ -99,6 +115,7 @@ def append_body(raw: bytes, limits: Limits) -> AppendBody:
             f"{len(items)} items in one request; the limit is {limits.max_items_per_request}",
         )
     encoded: list[bytes] = []
+    meta: list[Meta] = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise ApiError(
@@ -114,4 +131,5 @@ def append_body(raw: bytes, limits: Limits) -> AppendBody:
                 f"item {index} has {len(data)} bytes; the limit is {limits.max_item_bytes}",
             )
         encoded.append(data)
-    return AppendBody(items=encoded, fingerprint=hashlib.sha256(raw).hexdigest())
+        meta.append(describe(item))
+    return AppendBody(items=encoded, meta=meta, fingerprint=hashlib.sha256(raw).hexdigest())

@@ -58,7 +58,7 @@ async def test_latest_20_of_10000_reads_about_20_items(
 async def sqlite_reads(subject: Subject, session_id: str) -> int:
     """VM steps of the driver's own latest-N statement, after checking its plan."""
     conn = sqlite3.connect(subject.store_config["sqlite"]["path"])
-    params = ("conf", session_id, float("-inf"), LIMIT)
+    params = ("conf", session_id, "main", float("-inf"), LIMIT)
     plan = " | ".join(
         r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sqlite_driver.LATEST_SQL, params)
     )

@@ -92,7 +92,7 @@ async def test_idempotency_key_with_other_body_is_refused(subject: Subject) -> N
     first_body, other_body = {"items": [subject.item(n=1)]}, {"items": [subject.item(n=2)]}
     async with aiohttp.ClientSession() as http:
         async with http.post(url, json=first_body, headers=headers) as first:
-            assert (await first.json()) == {"appended": 1, "replayed": False}
+            assert (await first.json()).items() >= {"appended": 1, "replayed": False}.items()
         async with http.post(url, json=first_body, headers=headers) as again:
             assert (await again.json()) == {"appended": 1, "replayed": True}
         async with http.post(url, json=other_body, headers=headers) as other:

@@ -21,6 +21,14 @@ the conformance suite in `tests/conformance/` checks against each of them:
   not a sweep has run yet; with `max_items` the oldest items are trimmed on append.
 - A backend that cannot be reached raises `BackendUnavailable` quickly, instead of
   hanging, and the driver reconnects on its own when the backend is back.
+
+A driver that also keeps conversation structure implements `Branching` (and says so
+with `branching = True`): each item carries its `Meta` and the user turn it belongs to
+(a user message opens the next turn), items live on branches (`main` is the plain
+session above), a branch is copied from another one's turns before a given turn in one
+atomic step, and token usage is kept per branch and turn. Ids of branches, once used,
+stay reserved for the session, even after a delete or a clear. The others answer the
+structure calls with 501 `not_supported`.
 """
 
 from __future__ import annotations
@@ -50,10 +58,75 @@ class Idempotency:
     ttl_seconds: float
 
 
+class BranchNotFound(Exception):
+    """No live branch by that id in the session."""
+
+
+class BranchIdUsed(Exception):
+    """The branch id was used before in this session; ids are never reused."""
+
+
+class TurnNotFound(Exception):
+    """The branch has no user message with that turn number."""
+
+
+MAIN = "main"
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What the structure calls need to know of an item without reading it: its kind
+    (`user`, `assistant`, else the item's `type`) and its tool. A `user` item opens a turn."""
+
+    kind: str = "other"
+    tool: str | None = None
+
+
 @dataclass(frozen=True)
 class AppendResult:
     appended: int
     replayed: bool
+    turn: int | None = None
+    anchor: int | None = None
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    branch_id: str
+    message_count: int
+    user_turns: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    turn: int
+    item: bytes
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ItemShape:
+    turn: int
+    kind: str
+    tool: str | None
+
+
+@dataclass(frozen=True)
+class Usage:
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_details: bytes | None = None
+    output_details: bytes | None = None
+
+
+@dataclass(frozen=True)
+class TurnUsage:
+    branch: str
+    turn: int
+    usage: Usage
 
 
 @dataclass(frozen=True)
@@ -91,6 +164,50 @@ class Driver(Protocol):
 
     async def rewrite(self, session_id: str, transform: Transform) -> int:
         """Replace each item for which `transform` returns bytes; return how many."""
+
+
+class Branching(Protocol):
+    """Conversation structure: items by branch with their turn, branches, usage."""
+
+    async def append_to(
+        self,
+        session_id: str,
+        branch: str,
+        items: Sequence[bytes],
+        meta: Sequence[Meta],
+        idempotency: Idempotency | None,
+    ) -> AppendResult:
+        """Append to a live branch; the result names the last item's turn and `anchor`,
+        the sequence number of that turn's first item (what usage is recorded against)."""
+
+    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]: ...
+
+    async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
+        """As `pop`; a turn left without items on the branch loses its usage."""
+
+    async def branches(self, session_id: str) -> list[BranchInfo]:
+        """The live branches that hold items, by the second of their first item, then by
+        id (the order the SDK's session lists them in)."""
+
+    async def branch_exists(self, session_id: str, branch: str) -> bool: ...
+
+    async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
+        """Copy the source branch's items before user turn `turn` to a new branch."""
+
+    async def delete_branch(self, session_id: str, branch: str) -> None: ...
+
+    async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
+        """The branch's user messages, by turn; nothing else of the session is read."""
+
+    async def shapes(self, session_id: str, branch: str) -> list[ItemShape]: ...
+
+    async def record_usage(
+        self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
+    ) -> int | None:
+        """Store usage for the turn whose first item is `anchor` (the branch's latest turn
+        when not given); returns the turn, or None when that turn is gone."""
+
+    async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]: ...
 
 
 def replay_of(idempotency: Idempotency, fingerprint: str, appended: int) -> AppendResult:

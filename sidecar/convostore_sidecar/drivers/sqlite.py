@@ -7,8 +7,12 @@ operation per thread hop, rather than one hop per statement, keeps a turn's over
 small. Several sidecar processes may share one file: SQLite's file locks serialize their
 writers and `busy_timeout` makes them wait instead of failing.
 
-Items live in a table keyed by (store, session, seq): the latest N are read backwards
-along that key, so a long session is never read whole to return a few items.
+Items live in a table keyed by (store, session, seq), each with its branch, user turn,
+kind and tool: the latest N of a branch are read backwards along (branch, seq), and a
+branch's user turns along (branch, kind, turn), so a long session is never read whole
+to return a few items or its turns. Branch ids (reserved forever, live or not) and
+token usage per (branch, turn) have tables of their own. A file of schema version 1
+gains the structure columns on first open; its items count as turn 0 of `main`.
 """
 
 from __future__ import annotations
@@ -18,18 +22,35 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .base import AppendResult, BackendUnavailable, Check, Idempotency, Transform, replay_of
+from .base import (
+    MAIN,
+    AppendResult,
+    BackendUnavailable,
+    BranchIdUsed,
+    BranchInfo,
+    BranchNotFound,
+    Check,
+    Idempotency,
+    ItemShape,
+    Meta,
+    Transform,
+    TurnNotFound,
+    TurnUsage,
+    Usage,
+    UserTurn,
+    replay_of,
+)
 
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS convostore_schema (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS convostore_sessions (
@@ -41,6 +62,8 @@ CREATE INDEX IF NOT EXISTS convostore_sessions_updated
     ON convostore_sessions (store, updated_at);
 CREATE TABLE IF NOT EXISTS convostore_items (
     store TEXT NOT NULL, session_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+    branch TEXT NOT NULL DEFAULT 'main', turn INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'other', tool TEXT, created_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (store, session_id, seq)
 );
 CREATE TABLE IF NOT EXISTS convostore_idempotency (
@@ -48,13 +71,52 @@ CREATE TABLE IF NOT EXISTS convostore_idempotency (
     fingerprint TEXT NOT NULL, appended INTEGER NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (store, session_id, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS convostore_branches (
+    store TEXT NOT NULL, session_id TEXT NOT NULL, branch TEXT NOT NULL,
+    live INTEGER NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (store, session_id, branch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS convostore_usage (
+    store TEXT NOT NULL, session_id TEXT NOT NULL, branch TEXT NOT NULL, turn INTEGER NOT NULL,
+    requests INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+    total_tokens INTEGER NOT NULL, input_details BLOB, output_details BLOB,
+    PRIMARY KEY (store, session_id, branch, turn)
+) WITHOUT ROWID;
+"""
+# What schema version 1 lacks: its items gain these columns, then the indexes follow.
+STRUCTURE_COLUMNS = (
+    "branch TEXT NOT NULL DEFAULT 'main'",
+    "turn INTEGER NOT NULL DEFAULT 0",
+    "kind TEXT NOT NULL DEFAULT 'other'",
+    "tool TEXT",
+    "created_at REAL NOT NULL DEFAULT 0",
+)
+INDEXES = """
+CREATE INDEX IF NOT EXISTS convostore_items_branch
+    ON convostore_items (store, session_id, branch, seq);
+CREATE INDEX IF NOT EXISTS convostore_items_kind
+    ON convostore_items (store, session_id, branch, kind, turn);
 """
 
 LATEST_SQL = """
 SELECT i.data FROM convostore_items AS i JOIN convostore_sessions AS s
   ON s.store = i.store AND s.session_id = i.session_id
-WHERE i.store = ? AND i.session_id = ? AND s.updated_at > ?
+WHERE i.store = ? AND i.session_id = ? AND i.branch = ? AND s.updated_at > ?
 ORDER BY i.seq DESC LIMIT ?
+"""
+USER_TURNS_SQL = """
+SELECT turn, data, created_at FROM convostore_items
+WHERE store = ? AND session_id = ? AND branch = ? AND kind = 'user' ORDER BY turn
+"""
+USAGE_SQL = """
+SELECT branch, turn, requests, input_tokens, output_tokens, total_tokens, input_details,
+       output_details
+FROM convostore_usage WHERE store = ? AND session_id = ? AND (? IS NULL OR branch = ?)
+ORDER BY branch, turn
+"""
+NEWEST_SQL = """
+SELECT seq, turn FROM convostore_items WHERE store = ? AND session_id = ? AND branch = ?
+ORDER BY seq DESC LIMIT 1
 """
 
 
@@ -130,6 +192,8 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
 
 
 class SqliteDriver:
+    branching = True
+
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
         self.store = store.name
@@ -146,9 +210,10 @@ class SqliteDriver:
     async def open(self) -> None:
         def create(conn: sqlite3.Connection) -> None:
             conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
-            _transaction(conn, check_version)
+            _transaction(conn, migrate)
+            conn.executescript(f"BEGIN IMMEDIATE; {INDEXES} COMMIT;")
 
-        def check_version(conn: sqlite3.Connection) -> None:
+        def migrate(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT max(version) FROM convostore_schema").fetchone()
             if row[0] is None:
                 conn.execute("INSERT INTO convostore_schema VALUES (?)", (SCHEMA_VERSION,))
@@ -156,6 +221,10 @@ class SqliteDriver:
                 raise RuntimeError(
                     f"the SQLite file's schema version {row[0]} is newer than this sidecar's"
                 )
+            elif row[0] == 1:
+                for column in STRUCTURE_COLUMNS:
+                    conn.execute(f"ALTER TABLE convostore_items ADD COLUMN {column}")
+                conn.execute("UPDATE convostore_schema SET version = ?", (SCHEMA_VERSION,))
 
         await self._writer.run(create)
 
@@ -168,6 +237,16 @@ class SqliteDriver:
 
     async def append(
         self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
+    ) -> AppendResult:
+        return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
+
+    async def append_to(
+        self,
+        session_id: str,
+        branch: str,
+        items: Sequence[bytes],
+        meta: Sequence[Meta],
+        idempotency: Idempotency | None,
     ) -> AppendResult:
         store, now = self.store, time.time()
 
@@ -198,14 +277,17 @@ class SqliteDriver:
             ).fetchone()
             first = 0 if row is None else row[0]
             if row is not None and row[1] <= self._live_after(now):
-                conn.execute(
-                    "DELETE FROM convostore_items WHERE store = ? AND session_id = ?",
-                    (store, session_id),
-                )
-            conn.executemany(
-                "INSERT INTO convostore_items VALUES (?, ?, ?, ?)",
-                [(store, session_id, first + i, data) for i, data in enumerate(items)],
-            )
+                self._forget(conn, session_id)
+            self._require_branch(conn, session_id, branch, now)
+            newest = conn.execute(NEWEST_SQL, (store, session_id, branch)).fetchone()
+            turn = 0 if newest is None else newest[1]
+            rows, anchor = [], None
+            for offset, (data, shape) in enumerate(zip(items, meta, strict=True)):
+                if shape.kind == "user":
+                    turn, anchor = turn + 1, first + offset
+                row = (store, session_id, first + offset, data, branch, turn, *astuple(shape), now)
+                rows.append(row)
+            conn.executemany("INSERT INTO convostore_items VALUES (?,?,?,?,?,?,?,?,?)", rows)
             next_seq = first + len(items)
             conn.execute(
                 "INSERT INTO convostore_sessions VALUES (?, ?, ?, ?)"
@@ -215,37 +297,92 @@ class SqliteDriver:
             )
             if self.retention.max_items:
                 conn.execute(
-                    "DELETE FROM convostore_items WHERE store = ? AND session_id = ? AND seq < ?",
-                    (store, session_id, next_seq - self.retention.max_items),
+                    "DELETE FROM convostore_items WHERE store = ? AND session_id = ?"
+                    " AND branch = ? AND seq < (SELECT seq FROM convostore_items"
+                    "  WHERE store = ? AND session_id = ? AND branch = ?"
+                    "  ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                    (store, session_id, branch) * 2 + (self.retention.max_items - 1,),
                 )
-            return AppendResult(appended=len(items), replayed=False)
+            if anchor is None:
+                anchor = self._turn_start(conn, session_id, branch, turn)
+            return AppendResult(len(items), replayed=False, turn=turn, anchor=anchor)
 
         return await self._writer.run(lambda conn: _transaction(conn, append))
 
-    async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
-        params = (
-            self.store,
-            session_id,
-            self._live_after(time.time()),
-            -1 if limit is None else limit,
+    def _forget(self, conn: sqlite3.Connection, session_id: str) -> None:
+        """Everything of a session but its reserved branch ids."""
+        key = (self.store, session_id)
+        for table in ("convostore_items", "convostore_sessions", "convostore_usage"):
+            conn.execute(f"DELETE FROM {table} WHERE store = ? AND session_id = ?", key)
+        conn.execute(
+            "UPDATE convostore_branches SET live = 0 WHERE store = ? AND session_id = ?", key
         )
 
+    def _require_branch(
+        self, conn: sqlite3.Connection, session_id: str, branch: str, now: float
+    ) -> None:
+        if branch == MAIN:
+            return
+        live = conn.execute(
+            "SELECT 1 FROM convostore_branches AS b LEFT JOIN convostore_sessions AS s"
+            "  ON s.store = b.store AND s.session_id = b.session_id"
+            " WHERE b.store = ? AND b.session_id = ? AND b.branch = ? AND b.live = 1"
+            "  AND coalesce(s.updated_at, b.created_at) > ?",
+            (self.store, session_id, branch, self._live_after(now)),
+        ).fetchone()
+        if live is None:
+            raise BranchNotFound(branch)
+
+    def _turn_start(
+        self, conn: sqlite3.Connection, session_id: str, branch: str, turn: int
+    ) -> int | None:
+        """The sequence number of the turn's first item: its user message, or for turn 0
+        (items before any user message) the branch's first item."""
+        key = (self.store, session_id, branch)
+        row = (
+            conn.execute(
+                "SELECT seq FROM convostore_items WHERE store = ? AND session_id = ?"
+                " AND branch = ? ORDER BY seq LIMIT 1",
+                key,
+            ).fetchone()
+            if turn == 0
+            else conn.execute(
+                "SELECT seq FROM convostore_items WHERE store = ? AND session_id = ?"
+                " AND branch = ? AND kind = 'user' AND turn = ?",
+                (*key, turn),
+            ).fetchone()
+        )
+        return None if row is None else int(row[0])
+
+    async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
+        return await self.latest_in(session_id, MAIN, limit)
+
+    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+        now = time.time()
+        params = (self.store, session_id, branch, self._live_after(now))
+
         def read(conn: sqlite3.Connection) -> list[bytes]:
-            rows = conn.execute(LATEST_SQL, params).fetchall()
+            self._require_branch(conn, session_id, branch, now)
+            rows = conn.execute(LATEST_SQL, (*params, -1 if limit is None else limit)).fetchall()
             return [row[0] for row in reversed(rows)]
 
         return await self._reader.run(read)
 
     async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
+        return await self.pop_from(session_id, MAIN, check)
+
+    async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         store, now = self.store, time.time()
 
         def pop(conn: sqlite3.Connection) -> bytes | None:
+            self._require_branch(conn, session_id, branch, now)
             row = conn.execute(
-                "SELECT i.seq, i.data FROM convostore_items AS i JOIN convostore_sessions AS s"
+                "SELECT i.seq, i.data, i.turn FROM convostore_items AS i"
+                " JOIN convostore_sessions AS s"
                 "  ON s.store = i.store AND s.session_id = i.session_id"
-                " WHERE i.store = ? AND i.session_id = ? AND s.updated_at > ?"
+                " WHERE i.store = ? AND i.session_id = ? AND i.branch = ? AND s.updated_at > ?"
                 " ORDER BY i.seq DESC LIMIT 1",
-                (store, session_id, self._live_after(now)),
+                (store, session_id, branch, self._live_after(now)),
             ).fetchone()
             if row is None:
                 return None
@@ -255,6 +392,13 @@ class SqliteDriver:
                 "DELETE FROM convostore_items WHERE store = ? AND session_id = ? AND seq = ?",
                 (store, session_id, row[0]),
             )
+            newest = conn.execute(NEWEST_SQL, (store, session_id, branch)).fetchone()
+            if newest is None or newest[1] != row[2]:
+                conn.execute(
+                    "DELETE FROM convostore_usage WHERE store = ? AND session_id = ?"
+                    " AND branch = ? AND turn = ?",
+                    (store, session_id, branch, row[2]),
+                )
             conn.execute(
                 "UPDATE convostore_sessions SET updated_at = ? WHERE store = ? AND session_id = ?",
                 (now, store, session_id),
@@ -265,13 +409,174 @@ class SqliteDriver:
         return await self._writer.run(lambda conn: _transaction(conn, pop))
 
     async def clear(self, session_id: str) -> None:
-        key = (self.store, session_id)
+        await self._writer.run(
+            lambda conn: _transaction(conn, lambda conn: self._forget(conn, session_id))
+        )
 
-        def clear(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM convostore_items WHERE store = ? AND session_id = ?", key)
-            conn.execute("DELETE FROM convostore_sessions WHERE store = ? AND session_id = ?", key)
+    async def branch_exists(self, session_id: str, branch: str) -> bool:
+        def exists(conn: sqlite3.Connection) -> bool:
+            try:
+                self._require_branch(conn, session_id, branch, time.time())
+            except BranchNotFound:
+                return False
+            return True
 
-        await self._writer.run(lambda conn: _transaction(conn, clear))
+        return await self._reader.run(exists)
+
+    async def branches(self, session_id: str) -> list[BranchInfo]:
+        params = (self.store, session_id, self._live_after(time.time()))
+
+        def read(conn: sqlite3.Connection) -> list[BranchInfo]:
+            rows = conn.execute(
+                "SELECT i.branch, count(*), sum(i.kind = 'user'), min(i.created_at)"
+                " FROM convostore_items AS i JOIN convostore_sessions AS s"
+                "  ON s.store = i.store AND s.session_id = i.session_id"
+                " WHERE i.store = ? AND i.session_id = ? AND s.updated_at > ?"
+                " GROUP BY i.branch ORDER BY CAST(min(i.created_at) AS INTEGER), i.branch",
+                params,
+            ).fetchall()
+            return [BranchInfo(*row) for row in rows]
+
+        return await self._reader.run(read)
+
+    async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
+        store, now = self.store, time.time()
+
+        def create(conn: sqlite3.Connection) -> None:
+            self._require_branch(conn, session_id, source, now)
+            start = conn.execute(
+                "SELECT i.seq FROM convostore_items AS i JOIN convostore_sessions AS s"
+                "  ON s.store = i.store AND s.session_id = i.session_id"
+                " WHERE i.store = ? AND i.session_id = ? AND i.branch = ? AND i.kind = 'user'"
+                "  AND i.turn = ? AND s.updated_at > ?",
+                (store, session_id, source, turn, self._live_after(now)),
+            ).fetchone()
+            if start is None:
+                raise TurnNotFound(turn)
+            taken = conn.execute(
+                "SELECT 1 FROM convostore_branches WHERE store = ? AND session_id = ?"
+                " AND branch = ?",
+                (store, session_id, new),
+            ).fetchone()
+            if taken is not None or new == MAIN:
+                raise BranchIdUsed(new)
+            first = conn.execute(
+                "SELECT next_seq FROM convostore_sessions WHERE store = ? AND session_id = ?",
+                (store, session_id),
+            ).fetchone()[0]
+            copied = conn.execute(
+                "INSERT INTO convostore_items"
+                " SELECT store, session_id, ? + row_number() OVER (ORDER BY seq) - 1, data,"
+                "  ?, turn, kind, tool, ?"
+                " FROM convostore_items WHERE store = ? AND session_id = ? AND branch = ?"
+                "  AND seq < ? ORDER BY seq",
+                (first, new, now, store, session_id, source, start[0]),
+            ).rowcount
+            conn.execute(
+                "INSERT INTO convostore_branches VALUES (?, ?, ?, 1, ?)",
+                (store, session_id, new, now),
+            )
+            conn.execute(
+                "UPDATE convostore_sessions SET next_seq = ?, updated_at = ?"
+                " WHERE store = ? AND session_id = ?",
+                (first + copied, now, store, session_id),
+            )
+
+        await self._writer.run(lambda conn: _transaction(conn, create))
+
+    async def delete_branch(self, session_id: str, branch: str) -> None:
+        key = (self.store, session_id, branch)
+
+        def delete(conn: sqlite3.Connection) -> None:
+            self._require_branch(conn, session_id, branch, time.time())
+            for table in ("convostore_items", "convostore_usage"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE store = ? AND session_id = ? AND branch = ?", key
+                )
+            conn.execute(
+                "UPDATE convostore_branches SET live = 0"
+                " WHERE store = ? AND session_id = ? AND branch = ?",
+                key,
+            )
+
+        await self._writer.run(lambda conn: _transaction(conn, delete))
+
+    async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
+        now = time.time()
+
+        def read(conn: sqlite3.Connection) -> list[UserTurn]:
+            self._require_branch(conn, session_id, branch, now)
+            if not self._alive(conn, session_id, now):
+                return []
+            rows = conn.execute(USER_TURNS_SQL, (self.store, session_id, branch)).fetchall()
+            return [UserTurn(*row) for row in rows]
+
+        return await self._reader.run(read)
+
+    async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
+        now = time.time()
+
+        def read(conn: sqlite3.Connection) -> list[ItemShape]:
+            self._require_branch(conn, session_id, branch, now)
+            if not self._alive(conn, session_id, now):
+                return []
+            rows = conn.execute(
+                "SELECT turn, kind, tool FROM convostore_items"
+                " WHERE store = ? AND session_id = ? AND branch = ? ORDER BY seq",
+                (self.store, session_id, branch),
+            ).fetchall()
+            return [ItemShape(*row) for row in rows]
+
+        return await self._reader.run(read)
+
+    def _alive(self, conn: sqlite3.Connection, session_id: str, now: float) -> bool:
+        row = conn.execute(
+            "SELECT updated_at FROM convostore_sessions WHERE store = ? AND session_id = ?",
+            (self.store, session_id),
+        ).fetchone()
+        return row is not None and row[0] > self._live_after(now)
+
+    async def record_usage(
+        self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
+    ) -> int | None:
+        store, now = self.store, time.time()
+
+        def record(conn: sqlite3.Connection) -> int | None:
+            self._require_branch(conn, session_id, branch, now)
+            if not self._alive(conn, session_id, now):
+                return None
+            nonlocal turn, anchor
+            if turn is None:
+                newest = conn.execute(NEWEST_SQL, (store, session_id, branch)).fetchone()
+                if newest is None:
+                    return None
+                turn = int(newest[1])
+                anchor = self._turn_start(conn, session_id, branch, turn)
+            present = conn.execute(
+                "SELECT 1 FROM convostore_items WHERE store = ? AND session_id = ?"
+                " AND seq = ? AND branch = ? AND turn = ?",
+                (store, session_id, anchor, branch, turn),
+            ).fetchone()
+            if present is None:
+                return None
+            conn.execute(
+                "INSERT OR REPLACE INTO convostore_usage VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (store, session_id, branch, turn, *astuple(usage)),
+            )
+            return turn
+
+        return await self._writer.run(lambda conn: _transaction(conn, record))
+
+    async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
+        now = time.time()
+
+        def read(conn: sqlite3.Connection) -> list[TurnUsage]:
+            if not self._alive(conn, session_id, now):
+                return []
+            rows = conn.execute(USAGE_SQL, (self.store, session_id, branch, branch)).fetchall()
+            return [TurnUsage(row[0], row[1], Usage(*row[2:])) for row in rows]
+
+        return await self._reader.run(read)
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         params = (
@@ -312,14 +617,7 @@ class SqliteDriver:
                 )
             ]
             for session_id in ids:
-                conn.execute(
-                    "DELETE FROM convostore_items WHERE store = ? AND session_id = ?",
-                    (store, session_id),
-                )
-                conn.execute(
-                    "DELETE FROM convostore_sessions WHERE store = ? AND session_id = ?",
-                    (store, session_id),
-                )
+                self._forget(conn, session_id)
             return len(ids)
 
         return await self._writer.run(lambda conn: _transaction(conn, sweep))

@@ -1,0 +1,177 @@
+"""`AdvancedSidecarSession` against the Agents SDK's own `AdvancedSQLiteSession`: the same
+scripted conversation (the real `Runner`, tool calls and usage included) runs on both,
+and every public read must be equal once ids and timestamps are set aside."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from agents import Agent, Runner, function_tool
+from agents.extensions.memory import AdvancedSQLiteSession
+from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
+from agents.usage import Usage
+from convostore import AdvancedSidecarSession
+from convostore_sidecar.encryption import generate_key
+
+from tests.support import StartSidecar, unique
+
+BRANCHING = ("sqlite",)
+StoreConfig = Callable[..., dict[str, Any]]
+
+
+def scrub(value: Any) -> Any:
+    """The value without what legitimately differs: ids and timestamps."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if k not in ("id", "timestamp", "created_at")}
+    if isinstance(value, list | tuple):
+        return [scrub(v) for v in value]
+    return value
+
+
+@function_tool
+def lookup_weather(city: str) -> str:
+    """Weather for a city."""
+    return f"sunny in {city}"
+
+
+def step(output: Any, tokens: int) -> ModelStep:
+    usage = Usage(requests=1, input_tokens=tokens, output_tokens=tokens // 2)
+    usage.total_tokens = usage.input_tokens + usage.output_tokens
+    return ModelStep(output=[output], usage=usage)
+
+
+async def outcome(call: Callable[[], Awaitable[Any]]) -> Any:
+    """What a call returns, or the error it raises, as a comparable value."""
+    try:
+        return await call()
+    except ValueError as exc:
+        return ("ValueError", str(exc))
+
+
+async def converse(session: Any) -> dict[str, Any]:
+    """A scripted conversation with branches, tools and usage; every read, in order."""
+    model = ScriptedModel(
+        [
+            step(assistant_message("Hi Ada"), 10),
+            step(function_call("lookup_weather", {"city": "Oslo"}, call_id="call_1"), 20),
+            step(assistant_message("Sunny in Oslo"), 30),
+            step(assistant_message("You are Ada"), 40),
+            step(function_call("lookup_weather", {"city": "Bergen"}, call_id="call_2"), 50),
+            step(assistant_message("Sunny in Bergen"), 60),
+            step(assistant_message("Hello again"), 70),
+        ]
+    )
+    agent = Agent(name="assistant", model=model, tools=[lookup_weather])
+    reads: dict[str, Any] = {}
+
+    async def run(text: str) -> None:
+        result = await Runner.run(agent, text, session=session)
+        await session.store_run_usage(result)
+
+    async def read_all(label: str) -> None:
+        reads[f"{label} items"] = await session.get_items()
+        reads[f"{label} latest 3"] = await session.get_items(3)
+        reads[f"{label} turns"] = await session.get_conversation_turns()
+        reads[f"{label} by turns"] = await session.get_conversation_by_turns()
+        reads[f"{label} tools"] = await session.get_tool_usage()
+        reads[f"{label} turn usage"] = await session.get_turn_usage()
+        reads[f"{label} turn 2 usage"] = await session.get_turn_usage(2)
+        reads[f"{label} turn 9 usage"] = await session.get_turn_usage(9)
+        reads[f"{label} session usage"] = await session.get_session_usage()
+        reads[f"{label} branches"] = await session.list_branches()
+        reads[f"{label} weather"] = await session.find_turns_by_content("WEATHER")
+        reads[f"{label} nothing"] = await session.find_turns_by_content("zebra")
+
+    for text in ("My name is Ada", "Weather in Oslo?", "What is my name?"):
+        await run(text)
+    await read_all("main")
+    reads["branch from turn 2"] = await session.create_branch_from_turn(2, "retry")
+    await read_all("retry before")
+    await run("Weather in Bergen?")
+    await read_all("retry after")
+    reads["main from retry"] = await session.get_items(branch_id="main")
+    reads["main usage"] = await session.get_session_usage("main")
+    reads["retry usage"] = await session.get_session_usage("retry")
+    reads["unknown branch items"] = await session.get_items(branch_id="nowhere")
+    reads["unknown branch turns"] = await session.get_conversation_turns("nowhere")
+    reads["by content"] = await session.create_branch_from_content("bergen", "bergen-again")
+    await read_all("by content")
+    await run("Hello?")
+    reads["errors"] = [
+        await outcome(lambda: session.create_branch_from_turn(99)),
+        await outcome(lambda: session.create_branch_from_turn(1, "retry")),
+        await outcome(lambda: session.create_branch_from_turn(1, "  ")),
+        await outcome(lambda: session.create_branch_from_content("zebra")),
+        await outcome(lambda: session.delete_branch("main")),
+        await outcome(lambda: session.delete_branch("bergen-again")),
+        await outcome(lambda: session.delete_branch("nowhere")),
+        await outcome(lambda: session.switch_to_branch("nowhere")),
+    ]
+    await session.switch_to_branch("main")
+    reads["popped"] = await session.pop_item()
+    await read_all("main popped")
+    await session.delete_branch("retry")
+    await read_all("retry deleted")
+    reads["switch to deleted"] = await outcome(lambda: session.switch_to_branch("retry"))
+    await session.switch_to_branch("bergen-again")
+    reads["force delete"] = await session.delete_branch("bergen-again", force=True)
+    await read_all("forced")
+    await session.clear_session()
+    await read_all("cleared")
+    reads["reuse after clear"] = await outcome(lambda: session.create_branch_from_turn(1, "retry"))
+    return reads
+
+
+@pytest.mark.parametrize("backend", BRANCHING)
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_advanced_session_matches_the_sdks_own(
+    backend: str,
+    encrypted: bool,
+    tmp_path: Path,
+    start_sidecar: StartSidecar,
+    store_config: StoreConfig,
+) -> None:
+    theirs = AdvancedSQLiteSession(
+        session_id="ada", db_path=tmp_path / "sdk.db", create_tables=True
+    )
+    try:
+        expected = scrub(await converse(theirs))
+    finally:
+        theirs.close()
+    at_rest = {"encryption": {"keys": [{"id": "k1", "value": generate_key()}]}}
+    config = store_config(backend, **(at_rest if encrypted else {}))
+    sidecar = await start_sidecar({"stores": {"chat": config}})
+    ours = scrub(await converse(AdvancedSidecarSession(unique(), "chat", url=sidecar.url)))
+    assert ours.keys() == expected.keys()
+    for key in expected:
+        assert ours[key] == expected[key], key
+    assert expected["main turns"][1]["full_content"] == "Weather in Oslo?"
+    assert expected["retry after session usage"]["total_turns"] == 4
+
+
+async def test_usage_goes_to_the_writers_own_turn_under_concurrent_writers(
+    start_sidecar: StartSidecar, store_config: StoreConfig
+) -> None:
+    sidecar = await start_sidecar({"stores": {"chat": store_config("sqlite")}})
+    session_id = unique()
+    first, second = (AdvancedSidecarSession(session_id, "chat", url=sidecar.url) for _ in range(2))
+    await first.add_items([{"role": "user", "content": "first writer"}])
+    await second.add_items([{"role": "user", "content": "second writer"}])
+    await first.add_items([{"role": "assistant", "content": "answer to first"}])
+    run = SimpleNamespace(
+        context_wrapper=SimpleNamespace(usage=Usage(requests=1, input_tokens=7, total_tokens=7))
+    )
+    await first.store_run_usage(run)
+    turns = await first.get_turn_usage()
+    assert isinstance(turns, list)
+    assert [(t["user_turn_number"], t["input_tokens"]) for t in turns] == [(1, 7)]
+    for _ in range(3):
+        await second.pop_item()
+    await second.add_items([{"role": "user", "content": "a new first turn"}])
+    await first.store_run_usage(run)
+    assert await first.get_turn_usage() == []
+    assert await second.get_session_usage() is None
