@@ -19,7 +19,7 @@ from convostore_sidecar.encryption import generate_key
 
 from tests.support import StartSidecar, unique
 
-BRANCHING = ("sqlite",)
+BRANCHING = ("sqlite", "postgres")
 StoreConfig = Callable[..., dict[str, Any]]
 
 
@@ -82,7 +82,9 @@ async def converse(session: Any) -> dict[str, Any]:
         reads[f"{label} turn 2 usage"] = await session.get_turn_usage(2)
         reads[f"{label} turn 9 usage"] = await session.get_turn_usage(9)
         reads[f"{label} session usage"] = await session.get_session_usage()
-        reads[f"{label} branches"] = await session.list_branches()
+        # listed by creation time, which the SDK keeps to the second: compared by id
+        branches = await session.list_branches()
+        reads[f"{label} branches"] = sorted(branches, key=lambda b: str(b["branch_id"]))
         reads[f"{label} weather"] = await session.find_turns_by_content("WEATHER")
         reads[f"{label} nothing"] = await session.find_turns_by_content("zebra")
 

@@ -84,7 +84,7 @@ async def postgres_reads(subject: Subject, session_id: str) -> int:
     try:
         sql = pg_driver.LATEST_SQL.format(s=settings["schema"])
         plan = await conn.fetchval(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, "conf", session_id, None, LIMIT
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, "conf", session_id, None, LIMIT, "main"
         )
     finally:
         await conn.close()

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import yaml
 from convostore_operator.handlers import OperatorConfig
 from convostore_sidecar.config import load_config, parse_config
+from convostore_sidecar.drivers import postgres as pg_driver
 
 from tests.openai_standin import OpenAIStandIn
 from tests.operator.conftest import (
@@ -117,7 +118,8 @@ async def test_postgres_store_bootstraps_the_schema(
     assert condition(obj, "BackendReachable")["status"] == "True"
     conn = await asyncpg.connect(postgres_dsn)
     try:
-        assert await conn.fetchval("SELECT max(version) FROM op_audit.schema_version") == 1
+        version = await conn.fetchval("SELECT max(version) FROM op_audit.schema_version")
+        assert version == pg_driver.SCHEMA_VERSION
     finally:
         await conn.close()
     config = yaml.safe_load(rendered(cluster, "audit")["config.yaml"])

@@ -186,8 +186,7 @@ class Branching(Protocol):
         """As `pop`; a turn left without items on the branch loses its usage."""
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
-        """The live branches that hold items, by the second of their first item, then by
-        id (the order the SDK's session lists them in)."""
+        """The live branches that hold items, oldest first."""
 
     async def branch_exists(self, session_id: str, branch: str) -> bool: ...
 

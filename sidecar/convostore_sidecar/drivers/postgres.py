@@ -8,8 +8,15 @@ server in one round trip. The latest N items are read backwards along the items'
 primary key. Item bytes are `bytea`,
 never `jsonb`, which would reorder keys and rewrite numbers.
 
+Each item also carries its branch, user turn, kind and tool; a branch's latest items
+are read along (branch, seq) and its user turns along (branch, kind, turn). Branch ids
+(reserved forever) and usage per (branch, turn) have tables of their own. Structure
+calls lock the session's row like appends do, so a branch is copied whole while writers
+wait, and usage is written only if the turn it was captured for still exists.
+
 The schema is created on first contact, under an advisory lock so that many sidecars
-starting at once do not race, and recorded in a schema-version table. The pool is made
+starting at once do not race, and recorded in a schema-version table; a version 1
+schema gains the structure columns in place (its items count as turn 0 of `main`). The pool is made
 lazily: a sidecar starts while its database is down and recovers when it returns.
 Expired sessions are swept in batches by whichever sidecar holds the sweep lock.
 """
@@ -19,19 +26,37 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
-from .base import AppendResult, BackendUnavailable, Check, Idempotency, Transform, replay_of
+from .base import (
+    MAIN,
+    AppendResult,
+    BackendUnavailable,
+    BranchIdUsed,
+    BranchInfo,
+    BranchNotFound,
+    Check,
+    Idempotency,
+    ItemShape,
+    Meta,
+    Transform,
+    TurnNotFound,
+    TurnUsage,
+    Usage,
+    UserTurn,
+    replay_of,
+)
 
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+NO_BRANCH = "CVB01"  # SQLSTATE the append function raises for a branch that is not live
 SCHEMA_LOCK = 0x636F6E766F  # "convo": one advisory lock id for schema creation
 SWEEP_LOCK = 0x73776565  # "swee": at most one sidecar sweeps at a time
 SWEEP_BATCH = 500
@@ -49,19 +74,52 @@ CREATE TABLE IF NOT EXISTS {s}.items (
     store text NOT NULL, session_id text NOT NULL, seq bigint NOT NULL, data bytea NOT NULL,
     PRIMARY KEY (store, session_id, seq),
     FOREIGN KEY (store, session_id) REFERENCES {s}.sessions ON DELETE CASCADE);
+ALTER TABLE {s}.items
+    ADD COLUMN IF NOT EXISTS branch text NOT NULL DEFAULT 'main',
+    ADD COLUMN IF NOT EXISTS turn bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'other',
+    ADD COLUMN IF NOT EXISTS tool text,
+    ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now();
+CREATE INDEX IF NOT EXISTS items_branch ON {s}.items (store, session_id, branch, seq);
+CREATE INDEX IF NOT EXISTS items_kind ON {s}.items (store, session_id, branch, kind, turn);
+CREATE TABLE IF NOT EXISTS {s}.branches (
+    store text NOT NULL, session_id text NOT NULL, branch text NOT NULL,
+    live boolean NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (store, session_id, branch));
+CREATE TABLE IF NOT EXISTS {s}.usage (
+    store text NOT NULL, session_id text NOT NULL, branch text NOT NULL, turn bigint NOT NULL,
+    requests bigint NOT NULL, input_tokens bigint NOT NULL, output_tokens bigint NOT NULL,
+    total_tokens bigint NOT NULL, input_details bytea, output_details bytea,
+    PRIMARY KEY (store, session_id, branch, turn),
+    FOREIGN KEY (store, session_id) REFERENCES {s}.sessions ON DELETE CASCADE);
 CREATE TABLE IF NOT EXISTS {s}.idempotency_keys (
     store text NOT NULL, session_id text NOT NULL, key text NOT NULL,
     fingerprint text NOT NULL, appended integer NOT NULL, expires_at timestamptz NOT NULL,
     PRIMARY KEY (store, session_id, key));
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON {s}.idempotency_keys (store, expires_at);
+DROP FUNCTION IF EXISTS {s}.append(text, text, bytea[], text, text, float8, float8, bigint);
+CREATE OR REPLACE FUNCTION {s}.turn_start(
+    p_store text, p_session text, p_branch text, p_turn bigint
+) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_turn = 0 THEN
+        (SELECT i.seq FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session
+            AND i.branch = p_branch ORDER BY i.seq LIMIT 1)
+    ELSE
+        (SELECT i.seq FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session
+            AND i.branch = p_branch AND i.kind = 'user' AND i.turn = p_turn)
+    END
+$$;
 CREATE OR REPLACE FUNCTION {s}.append(
     p_store text, p_session text, p_items bytea[], p_key text, p_fingerprint text,
-    p_key_ttl float8, p_ttl float8, p_max_items bigint
-) RETURNS TABLE (replayed boolean, fingerprint text, appended integer)
+    p_key_ttl float8, p_ttl float8, p_max_items bigint,
+    p_branch text, p_kinds text[], p_tools text[]
+) RETURNS TABLE (replayed boolean, fingerprint text, appended integer, turn bigint, anchor bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_next bigint;
     v_expired boolean;
+    v_turn bigint;
+    v_last_user bigint;
 BEGIN
     IF p_key IS NOT NULL THEN
         INSERT INTO {s}.idempotency_keys AS k VALUES (
@@ -72,7 +130,8 @@ BEGIN
                 expires_at = EXCLUDED.expires_at
             WHERE k.expires_at <= now();
         IF NOT FOUND THEN
-            RETURN QUERY SELECT true, k.fingerprint, k.appended FROM {s}.idempotency_keys AS k
+            RETURN QUERY SELECT true, k.fingerprint, k.appended, NULL::bigint, NULL::bigint
+                FROM {s}.idempotency_keys AS k
                 WHERE k.store = p_store AND k.session_id = p_session AND k.key = p_key;
             RETURN;
         END IF;
@@ -83,26 +142,50 @@ BEGIN
         FROM {s}.sessions AS s WHERE s.store = p_store AND s.session_id = p_session FOR UPDATE;
     IF v_expired THEN
         DELETE FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session;
+        DELETE FROM {s}.usage AS u WHERE u.store = p_store AND u.session_id = p_session;
+        UPDATE {s}.branches AS b SET live = false
+            WHERE b.store = p_store AND b.session_id = p_session;
     END IF;
-    INSERT INTO {s}.items (store, session_id, seq, data)
-        SELECT p_store, p_session, v_next + t.ord - 1, t.data
-        FROM unnest(p_items) WITH ORDINALITY AS t(data, ord);
+    IF p_branch <> 'main' AND NOT EXISTS (SELECT 1 FROM {s}.branches AS b
+            WHERE b.store = p_store AND b.session_id = p_session AND b.branch = p_branch
+            AND b.live) THEN
+        RAISE EXCEPTION USING ERRCODE = '{no_branch}', MESSAGE = p_branch;
+    END IF;
+    SELECT coalesce((SELECT i.turn FROM {s}.items AS i WHERE i.store = p_store
+        AND i.session_id = p_session AND i.branch = p_branch ORDER BY i.seq DESC LIMIT 1), 0)
+        INTO v_turn;
+    INSERT INTO {s}.items (store, session_id, seq, data, branch, turn, kind, tool)
+        SELECT p_store, p_session, v_next + t.ord - 1, t.data, p_branch,
+            v_turn + count(*) FILTER (WHERE t.kind = 'user') OVER (ORDER BY t.ord),
+            t.kind, t.tool
+        FROM unnest(p_items, p_kinds, p_tools) WITH ORDINALITY AS t(data, kind, tool, ord);
+    SELECT max(t.ord) INTO v_last_user
+        FROM unnest(p_kinds) WITH ORDINALITY AS t(kind, ord) WHERE t.kind = 'user';
+    v_turn := v_turn + (SELECT count(*) FROM unnest(p_kinds) AS k WHERE k = 'user');
     UPDATE {s}.sessions AS s SET next_seq = v_next + cardinality(p_items), updated_at = now()
         WHERE s.store = p_store AND s.session_id = p_session;
     IF p_max_items IS NOT NULL THEN
         DELETE FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session
-            AND i.seq < v_next + cardinality(p_items) - p_max_items;
+            AND i.branch = p_branch AND i.seq < (SELECT j.seq FROM {s}.items AS j
+                WHERE j.store = p_store AND j.session_id = p_session AND j.branch = p_branch
+                ORDER BY j.seq DESC LIMIT 1 OFFSET p_max_items - 1);
     END IF;
-    RETURN QUERY SELECT false, NULL::text, cardinality(p_items);
+    RETURN QUERY SELECT false, NULL::text, cardinality(p_items), v_turn,
+        CASE WHEN v_last_user IS NOT NULL THEN v_next + v_last_user - 1
+        ELSE {s}.turn_start(p_store, p_session, p_branch, v_turn) END;
 END $$;
 INSERT INTO {s}.schema_version (version) VALUES ({v}) ON CONFLICT DO NOTHING;
 """
 
 LATEST_SQL = """
 SELECT i.data FROM {s}.items AS i JOIN {s}.sessions AS s USING (store, session_id)
-WHERE i.store = $1 AND i.session_id = $2 AND ($3::float8 IS NULL OR
+WHERE i.store = $1 AND i.session_id = $2 AND i.branch = $5 AND ($3::float8 IS NULL OR
       s.updated_at > now() - make_interval(secs => $3::float8))
 ORDER BY i.seq DESC LIMIT $4
+"""
+USER_TURNS_SQL = """
+SELECT turn, data, extract(epoch FROM created_at) FROM {s}.items
+WHERE store = $1 AND session_id = $2 AND branch = $3 AND kind = 'user' ORDER BY turn
 """
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -155,6 +238,8 @@ def open_driver(store: StoreConfig) -> PostgresDriver:
 
 
 class PostgresDriver:
+    branching = True
+
     def __init__(self, store: StoreConfig) -> None:
         self.settings: Settings = store.settings
         self.store = store.name
@@ -163,6 +248,7 @@ class PostgresDriver:
         self._pool_lock = asyncio.Lock()
         s = self.settings.schema
         self.latest_sql = LATEST_SQL.format(s=s)
+        self.user_turns_sql = USER_TURNS_SQL.format(s=s)
         self._s = s
 
     def _password(self) -> str | None:
@@ -208,7 +294,7 @@ class PostgresDriver:
                     raise RuntimeError(
                         f"schema {self._s} has version {version}, newer than this sidecar's"
                     )
-            await conn.execute(SCHEMA.format(s=self._s, v=SCHEMA_VERSION))
+            await conn.execute(SCHEMA.format(s=self._s, v=SCHEMA_VERSION, no_branch=NO_BRANCH))
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         try:
@@ -236,51 +322,103 @@ class PostgresDriver:
     async def append(
         self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
     ) -> AppendResult:
+        return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
+
+    async def append_to(
+        self,
+        session_id: str,
+        branch: str,
+        items: Sequence[bytes],
+        meta: Sequence[Meta],
+        idempotency: Idempotency | None,
+    ) -> AppendResult:
         """One round trip: the schema's `append` function does the whole transaction."""
-        row = await self._run(
-            lambda conn: conn.fetchrow(
-                f"SELECT * FROM {self._s}.append($1, $2, $3, $4, $5, $6, $7, $8)",
-                self.store,
-                session_id,
-                list(items),
-                idempotency.key if idempotency else None,
-                idempotency.fingerprint if idempotency else None,
-                idempotency.ttl_seconds if idempotency else None,
-                self._ttl(),
-                self.retention.max_items,
+        try:
+            row = await self._run(
+                lambda conn: conn.fetchrow(
+                    f"SELECT * FROM {self._s}.append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    self.store,
+                    session_id,
+                    list(items),
+                    idempotency.key if idempotency else None,
+                    idempotency.fingerprint if idempotency else None,
+                    idempotency.ttl_seconds if idempotency else None,
+                    self._ttl(),
+                    self.retention.max_items,
+                    branch,
+                    [m.kind for m in meta],
+                    [m.tool for m in meta],
+                )
             )
-        )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == NO_BRANCH:
+                raise BranchNotFound(branch) from exc
+            raise
         if row["replayed"]:
             assert idempotency is not None
             return replay_of(idempotency, row["fingerprint"], row["appended"])
-        return AppendResult(appended=len(items), replayed=False)
+        return AppendResult(len(items), replayed=False, turn=row["turn"], anchor=row["anchor"])
 
     async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
-        rows = await self._run(
-            lambda conn: conn.fetch(self.latest_sql, self.store, session_id, self._ttl(), limit)
+        return await self.latest_in(session_id, MAIN, limit)
+
+    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+        async def read(conn: asyncpg.Connection) -> list[bytes]:
+            await self._require_branch(conn, session_id, branch)
+            rows = await conn.fetch(
+                self.latest_sql, self.store, session_id, self._ttl(), limit, branch
+            )
+            return [row[0] for row in reversed(rows)]
+
+        return await self._run(read)
+
+    async def _require_branch(self, conn: asyncpg.Connection, session_id: str, branch: str) -> None:
+        if branch == MAIN:
+            return
+        live = await conn.fetchval(
+            f"SELECT b.live FROM {self._s}.branches AS b"
+            f" LEFT JOIN {self._s}.sessions AS s USING (store, session_id)"
+            f" WHERE b.store = $1 AND b.session_id = $2 AND b.branch = $3"
+            f" AND ($4::float8 IS NULL OR s.updated_at IS NULL"
+            f"  OR s.updated_at > now() - make_interval(secs => $4::float8))",
+            self.store,
+            session_id,
+            branch,
+            self._ttl(),
         )
-        return [row[0] for row in reversed(rows)]
+        if not live:
+            raise BranchNotFound(branch)
+
+    async def _lock(self, conn: asyncpg.Connection, session_id: str) -> bool:
+        """Lock the session's row; False when it does not exist or has expired."""
+        expired = await conn.fetchval(
+            f"SELECT ($3::float8 IS NOT NULL AND"
+            f" updated_at <= now() - make_interval(secs => $3::float8))"
+            f" FROM {self._s}.sessions WHERE store = $1 AND session_id = $2 FOR UPDATE",
+            self.store,
+            session_id,
+            self._ttl(),
+        )
+        return expired is False
 
     async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
+        return await self.pop_from(session_id, MAIN, check)
+
+    async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         s, store = self._s, self.store
 
         async def pop(conn: asyncpg.Connection) -> bytes | None:
             async with conn.transaction():
-                row = await conn.fetchrow(
-                    f"SELECT ($3::float8 IS NOT NULL AND"
-                    f" updated_at <= now() - make_interval(secs => $3::float8)) AS expired"
-                    f" FROM {s}.sessions WHERE store = $1 AND session_id = $2 FOR UPDATE",
-                    store,
-                    session_id,
-                    self._ttl(),
-                )
-                if row is None or row["expired"]:
+                alive = await self._lock(conn, session_id)
+                await self._require_branch(conn, session_id, branch)
+                if not alive:
                     return None
                 newest = await conn.fetchrow(
-                    f"SELECT seq, data FROM {s}.items WHERE store = $1 AND session_id = $2"
-                    f" ORDER BY seq DESC LIMIT 1",
+                    f"SELECT seq, data, turn FROM {s}.items WHERE store = $1 AND session_id = $2"
+                    f" AND branch = $3 ORDER BY seq DESC LIMIT 1",
                     store,
                     session_id,
+                    branch,
                 )
                 if newest is None:
                     return None
@@ -291,6 +429,15 @@ class PostgresDriver:
                     store,
                     session_id,
                     newest["seq"],
+                )
+                await conn.execute(
+                    f"DELETE FROM {s}.usage WHERE store = $1 AND session_id = $2"
+                    f" AND branch = $3 AND turn = $4 AND NOT EXISTS (SELECT 1 FROM {s}.items"
+                    f"  WHERE store = $1 AND session_id = $2 AND branch = $3 AND turn = $4)",
+                    store,
+                    session_id,
+                    branch,
+                    newest["turn"],
                 )
                 await conn.execute(
                     f"UPDATE {s}.sessions SET updated_at = now()"
@@ -304,13 +451,236 @@ class PostgresDriver:
         return await self._run(pop)
 
     async def clear(self, session_id: str) -> None:
-        await self._run(
-            lambda conn: conn.execute(
-                f"DELETE FROM {self._s}.sessions WHERE store = $1 AND session_id = $2",
+        s = self._s
+
+        async def clear(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await conn.execute(
+                    f"DELETE FROM {s}.sessions WHERE store = $1 AND session_id = $2",
+                    self.store,
+                    session_id,
+                )
+                await conn.execute(
+                    f"UPDATE {s}.branches SET live = false WHERE store = $1 AND session_id = $2",
+                    self.store,
+                    session_id,
+                )
+
+        await self._run(clear)
+
+    async def branch_exists(self, session_id: str, branch: str) -> bool:
+        async def exists(conn: asyncpg.Connection) -> bool:
+            try:
+                await self._require_branch(conn, session_id, branch)
+            except BranchNotFound:
+                return False
+            return True
+
+        return await self._run(exists)
+
+    async def branches(self, session_id: str) -> list[BranchInfo]:
+        rows = await self._run(
+            lambda conn: conn.fetch(
+                f"SELECT i.branch, count(*), count(*) FILTER (WHERE i.kind = 'user'),"
+                f" extract(epoch FROM min(i.created_at))"
+                f" FROM {self._s}.items AS i JOIN {self._s}.sessions AS s"
+                f"  USING (store, session_id)"
+                f" WHERE i.store = $1 AND i.session_id = $2 AND ($3::float8 IS NULL"
+                f"  OR s.updated_at > now() - make_interval(secs => $3::float8))"
+                f" GROUP BY i.branch"
+                f' ORDER BY min(i.created_at), i.branch COLLATE "C"',
                 self.store,
                 session_id,
+                self._ttl(),
             )
         )
+        return [BranchInfo(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+    async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
+        s, store = self._s, self.store
+
+        async def create(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                alive = await self._lock(conn, session_id)
+                await self._require_branch(conn, session_id, source)
+                start = None
+                if alive:
+                    start = await conn.fetchval(
+                        f"SELECT seq FROM {s}.items WHERE store = $1 AND session_id = $2"
+                        f" AND branch = $3 AND kind = 'user' AND turn = $4",
+                        store,
+                        session_id,
+                        source,
+                        turn,
+                    )
+                if start is None:
+                    raise TurnNotFound(turn)
+                taken = await conn.fetchval(
+                    f"SELECT 1 FROM {s}.branches WHERE store = $1 AND session_id = $2"
+                    f" AND branch = $3",
+                    store,
+                    session_id,
+                    new,
+                )
+                if taken or new == MAIN:
+                    raise BranchIdUsed(new)
+                copied = await conn.execute(
+                    f"INSERT INTO {s}.items"
+                    f" (store, session_id, seq, data, branch, turn, kind, tool)"
+                    f" SELECT store, session_id,"
+                    f"  (SELECT next_seq FROM {s}.sessions WHERE store = $1 AND session_id = $2)"
+                    f"  + row_number() OVER (ORDER BY seq) - 1, data, $4, turn, kind, tool"
+                    f" FROM {s}.items WHERE store = $1 AND session_id = $2 AND branch = $3"
+                    f" AND seq < $5",
+                    store,
+                    session_id,
+                    source,
+                    new,
+                    start,
+                )
+                await conn.execute(
+                    f"INSERT INTO {s}.branches VALUES ($1, $2, $3, true, now())",
+                    store,
+                    session_id,
+                    new,
+                )
+                await conn.execute(
+                    f"UPDATE {s}.sessions SET next_seq = next_seq + $3, updated_at = now()"
+                    f" WHERE store = $1 AND session_id = $2",
+                    store,
+                    session_id,
+                    int(copied.split()[-1]),
+                )
+
+        await self._run(create)
+
+    async def delete_branch(self, session_id: str, branch: str) -> None:
+        s, key = self._s, (self.store, session_id, branch)
+
+        async def delete(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                await self._lock(conn, session_id)
+                await self._require_branch(conn, session_id, branch)
+                for table in ("items", "usage"):
+                    await conn.execute(
+                        f"DELETE FROM {s}.{table} WHERE store = $1 AND session_id = $2"
+                        f" AND branch = $3",
+                        *key,
+                    )
+                await conn.execute(
+                    f"UPDATE {s}.branches SET live = false"
+                    f" WHERE store = $1 AND session_id = $2 AND branch = $3",
+                    *key,
+                )
+
+        await self._run(delete)
+
+    async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
+        async def read(conn: asyncpg.Connection) -> list[UserTurn]:
+            await self._require_branch(conn, session_id, branch)
+            if not await self._alive(conn, session_id):
+                return []
+            rows = await conn.fetch(self.user_turns_sql, self.store, session_id, branch)
+            return [UserTurn(r[0], r[1], float(r[2])) for r in rows]
+
+        return await self._run(read)
+
+    async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
+        async def read(conn: asyncpg.Connection) -> list[ItemShape]:
+            await self._require_branch(conn, session_id, branch)
+            if not await self._alive(conn, session_id):
+                return []
+            rows = await conn.fetch(
+                f"SELECT turn, kind, tool FROM {self._s}.items"
+                f" WHERE store = $1 AND session_id = $2 AND branch = $3 ORDER BY seq",
+                self.store,
+                session_id,
+                branch,
+            )
+            return [ItemShape(*row) for row in rows]
+
+        return await self._run(read)
+
+    async def _alive(self, conn: asyncpg.Connection, session_id: str) -> bool:
+        alive: bool | None = await conn.fetchval(
+            f"SELECT ($3::float8 IS NULL OR updated_at > now() - make_interval(secs => $3))"
+            f" FROM {self._s}.sessions WHERE store = $1 AND session_id = $2",
+            self.store,
+            session_id,
+            self._ttl(),
+        )
+        return bool(alive)
+
+    async def record_usage(
+        self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
+    ) -> int | None:
+        s, store = self._s, self.store
+
+        async def record(conn: asyncpg.Connection) -> int | None:
+            async with conn.transaction():
+                alive = await self._lock(conn, session_id)
+                await self._require_branch(conn, session_id, branch)
+                if not alive:
+                    return None
+                target, start = turn, anchor
+                if target is None:
+                    target = await conn.fetchval(
+                        f"SELECT turn FROM {s}.items WHERE store = $1 AND session_id = $2"
+                        f" AND branch = $3 ORDER BY seq DESC LIMIT 1",
+                        store,
+                        session_id,
+                        branch,
+                    )
+                    if target is None:
+                        return None
+                    start = await conn.fetchval(
+                        f"SELECT {s}.turn_start($1, $2, $3, $4)", store, session_id, branch, target
+                    )
+                present = await conn.fetchval(
+                    f"SELECT 1 FROM {s}.items WHERE store = $1 AND session_id = $2"
+                    f" AND seq = $3 AND branch = $4 AND turn = $5",
+                    store,
+                    session_id,
+                    start,
+                    branch,
+                    target,
+                )
+                if not present:
+                    return None
+                await conn.execute(
+                    f"INSERT INTO {s}.usage VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                    f" ON CONFLICT (store, session_id, branch, turn) DO UPDATE SET"
+                    f" requests = EXCLUDED.requests, input_tokens = EXCLUDED.input_tokens,"
+                    f" output_tokens = EXCLUDED.output_tokens,"
+                    f" total_tokens = EXCLUDED.total_tokens,"
+                    f" input_details = EXCLUDED.input_details,"
+                    f" output_details = EXCLUDED.output_details",
+                    store,
+                    session_id,
+                    branch,
+                    target,
+                    *astuple(usage),
+                )
+                return int(target)
+
+        return await self._run(record)
+
+    async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
+        async def read(conn: asyncpg.Connection) -> list[TurnUsage]:
+            if not await self._alive(conn, session_id):
+                return []
+            rows = await conn.fetch(
+                f"SELECT branch, turn, requests, input_tokens, output_tokens, total_tokens,"
+                f" input_details, output_details FROM {self._s}.usage"
+                f" WHERE store = $1 AND session_id = $2 AND ($3::text IS NULL OR branch = $3)"
+                f' ORDER BY branch COLLATE "C", turn',
+                self.store,
+                session_id,
+                branch,
+            )
+            return [TurnUsage(r[0], r[1], Usage(*r[2:])) for r in rows]
+
+        return await self._run(read)
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         rows = await self._run(

@@ -432,7 +432,7 @@ class SqliteDriver:
                 " FROM convostore_items AS i JOIN convostore_sessions AS s"
                 "  ON s.store = i.store AND s.session_id = i.session_id"
                 " WHERE i.store = ? AND i.session_id = ? AND s.updated_at > ?"
-                " GROUP BY i.branch ORDER BY CAST(min(i.created_at) AS INTEGER), i.branch",
+                " GROUP BY i.branch ORDER BY min(i.created_at), i.branch",
                 params,
             ).fetchall()
             return [BranchInfo(*row) for row in rows]
