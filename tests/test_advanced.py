@@ -19,7 +19,7 @@ from convostore_sidecar.encryption import generate_key
 
 from tests.support import StartSidecar, unique
 
-BRANCHING = ("sqlite", "postgres")
+BRANCHING = ("sqlite", "postgres", "redis")
 StoreConfig = Callable[..., dict[str, Any]]
 
 

@@ -6,6 +6,14 @@ batch, bumps the sequence, trims to `maxItems`, refreshes the TTL and records th
 idempotency key in one script; no other client can observe half of it. The latest N
 items are `LRANGE -N -1`, which Redis serves from the list's tail without walking it.
 
+Structure lives beside each branch's item list (`items`, and `items@<branch>` for the
+others), under the same hash tag: a parallel `meta` list (`turn<TAB>kind<TAB>tool<TAB>time`
+per item), the user messages by position in a hash with their turns in a sorted set
+(so a branch's turns are read without its other items), usage per turn in a hash, and
+the count of items trimmed from the head (a position minus it is a list index). The
+`branches` hash reserves every branch id ever used. The scripts build these key names
+from the session's base key, so they all stay in the session's slot.
+
 Session ids are also kept in one sorted set per store (all scores 0, so ordered by
 bytes) for paged listing. It lives outside the session's slot, so it is updated after
 the script, and only when the script reports that the append started the session; an
@@ -16,55 +24,240 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import orjson
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError, WatchError
 from redis.retry import Retry
 
-from .base import AppendResult, BackendUnavailable, Check, Idempotency, Transform, replay_of
+from .base import (
+    MAIN,
+    AppendResult,
+    BackendUnavailable,
+    BranchIdUsed,
+    BranchInfo,
+    BranchNotFound,
+    Check,
+    Idempotency,
+    ItemShape,
+    Meta,
+    Transform,
+    TurnNotFound,
+    TurnUsage,
+    Usage,
+    UserTurn,
+    replay_of,
+)
 
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
 
 T = TypeVar("T")
 
-APPEND = """
-local items, seq, idem = KEYS[1], KEYS[2], KEYS[3]
-local use_idem, fingerprint = ARGV[1] == '1', ARGV[2]
-local idem_ms, ttl_ms, max_items = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if use_idem then
-  local seen = redis.call('GET', idem)
-  if seen then return seen end
+COMMON = """
+local base = KEYS[1]
+local function keys_of(sfx)
+  return base .. ':items' .. sfx, base .. ':meta' .. sfx, base .. ':users' .. sfx,
+         base .. ':turns' .. sfx, base .. ':usage' .. sfx, base .. ':trim' .. sfx
 end
-local count = #ARGV - 5
-for first = 6, #ARGV, 1000 do
-  redis.call('RPUSH', items, unpack(ARGV, first, math.min(first + 999, #ARGV)))
+local function live(sfx)
+  return sfx == '' or redis.call('HGET', base .. ':branches', string.sub(sfx, 2)) == '1'
 end
-local total = redis.call('INCRBY', seq, count)
-if max_items > 0 then redis.call('LTRIM', items, -max_items, -1) end
-if ttl_ms > 0 then
-  redis.call('PEXPIRE', items, ttl_ms)
-  redis.call('PEXPIRE', seq, ttl_ms)
+local function field(entry, n)
+  local i = 0
+  for part in string.gmatch(entry, '([^\t]*)\t?') do
+    i = i + 1
+    if i == n then return part end
+  end
 end
-if use_idem then redis.call('SET', idem, fingerprint .. ' ' .. count, 'PX', idem_ms) end
-if total == count then return 1 end
-return false
+local function turn_of(entry) return tonumber(string.match(entry, '^(%d+)')) end
+local function id_of(entry) return tonumber(string.match(entry, '(%d+)$')) end
+local function touch(ttl_ms)
+  if ttl_ms <= 0 then return end
+  local sfxs = {''}
+  for _, b in ipairs(redis.call('HKEYS', base .. ':branches')) do sfxs[#sfxs + 1] = '@' .. b end
+  for _, sfx in ipairs(sfxs) do
+    for _, key in ipairs({keys_of(sfx)}) do redis.call('PEXPIRE', key, ttl_ms) end
+  end
+  for _, key in ipairs({base .. ':seq', base .. ':ids', base .. ':branches'}) do
+    redis.call('PEXPIRE', key, ttl_ms)
+  end
+end
+-- the id of the turn's first item: its user message, or the branch's first item for turn 0
+local function turn_start(sfx, turn)
+  local items, meta, users, turns = keys_of(sfx)
+  if turn == 0 then
+    local first = redis.call('LINDEX', meta, 0)
+    return first and turn_of(first) == 0 and id_of(first) or false
+  end
+  local found = redis.call('ZRANGEBYSCORE', turns, turn, turn)
+  return found[1] and tonumber(found[1]) or false
+end
+local function forget(users, turns, shapes)
+  for _, entry in ipairs(shapes) do
+    local id = id_of(entry)
+    redis.call('HDEL', users, id)
+    redis.call('ZREM', turns, id)
+  end
+end
 """
 
-POP = """
-local item = redis.call('RPOP', KEYS[1])
-local ttl_ms = tonumber(ARGV[1])
-if item and ttl_ms > 0 then
-  redis.call('PEXPIRE', KEYS[1], ttl_ms)
-  redis.call('PEXPIRE', KEYS[2], ttl_ms)
+APPEND = (
+    COMMON
+    + """
+local sfx, use_idem, fingerprint = ARGV[1], ARGV[2] == '1', ARGV[3]
+local idem_ms, ttl_ms, max_items = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, n = ARGV[7], tonumber(ARGV[8])
+if use_idem then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then return {0, seen} end
 end
-return item
+if not live(sfx) then return {2} end
+local items, meta, users, turns, usage, trim = keys_of(sfx)
+local pos = tonumber(redis.call('GET', trim) or '0') + redis.call('LLEN', items)
+local id = redis.call('INCRBY', base .. ':ids', n) - n
+local last = redis.call('LINDEX', meta, -1)
+local turn = last and turn_of(last) or 0
+local anchor = false
+for i = 1, n do
+  local data, shape = ARGV[8 + i], ARGV[8 + n + i]
+  id = id + 1
+  if string.sub(shape, 1, 5) == 'user\t' then
+    turn, anchor = turn + 1, id
+    redis.call('HSET', users, id, pos .. '\t' .. now .. '\t' .. data)
+    redis.call('ZADD', turns, turn, id)
+  end
+  redis.call('RPUSH', items, data)
+  redis.call('RPUSH', meta, turn .. '\t' .. shape .. '\t' .. now .. '\t' .. id)
+  pos = pos + 1
+end
+if max_items > 0 then
+  local excess = redis.call('LLEN', items) - max_items
+  if excess > 0 then
+    forget(users, turns, redis.call('LRANGE', meta, 0, excess - 1))
+    redis.call('LTRIM', items, excess, -1)
+    redis.call('LTRIM', meta, excess, -1)
+    redis.call('INCRBY', trim, excess)
+  end
+end
+local total = redis.call('INCRBY', base .. ':seq', n)
+touch(ttl_ms)
+if use_idem then redis.call('SET', KEYS[2], fingerprint .. ' ' .. n, 'PX', idem_ms) end
+if not anchor then anchor = turn_start(sfx, turn) end
+return {1, total == n and 1 or 0, turn, anchor}
 """
+)
+
+POP = (
+    COMMON
+    + """
+local sfx, ttl_ms = ARGV[1], tonumber(ARGV[2])
+if not live(sfx) then return {2} end
+local items, meta, users, turns, usage = keys_of(sfx)
+local data = redis.call('RPOP', items)
+if not data then return {1} end
+local entry = redis.call('RPOP', meta)
+forget(users, turns, {entry})
+local newest = redis.call('LINDEX', meta, -1)
+if not newest or turn_of(newest) ~= turn_of(entry) then
+  redis.call('HDEL', usage, turn_of(entry))
+end
+touch(ttl_ms)
+return {1, data}
+"""
+)
+
+CREATE_BRANCH = (
+    COMMON
+    + """
+local source, new, turn = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now, ttl_ms = ARGV[4], tonumber(ARGV[5])
+if not live(source) then return {2} end
+local items, meta, users, turns, usage, trim = keys_of(source)
+local start = redis.call('ZRANGEBYSCORE', turns, turn, turn)[1]
+if not start then return {3} end
+if new == 'main' or redis.call('HEXISTS', base .. ':branches', new) == 1 then return {4} end
+local to_items, to_meta, to_users, to_turns = keys_of('@' .. new)
+local first = tonumber(redis.call('GET', trim) or '0')
+local count = tonumber(field(redis.call('HGET', users, start), 1)) - first
+for offset = 0, count - 1, 1000 do
+  local stop = math.min(offset + 999, count - 1)
+  redis.call('RPUSH', to_items, unpack(redis.call('LRANGE', items, offset, stop)))
+  local shapes = redis.call('LRANGE', meta, offset, stop)
+  for i, entry in ipairs(shapes) do
+    shapes[i] = table.concat({field(entry, 1), field(entry, 2), field(entry, 3), now,
+                              field(entry, 5)}, '\t')
+  end
+  redis.call('RPUSH', to_meta, unpack(shapes))
+end
+local before = redis.call('ZRANGEBYSCORE', turns, '-inf', '(' .. turn, 'WITHSCORES')
+for i = 1, #before, 2 do
+  local id = before[i]
+  local user = redis.call('HGET', users, id)
+  local data = string.match(user, '^[^\t]*\t[^\t]*\t(.*)$')
+  local position = tonumber(field(user, 1)) - first
+  redis.call('HSET', to_users, id, position .. '\t' .. now .. '\t' .. data)
+  redis.call('ZADD', to_turns, before[i + 1], id)
+end
+redis.call('HSET', base .. ':branches', new, '1')
+touch(ttl_ms)
+return {1}
+"""
+)
+
+DELETE_BRANCH = (
+    COMMON
+    + """
+local sfx = ARGV[1]
+if not live(sfx) then return {2} end
+redis.call('DEL', keys_of(sfx))
+redis.call('HSET', base .. ':branches', string.sub(sfx, 2), '0')
+return {1}
+"""
+)
+
+CLEAR = (
+    COMMON
+    + """
+redis.call('DEL', base .. ':seq', keys_of(''))
+for _, b in ipairs(redis.call('HKEYS', base .. ':branches')) do
+  redis.call('DEL', keys_of('@' .. b))
+  redis.call('HSET', base .. ':branches', b, '0')
+end
+return 1
+"""
+)
+
+RECORD_USAGE = (
+    COMMON
+    + """
+local sfx, turn, anchor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local usage_json, ttl_ms = ARGV[4], tonumber(ARGV[5])
+if not live(sfx) then return {2} end
+local items, meta, users, turns, usage = keys_of(sfx)
+if not turn then
+  local newest = redis.call('LINDEX', meta, -1)
+  if not newest then return {1} end
+  turn = turn_of(newest)
+  anchor = turn_start(sfx, turn)
+elseif turn == 0 then
+  if turn_start(sfx, 0) ~= anchor then anchor = false end
+elseif tonumber(redis.call('ZSCORE', turns, anchor)) ~= turn then
+  anchor = false
+end
+if not anchor then return {1} end
+redis.call('HSET', usage, turn, usage_json)
+touch(ttl_ms)
+return {1, turn}
+"""
+)
 
 _UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
 OPTIMISTIC_ATTEMPTS = 50
@@ -115,6 +308,8 @@ def open_driver(store: StoreConfig) -> RedisDriver:
 
 
 class RedisDriver:
+    branching = True
+
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
         self.retention = store.retention
@@ -137,6 +332,10 @@ class RedisDriver:
         self.client: aioredis.Redis = aioredis.Redis.from_url(settings.url, **options)
         self._append = self.client.register_script(APPEND)
         self._pop = self.client.register_script(POP)
+        self._create_branch = self.client.register_script(CREATE_BRANCH)
+        self._delete_branch = self.client.register_script(DELETE_BRANCH)
+        self._clear = self.client.register_script(CLEAR)
+        self._record_usage = self.client.register_script(RECORD_USAGE)
         self._index = f"{self.prefix}:sessions"
 
     def keys(self, session_id: str) -> tuple[str, str]:
@@ -162,79 +361,223 @@ class RedisDriver:
     async def ping(self) -> None:
         await self._call(self.client.ping)
 
+    def _base(self, session_id: str) -> str:
+        return f"{self.prefix}:{{{session_id}}}"
+
+    async def _script(self, script: AsyncScript, session_id: str, *args: Any) -> Any:
+        return await self._call(lambda: script(keys=[self._base(session_id)], args=list(args)))
+
     async def append(
         self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
     ) -> AppendResult:
-        items_key, seq_key = self.keys(session_id)
-        idem_key = f"{self.prefix}:{{{session_id}}}:idem:" + (
+        return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
+
+    async def append_to(
+        self,
+        session_id: str,
+        branch: str,
+        items: Sequence[bytes],
+        meta: Sequence[Meta],
+        idempotency: Idempotency | None,
+    ) -> AppendResult:
+        idem_key = f"{self._base(session_id)}:idem:" + (
             hashlib.sha256(idempotency.key.encode()).hexdigest()[:40] if idempotency else ""
         )
         args: list[Any] = [
+            _suffix(branch),
             "1" if idempotency else "0",
             idempotency.fingerprint if idempotency else "",
             int(idempotency.ttl_seconds * 1000) if idempotency else 0,
             self._ttl_ms(),
             self.retention.max_items or 0,
+            f"{time.time():.6f}",
+            len(items),
             *items,
+            *(f"{_clean(m.kind)}\t{_clean(m.tool or '')}" for m in meta),
         ]
 
         async def run() -> Any:
-            outcome = await self._append(keys=[items_key, seq_key, idem_key], args=args)
-            if outcome == 1:
+            outcome = await self._append(keys=[self._base(session_id), idem_key], args=args)
+            if outcome[0] == 1 and outcome[1] == 1:
                 await self.client.zadd(self._index, {session_id: 0})
             return outcome
 
-        seen = await self._call(run)
-        if seen is None or seen == 1:
-            return AppendResult(appended=len(items), replayed=False)
-        assert idempotency is not None
-        fingerprint, _, count = seen.decode().partition(" ")
-        return replay_of(idempotency, fingerprint, int(count))
+        outcome = await self._call(run)
+        if outcome[0] == 2:
+            raise BranchNotFound(branch)
+        if outcome[0] == 0:
+            assert idempotency is not None
+            fingerprint, _, count = outcome[1].decode().partition(" ")
+            return replay_of(idempotency, fingerprint, int(count))
+        return AppendResult(len(items), replayed=False, turn=outcome[2], anchor=outcome[3])
 
     async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
-        items_key, _ = self.keys(session_id)
+        return await self.latest_in(session_id, MAIN, limit)
+
+    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+        await self._require_branch(session_id, branch)
+        items_key = f"{self._base(session_id)}:items{_suffix(branch)}"
         start = 0 if limit is None else -limit
         items = await self._call(lambda: self.client.lrange(items_key, start, -1))
         return cast(list[bytes], items)
 
-    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
-        if check is not None:
-            return await self._call(functools.partial(self._checked_pop, session_id, check))
-        item: bytes | None = await self._call(
-            lambda: self._pop(keys=list(self.keys(session_id)), args=[self._ttl_ms()])
-        )
-        return item
+    async def _require_branch(self, session_id: str, branch: str) -> None:
+        if not await self.branch_exists(session_id, branch):
+            raise BranchNotFound(branch)
 
-    async def _checked_pop(self, session_id: str, check: Check) -> bytes | None:
-        """Pop with a look at the item first: a WATCH transaction, retried on contention."""
-        items_key, seq_key = self.keys(session_id)
+    async def branch_exists(self, session_id: str, branch: str) -> bool:
+        if branch == MAIN:
+            return True
+        key = f"{self._base(session_id)}:branches"
+        live = await self._call(lambda: self.client.hget(key, branch))
+        return live == b"1"
+
+    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
+        return await self.pop_from(session_id, MAIN, check)
+
+    async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
+        return await self._call(functools.partial(self._checked_pop, session_id, branch, check))
+
+    async def _checked_pop(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
+        """Look at the newest item first (a WATCH transaction, retried on contention), then
+        pop it with the script, which keeps the branch's structure in step."""
+        items_key = f"{self._base(session_id)}:items{_suffix(branch)}"
         for _ in range(OPTIMISTIC_ATTEMPTS):
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(items_key)
                     newest = await pipe.lindex(items_key, -1)
-                    if newest is None:
-                        return None
-                    check(cast(bytes, newest))
+                    if newest is not None and check is not None:
+                        check(cast(bytes, newest))
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.rpop(items_key)
-                    if ttl := self._ttl_ms():
-                        pipe.pexpire(items_key, ttl)
-                        pipe.pexpire(seq_key, ttl)
-                    popped = (await pipe.execute())[0]
-                    return cast(bytes, popped)
+                    await self._pop(
+                        keys=[self._base(session_id)],
+                        args=[_suffix(branch), self._ttl_ms()],
+                        client=pipe,
+                    )
+                    outcome = (await pipe.execute())[0]
                 except WatchError:
                     continue
+            if outcome[0] == 2:
+                raise BranchNotFound(branch)
+            return cast(bytes, outcome[1]) if len(outcome) > 1 else None
         raise BackendUnavailable(f"redis: session {session_id!r} changed too often to pop")
 
     async def clear(self, session_id: str) -> None:
         async def run() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.delete(*self.keys(session_id))
-                pipe.zrem(self._index, session_id)
-                await pipe.execute()
+            await self._clear(keys=[self._base(session_id)], args=[])
+            await self.client.zrem(self._index, session_id)
 
         await self._call(run)
+
+    async def branches(self, session_id: str) -> list[BranchInfo]:
+        base = self._base(session_id)
+        names = await self._live_branches(base)
+
+        async def read() -> list[Any]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for name in names:
+                    sfx = _suffix(name)
+                    pipe.llen(f"{base}:items{sfx}")
+                    pipe.zcard(f"{base}:turns{sfx}")
+                    pipe.lindex(f"{base}:meta{sfx}", 0)
+                return await pipe.execute()
+
+        counts = await self._call(read)
+        found = []
+        for index, name in enumerate(names):
+            count, users, first = counts[index * 3 : index * 3 + 3]
+            if count:
+                found.append(BranchInfo(name, count, users, float(first.split(b"\t")[3])))
+        return sorted(found, key=lambda b: (b.created_at, b.branch_id))
+
+    async def _live_branches(self, base: str) -> list[str]:
+        """`main` and every live branch, by id."""
+        registry = await self._call(lambda: self.client.hgetall(f"{base}:branches"))
+        return [MAIN, *_live(cast(dict[bytes, bytes], registry))]
+
+    async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
+        outcome = await self._script(
+            self._create_branch,
+            session_id,
+            _suffix(source),
+            new,
+            turn,
+            f"{time.time():.6f}",
+            self._ttl_ms(),
+        )
+        if outcome[0] == 2:
+            raise BranchNotFound(source)
+        if outcome[0] == 3:
+            raise TurnNotFound(turn)
+        if outcome[0] == 4:
+            raise BranchIdUsed(new)
+
+    async def delete_branch(self, session_id: str, branch: str) -> None:
+        outcome = await self._script(self._delete_branch, session_id, _suffix(branch))
+        if outcome[0] == 2:
+            raise BranchNotFound(branch)
+
+    async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
+        await self._require_branch(session_id, branch)
+        base, sfx = self._base(session_id), _suffix(branch)
+
+        async def read() -> tuple[list[Any], list[Any]]:
+            ids: list[Any] = await self.client.zrange(f"{base}:turns{sfx}", 0, -1, withscores=True)
+            if not ids:
+                return [], []
+            users = await self.client.hmget(f"{base}:users{sfx}", [i[0] for i in ids])
+            return ids, users
+
+        ids, users = await self._call(read)
+        turns = []
+        for (_, turn), user in zip(ids, users, strict=True):
+            if user is not None:
+                _, created, data = user.split(b"\t", 2)
+                turns.append(UserTurn(int(turn), data, float(created)))
+        return turns
+
+    async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
+        await self._require_branch(session_id, branch)
+        key = f"{self._base(session_id)}:meta{_suffix(branch)}"
+        entries = await self._call(lambda: self.client.lrange(key, 0, -1))
+        shapes = []
+        for entry in cast(list[bytes], entries):
+            turn, kind, tool, _, _ = entry.decode().split("\t")
+            shapes.append(ItemShape(int(turn), kind, tool or None))
+        return shapes
+
+    async def record_usage(
+        self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
+    ) -> int | None:
+        outcome = await self._script(
+            self._record_usage,
+            session_id,
+            _suffix(branch),
+            "" if turn is None else turn,
+            "" if anchor is None else anchor,
+            _encode_usage(usage),
+            self._ttl_ms(),
+        )
+        if outcome[0] == 2:
+            raise BranchNotFound(branch)
+        return int(outcome[1]) if len(outcome) > 1 else None
+
+    async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
+        base = self._base(session_id)
+        names = await self._live_branches(base) if branch is None else [branch]
+
+        async def read() -> list[Any]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for name in names:
+                    pipe.hgetall(f"{base}:usage{_suffix(name)}")
+                return await pipe.execute()
+
+        rows = []
+        for name, entries in zip(names, await self._call(read), strict=True):
+            for turn, value in sorted(entries.items(), key=lambda e: int(e[0])):
+                rows.append(TurnUsage(name, int(turn), _decode_usage(value)))
+        return rows
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         low = f"({after}" if after and after >= prefix else f"[{prefix}"
@@ -274,22 +617,78 @@ class RedisDriver:
         return await self._call(functools.partial(self._rewrite, session_id, transform))
 
     async def _rewrite(self, session_id: str, transform: Transform) -> int:
-        items_key, _ = self.keys(session_id)
+        """Every branch's items and the copies of user messages, in one transaction."""
+        base = self._base(session_id)
         for _ in range(OPTIMISTIC_ATTEMPTS):
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    await pipe.watch(items_key)
-                    items = cast(list[bytes], await pipe.lrange(items_key, 0, -1))
-                    changed = {
-                        index: new
-                        for index, item in enumerate(items)
-                        if (new := transform(item)) is not None
-                    }
+                    await pipe.watch(f"{base}:branches")
+                    registry = cast(dict[bytes, bytes], await pipe.hgetall(f"{base}:branches"))
+                    sfxs = ["", *(_suffix(name) for name in _live(registry))]
+                    keys = [f"{base}:{kind}{sfx}" for sfx in sfxs for kind in ("items", "users")]
+                    await pipe.watch(*keys)
+                    changed = 0
+                    writes: list[tuple[str, Any, bytes]] = []
+                    for sfx in sfxs:
+                        items = await pipe.lrange(f"{base}:items{sfx}", 0, -1)
+                        for index, item in enumerate(cast(list[bytes], items)):
+                            if (new := transform(item)) is not None:
+                                writes.append((f"{base}:items{sfx}", index, new))
+                                changed += 1
+                        users = await pipe.hgetall(f"{base}:users{sfx}")
+                        for user_id, user in cast(dict[bytes, bytes], users).items():
+                            position, created, data = user.split(b"\t", 2)
+                            if (new := transform(data)) is not None:
+                                value = b"\t".join((position, created, new))
+                                writes.append((f"{base}:users{sfx}", user_id, value))
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    for index, new in changed.items():
-                        pipe.lset(items_key, index, cast(str, new))
+                    for key, where, value in writes:
+                        if key.rsplit(":", 1)[-1].startswith("items"):
+                            pipe.lset(key, where, cast(str, value))
+                        else:
+                            pipe.hset(key, where, value)
                     await pipe.execute()
-                    return len(changed)
+                    return changed
                 except WatchError:
                     continue
         raise BackendUnavailable(f"redis: session {session_id!r} changed too often to rewrite")
+
+
+def _live(registry: dict[bytes, bytes]) -> list[str]:
+    return sorted(name.decode() for name, live in registry.items() if live == b"1")
+
+
+def _suffix(branch: str) -> str:
+    return "" if branch == MAIN else f"@{branch}"
+
+
+def _clean(text: str) -> str:
+    """Kinds and tool names go into tab-separated entries."""
+    return text.replace("\t", " ")
+
+
+def _encode_usage(usage: Usage) -> bytes:
+    return orjson.dumps(
+        {
+            "requests": usage.requests,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "total_tokens": usage.total_tokens,
+            "input_details": None if usage.input_details is None else usage.input_details.decode(),
+            "output_details": (
+                None if usage.output_details is None else usage.output_details.decode()
+            ),
+        }
+    )
+
+
+def _decode_usage(raw: bytes) -> Usage:
+    value = orjson.loads(raw)
+    details = [value[k] for k in ("input_details", "output_details")]
+    return Usage(
+        value["requests"],
+        value["input_tokens"],
+        value["output_tokens"],
+        value["total_tokens"],
+        *(None if d is None else d.encode() for d in details),
+    )
