@@ -4,6 +4,7 @@ and every public read must be equal once ids and timestamps are set aside."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -177,3 +178,52 @@ async def test_usage_goes_to_the_writers_own_turn_under_concurrent_writers(
     await first.store_run_usage(run)
     assert await first.get_turn_usage() == []
     assert await second.get_session_usage() is None
+
+
+VERSION_1 = """
+CREATE TABLE convostore_schema (version INTEGER NOT NULL);
+INSERT INTO convostore_schema VALUES (1);
+CREATE TABLE convostore_sessions (
+    store TEXT NOT NULL, session_id TEXT NOT NULL,
+    next_seq INTEGER NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (store, session_id)
+) WITHOUT ROWID;
+CREATE TABLE convostore_items (
+    store TEXT NOT NULL, session_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (store, session_id, seq)
+);
+CREATE TABLE convostore_idempotency (
+    store TEXT NOT NULL, session_id TEXT NOT NULL, key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL, appended INTEGER NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (store, session_id, key)
+) WITHOUT ROWID;
+INSERT INTO convostore_sessions VALUES ('chat', 'old', 2, 4102444800);
+INSERT INTO convostore_items
+    VALUES ('chat', 'old', 0, CAST('{"role":"user","content":"before"}' AS BLOB));
+INSERT INTO convostore_items
+    VALUES ('chat', 'old', 1, CAST('{"role":"assistant","content":"a"}' AS BLOB));
+"""
+
+
+@pytest.fixture
+def version_1_file(tmp_path: Path) -> Path:
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(VERSION_1)
+    return path
+
+
+async def test_a_version_1_sqlite_file_gains_structure_and_keeps_its_items(
+    version_1_file: Path, start_sidecar: StartSidecar
+) -> None:
+    config = {"backend": "sqlite", "sqlite": {"path": str(version_1_file)}}
+    sidecar = await start_sidecar({"stores": {"chat": config}})
+    session = AdvancedSidecarSession("old", "chat", url=sidecar.url)
+    assert [i["content"] for i in await session.get_items()] == ["before", "a"]
+    await session.add_items([{"role": "user", "content": "after"}])
+    # items written before the structure existed count as turn 0 of main
+    assert [t["full_content"] for t in await session.get_conversation_turns()] == ["after"]
+    await session.create_branch_from_turn(1, "fresh")
+    assert [i["content"] for i in await session.get_items()] == ["before", "a"]
+    with sqlite3.connect(version_1_file) as conn:
+        assert conn.execute("SELECT version FROM convostore_schema").fetchall() == [(2,)]

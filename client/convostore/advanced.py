@@ -246,7 +246,7 @@ class AdvancedSidecarSession(SidecarSession):
             if exc.code in ("branch_not_found", "invalid_branch_id"):
                 raise ValueError(f"Branch '{branch_id}' does not exist") from exc
             raise
-        if answer["message_count"] == 0 and branch_id != MAIN:
+        if not answer["has_items"] and branch_id != MAIN:
             raise ValueError(f"Branch '{branch_id}' does not exist")
         self._current_branch_id = branch_id
 

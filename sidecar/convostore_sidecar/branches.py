@@ -136,14 +136,13 @@ async def _create_with_generated_id(store: Store, session_id: str, source: str, 
 
 @routes.get(BRANCH)
 async def get_branch(request: web.Request) -> web.Response:
+    """Whether the branch exists and holds items (reading at most one of them)."""
     store, session_id = _target(request)
     branch = _branch(request)
-    for info in await store.branching.branches(session_id):
-        if info.branch_id == branch:
-            return _json({"branch_id": branch, "message_count": info.message_count})
     if not await store.branching.branch_exists(session_id, branch):
         raise ApiError(404, "branch_not_found", f"no branch {branch!r} in this session")
-    return _json({"branch_id": branch, "message_count": 0})
+    newest = await store.branching.latest_in(session_id, branch, 1)
+    return _json({"branch_id": branch, "has_items": bool(newest)})
 
 
 @routes.delete(BRANCH)

@@ -183,6 +183,12 @@ WHERE i.store = $1 AND i.session_id = $2 AND i.branch = $5 AND ($3::float8 IS NU
       s.updated_at > now() - make_interval(secs => $3::float8))
 ORDER BY i.seq DESC LIMIT $4
 """
+USAGE_SQL = """
+SELECT branch, turn, requests, input_tokens, output_tokens, total_tokens, input_details,
+       output_details
+FROM {s}.usage WHERE store = $1 AND session_id = $2 AND ($3::text IS NULL OR branch = $3)
+ORDER BY branch COLLATE "C", turn
+"""
 USER_TURNS_SQL = """
 SELECT turn, data, extract(epoch FROM created_at) FROM {s}.items
 WHERE store = $1 AND session_id = $2 AND branch = $3 AND kind = 'user' ORDER BY turn
@@ -249,6 +255,7 @@ class PostgresDriver:
         s = self.settings.schema
         self.latest_sql = LATEST_SQL.format(s=s)
         self.user_turns_sql = USER_TURNS_SQL.format(s=s)
+        self.usage_sql = USAGE_SQL.format(s=s)
         self._s = s
 
     def _password(self) -> str | None:
@@ -669,15 +676,7 @@ class PostgresDriver:
         async def read(conn: asyncpg.Connection) -> list[TurnUsage]:
             if not await self._alive(conn, session_id):
                 return []
-            rows = await conn.fetch(
-                f"SELECT branch, turn, requests, input_tokens, output_tokens, total_tokens,"
-                f" input_details, output_details FROM {self._s}.usage"
-                f" WHERE store = $1 AND session_id = $2 AND ($3::text IS NULL OR branch = $3)"
-                f' ORDER BY branch COLLATE "C", turn',
-                self.store,
-                session_id,
-                branch,
-            )
+            rows = await conn.fetch(self.usage_sql, self.store, session_id, branch)
             return [TurnUsage(r[0], r[1], Usage(*r[2:])) for r in rows]
 
         return await self._run(read)
