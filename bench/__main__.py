@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import SdkSessions, Servers, Sidecar, sidecar_factory
-from bench.scenarios import Figures, agent_turns, burst, fill, long_history
+from bench.harness import SdkSessions, Servers, Sidecar, advanced_sessions, sidecar_factory
+from bench.scenarios import Figures, advanced, agent_turns, burst, fill, long_history
 
 BACKENDS = ("sqlite", "redis", "postgres")
 SDK_NAMES = {"sqlite": "SQLiteSession", "redis": "RedisSession", "postgres": "SQLAlchemySession"}
@@ -26,10 +26,22 @@ class Sizes:
     repeat: int
     stored: int
     cold_starts: int
+    advanced_turns: int
+    per_turn: int
 
 
-FULL = Sizes(turns=3000, history=10_000, repeat=300, stored=100_000, cold_starts=5)
-SMOKE = Sizes(turns=40, history=200, repeat=5, stored=500, cold_starts=1)
+FULL = Sizes(
+    turns=3000,
+    history=10_000,
+    repeat=300,
+    stored=100_000,
+    cold_starts=5,
+    advanced_turns=100,
+    per_turn=10,
+)
+SMOKE = Sizes(
+    turns=40, history=200, repeat=5, stored=500, cold_starts=1, advanced_turns=6, per_turn=3
+)
 
 
 @dataclass
@@ -37,6 +49,7 @@ class BackendResult:
     turns: dict[tuple[str, int], Figures]
     history: dict[str, dict[str, Figures]]
     bursts: dict[str, Figures]
+    advanced: dict[str, dict[str, Figures]]
     cold_start_s: float
     idle_rss: int
     loaded_rss: int
@@ -65,12 +78,24 @@ async def measure(backend: str, servers: Servers, sdk: SdkSessions, sizes: Sizes
             "convostore": await burst(ours, sizes.repeat),
             "sdk": await burst(theirs, sizes.repeat),
         }
+        ours_advanced, theirs_advanced = advanced_sessions(sidecar.url, servers.workdir)
+        structure = {
+            "convostore": await advanced(
+                ours_advanced, sizes.advanced_turns, sizes.per_turn, sizes.repeat
+            ),
+            "sdk": await advanced(
+                theirs_advanced, sizes.advanced_turns, sizes.per_turn, sizes.repeat
+            ),
+        }
+        theirs_advanced.close()
         for n in range(sizes.stored // 1000 or 1):
             await fill(ours(f"memory-{n}"), min(1000, sizes.stored))
         loaded_rss = sidecar.rss_bytes()
     finally:
         sidecar.stop()
-    return BackendResult(turns, history, bursts, statistics.median(cold), idle_rss, loaded_rss)
+    return BackendResult(
+        turns, history, bursts, structure, statistics.median(cold), idle_rss, loaded_rss
+    )
 
 
 def ratio(a: float, b: float) -> str:
@@ -131,6 +156,22 @@ def render(results: dict[str, BackendResult], sizes: Sizes, command: str) -> str
     for backend, r in results.items():
         a, b = r.bursts["convostore"], r.bursts["sdk"]
         out.append(f"| {backend} | {a.p50_ms:.2f} | {b.p50_ms:.2f} | {ratio(a.p50_ms, b.p50_ms)} |")
+    out += [
+        "",
+        f"## (f) Advanced session: {sizes.advanced_turns} user turns of {sizes.per_turn} "
+        "items, usage on each",
+        "",
+        "| backend | operation | convostore p50 ms | SDK AdvancedSQLiteSession p50 ms "
+        "| convostore/SDK |",
+        "|---|---|---|---|---|",
+    ]
+    for backend, r in results.items():
+        for operation, a in r.advanced["convostore"].items():
+            b = r.advanced["sdk"][operation]
+            out.append(
+                f"| {backend} | {operation} | {a.p50_ms:.2f} | {b.p50_ms:.2f} | "
+                f"{ratio(a.p50_ms, b.p50_ms)} |"
+            )
     out += [
         "",
         "## (d, e) The sidecar process",

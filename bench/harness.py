@@ -157,6 +157,19 @@ def sidecar_factory(url: str) -> SessionFactory:
     return lambda sid: SidecarSession(sid, url=url)
 
 
+def advanced_sessions(url: str, workdir: Path) -> tuple[Any, Any]:
+    """The same advanced session twice: `AdvancedSidecarSession` on the sidecar, and the
+    Agents SDK's `AdvancedSQLiteSession` (its only advanced session) on a file."""
+    from agents.extensions.memory import AdvancedSQLiteSession
+    from convostore import AdvancedSidecarSession
+
+    run = uuid.uuid4().hex[:8]
+    theirs = AdvancedSQLiteSession(
+        session_id=f"advanced-{run}", db_path=workdir / f"sdk-adv-{run}.db", create_tables=True
+    )
+    return AdvancedSidecarSession(f"advanced-{run}", url=url), theirs
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (the agent's side), user and system, every thread."""
     return time.process_time()

@@ -6,6 +6,7 @@ import asyncio
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from bench.harness import SessionFactory, cpu_seconds
@@ -86,3 +87,31 @@ async def burst(make: SessionFactory, repeat: int) -> Figures:
     session = make("burst")
     batch = [{**MESSAGE, "n": n} for n in range(50)]
     return await timed(lambda: session.add_items(batch), repeat)
+
+
+async def advanced(session: Any, turns: int, per_turn: int, repeat: int) -> dict[str, Figures]:
+    """(f) On a session of `turns` user turns with usage on each: a branch from its middle
+    turn (copying half the session), and the reads of usage and turns."""
+    from agents.usage import Usage
+
+    run = SimpleNamespace(
+        context_wrapper=SimpleNamespace(
+            usage=Usage(requests=1, input_tokens=100, output_tokens=50, total_tokens=150)
+        )
+    )
+    answers = [{"role": "assistant", "content": "x" * 200}] * (per_turn - 1)
+    for turn in range(turns):
+        await session.add_items([{"role": "user", "content": f"question {turn}"}, *answers])
+        await session.store_run_usage(run)
+    made = iter(range(repeat))
+
+    async def branch() -> None:
+        await session.create_branch_from_turn(turns // 2, f"b{next(made)}")
+        await session.switch_to_branch("main")
+
+    return {
+        "branch from the middle turn": await timed(branch, repeat),
+        "get_session_usage": await timed(session.get_session_usage, repeat),
+        "get_turn_usage": await timed(session.get_turn_usage, repeat),
+        "get_conversation_turns": await timed(session.get_conversation_turns, repeat),
+    }

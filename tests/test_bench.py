@@ -22,11 +22,13 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = output.read_text()
-    for heading in ("(a) Agent turn", "(b) Long history", "(c) Burst", "(d, e) The sidecar"):
+    headings = ("(a) Agent turn", "(b) Long history", "(c) Burst", "(d, e) The sidecar")
+    for heading in (*headings, "(f) Advanced session"):
         assert heading in report
     for backend in ("sqlite", "redis", "postgres"):
         assert f"| {backend} (" in report
         assert f"{backend}: cold start ≤ 1.5 s" in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" in line]
     assert rows
+    assert f"| {backend} | branch from the middle turn |" in report
     assert report == run.stdout.strip() + "\n"
