@@ -264,3 +264,32 @@ async def test_backends_without_structure_answer_501_naming_the_backend(
                 assert f"the {backend} backend" in answer["error"]["message"]
         async with http.get(url + "/items?turns=1") as resp:
             assert len((await resp.json())["items"]) == 1
+
+
+@pytest.mark.parametrize("backend", STRUCTURED)
+@pytest.mark.parametrize("swept", [False, True], ids=["lazily", "swept"])
+async def test_an_expired_session_takes_its_branches_usage_and_reserved_ids_along(
+    backend: str,
+    swept: bool,
+    start_sidecar: StartSidecar,
+    store_config: StoreConfig,
+    http: aiohttp.ClientSession,
+) -> None:
+    sidecar = await start_sidecar({"stores": {"chat": store_config(backend, ttl=1)}})
+    session = Session(http, sidecar)
+    await session.fill()
+    await asyncio.sleep(1.3)
+    if swept:
+        from convostore_sidecar.state import STORES
+
+        await sidecar.app[STORES].get("chat").driver.sweep()
+    status, answer = await session.call("GET", "/branches/alt")
+    assert (status, answer["error"]["code"]) == (404, "branch_not_found")
+    assert await session.call("GET", "/usage") == (200, {"usage": None})
+    assert await session.call("GET", "/branches") == (200, {"branches": []})
+    item = {"role": "user", "content": "again"}
+    assert (await session.call("POST", "/items", json={"items": [item]}))[0] == 200
+    status, answer = await session.call("POST", "/items?branch=alt", json={"items": [item]})
+    assert (status, answer["error"]["code"]) == (404, "branch_not_found")
+    body = {"turn": 1, "branch_id": "alt"}
+    assert (await session.call("POST", "/branches", json=body))[0] == 201

@@ -27,7 +27,8 @@ with `branching = True`): each item carries its `Meta` and the user turn it belo
 (a user message opens the next turn), items live on branches (`main` is the plain
 session above), a branch is copied from another one's turns before a given turn in one
 atomic step, and token usage is kept per branch and turn. Ids of branches, once used,
-stay reserved for the session, even after a delete or a clear. The others answer the
+stay reserved for the session, even after a delete or a clear (until the session
+expires: then it is gone whole). The others answer the
 structure calls with 501 `not_supported`.
 """
 

@@ -143,8 +143,7 @@ BEGIN
     IF v_expired THEN
         DELETE FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session;
         DELETE FROM {s}.usage AS u WHERE u.store = p_store AND u.session_id = p_session;
-        UPDATE {s}.branches AS b SET live = false
-            WHERE b.store = p_store AND b.session_id = p_session;
+        DELETE FROM {s}.branches AS b WHERE b.store = p_store AND b.session_id = p_session;
     END IF;
     IF p_branch <> 'main' AND NOT EXISTS (SELECT 1 FROM {s}.branches AS b
             WHERE b.store = p_store AND b.session_id = p_session AND b.branch = p_branch
@@ -384,9 +383,9 @@ class PostgresDriver:
             return
         live = await conn.fetchval(
             f"SELECT b.live FROM {self._s}.branches AS b"
-            f" LEFT JOIN {self._s}.sessions AS s USING (store, session_id)"
+            f" JOIN {self._s}.sessions AS s USING (store, session_id)"
             f" WHERE b.store = $1 AND b.session_id = $2 AND b.branch = $3"
-            f" AND ($4::float8 IS NULL OR s.updated_at IS NULL"
+            f" AND ($4::float8 IS NULL"
             f"  OR s.updated_at > now() - make_interval(secs => $4::float8))",
             self.store,
             session_id,
@@ -716,15 +715,22 @@ class PostgresDriver:
                     return 0
                 swept = 0
                 while True:
-                    status = await conn.execute(
+                    gone = await conn.fetch(
                         f"DELETE FROM {s}.sessions WHERE (store, session_id) IN ("
                         f" SELECT store, session_id FROM {s}.sessions WHERE store = $1"
-                        f" AND updated_at <= now() - make_interval(secs => $2) LIMIT $3)",
+                        f" AND updated_at <= now() - make_interval(secs => $2) LIMIT $3)"
+                        f" RETURNING session_id",
                         store,
                         ttl,
                         SWEEP_BATCH,
                     )
-                    deleted = int(status.split()[-1])
+                    await conn.execute(
+                        f"DELETE FROM {s}.branches"
+                        f" WHERE store = $1 AND session_id = ANY($2::text[])",
+                        store,
+                        [row[0] for row in gone],
+                    )
+                    deleted = len(gone)
                     swept += deleted
                     if deleted < SWEEP_BATCH:
                         return swept

@@ -277,7 +277,7 @@ class SqliteDriver:
             ).fetchone()
             first = 0 if row is None else row[0]
             if row is not None and row[1] <= self._live_after(now):
-                self._forget(conn, session_id)
+                self._forget(conn, session_id, expired=True)
             self._require_branch(conn, session_id, branch, now)
             newest = conn.execute(NEWEST_SQL, (store, session_id, branch)).fetchone()
             turn = 0 if newest is None else newest[1]
@@ -309,13 +309,16 @@ class SqliteDriver:
 
         return await self._writer.run(lambda conn: _transaction(conn, append))
 
-    def _forget(self, conn: sqlite3.Connection, session_id: str) -> None:
-        """Everything of a session but its reserved branch ids."""
+    def _forget(self, conn: sqlite3.Connection, session_id: str, *, expired: bool) -> None:
+        """Everything of a session; a clear keeps its branch ids reserved, an expiry not."""
         key = (self.store, session_id)
         for table in ("convostore_items", "convostore_sessions", "convostore_usage"):
             conn.execute(f"DELETE FROM {table} WHERE store = ? AND session_id = ?", key)
         conn.execute(
-            "UPDATE convostore_branches SET live = 0 WHERE store = ? AND session_id = ?", key
+            "DELETE FROM convostore_branches WHERE store = ? AND session_id = ?"
+            if expired
+            else "UPDATE convostore_branches SET live = 0 WHERE store = ? AND session_id = ?",
+            key,
         )
 
     def _require_branch(
@@ -324,10 +327,10 @@ class SqliteDriver:
         if branch == MAIN:
             return
         live = conn.execute(
-            "SELECT 1 FROM convostore_branches AS b LEFT JOIN convostore_sessions AS s"
+            "SELECT 1 FROM convostore_branches AS b JOIN convostore_sessions AS s"
             "  ON s.store = b.store AND s.session_id = b.session_id"
             " WHERE b.store = ? AND b.session_id = ? AND b.branch = ? AND b.live = 1"
-            "  AND coalesce(s.updated_at, b.created_at) > ?",
+            "  AND s.updated_at > ?",
             (self.store, session_id, branch, self._live_after(now)),
         ).fetchone()
         if live is None:
@@ -410,7 +413,9 @@ class SqliteDriver:
 
     async def clear(self, session_id: str) -> None:
         await self._writer.run(
-            lambda conn: _transaction(conn, lambda conn: self._forget(conn, session_id))
+            lambda conn: _transaction(
+                conn, lambda conn: self._forget(conn, session_id, expired=False)
+            )
         )
 
     async def branch_exists(self, session_id: str, branch: str) -> bool:
@@ -617,7 +622,7 @@ class SqliteDriver:
                 )
             ]
             for session_id in ids:
-                self._forget(conn, session_id)
+                self._forget(conn, session_id, expired=True)
             return len(ids)
 
         return await self._writer.run(lambda conn: _transaction(conn, sweep))
