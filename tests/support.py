@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from agents import function_tool
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from convostore import SidecarSession
@@ -28,6 +29,12 @@ LACKS = {"openai": frozenset({"retention", "any_json", "encryption"})}
 
 def backends_with(*capabilities: str) -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if not LACKS.get(b, frozenset()) & set(capabilities))
+
+
+@function_tool
+def lookup_weather(city: str) -> str:
+    """Weather for a city: the tool the scripted agents in the tests call."""
+    return f"sunny in {city}"
 
 
 def unique(prefix: str = "s") -> str:

@@ -11,14 +11,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from agents import Agent, Runner, function_tool
+from agents import Agent, Runner
 from agents.extensions.memory import AdvancedSQLiteSession
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.usage import Usage
 from convostore import AdvancedSidecarSession
 from convostore_sidecar.encryption import generate_key
 
-from tests.support import StartSidecar, unique
+from tests.support import StartSidecar, lookup_weather, unique
 
 BRANCHING = ("sqlite", "postgres", "redis")
 StoreConfig = Callable[..., dict[str, Any]]
@@ -31,12 +31,6 @@ def scrub(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [scrub(v) for v in value]
     return value
-
-
-@function_tool
-def lookup_weather(city: str) -> str:
-    """Weather for a city."""
-    return f"sunny in {city}"
 
 
 def step(output: Any, tokens: int) -> ModelStep:

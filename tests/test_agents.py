@@ -8,12 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents import Agent, RunConfig, Runner, function_tool
+from agents import Agent, RunConfig, Runner
 from agents.memory import SessionSettings
 from agents.testing import ScriptedModel, assistant_message, function_call
 from convostore import SidecarSession
 
-from tests.support import RunningSidecar, SidecarProcess
+from tests.support import RunningSidecar, SidecarProcess, lookup_weather
 
 
 def texts(model_input: Any) -> list[str]:
@@ -41,12 +41,6 @@ async def test_history_carries_across_turns(sidecar: RunningSidecar) -> None:
     assert texts(model.calls[1].input) == ["My name is Ada", "Hi Ada", "What is my name?"]
     stored = await session.get_items()
     assert texts(stored) == ["My name is Ada", "Hi Ada", "What is my name?", "You are Ada"]
-
-
-@function_tool
-def lookup_weather(city: str) -> str:
-    """Weather for a city."""
-    return f"sunny in {city}"
 
 
 async def test_tool_calls_and_outputs_are_kept_in_order(sidecar: RunningSidecar) -> None:

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
-from agents import Agent, OpenAIConversationsSession, Runner, function_tool
+from agents import Agent, OpenAIConversationsSession, Runner
 from agents.testing import ScriptedModel, assistant_message, function_call
 from convostore import SidecarSession, SidecarStore
 from convostore.errors import StoreUnavailableError
@@ -21,7 +21,7 @@ from convostore_sidecar.stores import Store
 from openai import AsyncOpenAI
 
 from tests.openai_standin import OpenAIStandIn
-from tests.support import RunningSidecar, SidecarProcess, StartSidecar, unique
+from tests.support import RunningSidecar, SidecarProcess, StartSidecar, lookup_weather, unique
 
 StoreConfig = Callable[..., dict[str, Any]]
 CONVERSATIONS = "/v1/conversations"
@@ -124,12 +124,6 @@ async def test_every_operation_matches_the_sdks_own_session(
             "content": [{"type": "input_text", "text": "again"}],
         }
     ]
-
-
-@function_tool
-def lookup_weather(city: str) -> str:
-    """Weather for a city."""
-    return f"sunny in {city}"
 
 
 async def agent_conversation(session: Any) -> tuple[list[Any], list[Any], list[Any]]:

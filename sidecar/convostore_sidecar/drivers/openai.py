@@ -294,30 +294,23 @@ class OpenAIDriver:
         try:
             yield
         except openai.NotFoundError as exc:
-            raise ApiError(
-                404,
-                "conversation_not_found",
-                f"store {self.name!r}: the OpenAI API has no such conversation or item: "
-                + self._describe(exc),
-            ) from exc
+            what = "has no such conversation or item"
+            raise self._refusal(404, "conversation_not_found", what, exc) from exc
         except openai.APIConnectionError as exc:
             raise BackendUnavailable(f"openai: {self._redact(str(exc))}") from exc
         except (openai.RateLimitError, openai.InternalServerError) as exc:
             raise BackendUnavailable(self._describe(exc)) from exc
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-            raise ApiError(
-                500,
-                "backend_auth_failed",
-                f"store {self.name!r}: the OpenAI API refused the sidecar's API key: "
-                + self._describe(exc),
-            ) from exc
+            what = "refused the sidecar's API key"
+            raise self._refusal(500, "backend_auth_failed", what, exc) from exc
         except openai.APIStatusError as exc:
             status = exc.status_code if exc.status_code in (400, 409, 422) else 502
-            raise ApiError(
-                status,
-                "backend_rejected",
-                f"store {self.name!r}: the OpenAI API refused the request: " + self._describe(exc),
-            ) from exc
+            what = "refused the request"
+            raise self._refusal(status, "backend_rejected", what, exc) from exc
+
+    def _refusal(self, status: int, code: str, what: str, exc: openai.APIStatusError) -> ApiError:
+        message = f"store {self.name!r}: the OpenAI API {what}: {self._describe(exc)}"
+        return ApiError(status, code, message)
 
     def _describe(self, exc: openai.APIStatusError) -> str:
         body = exc.body

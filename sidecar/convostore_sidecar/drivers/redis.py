@@ -9,7 +9,8 @@ items are `LRANGE -N -1`, which Redis serves from the list's tail without walkin
 Structure lives beside each branch's item list (`items`, and `items@<branch>` for the
 others), under the same hash tag: a parallel `meta` list (`turn<TAB>kind<TAB>tool<TAB>time`
 per item), the user messages by position in a hash with their turns in a sorted set
-(so a branch's turns are read without its other items), usage per turn in a hash, and
+(so a branch's turns are read without its other items), usage per branch and turn in
+one hash per session (`<branch><TAB><turn>`, so a session's usage is one read), and
 the count of items trimmed from the head (a position minus it is a list index). The
 `branches` hash reserves every branch id ever used. The scripts build these key names
 from the session's base key, so they all stay in the session's slot.
@@ -63,9 +64,13 @@ T = TypeVar("T")
 
 COMMON = """
 local base = KEYS[1]
+local usage = base .. ':usage'
 local function keys_of(sfx)
   return base .. ':items' .. sfx, base .. ':meta' .. sfx, base .. ':users' .. sfx,
-         base .. ':turns' .. sfx, base .. ':usage' .. sfx, base .. ':trim' .. sfx
+         base .. ':turns' .. sfx, base .. ':trim' .. sfx
+end
+local function usage_field(sfx, turn)
+  return (sfx == '' and 'main' or string.sub(sfx, 2)) .. '\t' .. turn
 end
 local function live(sfx)
   return sfx == '' or redis.call('HGET', base .. ':branches', string.sub(sfx, 2)) == '1'
@@ -86,7 +91,7 @@ local function touch(ttl_ms)
   for _, sfx in ipairs(sfxs) do
     for _, key in ipairs({keys_of(sfx)}) do redis.call('PEXPIRE', key, ttl_ms) end
   end
-  for _, key in ipairs({base .. ':seq', base .. ':ids', base .. ':branches'}) do
+  for _, key in ipairs({base .. ':seq', base .. ':ids', base .. ':branches', usage}) do
     redis.call('PEXPIRE', key, ttl_ms)
   end
 end
@@ -120,7 +125,7 @@ if use_idem then
   if seen then return {0, seen} end
 end
 if not live(sfx) then return {2} end
-local items, meta, users, turns, usage, trim = keys_of(sfx)
+local items, meta, users, turns, trim = keys_of(sfx)
 local pos = tonumber(redis.call('GET', trim) or '0') + redis.call('LLEN', items)
 local id = redis.call('INCRBY', base .. ':ids', n) - n
 local last = redis.call('LINDEX', meta, -1)
@@ -160,14 +165,14 @@ POP = (
     + """
 local sfx, ttl_ms = ARGV[1], tonumber(ARGV[2])
 if not live(sfx) then return {2} end
-local items, meta, users, turns, usage = keys_of(sfx)
+local items, meta, users, turns = keys_of(sfx)
 local data = redis.call('RPOP', items)
 if not data then return {1} end
 local entry = redis.call('RPOP', meta)
 forget(users, turns, {entry})
 local newest = redis.call('LINDEX', meta, -1)
 if not newest or turn_of(newest) ~= turn_of(entry) then
-  redis.call('HDEL', usage, turn_of(entry))
+  redis.call('HDEL', usage, usage_field(sfx, turn_of(entry)))
 end
 touch(ttl_ms)
 return {1, data}
@@ -180,7 +185,7 @@ CREATE_BRANCH = (
 local source, new, turn = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now, ttl_ms = ARGV[4], tonumber(ARGV[5])
 if not live(source) then return {2} end
-local items, meta, users, turns, usage, trim = keys_of(source)
+local items, meta, users, turns, trim = keys_of(source)
 local start = redis.call('ZRANGEBYSCORE', turns, turn, turn)[1]
 if not start then return {3} end
 if new == 'main' or redis.call('HEXISTS', base .. ':branches', new) == 1 then return {4} end
@@ -218,6 +223,10 @@ DELETE_BRANCH = (
 local sfx = ARGV[1]
 if not live(sfx) then return {2} end
 redis.call('DEL', keys_of(sfx))
+local prefix = usage_field(sfx, '')
+for _, f in ipairs(redis.call('HKEYS', usage)) do
+  if string.sub(f, 1, #prefix) == prefix then redis.call('HDEL', usage, f) end
+end
 redis.call('HSET', base .. ':branches', string.sub(sfx, 2), '0')
 return {1}
 """
@@ -226,7 +235,7 @@ return {1}
 CLEAR = (
     COMMON
     + """
-redis.call('DEL', base .. ':seq', keys_of(''))
+redis.call('DEL', base .. ':seq', usage, keys_of(''))
 for _, b in ipairs(redis.call('HKEYS', base .. ':branches')) do
   redis.call('DEL', keys_of('@' .. b))
   redis.call('HSET', base .. ':branches', b, '0')
@@ -241,7 +250,7 @@ RECORD_USAGE = (
 local sfx, turn, anchor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local usage_json, ttl_ms = ARGV[4], tonumber(ARGV[5])
 if not live(sfx) then return {2} end
-local items, meta, users, turns, usage = keys_of(sfx)
+local items, meta, users, turns = keys_of(sfx)
 if not turn then
   local newest = redis.call('LINDEX', meta, -1)
   if not newest then return {1} end
@@ -253,7 +262,7 @@ elseif tonumber(redis.call('ZSCORE', turns, anchor)) ~= turn then
   anchor = false
 end
 if not anchor then return {1} end
-redis.call('HSET', usage, turn, usage_json)
+redis.call('HSET', usage, usage_field(sfx, turn), usage_json)
 touch(ttl_ms)
 return {1, turn}
 """
@@ -564,20 +573,14 @@ class RedisDriver:
         return int(outcome[1]) if len(outcome) > 1 else None
 
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
-        base = self._base(session_id)
-        names = await self._live_branches(base) if branch is None else [branch]
-
-        async def read() -> list[Any]:
-            async with self.client.pipeline(transaction=True) as pipe:
-                for name in names:
-                    pipe.hgetall(f"{base}:usage{_suffix(name)}")
-                return await pipe.execute()
-
+        key = f"{self._base(session_id)}:usage"
+        entries = await self._call(lambda: self.client.hgetall(key))
         rows = []
-        for name, entries in zip(names, await self._call(read), strict=True):
-            for turn, value in sorted(entries.items(), key=lambda e: int(e[0])):
+        for field, value in cast(dict[bytes, bytes], entries).items():
+            name, turn = field.decode().split("\t")
+            if branch is None or name == branch:
                 rows.append(TurnUsage(name, int(turn), _decode_usage(value)))
-        return rows
+        return sorted(rows, key=lambda row: (row.branch, row.turn))
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         low = f"({after}" if after and after >= prefix else f"[{prefix}"
