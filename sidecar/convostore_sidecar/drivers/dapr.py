@@ -61,7 +61,7 @@ class Settings:
     http_endpoint: str | None = None
     api_token_file: str | None = None
     timeout: float = 5.0
-    max_attempts: int = 20
+    max_attempts: int = 50
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
