@@ -54,8 +54,32 @@ def content_preview(content: Any, max_length: int | None = None) -> str:
 class AdvancedSidecarSession(SidecarSession):
     """A `SidecarSession` with branches, turns and usage; see the module docstring."""
 
-    def __init__(self, session_id: str, store: str = "default", *args: Any, **kwargs: Any):
-        super().__init__(session_id, store, *args, **kwargs)
+    def __init__(
+        self,
+        session_id: str,
+        store: str = "default",
+        url: str | None = None,
+        session_settings: Any | None = None,
+        *,
+        token: str | None = None,
+        token_file: str | None = None,
+        timeout: float = 10.0,
+        retries: int = 3,
+        history_turns: int | None = None,
+        whole_turns: bool = False,
+    ) -> None:
+        super().__init__(
+            session_id,
+            store,
+            url,
+            session_settings,
+            token=token,
+            token_file=token_file,
+            timeout=timeout,
+            retries=retries,
+            history_turns=history_turns,
+            whole_turns=whole_turns,
+        )
         self._current_branch_id = MAIN
         # per branch: the turn this instance last opened with a user message, and the
         # sequence number of that message: the turn a run's usage belongs to

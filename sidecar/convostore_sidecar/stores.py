@@ -1,5 +1,9 @@
 """The stores a sidecar serves: each store's config with its open driver.
 
+Item calls on the `main` branch work on every driver; other branches, and the structure
+calls (branches, turns, usage), go to drivers that keep structure and answer 501
+`not_supported` on the others, naming the backend.
+
 Retention sweeps run here, one background task per store, because expiry is a property
 of the store rather than of any request: drivers already hide expired sessions from
 reads, and the sweep reclaims their space in batches.
@@ -50,9 +54,14 @@ class Store:
         return self.config.name
 
     @property
+    def structured(self) -> bool:
+        """Whether the driver keeps branches, turns and usage (`Branching`)."""
+        return bool(getattr(self.driver, "branching", False))
+
+    @property
     def branching(self) -> Branching:
         """The driver's structure calls, or 501 naming the backend when it has none."""
-        if not getattr(self.driver, "branching", False):
+        if not self.structured:
             raise ApiError(
                 501,
                 "not_supported",
@@ -69,17 +78,17 @@ class Store:
         meta: Sequence[Meta],
         idempotency: Idempotency | None,
     ) -> AppendResult:
-        if branch == MAIN and not getattr(self.driver, "branching", False):
+        if branch == MAIN and not self.structured:
             return await self.driver.append(session_id, items, idempotency)
         return await self.branching.append_to(session_id, branch, items, meta, idempotency)
 
     async def latest(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
-        if branch == MAIN and not getattr(self.driver, "branching", False):
+        if branch == MAIN and not self.structured:
             return await self.driver.latest(session_id, limit)
         return await self.branching.latest_in(session_id, branch, limit)
 
     async def pop(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
-        if branch == MAIN and not getattr(self.driver, "branching", False):
+        if branch == MAIN and not self.structured:
             return await self.driver.pop(session_id, check)
         return await self.branching.pop_from(session_id, branch, check)
 
