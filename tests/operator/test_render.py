@@ -1,0 +1,37 @@
+"""Rendering an `openai` store: its key and its map store's credentials become files that
+the sidecar's own config parser accepts, under names that cannot collide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from convostore_operator.render import render
+from convostore_operator.spec import SecretRef, secret_refs, validate
+from convostore_sidecar.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_openai_store_renders_its_key_and_its_map_stores_password(tmp_path: Path) -> None:
+    document = yaml.safe_load((ROOT / "manifests/examples/store-openai.yaml").read_text())
+    spec = validate(document["spec"])
+    refs = secret_refs(spec)
+    assert refs == {
+        "apiKeySecretRef": SecretRef("openai", "api-key"),
+        "mapping.passwordSecretRef": SecretRef("redis-auth", "password"),
+    }
+    secrets = {"apiKeySecretRef": "sk-example\n", "mapping.passwordSecretRef": "hunter2"}
+    rendered = render("assistant", spec, secrets, stores_root=str(tmp_path))
+    assert rendered.files == {"openai-api-key": b"sk-example", "mapping-redis-password": b"hunter2"}
+    for name, data in rendered.secret_data().items():
+        (tmp_path / "assistant").mkdir(exist_ok=True)
+        (tmp_path / "assistant" / name).write_bytes(data)
+    store = load_config(tmp_path / "assistant" / "config.yaml").stores["assistant"]
+    settings = store.settings
+    assert (store.backend, settings.project, settings.max_retries) == ("openai", "proj_agents", 3)
+    assert Path(settings.api_key_file).read_text() == "sk-example"
+    mapping = settings.mapping
+    assert (mapping.backend, mapping.settings.key_prefix) == ("redis", "assistant-map")
+    assert Path(mapping.settings.password_file).read_text() == "hunter2"
+    assert settings.timeout == 30.0
