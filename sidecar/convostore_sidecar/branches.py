@@ -136,11 +136,9 @@ async def _create_with_generated_id(store: Store, session_id: str, source: str, 
 
 @routes.get(BRANCH)
 async def get_branch(request: web.Request) -> web.Response:
-    """Whether the branch exists and holds items (reading at most one of them)."""
+    """Whether the branch exists (404 otherwise) and holds items, reading at most one."""
     store, session_id = _target(request)
     branch = _branch(request)
-    if not await store.branching.branch_exists(session_id, branch):
-        raise ApiError(404, "branch_not_found", f"no branch {branch!r} in this session")
     newest = await store.branching.latest_in(session_id, branch, 1)
     return _json({"branch_id": branch, "has_items": bool(newest)})
 

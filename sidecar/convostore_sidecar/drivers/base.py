@@ -210,6 +210,24 @@ class Branching(Protocol):
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]: ...
 
 
+class KeepsStructure:
+    """Base of the drivers that implement `Branching`: their plain item calls are the
+    `main` branch's, for items whose kind nobody told them (the API always says)."""
+
+    branching = True
+
+    async def append(
+        self: Branching, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
+    ) -> AppendResult:
+        return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
+
+    async def latest(self: Branching, session_id: str, limit: int | None) -> list[bytes]:
+        return await self.latest_in(session_id, MAIN, limit)
+
+    async def pop(self: Branching, session_id: str, check: Check | None = None) -> bytes | None:
+        return await self.pop_from(session_id, MAIN, check)
+
+
 def replay_of(idempotency: Idempotency, fingerprint: str, appended: int) -> AppendResult:
     """The answer to a request whose key was seen before: a replay, or a conflict."""
     if fingerprint != idempotency.fingerprint:

@@ -42,6 +42,7 @@ from .base import (
     Check,
     Idempotency,
     ItemShape,
+    KeepsStructure,
     Meta,
     Transform,
     TurnNotFound,
@@ -242,9 +243,7 @@ def open_driver(store: StoreConfig) -> PostgresDriver:
     return PostgresDriver(store)
 
 
-class PostgresDriver:
-    branching = True
-
+class PostgresDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         self.settings: Settings = store.settings
         self.store = store.name
@@ -325,11 +324,6 @@ class PostgresDriver:
     async def ping(self) -> None:
         await self._run(lambda conn: conn.fetchval("SELECT 1"))
 
-    async def append(
-        self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
-    ) -> AppendResult:
-        return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
-
     async def append_to(
         self,
         session_id: str,
@@ -364,9 +358,6 @@ class PostgresDriver:
             assert idempotency is not None
             return replay_of(idempotency, row["fingerprint"], row["appended"])
         return AppendResult(len(items), replayed=False, turn=row["turn"], anchor=row["anchor"])
-
-    async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
-        return await self.latest_in(session_id, MAIN, limit)
 
     async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
         async def read(conn: asyncpg.Connection) -> list[bytes]:
@@ -406,9 +397,6 @@ class PostgresDriver:
             self._ttl(),
         )
         return expired is False
-
-    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
-        return await self.pop_from(session_id, MAIN, check)
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         s, store = self._s, self.store

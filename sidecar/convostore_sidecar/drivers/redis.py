@@ -48,6 +48,7 @@ from .base import (
     Check,
     Idempotency,
     ItemShape,
+    KeepsStructure,
     Meta,
     Transform,
     TurnNotFound,
@@ -316,9 +317,7 @@ def open_driver(store: StoreConfig) -> RedisDriver:
     return RedisDriver(store)
 
 
-class RedisDriver:
-    branching = True
-
+class RedisDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
         self.retention = store.retention
@@ -376,11 +375,6 @@ class RedisDriver:
     async def _script(self, script: AsyncScript, session_id: str, *args: Any) -> Any:
         return await self._call(lambda: script(keys=[self._base(session_id)], args=list(args)))
 
-    async def append(
-        self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
-    ) -> AppendResult:
-        return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
-
     async def append_to(
         self,
         session_id: str,
@@ -420,9 +414,6 @@ class RedisDriver:
             return replay_of(idempotency, fingerprint, int(count))
         return AppendResult(len(items), replayed=False, turn=outcome[2], anchor=outcome[3])
 
-    async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
-        return await self.latest_in(session_id, MAIN, limit)
-
     async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
         await self._require_branch(session_id, branch)
         items_key = f"{self._base(session_id)}:items{_suffix(branch)}"
@@ -440,9 +431,6 @@ class RedisDriver:
         key = f"{self._base(session_id)}:branches"
         live = await self._call(lambda: self.client.hget(key, branch))
         return live == b"1"
-
-    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
-        return await self.pop_from(session_id, MAIN, check)
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         return await self._call(functools.partial(self._checked_pop, session_id, branch, check))

@@ -36,6 +36,7 @@ from .base import (
     Check,
     Idempotency,
     ItemShape,
+    KeepsStructure,
     Meta,
     Transform,
     TurnNotFound,
@@ -191,9 +192,7 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
     return result
 
 
-class SqliteDriver:
-    branching = True
-
+class SqliteDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
         self.store = store.name
@@ -234,11 +233,6 @@ class SqliteDriver:
 
     async def ping(self) -> None:
         await self._reader.run(lambda conn: conn.execute("SELECT 1").fetchone())
-
-    async def append(
-        self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
-    ) -> AppendResult:
-        return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
 
     async def append_to(
         self,
@@ -357,9 +351,6 @@ class SqliteDriver:
         )
         return None if row is None else int(row[0])
 
-    async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
-        return await self.latest_in(session_id, MAIN, limit)
-
     async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
         now = time.time()
         params = (self.store, session_id, branch, self._live_after(now))
@@ -370,9 +361,6 @@ class SqliteDriver:
             return [row[0] for row in reversed(rows)]
 
         return await self._reader.run(read)
-
-    async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
-        return await self.pop_from(session_id, MAIN, check)
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         store, now = self.store, time.time()
