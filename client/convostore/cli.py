@@ -103,7 +103,17 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="watch this namespace (repeat it; default: all namespaces)",
     )
-    run_op.add_argument("--standalone", action="store_true", help="no peering with replicas")
+    run_op.add_argument(
+        "--standalone",
+        action="store_true",
+        help="reconcile at once, without the leader Lease (run a single replica only)",
+    )
+    run_op.add_argument(
+        "--health-address",
+        default="0.0.0.0:8080",
+        metavar="HOST:PORT",
+        help="where /healthz is served (default: %(default)s)",
+    )
     run_op.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -115,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     crd = operator_actions.add_parser("crd", help="print the ConversationStore CRD as YAML")
     crd.set_defaults(run=_print_crd)
     rules = operator_actions.add_parser("rbac", help="print the operator's RBAC rules as YAML")
+    rules.add_argument(
+        "--own-namespace",
+        action="store_true",
+        help="the rules it needs in its own namespace only (the leader Lease)",
+    )
     rules.set_defaults(run=_print_rbac)
 
     keys = commands.add_parser("keys", help="encryption keys of encrypted stores")
@@ -210,11 +225,17 @@ def _operator_main() -> Any:
 def _run_operator(args: argparse.Namespace) -> int:
     main = _operator_main()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    host, _, port = args.health_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--health-address must be HOST:PORT; got {args.health_address!r}")
     result: int = main.run_operator(
-        namespaces=args.namespace,
-        standalone=args.standalone,
-        webhook=main.webhook_from_environment(),
-        sidecar_image=args.sidecar_image,
+        main.ReplicaSettings(
+            namespaces=args.namespace,
+            sidecar_image=args.sidecar_image,
+            webhook=main.webhook_from_environment(),
+            lease=None if args.standalone else main.lease_from_environment(),
+            health_address=(host, int(port)),
+        )
     )
     return result
 
@@ -231,7 +252,7 @@ def _print_rbac(args: argparse.Namespace) -> int:
     _operator_main()
     from convostore_operator.manifests import rules_yaml
 
-    print(rules_yaml(), end="")
+    print(rules_yaml(args.own_namespace), end="")
     return 0
 
 

@@ -3,7 +3,8 @@
 Both live in one Secret, so that every operator replica serves the same certificate
 and the API server trusts it through the `caBundle` of the webhook configuration. They
 are made on first start and remade when the serving certificate has less than a third
-of its life left; the CA changes only when it nears its own end.
+of its life left; the CA changes only when it nears its own end, and then the bundle
+keeps trusting the previous CA too, for replicas that still serve a certificate it signed.
 """
 
 from __future__ import annotations
@@ -25,19 +26,34 @@ class WebhookTLS:
     ca_key: bytes
     cert: bytes
     key: bytes
+    previous_ca: bytes = b""
+
+    @property
+    def ca_bundle(self) -> bytes:
+        """What the API server should trust: the CA, and the one it replaced."""
+        return self.ca_cert + self.previous_ca
 
     def secret_data(self) -> dict[str, bytes]:
-        return {
+        data = {
             "ca.crt": self.ca_cert,
             "ca.key": self.ca_key,
             "tls.crt": self.cert,
             "tls.key": self.key,
         }
+        if self.previous_ca:
+            data["ca-previous.crt"] = self.previous_ca
+        return data
 
     @classmethod
     def from_secret(cls, data: dict[str, bytes]) -> WebhookTLS | None:
         try:
-            return cls(data["ca.crt"], data["ca.key"], data["tls.crt"], data["tls.key"])
+            return cls(
+                data["ca.crt"],
+                data["ca.key"],
+                data["tls.crt"],
+                data["tls.key"],
+                data.get("ca-previous.crt", b""),
+            )
         except KeyError:
             return None
 
@@ -67,10 +83,12 @@ def issue(
 ) -> WebhookTLS:
     """A serving certificate for `hostnames`, signed by the current CA when it still has
     more than a year to live, else by a new CA."""
+    previous_ca = b""
     if current is not None:
         ca = x509.load_pem_x509_certificate(current.ca_cert)
         ca_key = serialization.load_pem_private_key(current.ca_key, password=None)
         if ca.not_valid_after_utc - now < datetime.timedelta(days=365):
+            previous_ca = current.ca_cert
             current = None
     if current is None:
         ca_key = _key()
@@ -112,4 +130,5 @@ def issue(
         ca_key=current.ca_key if current else _pem_key(ca_key),
         cert=cert.public_bytes(serialization.Encoding.PEM),
         key=_pem_key(key),
+        previous_ca=current.previous_ca if current else previous_ca,
     )

@@ -22,6 +22,10 @@ BACKENDS = ["sqlite", "redis", "postgres", "dapr", "openai"]
 DURATION = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]{1,253}$"
+# a store's name goes into pod volume names (`convostore-store-<name>`, 63 at most)
+STORE_NAME, MAX_STORE_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", 46
+# injected pods can write only below DATA_DIR (an emptyDir); the root is read-only
+DATA_DIR = "/var/lib/convostore"
 
 
 def _secret_ref(what: str) -> dict[str, Any]:
@@ -46,9 +50,11 @@ SQLITE: dict[str, Any] = {
     "properties": {
         "path": {
             "type": "string",
-            "default": "/var/lib/convostore/convostore.db",
-            "pattern": r"^/[^\x00]*$",
-            "maxLength": 1024,
+            "default": f"{DATA_DIR}/convostore.db",
+            "pattern": rf"^{DATA_DIR}/[A-Za-z0-9_][-A-Za-z0-9_.]*$",
+            "maxLength": 255,
+            "description": f"A file directly in {DATA_DIR}, the one writable directory "
+            "of an injected sidecar.",
         }
     },
 }
@@ -280,6 +286,14 @@ STATUS: dict[str, Any] = {
 }
 
 
+NAME_RULE: dict[str, Any] = {
+    "rule": f"self.metadata.name.size() <= {MAX_STORE_NAME} && "
+    f"self.metadata.name.matches('{STORE_NAME}')",
+    "message": f"a ConversationStore name must be at most {MAX_STORE_NAME} lowercase letters, "
+    "digits or '-' (it names volumes in pods and a store in the sidecar)",
+}
+
+
 def crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -315,6 +329,7 @@ def crd() -> dict[str, Any]:
                         "openAPIV3Schema": {
                             "type": "object",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [NAME_RULE],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

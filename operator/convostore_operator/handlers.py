@@ -1,10 +1,12 @@
-"""The reconcile loop: Kopf handlers for ConversationStore objects, and the webhook.
+"""The reconcile loop: Kopf handlers for ConversationStore objects.
 
-Create, update and resume all run one idempotent `reconcile`: validate the spec, read
+Create, update and resume all run one idempotent `converge`: validate the spec, read
 every Secret it names, and only then write anything (key Secret, Dapr Component, config
 Secret), so an invalid spec or a missing Secret leaves nothing half-created behind; it
-is reported in `status` and as an Event that names the field or the Secret. A timer
-re-checks the backend and reports changes. Deletion honours `deletionPolicy`.
+is reported in `status` and as an Event that names the field or the Secret. A timer runs
+the same `converge` every `check_interval`: a Secret that was rotated since is rendered
+again and the pods that use it are rolled, and the backend is re-checked. Deletion
+honours `deletionPolicy`. Only the replica that holds the leader Lease runs these.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from convostore_sidecar.drivers.base import BackendUnavailable
 from . import backend
 from .backend import Reachability
 from .crd import GROUP, PLURAL, VERSION
-from .inject import INJECT, StoreMount, already_injected, inject, requested_stores
-from .kube import Kube, MissingSecret
+from .kube import Kube, MissingSecret, connection_info
 from .render import dapr_component, render
-from .spec import InvalidSpec, secret_refs, validate
+from .spec import InvalidSpec, keys_secret_name, secret_refs, validate, validate_name
 
 FIRST_KEY_ID = "k1"
 
@@ -48,14 +49,6 @@ class Prepared:
     primary: str | None
 
 
-def keys_secret_name(name: str, spec: dict[str, Any]) -> str | None:
-    encryption = spec.get("encryption", {})
-    if not encryption.get("enabled"):
-        return None
-    ref = encryption.get("keySecretRef")
-    return str(ref["name"]) if ref else f"{name}-convostore-keys"
-
-
 def owner_of(body: kopf.Body) -> dict[str, Any]:
     return {
         "apiVersion": body["apiVersion"],
@@ -66,6 +59,7 @@ def owner_of(body: kopf.Body) -> dict[str, Any]:
 
 def prepare(kube: Kube, name: str, namespace: str, raw_spec: Any) -> Prepared:
     """Validate the spec and read what it refers to; raises InvalidSpec or MissingSecret."""
+    validate_name(name)
     spec = validate(dict(raw_spec))
     secrets = {
         key: kube.secret_value(namespace, ref.name, ref.key)
@@ -155,9 +149,106 @@ def report(
         patch.status[key] = value
 
 
+async def converge(
+    body: kopf.Body,
+    name: str,
+    namespace: str,
+    spec: Any,
+    status: Any,
+    patch: kopf.Patch,
+    kube: Kube,
+    retry_delay: float,
+) -> None:
+    """Bring the store's Secrets, Component and status in line with its spec and the
+    Secrets it names; roll the pods whose config changed."""
+    generation = body.metadata.get("generation")
+    previous = (status or {}).get("conditions")
+    try:
+        prepared = await asyncio.to_thread(prepare, kube, name, namespace, spec)
+    except (InvalidSpec, MissingSecret) as exc:
+        reason = "InvalidSpec" if isinstance(exc, InvalidSpec) else "SecretNotFound"
+        failed = [
+            condition("ConfigRendered", "False", reason, str(exc), generation, previous),
+            condition("Ready", "False", reason, str(exc), generation, previous),
+        ]
+        report(body, patch, status, "Failed", failed)
+        if isinstance(exc, InvalidSpec):
+            raise kopf.PermanentError(str(exc)) from exc
+        raise kopf.TemporaryError(str(exc), delay=retry_delay) from exc
+
+    spec_ = prepared.spec
+    owner = owner_of(body)
+    if prepared.keys_secret and not prepared.keys:
+        generated = {FIRST_KEY_ID: base64.b64encode(os.urandom(32))}
+        keep = spec_.get("deletionPolicy", "Retain") == "Retain"
+        await asyncio.to_thread(
+            kube.create_secret,
+            namespace,
+            prepared.keys_secret,
+            generated,
+            owner=None if keep else owner,
+        )
+        prepared.keys = (
+            await asyncio.to_thread(kube.read_secret, namespace, prepared.keys_secret) or generated
+        )
+        kopf.event(
+            body,
+            type="Normal",
+            reason="KeyGenerated",
+            message=f"generated encryption key Secret {prepared.keys_secret!r}",
+        )
+    if spec_["backend"] == "dapr" and "component" in spec_["dapr"]:
+        component = dapr_component(name, namespace, spec_)
+        await asyncio.to_thread(kube.apply_component, component, owner)
+    rendered = render(name, spec_, prepared.secrets, primary_key=prepared.primary)
+    config_hash = rendered.config_hash(prepared.keys)
+    await asyncio.to_thread(
+        kube.apply_secret,
+        namespace,
+        f"{name}-convostore",
+        rendered.secret_data(),
+        owner=owner,
+        annotations={f"{GROUP}/config-hash": config_hash},
+        labels={f"{GROUP}/store": name},
+    )
+    old_hash = (status or {}).get("configHash")
+    if old_hash and old_hash != config_hash:
+        rolled = await asyncio.to_thread(kube.roll_workloads, namespace, name, config_hash)
+        if rolled:
+            kopf.event(
+                body,
+                type="Normal",
+                reason="Rolled",
+                message=f"config changed; restarted {', '.join(rolled)}",
+            )
+    reach = await backend.check(name, spec_, prepared.secrets, prepared.keys)
+    phase, reachability = reachability_conditions(reach, generation, previous)
+    rendered_condition = condition(
+        "ConfigRendered",
+        "True",
+        "Rendered",
+        f"sidecar config in Secret {name}-convostore",
+        generation,
+        previous,
+    )
+    report(
+        body,
+        patch,
+        status,
+        phase,
+        [rendered_condition, *reachability],
+        configHash=config_hash,
+        configSecret=f"{name}-convostore",
+    )
+
+
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     """Register every handler on `registry` (tests give each operator a fresh one)."""
     resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info()
 
     @kopf.on.startup(registry=registry)
     def startup(memo: kopf.Memo, **_: Any) -> None:
@@ -179,87 +270,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         memo: kopf.Memo,
         **_: Any,
     ) -> None:
-        kube: Kube = memo.kube
-        generation = body.metadata.get("generation")
-        previous = (status or {}).get("conditions")
-        try:
-            prepared = await asyncio.to_thread(prepare, kube, name, namespace, spec)
-        except (InvalidSpec, MissingSecret) as exc:
-            reason = "InvalidSpec" if isinstance(exc, InvalidSpec) else "SecretNotFound"
-            failed = [
-                condition("ConfigRendered", "False", reason, str(exc), generation, previous),
-                condition("Ready", "False", reason, str(exc), generation, previous),
-            ]
-            report(body, patch, status, "Failed", failed)
-            if isinstance(exc, InvalidSpec):
-                raise kopf.PermanentError(str(exc)) from exc
-            raise kopf.TemporaryError(str(exc), delay=config.retry_delay) from exc
-
-        spec_ = prepared.spec
-        owner = owner_of(body)
-        if prepared.keys_secret and not prepared.keys:
-            generated = {FIRST_KEY_ID: base64.b64encode(os.urandom(32))}
-            keep = spec_.get("deletionPolicy", "Retain") == "Retain"
-            await asyncio.to_thread(
-                kube.create_secret_if_absent,
-                namespace,
-                prepared.keys_secret,
-                generated,
-                None if keep else owner,
-            )
-            prepared.keys = (
-                await asyncio.to_thread(kube.read_secret, namespace, prepared.keys_secret)
-                or generated
-            )
-            kopf.event(
-                body,
-                type="Normal",
-                reason="KeyGenerated",
-                message=f"generated encryption key Secret {prepared.keys_secret!r}",
-            )
-        if spec_["backend"] == "dapr" and "component" in spec_["dapr"]:
-            component = dapr_component(name, namespace, spec_)
-            await asyncio.to_thread(kube.apply_component, component, owner)
-        rendered = render(name, spec_, prepared.secrets, primary_key=prepared.primary)
-        config_hash = rendered.config_hash(prepared.keys)
-        await asyncio.to_thread(
-            kube.apply_secret,
-            namespace,
-            f"{name}-convostore",
-            rendered.secret_data(),
-            owner=owner,
-            annotations={f"{GROUP}/config-hash": config_hash},
-            labels={f"{GROUP}/store": name},
-        )
-        old_hash = (status or {}).get("configHash")
-        if old_hash and old_hash != config_hash:
-            rolled = await asyncio.to_thread(kube.roll_workloads, namespace, name, config_hash)
-            if rolled:
-                kopf.event(
-                    body,
-                    type="Normal",
-                    reason="Rolled",
-                    message=f"config changed; restarted {', '.join(rolled)}",
-                )
-        reach = await backend.check(name, spec_, prepared.secrets, prepared.keys)
-        phase, reachability = reachability_conditions(reach, generation, previous)
-        rendered_condition = condition(
-            "ConfigRendered",
-            "True",
-            "Rendered",
-            f"sidecar config in Secret {name}-convostore",
-            generation,
-            previous,
-        )
-        report(
-            body,
-            patch,
-            status,
-            phase,
-            [rendered_condition, *reachability],
-            configHash=config_hash,
-            configSecret=f"{name}-convostore",
-        )
+        await converge(body, name, namespace, spec, status, patch, memo.kube, config.retry_delay)
 
     @kopf.timer(
         *resource,
@@ -277,19 +288,14 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         memo: kopf.Memo,
         **_: Any,
     ) -> None:
-        if (status or {}).get("phase") not in ("Ready", "Degraded"):
-            return
+        if not (status or {}).get("phase"):
+            return  # the reconcile handler has not finished its first pass
         try:
-            prepared = await asyncio.to_thread(prepare, memo.kube, name, namespace, spec)
-        except (InvalidSpec, MissingSecret):
-            return
-        reach = await backend.check(name, prepared.spec, prepared.secrets, prepared.keys)
-        conditions = list((status or {}).get("conditions") or [])
-        phase, reachability = reachability_conditions(
-            reach, body.metadata.get("generation"), conditions
-        )
-        kept = [c for c in conditions if c.get("type") not in ("BackendReachable", "Ready")]
-        report(body, patch, status, phase, kept + reachability)
+            await converge(
+                body, name, namespace, spec, status, patch, memo.kube, config.retry_delay
+            )
+        except (kopf.PermanentError, kopf.TemporaryError):
+            return  # reported in status; the reconcile handler retries
 
     @kopf.on.delete(*resource, registry=registry)
     async def delete(
@@ -319,44 +325,3 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             reason="Purged",
             message=f"deletionPolicy Delete: cleared {cleared} session(s)",
         )
-
-    @kopf.index(*resource, id="stores", registry=registry)
-    def stores(name: str, namespace: str, spec: Any, status: Any, **_: Any) -> dict[Any, Any]:
-        return {
-            (namespace, name): StoreMount(
-                name=name,
-                config_hash=str((status or {}).get("configHash", "")),
-                keys_secret=keys_secret_name(name, dict(spec)),
-                embedded=spec.get("backend") == "sqlite",
-            )
-        }
-
-    @kopf.on.mutate(
-        "v1",
-        "pods",
-        operations={"CREATE"},
-        id="inject-sidecar",
-        annotations={INJECT: "true"},
-        registry=registry,
-    )
-    def inject_sidecar(
-        body: kopf.Body,
-        patch: kopf.Patch,
-        stores: kopf.Index[Any, StoreMount],
-        namespace: str | None,
-        **_: Any,
-    ) -> None:
-        pod = dict(body)
-        names = requested_stores(pod)
-        if names is None or already_injected(pod):
-            return
-        ns = namespace or body.metadata.namespace
-        missing = [n for n in names if (ns, n) not in stores]
-        if missing:
-            raise kopf.AdmissionError(
-                f"convostore: no ConversationStore named {', '.join(map(repr, missing))} "
-                f"in namespace {ns!r} (from the pod's {GROUP}/stores annotation)",
-                code=400,
-            )
-        mounts = [next(iter(stores[(ns, n)])) for n in names]
-        patch.fns.append(lambda pod_body: inject(dict(pod_body), mounts, config.sidecar_image))

@@ -14,15 +14,15 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from .crd import GROUP
+from .crd import DATA_DIR, GROUP
 from .render import KEYS_ROOT, STORES_ROOT
+from .spec import keys_secret_name, uses_embedded_sqlite
 
 INJECT, STORES = f"{GROUP}/inject", f"{GROUP}/stores"
 CONFIG_HASH = f"{GROUP}/config-hash"
 SIDECAR = "convostore"
 SOCKET_DIR = "/var/run/convostore"
 SOCKET_URL = f"unix://{SOCKET_DIR}/sidecar.sock"
-DATA_DIR = "/var/lib/convostore"
 SIDECAR_UID = 65532
 
 RESTRICTED = {
@@ -44,6 +44,18 @@ class StoreMount:
     config_hash: str
     keys_secret: str | None = None
     embedded: bool = False
+
+
+def store_mount(store: dict[str, Any]) -> StoreMount:
+    """What injection needs of a ConversationStore object as the API server returns it."""
+    name = str(store["metadata"]["name"])
+    spec = store.get("spec") or {}
+    return StoreMount(
+        name=name,
+        config_hash=str((store.get("status") or {}).get("configHash", "")),
+        keys_secret=keys_secret_name(name, spec),
+        embedded=uses_embedded_sqlite(spec),
+    )
 
 
 def requested_stores(pod: dict[str, Any]) -> list[str] | None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import os
+from dataclasses import dataclass
 from typing import Any
 
+import kopf
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .crd import GROUP
+from .crd import GROUP, PLURAL, VERSION
 
 
 class MissingSecret(Exception):
@@ -25,18 +27,49 @@ class MissingSecret(Exception):
         self.name, self.key = name, key
 
 
-def api_client() -> kubernetes.client.ApiClient:
+def configuration() -> kubernetes.client.Configuration:
     """In a pod, the service account; elsewhere `$KUBECONFIG` (read now, not at import)."""
-    configuration = kubernetes.client.Configuration()
+    config = kubernetes.client.Configuration()
     try:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
-            client_configuration=configuration
+            client_configuration=config
         )
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
+            config_file=os.environ.get("KUBECONFIG"), client_configuration=config
         )
-    return kubernetes.client.ApiClient(configuration)
+    return config
+
+
+def api_client() -> kubernetes.client.ApiClient:
+    return kubernetes.client.ApiClient(configuration())
+
+
+def connection_info() -> kopf.ConnectionInfo:
+    """Kopf's credentials, from the same place as the client's: Kopf signs in through
+    this one login handler (a fresh registry has none of Kopf's own), and calls it again
+    when a token is refused, which picks up a rotated service-account token."""
+    config = configuration()
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+    )
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    data: dict[str, bytes]
+    version: str
+    annotations: dict[str, str]
 
 
 class Kube:
@@ -49,13 +82,22 @@ class Kube:
     # Secrets
 
     def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        found = self.read_secret_versioned(namespace, name)
+        return None if found is None else found.data
+
+    def read_secret_versioned(self, namespace: str, name: str) -> StoredSecret | None:
         try:
             secret = self.core.read_namespaced_secret(name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+        meta = secret.metadata
+        return StoredSecret(
+            data={k: base64.b64decode(v) for k, v in (secret.data or {}).items()},
+            version=str(meta.resource_version if meta else ""),
+            annotations=dict((meta.annotations if meta else None) or {}),
+        )
 
     def secret_value(self, namespace: str, name: str, key: str) -> str:
         data = self.read_secret(namespace, name)
@@ -64,6 +106,49 @@ class Kube:
         if key not in data:
             raise MissingSecret(name, key)
         return data[key].decode()
+
+    def create_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, bytes],
+        *,
+        owner: dict[str, Any] | None = None,
+        annotations: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> bool:
+        """False when a Secret of that name exists already (it is left as it is)."""
+        body = _secret_body(namespace, name, data, owner, annotations, labels)
+        try:
+            self.core.create_namespaced_secret(namespace, body)  # type: ignore[arg-type]
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def replace_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, bytes],
+        resource_version: str,
+        *,
+        owner: dict[str, Any] | None = None,
+        annotations: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> bool:
+        """Replace the whole Secret (keys not in `data` go away) if it is still at
+        `resource_version`; False when someone changed it meanwhile."""
+        body = _secret_body(namespace, name, data, owner, annotations, labels)
+        body["metadata"]["resourceVersion"] = resource_version
+        try:
+            self.core.replace_namespaced_secret(name, namespace, body)  # type: ignore[arg-type]
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
 
     def apply_secret(
         self,
@@ -75,35 +160,21 @@ class Kube:
         annotations: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
     ) -> None:
-        body: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "annotations": annotations or {},
-                "labels": {"app.kubernetes.io/managed-by": "convostore", **(labels or {})},
-            },
-            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
-        }
-        if owner is not None:
-            body["metadata"]["ownerReferences"] = [_owner_reference(owner)]
-        try:
-            self.core.create_namespaced_secret(namespace, body)  # type: ignore[arg-type]
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            self.core.patch_namespaced_secret(name, namespace, body)
-
-    def create_secret_if_absent(
-        self, namespace: str, name: str, data: dict[str, bytes], owner: dict[str, Any] | None
-    ) -> bool:
-        """Create it unless it exists; an existing Secret is never changed."""
-        if self.read_secret(namespace, name) is not None:
-            return False
-        self.apply_secret(namespace, name, data, owner=owner)
-        return True
+        """Make the Secret hold exactly `data`, creating it if needed; a Secret that
+        already holds it (and the annotations) is not written again."""
+        extra: dict[str, Any] = {"owner": owner, "annotations": annotations, "labels": labels}
+        for _ in range(5):
+            found = self.read_secret_versioned(namespace, name)
+            if found is None:
+                if self.create_secret(namespace, name, data, **extra):
+                    return
+                continue
+            unchanged = (
+                found.data == data and (annotations or {}).items() <= found.annotations.items()
+            )
+            if unchanged or self.replace_secret(namespace, name, data, found.version, **extra):
+                return
+        raise ApiException(status=409, reason=f"Secret {name!r} keeps changing")
 
     def apply_component(self, component: dict[str, Any], owner: dict[str, Any]) -> None:
         component = {**component, "metadata": {**component["metadata"]}}
@@ -119,6 +190,18 @@ class Kube:
             self.custom.patch_namespaced_custom_object(
                 "dapr.io", "v1alpha1", namespace, "components", name, component
             )
+
+    def read_store(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A ConversationStore as the API server has it (None if absent)."""
+        try:
+            found: Any = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found if isinstance(found, dict) else None
 
     # workloads
 
@@ -152,15 +235,18 @@ class Kube:
 
     # admission
 
-    def set_webhook_ca(self, configuration: str, ca_bundle: bytes) -> bool:
+    def set_webhook_ca(self, name: str, ca_bundle: bytes) -> bool:
         """Put the CA into every webhook of the configuration; False if it does not exist."""
         try:
-            current = self.admission.read_mutating_webhook_configuration(configuration)
+            current = self.admission.read_mutating_webhook_configuration(name)
         except ApiException as exc:
             if exc.status == 404:
                 return False
             raise
         encoded = base64.b64encode(ca_bundle).decode()
+        hooks = current.webhooks or []
+        if all(h.client_config and h.client_config.ca_bundle == encoded for h in hooks):
+            return True
         ops: list[dict[str, Any]] = [
             {
                 "op": "test",
@@ -172,8 +258,33 @@ class Kube:
             {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": encoded}
             for index in range(len(current.webhooks or []))
         ]
-        self.admission.patch_mutating_webhook_configuration(configuration, ops)
+        self.admission.patch_mutating_webhook_configuration(name, ops)
         return True
+
+
+def _secret_body(
+    namespace: str,
+    name: str,
+    data: dict[str, bytes],
+    owner: dict[str, Any] | None,
+    annotations: dict[str, str] | None,
+    labels: dict[str, str] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "annotations": annotations or {},
+            "labels": {"app.kubernetes.io/managed-by": "convostore", **(labels or {})},
+        },
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
+    if owner is not None:
+        body["metadata"]["ownerReferences"] = [_owner_reference(owner)]
+    return body
 
 
 def _owner_reference(owner: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The operator's permissions, stated once; the chart's ClusterRole is rendered from
-these rules, and a test records every call the operator makes to check they match."""
+`RULES` and its Role in the operator's own namespace from `OWN_NAMESPACE_RULES`, and a
+test records every call the operator makes to check they match."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Any
 from .crd import GROUP, PLURAL
 
 RULES: list[dict[str, Any]] = [
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "update"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {
         "apiGroups": ["apps"],
@@ -23,10 +24,14 @@ RULES: list[dict[str, Any]] = [
         "resources": ["mutatingwebhookconfigurations"],
         "verbs": ["get", "patch"],
     },
+]
+
+# the leader Lease (leader.py), in the operator's own namespace only
+OWN_NAMESPACE_RULES: list[dict[str, Any]] = [
     {
-        "apiGroups": ["kopf.dev"],
-        "resources": ["clusterkopfpeerings"],
-        "verbs": ["list", "watch", "patch"],
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "create", "update"],
     },
 ]
 
@@ -35,7 +40,7 @@ def allowed() -> set[tuple[str, str, str]]:
     """Every (api group, resource, verb) the rules grant."""
     return {
         (group, resource, verb)
-        for rule in RULES
+        for rule in RULES + OWN_NAMESPACE_RULES
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]

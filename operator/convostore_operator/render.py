@@ -15,9 +15,11 @@ from typing import Any
 
 import yaml
 
+from .crd import DATA_DIR
+
 STORES_ROOT = "/etc/convostore/stores"
 KEYS_ROOT = "/etc/convostore/keys"
-DEFAULT_SQLITE_PATH = "/var/lib/convostore/convostore.db"
+DEFAULT_SQLITE_PATH = f"{DATA_DIR}/convostore.db"
 
 
 @dataclass(frozen=True)

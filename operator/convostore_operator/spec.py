@@ -8,6 +8,7 @@ emulators) that skip some validation, and for objects stored under an older sche
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import jsonschema
 from celpy import celtypes
 from celpy.adapter import json_to_cel
 
-from .crd import SPEC
+from .crd import MAX_STORE_NAME, SPEC, STORE_NAME
 
 
 class InvalidSpec(Exception):
@@ -35,6 +36,17 @@ class SecretRef:
 
 
 _validator = jsonschema.Draft202012Validator(SPEC)
+
+
+def validate_name(name: str) -> None:
+    """A store's name becomes volume names in pods (`convostore-store-<name>`, at most
+    63 characters) and a store name in the sidecar's config; the CRD refuses others too."""
+    if len(name) > MAX_STORE_NAME or not re.fullmatch(STORE_NAME, name):
+        raise InvalidSpec(
+            "metadata.name",
+            f"a ConversationStore name must be at most {MAX_STORE_NAME} lowercase letters, "
+            f"digits or '-', starting and ending with a letter or digit; got {name!r}",
+        )
 
 
 def validate(spec: Any) -> dict[str, Any]:
@@ -103,3 +115,21 @@ def _section_refs(section: dict[str, Any]) -> dict[str, SecretRef]:
         for field in ("urlSecretRef", "passwordSecretRef", "dsnSecretRef", "apiKeySecretRef")
         if field in section
     }
+
+
+def keys_secret_name(name: str, spec: dict[str, Any]) -> str | None:
+    """The Secret holding an encrypted store's keys: named in the spec, or generated."""
+    encryption = spec.get("encryption", {})
+    if not encryption.get("enabled"):
+        return None
+    ref = encryption.get("keySecretRef")
+    return str(ref["name"]) if ref else f"{name}-convostore-keys"
+
+
+def uses_embedded_sqlite(spec: dict[str, Any]) -> bool:
+    """True when the sidecar keeps a SQLite file in the pod: a sqlite store, or an openai
+    store whose session map is on SQLite (its default)."""
+    if spec.get("backend") == "sqlite":
+        return True
+    mapping = spec.get("openai", {}).get("mapping", {})
+    return spec.get("backend") == "openai" and mapping.get("backend", "sqlite") == "sqlite"

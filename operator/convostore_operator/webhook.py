@@ -1,29 +1,44 @@
-"""Serving the admission webhook with the operator's own TLS material.
+"""The admission webhook: every replica serves it, with one certificate they all agree on.
 
-At start-up the operator makes sure the TLS Secret holds a CA and a serving certificate
-for the webhook Service's names (issuing or renewing them as `certs.py` decides), writes
-them where Kopf's webhook server reads them, and puts the CA into the webhook
-configuration's `caBundle`. Every 12 hours it checks again; when it had to renew, it
-stops so that its restart loads the new certificate (the other replica keeps serving).
+TLS. The CA and serving certificate live in one Secret. A replica that finds none
+*creates* it (a replica that loses that race reads the winner's); one that finds it due
+for renewal replaces it guarded by its `resourceVersion` (a replica that loses reads
+the winner's). Every replica re-reads the Secret every `tls_check_seconds` and loads a
+changed certificate into its running server without a restart, and keeps the webhook
+configuration's `caBundle` equal to the Secret's bundle, so whichever replica renewed,
+all of them serve a certificate the API server trusts.
+
+Admission. A pod that asks for convostore gets the sidecar patch, or a denial that says
+which stores are missing. Stores are read from the API server on each admission rather
+than from an in-memory index: every replica, leader or not, answers alike, and a store
+created a moment ago is found.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import datetime
+import json
 import logging
-import threading
-from collections.abc import AsyncIterator
+import re
+import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kopf
+from aiohttp import web
 
 from .certs import WebhookTLS, issue
+from .crd import GROUP
+from .inject import StoreMount, already_injected, inject, requested_stores, store_mount
 from .kube import Kube
 
 log = logging.getLogger("convostore.operator")
-RECHECK_SECONDS = 12 * 3600
+INJECT_PATH = "/inject-sidecar"
+# what Kubernetes accepts as an object name; anything else cannot name a store
+OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,8 @@ class WebhookSettings:
     configuration: str
     tls_secret: str
     port: int = 9443
+    address: str = "0.0.0.0"
+    tls_check_seconds: float = 60.0
 
     @property
     def hostnames(self) -> list[str]:
@@ -42,67 +59,161 @@ class WebhookSettings:
         ]
 
 
-class PodWebhookServer(kopf.WebhookServer):
-    """Kopf's HTTPS webhook server, with the namespace of the request put into the object.
-
-    A pod created by a controller often reaches the webhook without
-    `metadata.namespace`; the API server names it in `request.namespace` instead, which
-    Kopf does not pass on. Stores are looked up by namespace, so it is filled in first."""
-
-    async def __call__(self, fn: kopf.WebhookFn) -> AsyncIterator[kopf.WebhookClientConfig]:
-        async def with_namespace(request: Any, **kwargs: Any) -> Any:
-            review = request.get("request") if isinstance(request, dict) else None
-            if isinstance(review, dict) and isinstance(review.get("namespace"), str):
-                obj = review.get("object")
-                if isinstance(obj, dict):
-                    meta = obj.setdefault("metadata", {})
-                    if isinstance(meta, dict) and not meta.get("namespace"):
-                        meta["namespace"] = review["namespace"]
-            return await fn(request, **kwargs)
-
-        async for config in super().__call__(with_namespace):
-            yield config
-
-
-def ensure_tls(kube: Kube, webhook: WebhookSettings) -> tuple[WebhookTLS, bool]:
-    """The current TLS material, renewed if needed; True when it changed."""
-    now = datetime.datetime.now(datetime.UTC)
-    stored = kube.read_secret(webhook.namespace, webhook.tls_secret)
-    current = WebhookTLS.from_secret(stored) if stored else None
-    if current is not None and not current.needs_renewal(webhook.hostnames, now):
-        return current, False
-    renewed = issue(webhook.hostnames, now, current)
-    kube.apply_secret(webhook.namespace, webhook.tls_secret, renewed.secret_data(), owner=None)
-    return renewed, True
+def ensure_tls(kube: Kube, webhook: WebhookSettings) -> WebhookTLS:
+    """The TLS material all replicas share, made or renewed here if it is missing or due."""
+    for _ in range(5):
+        now = datetime.datetime.now(datetime.UTC)
+        stored = kube.read_secret_versioned(webhook.namespace, webhook.tls_secret)
+        if stored is None:
+            fresh = issue(webhook.hostnames, now)
+            if kube.create_secret(webhook.namespace, webhook.tls_secret, fresh.secret_data()):
+                return fresh
+            continue
+        current = WebhookTLS.from_secret(stored.data)
+        if current is not None and not current.needs_renewal(webhook.hostnames, now):
+            return current
+        renewed = issue(webhook.hostnames, now, current)
+        if kube.replace_secret(
+            webhook.namespace, webhook.tls_secret, renewed.secret_data(), stored.version
+        ):
+            log.info("webhook certificate renewed")
+            return renewed
+    raise RuntimeError(f"the webhook TLS Secret {webhook.tls_secret!r} keeps changing")
 
 
-def serve_webhook(
-    settings: kopf.OperatorSettings, kube: Kube, webhook: WebhookSettings, workdir: Path
-) -> WebhookTLS:
-    tls, _ = ensure_tls(kube, webhook)
-    cert, key = workdir / "tls.crt", workdir / "tls.key"
-    cert.write_bytes(tls.cert)
-    key.write_bytes(tls.key)
-    key.chmod(0o600)
-    settings.admission.server = PodWebhookServer(
-        addr="0.0.0.0",
-        port=webhook.port,
-        certfile=str(cert),
-        pkeyfile=str(key),
-        host=webhook.hostnames[0],
-    )
-    if not kube.set_webhook_ca(webhook.configuration, tls.ca_cert):
-        log.warning(
-            "webhook configuration %r not found; pods will not be injected", webhook.configuration
+class AdmissionServer:
+    """HTTPS server for the webhook, whose certificate can change while it runs."""
+
+    def __init__(self, kube: Kube, webhook: WebhookSettings, sidecar_image: str) -> None:
+        self.kube = kube
+        self.webhook = webhook
+        self.sidecar_image = sidecar_image
+        self.tls: WebhookTLS | None = None
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.runner: web.AppRunner | None = None
+
+    def load(self, tls: WebhookTLS) -> None:
+        """Serve `tls` from the next handshake on (an SSLContext takes a new chain in place)."""
+        if tls == self.tls:
+            return
+        with tempfile.TemporaryDirectory(prefix="convostore-webhook-") as workdir:
+            cert, key = Path(workdir) / "tls.crt", Path(workdir) / "tls.key"
+            cert.write_bytes(tls.cert)
+            key.touch(mode=0o600)
+            key.write_bytes(tls.key)
+            self.context.load_cert_chain(cert, key)
+        self.tls = tls
+
+    def sync(self) -> None:
+        """Blocking: agree on the certificate with the other replicas and publish its CA."""
+        tls = ensure_tls(self.kube, self.webhook)
+        self.load(tls)
+        if not self.kube.set_webhook_ca(self.webhook.configuration, tls.ca_bundle):
+            log.warning(
+                "webhook configuration %r not found; pods will not be injected",
+                self.webhook.configuration,
+            )
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.sync)
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_post(INJECT_PATH, self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(
+            self.runner, self.webhook.address, self.webhook.port, ssl_context=self.context
         )
-    return tls
+        await site.start()
+        log.info("admission webhook serving on port %d", self.webhook.port)
+
+    async def keep_in_sync(self, stop: asyncio.Event) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), self.webhook.tls_check_seconds)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await asyncio.to_thread(self.sync)
+            except Exception as exc:
+                log.warning("webhook certificate check failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            review = await request.json()
+            uid = review["request"]["uid"]
+            assert isinstance(uid, str)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return web.json_response({"error": "expected an AdmissionReview"}, status=400)
+        response = await admit(review["request"], self.kube, self.sidecar_image)
+        return web.json_response(
+            {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "response": {"uid": uid, **response},
+            }
+        )
 
 
-def watch_renewal(kube: Kube, webhook: WebhookSettings, stop: threading.Event) -> None:
-    """In a thread: renew when due, publish the CA, and ask the operator to restart."""
-    while not stop.wait(RECHECK_SECONDS):
-        tls, changed = ensure_tls(kube, webhook)
-        if changed:
-            kube.set_webhook_ca(webhook.configuration, tls.ca_cert)
-            log.info("webhook certificate renewed; restarting to serve it")
-            stop.set()
+def _deny(message: str, code: int = 400) -> dict[str, Any]:
+    return {"allowed": False, "status": {"code": code, "message": message}}
+
+
+async def admit(request: dict[str, Any], kube: Kube, image: str) -> dict[str, Any]:
+    """The `response` of an AdmissionReview for one pod (without its uid)."""
+    pod = request.get("object")
+    if not isinstance(pod, dict):
+        return {"allowed": True}
+    names = requested_stores(pod)
+    if names is None or already_injected(pod):
+        return {"allowed": True}
+    namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+    if not isinstance(namespace, str) or not namespace:
+        return _deny("convostore: the pod's namespace is unknown")
+    try:
+        found = await asyncio.to_thread(_read_stores, kube, namespace, names)
+    except Exception as exc:
+        log.warning("admission: cannot read ConversationStores in %r: %s", namespace, exc)
+        return _deny(
+            f"convostore: cannot read ConversationStores in namespace {namespace!r} now; retry",
+            code=503,
+        )
+    missing = [name for name in names if name not in found]
+    if missing:
+        return _deny(
+            f"convostore: no ConversationStore named {', '.join(map(repr, missing))} "
+            f"in namespace {namespace!r} (from the pod's {GROUP}/stores annotation)"
+        )
+    changed = json.loads(json.dumps(pod))
+    inject(changed, [found[name] for name in names], image)
+    # JSON Patch "add" replaces a member that exists, so two ops cover every pod
+    ops = [
+        {"op": "add", "path": "/metadata", "value": changed["metadata"]}
+        if "metadata" not in pod
+        else {
+            "op": "add",
+            "path": "/metadata/annotations",
+            "value": changed["metadata"]["annotations"],
+        },
+        {"op": "add", "path": "/spec", "value": changed["spec"]},
+    ]
+    return {
+        "allowed": True,
+        "patchType": "JSONPatch",
+        "patch": base64.b64encode(json.dumps(ops).encode()).decode(),
+    }
+
+
+def _read_stores(kube: Kube, namespace: str, names: list[str]) -> dict[str, StoreMount]:
+    found = {}
+    for name in names:
+        if not OBJECT_NAME.match(name):
+            continue
+        store = kube.read_store(namespace, name)
+        if store is not None:
+            found[name] = store_mount(store)
+    return found

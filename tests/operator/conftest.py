@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +12,10 @@ from typing import Any
 
 import kopf
 import pytest
-from convostore_operator.certs import WebhookTLS, issue
 from convostore_operator.handlers import OperatorConfig, register
 from convostore_operator.kube import Kube, api_client
 from convostore_operator.main import operator_settings
-from convostore_operator.webhook import PodWebhookServer
+from convostore_operator.webhook import AdmissionServer, WebhookSettings
 
 from tests.operator.emulator import STORES, RealisticEmulator, declare_resources
 from tests.servers import free_port
@@ -44,69 +43,61 @@ def kube(cluster: Any) -> Kube:
 
 
 Operator = Callable[..., Awaitable[None]]
+WEBHOOK = WebhookSettings(
+    namespace="convostore-system",
+    service="convostore-webhook",
+    configuration="convostore",
+    tls_secret="convostore-webhook-tls",
+    address="127.0.0.1",
+)
 
 
 @dataclass
 class WebhookEndpoint:
     url: str
     ca: bytes
+    hostname: str
 
 
 @pytest.fixture
-def webhook_tls(tmp_path: Path) -> tuple[WebhookTLS, Path, Path]:
-    tls = issue(["localhost"], datetime.datetime.now(datetime.UTC))
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert.write_bytes(tls.cert)
-    key.write_bytes(tls.key)
-    return tls, cert, key
-
-
-@pytest.fixture
-async def operator(
-    cluster: Any, kube: Kube, webhook_tls: tuple[WebhookTLS, Path, Path]
-) -> AsyncIterator[Operator]:
-    """Starts the operator (standalone, one namespace) in this test's event loop, with
-    its admission webhook served over HTTPS on a loopback port (`operator.webhook`).
+async def operator(cluster: Any, kube: Kube) -> AsyncIterator[Operator]:
+    """Starts the operator's reconcile loop (standalone, one namespace) in this test's
+    event loop, and the admission webhook over HTTPS on a loopback port
+    (`operator.webhook`), both as `convostore operator run` builds them.
 
     Kopf cancels, when it stops, every task that did not exist when it started; each
     operator is told to spare the other operators' runners and this fixture's teardown."""
     runners: list[asyncio.Task[None]] = []
     stops: list[asyncio.Event] = []
     spared: list[set[asyncio.Task[Any]]] = []
-    tls, cert, key = webhook_tls
+    admission: list[AdmissionServer] = []
 
     async def start(
         config: OperatorConfig | None = None,
         *,
-        peering: int | None = None,
         clusterwide: bool = False,
         memo_kube: Kube | None = None,
         **settings_changes: Any,
     ) -> None:
-        """`peering=<priority>` runs with mandatory peering (the KopfPeering named
-        "convostore" must exist) instead of standalone."""
         registry = kopf.OperatorRegistry()
         register(registry, config or OperatorConfig(sidecar_image="convostore:test"))
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=str(cluster.url).rstrip("/"))
-
         settings = kopf.OperatorSettings()
-        operator_settings(settings, standalone=peering is None)
-        if peering is not None:
-            settings.peering.priority = peering
+        operator_settings(settings)
         settings.posting.level = 0
-        port = free_port()
-        settings.admission.server = PodWebhookServer(
-            addr="127.0.0.1", port=port, host="localhost", certfile=str(cert), pkeyfile=str(key)
-        )
-        start.webhook = WebhookEndpoint(  # type: ignore[attr-defined]
-            f"https://localhost:{port}", tls.ca_cert
-        )
         for name, value in settings_changes.items():
             section, field = name.split("__")
             setattr(getattr(settings, section), field, value)
+        if not admission:
+            port = free_port()
+            server = AdmissionServer(
+                kube, dataclasses.replace(WEBHOOK, port=port), "convostore:test"
+            )
+            await server.start()
+            assert server.tls is not None
+            admission.append(server)
+            start.webhook = WebhookEndpoint(  # type: ignore[attr-defined]
+                f"https://127.0.0.1:{port}", server.tls.ca_bundle, WEBHOOK.hostnames[0]
+            )
         stop = asyncio.Event()
         spare = set(asyncio.all_tasks()) | set(runners)
         tasks = await kopf.spawn_tasks(
@@ -114,7 +105,7 @@ async def operator(
             settings=settings,
             namespaces=[] if clusterwide else [NAMESPACE],
             clusterwide=clusterwide,
-            standalone=peering is None,
+            standalone=True,
             stop_flag=stop,
             memo=kopf.Memo(kube=memo_kube or kube),
         )
@@ -131,6 +122,8 @@ async def operator(
     for stop in stops:
         stop.set()
     await asyncio.wait_for(asyncio.gather(*runners), 30)
+    for server in admission:
+        await server.stop()
 
 
 async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
@@ -208,6 +201,11 @@ def events_for(cluster: Any, name: str) -> list[dict[str, Any]]:
         if resource.plural == "events" and not obj.deleted and regarding.get("name") == name:
             found.append(dict(obj))
     return found
+
+
+def reasons_of_events(cluster: Any, name: str) -> set[str]:
+    """Events are posted in the background: wait on this with `eventually`."""
+    return {str(e["reason"]) for e in events_for(cluster, name)}
 
 
 def secret_data(cluster: Any, name: str) -> dict[str, bytes] | None:

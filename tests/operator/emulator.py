@@ -20,6 +20,7 @@ from kmock._internal import enums
 from kmock._internal.k8s import KubernetesError
 
 STORES = "convostore.dev/v1alpha1/conversationstores"
+LEASES = "coordination.k8s.io/v1/leases"
 PEERINGS, CLUSTER_PEERINGS = "kopf.dev/v1/kopfpeerings", "kopf.dev/v1/clusterkopfpeerings"
 ALL_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
@@ -31,6 +32,14 @@ class StaleResourceVersion(KubernetesError):
 
     status: int = 422
     reason: str = "Invalid"
+
+
+@attrs.frozen
+class Conflict(KubernetesError):
+    """A replace (PUT) naming a resourceVersion that is no longer current."""
+
+    status: int = 409
+    reason: str = "Conflict"
 
 
 class RealisticEmulator(kmock.KubernetesEmulator):
@@ -60,15 +69,37 @@ class RealisticEmulator(kmock.KubernetesEmulator):
                 yield event
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if request.method.name == "PUT" and request.name and request.action is None:
+            # kmock leaves a PUT unparsed; an API server treats it as an update (replace)
+            object.__setattr__(request, "action", enums.action.UPDATE)
         if request.resource is not None and isinstance(request.data, dict | list):
             if request.action == enums.action.CREATE and isinstance(request.data, dict):
                 self._stamp_new(request)
             elif request.action == enums.action.UPDATE and request.name:
+                if request.method.name == "PUT" and isinstance(request.data, dict):
+                    self._as_replacement(request)
                 self._stamp_changed(request)
         try:
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as e:
             raise StaleResourceVersion(message=str(e)) from None
+
+    def _as_replacement(self, request: kmock.Request) -> None:
+        """A PUT replaces the whole object, and only the version it was read at: turned
+        into the merge patch that the emulator applies (absent keys become deletions)."""
+        key: Any = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return
+        current = dict(self.objects[key].raw)
+        sent = request.data.get("metadata", {}).get("resourceVersion")
+        stored = current.get("metadata", {}).get("resourceVersion")
+        if sent is not None and sent != stored:
+            raise Conflict(message=f"the object has been modified (at {stored}, not {sent})")
+        kept = {f: current["metadata"][f] for f in KEPT_METADATA if f in current["metadata"]}
+        request.data.setdefault("metadata", {}).update(kept)
+        replacement = _replacement(current, request.data)
+        request.data.clear()
+        request.data.update(replacement)
 
     def _stamp_new(self, request: kmock.Request) -> None:
         meta = request.data.setdefault("metadata", {})
@@ -101,6 +132,20 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             )
 
 
+KEPT_METADATA = ("uid", "creationTimestamp", "generation", "namespace", "name")
+
+
+def _replacement(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch that turns `old` into `new`."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            patch[key] = _replacement(old[key], value)
+        else:
+            patch[key] = value
+    return patch
+
+
 def _version(event: dict[str, Any]) -> int:
     return int(event["object"]["metadata"].get("resourceVersion", "0"))
 
@@ -113,6 +158,9 @@ def _touches_spec(change: dict[str, Any] | list[dict[str, Any]]) -> bool:
 
 def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources.load_bundled()
+    emulator.resources[LEASES] = kmock.ResourceInfo(
+        kind="Lease", namespaced=True, verbs=ALL_VERBS
+    )
     for name, kind in (
         (STORES, "ConversationStore"),
         ("dapr.io/v1alpha1/components", "Component"),

@@ -8,14 +8,16 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
 from convostore_operator import rbac
-from convostore_operator.kube import Kube
-from convostore_operator.webhook import WebhookSettings, serve_webhook
+from convostore_operator.inject import INJECT, STORES
+from convostore_operator.kube import Kube, api_client
+from convostore_operator.leader import Election, LeaseSettings
+from convostore_operator.webhook import AdmissionServer, admit
 
 from tests.operator.conftest import (
     NAMESPACE,
+    WEBHOOK,
     Operator,
     create_store,
     create_workload,
@@ -63,14 +65,6 @@ async def test_rules_grant_exactly_what_a_full_life_cycle_uses(
     cluster: Any, kube: Kube, operator: Operator, redis_url: str, tmp_path: Path
 ) -> None:
     await cluster.post(
-        "/apis/kopf.dev/v1/clusterkopfpeerings",
-        json={
-            "apiVersion": "kopf.dev/v1",
-            "kind": "ClusterKopfPeering",
-            "metadata": {"name": "convostore"},
-        },
-    )
-    await cluster.post(
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
         json={
             "apiVersion": "admissionregistration.k8s.io/v1",
@@ -90,20 +84,16 @@ async def test_rules_grant_exactly_what_a_full_life_cycle_uses(
     )
     await create_workload(cluster, "Deployment", "agent", "vault")
     await create_workload(cluster, "StatefulSet", "memory", "vault")
-    webhook = WebhookSettings(
-        namespace="convostore-system",
-        service="convostore-webhook",
-        configuration="convostore",
-        tls_secret="convostore-webhook-tls",
-    )
-    for _ in range(2):  # first start issues the certificate, the second reuses it
-        await asyncio.to_thread(serve_webhook, kopf.OperatorSettings(), kube, webhook, tmp_path)
+    election = Election(api_client(), LeaseSettings(namespace="convostore-system"))
+    for _ in range(2):  # takes the Lease, then renews it
+        assert await asyncio.to_thread(election.try_acquire_or_renew)
+    await asyncio.to_thread(election.release)
+    await operator(clusterwide=True)  # its webhook issues the certificate
+    await asyncio.to_thread(AdmissionServer(kube, WEBHOOK, "convostore:test").sync)  # reuses it
     hooks = cluster.objects[
         "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations", None, "convostore"
     ]
     assert hooks["webhooks"][0]["clientConfig"]["caBundle"]
-
-    await operator(peering=0, clusterwide=True)
     await create_store(cluster, "vault", {"backend": "sqlite", "encryption": {"enabled": True}})
     await create_store(
         cluster,
@@ -135,6 +125,9 @@ async def test_rules_grant_exactly_what_a_full_life_cycle_uses(
     assert rolled(cluster, "deployments", "agent")
     await cluster.delete(f"{STORES_URL}/scratch")
     await eventually(functools.partial(is_gone, cluster, "scratch"))
+    pod = {"metadata": {"annotations": {INJECT: "true", STORES: "vault"}}, "spec": {}}
+    answer = await admit({"namespace": NAMESPACE, "object": pod}, kube, "convostore:test")
+    assert answer["allowed"] is True
 
     used = used_permissions(cluster)
     assert used - rbac.allowed() == set(), "the operator needs permissions it is not granted"

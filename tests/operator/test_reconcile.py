@@ -27,6 +27,7 @@ from tests.operator.conftest import (
     eventually,
     is_gone,
     phase_is,
+    reasons_of_events,
     secret_data,
     store_object,
 )
@@ -75,8 +76,8 @@ async def test_sqlite_store_renders_config_and_reports_ready(
         obj["status"]["configHash"]
         == secret["metadata"]["annotations"]["convostore.dev/config-hash"]
     )
-    reasons = {e["reason"] for e in events_for(cluster, "chat")}
-    assert {"Rendered", "Ready"} <= reasons
+    # Kopf posts Events in the background, after the status patch that ends the handler
+    await eventually(lambda: {"Rendered", "Ready"} <= reasons_of_events(cluster, "chat"))
 
 
 async def test_redis_store_with_a_password_secret_is_reachable(
@@ -186,8 +187,11 @@ async def test_unreachable_backend_is_degraded_with_the_reason(
     assert obj["status"]["phase"] == "Degraded"
     reachable = condition(obj, "BackendReachable")
     assert (reachable["status"], reachable["reason"]) == ("False", "Unreachable")
-    assert any(
-        e["type"] == "Warning" and e["reason"] == "Unreachable" for e in events_for(cluster, "down")
+    await eventually(
+        lambda: any(
+            e["type"] == "Warning" and e["reason"] == "Unreachable"
+            for e in events_for(cluster, "down")
+        )
     )
 
 
@@ -215,8 +219,11 @@ async def test_invalid_spec_fails_naming_the_field_and_creates_nothing(
     rendered_condition = condition(obj, "ConfigRendered")
     assert rendered_condition["reason"] == "InvalidSpec"
     assert rendered_condition["message"].startswith(field)
-    warnings = [e for e in events_for(cluster, "bad") if e["type"] == "Warning"]
-    assert any(field in e["message"] for e in warnings)
+    await eventually(
+        lambda: any(
+            e["type"] == "Warning" and field in e["message"] for e in events_for(cluster, "bad")
+        )
+    )
     assert secret_data(cluster, "bad-convostore") is None
 
 
@@ -335,7 +342,7 @@ async def test_config_change_rolls_workloads_that_use_the_store(
         lambda: template_annotations("agent").get("convostore.dev/config-hash-chat") == new_hash
     )
     assert "convostore.dev/config-hash-chat" not in template_annotations("unrelated")
-    assert any(e["reason"] == "Rolled" for e in events_for(cluster, "chat"))
+    await eventually(lambda: "Rolled" in reasons_of_events(cluster, "chat"))
 
 
 async def test_retain_keeps_data_and_delete_purges_it(
@@ -365,8 +372,8 @@ async def test_retain_keeps_data_and_delete_purges_it(
         await eventually(functools.partial(is_gone, cluster, name))
     assert await client.exists("op-keep:{s1}:items") == 1
     assert await client.exists("op-purge:{s1}:items") == 0
-    assert any(e["reason"] == "Purged" for e in events_for(cluster, "purge"))
-    assert any(e["reason"] == "Retained" for e in events_for(cluster, "keep"))
+    await eventually(lambda: "Purged" in reasons_of_events(cluster, "purge"))
+    await eventually(lambda: "Retained" in reasons_of_events(cluster, "keep"))
     await client.aclose()
 
 

@@ -63,7 +63,12 @@ async def review(operator: Operator, pod: dict[str, Any]) -> dict[str, Any]:
     }
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"{endpoint.url}/inject-sidecar", json=body, ssl=tls) as answer,
+        http.post(
+            f"{endpoint.url}/inject-sidecar",
+            json=body,
+            ssl=tls,
+            server_hostname=endpoint.hostname,
+        ) as answer,
     ):
         assert answer.status == 200
         payload = await answer.json()
