@@ -236,30 +236,36 @@ class Kube:
     # admission
 
     def set_webhook_ca(self, name: str, ca_bundle: bytes) -> bool:
-        """Put the CA into every webhook of the configuration; False if it does not exist."""
-        try:
-            current = self.admission.read_mutating_webhook_configuration(name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
+        """Put the CA into every webhook of the configuration; False if it does not exist.
+        Replicas starting together race here: a write guarded by a resourceVersion that
+        another replica changed meanwhile is read and checked again."""
         encoded = base64.b64encode(ca_bundle).decode()
-        hooks = current.webhooks or []
-        if all(h.client_config and h.client_config.ca_bundle == encoded for h in hooks):
+        for _ in range(5):
+            try:
+                current = self.admission.read_mutating_webhook_configuration(name)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            hooks = current.webhooks or []
+            if all(h.client_config and h.client_config.ca_bundle == encoded for h in hooks):
+                return True
+            version = current.metadata.resource_version if current.metadata else None
+            ops: list[dict[str, Any]] = [
+                {"op": "test", "path": "/metadata/resourceVersion", "value": version}
+            ]
+            ops += [
+                {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": encoded}
+                for index in range(len(hooks))
+            ]
+            try:
+                self.admission.patch_mutating_webhook_configuration(name, ops)
+            except ApiException as exc:
+                if exc.status not in (409, 422):
+                    raise
+                continue
             return True
-        ops: list[dict[str, Any]] = [
-            {
-                "op": "test",
-                "path": "/metadata/resourceVersion",
-                "value": current.metadata.resource_version if current.metadata else None,
-            }
-        ]
-        ops += [
-            {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": encoded}
-            for index in range(len(current.webhooks or []))
-        ]
-        self.admission.patch_mutating_webhook_configuration(name, ops)
-        return True
+        raise ApiException(status=409, reason=f"webhook configuration {name!r} keeps changing")
 
 
 def _secret_body(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +128,14 @@ async def operator(cluster: Any, kube: Kube) -> AsyncIterator[Operator]:
 
 
 async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
-    """Poll `check` until it returns something truthy (and return that)."""
+    """Poll `check` (a function, or a coroutine function) until it returns something
+    truthy (and return that)."""
     deadline = asyncio.get_running_loop().time() + within
     while True:
         try:
             result = check()
+            if inspect.isawaitable(result):
+                result = await result
         except (KeyError, AssertionError):
             result = None
         if result:

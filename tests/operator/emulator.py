@@ -158,9 +158,7 @@ def _touches_spec(change: dict[str, Any] | list[dict[str, Any]]) -> bool:
 
 def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources.load_bundled()
-    emulator.resources[LEASES] = kmock.ResourceInfo(
-        kind="Lease", namespaced=True, verbs=ALL_VERBS
-    )
+    emulator.resources[LEASES] = kmock.ResourceInfo(kind="Lease", namespaced=True, verbs=ALL_VERBS)
     for name, kind in (
         (STORES, "ConversationStore"),
         ("dapr.io/v1alpha1/components", "Component"),
