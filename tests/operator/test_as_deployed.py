@@ -8,7 +8,10 @@ import asyncio
 import base64
 import contextlib
 import functools
+import itertools
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -167,9 +170,60 @@ async def test_the_charts_deployment_reconciles_hands_over_and_stops(
     for replica in replicas:
         assert "Traceback" not in replica.log, replica.log
     assert lease_holder(cluster, deployment) is None, "the last replica released the Lease"
+    assert_one_leader_at_a_time(replicas)
+
+
+def leadership(replica: Replica) -> list[tuple[str, str]]:
+    """(began, ended) of each time this replica led, from its own log lines, which stamp
+    the Lease taken before Kopf starts and released (or lost) after Kopf has stopped."""
+    spans, began = [], None
+    for line in replica.log.splitlines():
+        stamp = line[:23]
+        if "leader election:" in line and "now leads" in line:
+            began = stamp
+        elif began and "leader election:" in line and ("released" in line or "lost" in line):
+            spans.append((began, stamp))
+            began = None
+    assert began is None, f"{replica.pod} never let go of its lead"
+    return spans
+
+
+def assert_one_leader_at_a_time(replicas: list[Replica]) -> None:
+    spans = sorted(span for replica in replicas for span in leadership(replica))
+    assert spans, "no replica ever led"
+    for (_, ended), (began, _) in itertools.pairwise(spans):
+        assert ended <= began, f"two replicas reconciled at once: {spans}"
 
 
 async def _healthy(replica: Replica) -> bool:
     with contextlib.suppress(OSError, aiohttp.ClientError):
         return await healthz(replica) == 200
     return False
+
+
+async def test_a_killed_leader_is_replaced_once_its_lease_runs_out(
+    cluster: Any, deploy: Any
+) -> None:
+    deployment: Deployment = await deploy()
+    leader = await eventually(lambda: leader_of(cluster, deployment), within=60)
+    await create_store(cluster, "chat", {"backend": "sqlite"})
+    await eventually(functools.partial(phase_is, cluster, "chat", "Ready"), within=60)
+    lease = cluster.objects[LEASES, RELEASE_NAMESPACE, deployment.env["CONVOSTORE_LEASE"]]
+    lease_seconds = int(lease["spec"]["leaseDurationSeconds"])
+
+    os.kill(leader.pid1(), signal.SIGKILL)  # a node lost: no chance to release the Lease
+    began = time.monotonic()
+    await leader.process.wait()
+    survivor = await eventually(
+        lambda: (r := leader_of(cluster, deployment)) and r is not leader and r,
+        within=lease_seconds * 3,
+    )
+    took = time.monotonic() - began
+    print(f"take-over after a crash: {took:.2f} s (lease {lease_seconds} s)")
+    assert took >= lease_seconds * 0.9, "the Lease was taken before it ran out"
+    await cluster.patch(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/chat",
+        json={"spec": {"retention": {"ttl": "2h"}}},
+    )
+    await eventually(lambda: rendered_config(cluster, "chat")["stores"]["chat"].get("ttl") == "2h")
+    await stop_within_grace(deployment, survivor)

@@ -47,6 +47,9 @@ def test_renames_and_a_dying_ca_force_new_material() -> None:
     replaced = issue(NAMES, near_ca_end, tls)
     assert replaced.ca_cert != tls.ca_cert
     verify_chain(replaced)
+    # replicas still serving the old certificate stay trusted until they reload
+    assert replaced.ca_bundle == replaced.ca_cert + tls.ca_cert
+    assert WebhookTLS.from_secret(replaced.secret_data()) == replaced
 
 
 def test_an_incomplete_secret_is_not_trusted() -> None:

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
-from convostore_operator.crd import GROUP, KIND, PLURAL, SHORT, VERSION, crd
+from convostore_operator.crd import GROUP, KIND, MAX_STORE_NAME, PLURAL, SHORT, VERSION, crd
 from convostore_operator.manifests import crd_yaml
-from convostore_operator.spec import InvalidSpec, validate
+from convostore_operator.spec import InvalidSpec, cel_failures, validate, validate_name
+from convostore_sidecar.config import STORE_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = {"name": "openai", "key": "api-key"}
@@ -85,6 +86,27 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
         (
             {"backend": "sqlite", "sqlite": {"path": "relative.db"}},
             "spec.sqlite.path",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "sqlite": {"path": "/tmp/chat.db"}},
+            "spec.sqlite.path",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "sqlite": {"path": "/var/lib/convostore/../../etc/x.db"}},
+            "spec.sqlite.path",
+            "does not match",
+        ),
+        (
+            {
+                "backend": "openai",
+                "openai": {
+                    "apiKeySecretRef": KEY,
+                    "mapping": {"backend": "sqlite", "sqlite": {"path": "/data/map.db"}},
+                },
+            },
+            "spec.openai.mapping.sqlite.path",
             "does not match",
         ),
         (
@@ -229,6 +251,36 @@ def test_invalid_specs_are_refused_naming_the_field(
         validate(spec)
     assert refused.value.field == field
     assert message in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("chat", True),
+        ("a" * MAX_STORE_NAME, True),
+        ("team-7-chat", True),
+        ("a" * (MAX_STORE_NAME + 1), False),
+        ("chat.v2", False),
+        ("Chat", False),
+        ("-chat", False),
+        ("chat-", False),
+    ],
+)
+def test_store_names_must_fit_pod_volume_names(name: str, valid: bool) -> None:
+    """`convostore-store-<name>` must be a volume name (a DNS label, 63 at most), and
+    the sidecar refuses a dot in a store name: the CRD's rule and the operator agree."""
+    [version] = crd()["spec"]["versions"]
+    root = version["schema"]["openAPIV3Schema"]
+    obj = {"metadata": {"name": name}, "spec": {"backend": "sqlite"}}
+    failures = list(cel_failures(root, obj, ""))
+    assert (failures == []) is valid
+    if valid:
+        validate_name(name)
+        assert STORE_NAME.fullmatch(name)
+    else:
+        with pytest.raises(InvalidSpec) as refused:
+            validate_name(name)
+        assert refused.value.field == "metadata.name"
 
 
 def test_a_huge_spec_is_refused_quickly_not_walked_forever() -> None:

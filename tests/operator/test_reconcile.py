@@ -195,6 +195,20 @@ async def test_unreachable_backend_is_degraded_with_the_reason(
     )
 
 
+async def test_a_store_name_that_cannot_name_a_pod_volume_fails_and_creates_nothing(
+    cluster: Any, operator: Operator
+) -> None:
+    """The CRD refuses such names; a cluster that skips CEL rules gets the same answer."""
+    await operator()
+    await create_store(cluster, "chat.v2", {"backend": "sqlite"})
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "chat.v2")) and o.get("status", {}).get("phase") and o
+    )
+    assert obj["status"]["phase"] == "Failed"
+    assert condition(obj, "ConfigRendered")["message"].startswith("metadata.name")
+    assert secret_data(cluster, "chat.v2-convostore") is None
+
+
 @pytest.mark.parametrize(
     ("spec", "field"),
     [

@@ -13,6 +13,9 @@ from typing import Any
 import aiohttp
 import jsonpatch
 import pytest
+from convostore_operator.crd import DATA_DIR
+from convostore_operator.kube import Kube
+from convostore_operator.webhook import admit
 
 from tests.operator.conftest import (
     NAMESPACE,
@@ -171,3 +174,37 @@ async def test_pods_that_do_not_ask_are_left_alone(cluster: Any, operator: Opera
     for asked in (None, {"convostore.dev/inject": "false"}, {"other": "true"}):
         pod = agent_pod(asked)
         assert patched(pod, await review(operator, pod)) == pod
+
+
+@pytest.mark.parametrize(
+    ("spec", "writable"),
+    [
+        ({"backend": "sqlite"}, True),
+        ({"backend": "openai", "openai": {"apiKeySecretRef": {"name": "k", "key": "k"}}}, True),
+        (
+            {
+                "backend": "openai",
+                "openai": {
+                    "apiKeySecretRef": {"name": "k", "key": "k"},
+                    "mapping": {"backend": "redis", "redis": {"url": "redis://r:6379"}},
+                },
+            },
+            False,
+        ),
+        ({"backend": "redis", "redis": {"url": "redis://r:6379"}}, False),
+    ],
+    ids=["sqlite", "openai-default-map", "openai-redis-map", "redis"],
+)
+async def test_stores_that_keep_a_sqlite_file_get_the_writable_directory(
+    cluster: Any, kube: Kube, spec: dict[str, Any], writable: bool
+) -> None:
+    """Injected pods have a read-only root: every store with a SQLite file (its own, or
+    an openai store's session map) needs the data volume where its path points."""
+    await create_store(cluster, "chat", spec)
+    pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": "chat"})
+    result = patched(pod, await admit({"namespace": NAMESPACE, "object": pod}, kube, "img"))
+    volumes = {v["name"] for v in result["spec"]["volumes"]}
+    [sidecar] = result["spec"]["initContainers"]
+    mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
+    assert ("convostore-data" in volumes) is writable
+    assert (DATA_DIR in mounts) is writable
