@@ -10,6 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from convostore import SidecarSession
+from convostore_sidecar.middleware import TokenCheck
 from convostore_sidecar.state import STORES
 
 from tests.support import RunningSidecar, StartSidecar
@@ -293,7 +295,49 @@ async def test_bearer_token_guards_the_api_but_not_probes(
     async with http.get(url, headers={"Authorization": "Bearer rotated"}) as resp:
         assert resp.status == 200
     async with http.get(url, headers={"Authorization": "Bearer s3cret"}) as resp:
-        assert resp.status == 401
+        assert resp.status == 200, "the replaced token stays valid for a grace period"
+    token_file.write_text("again")
+    async with http.get(url, headers={"Authorization": "Bearer again"}) as resp:
+        assert resp.status == 200
+    async with http.get(url, headers={"Authorization": "Bearer s3cret"}) as resp:
+        assert resp.status == 401, "only the token just replaced keeps its grace"
+
+
+async def test_a_client_reading_the_token_file_follows_its_rotation(
+    start_sidecar: StartSidecar, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    sidecar = await start_sidecar(
+        {
+            "auth": {"tokenFile": str(token_file)},
+            "stores": {
+                "default": {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "a.db")}}
+            },
+        }
+    )
+    session = SidecarSession("s", url=sidecar.url, token_file=str(token_file))
+    await session.add_items([{"n": 1}])
+    for token in ("second", "third"):  # two rotations: the first token is out of its grace
+        replacement = tmp_path / "token.new"  # as the kubelet swaps a Secret volume's files
+        replacement.write_text(f"{token}\n")
+        replacement.replace(token_file)
+        async with http.get(
+            sidecar.url + "/v1/stores/default/sessions",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp:
+            assert resp.status == 200
+    await session.add_items([{"n": 2}])
+    assert await session.get_items() == [{"n": 1}, {"n": 2}]
+
+
+def test_token_check_forgets_the_replaced_token_after_its_grace(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("old")
+    check = TokenCheck(str(token_file), grace=0.0)
+    token_file.write_text("new")
+    assert check.accepts(b"new")
+    assert not check.accepts(b"old")
 
 
 async def test_metrics_count_requests_latency_and_items(

@@ -99,7 +99,7 @@ def test_token_file_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
     token.write_text("abc\n")
     monkeypatch.setenv("CONVOSTORE_TOKEN_FILE", str(token))
     session = SidecarSession("s", url="http://127.0.0.1:1")
-    assert session._transport.token == "abc"
+    assert session._transport.token.value() == "abc"
 
 
 def test_sessions_work_across_event_loops_without_leaks(

@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 from urllib.parse import quote
 
-from .transport import Endpoint, Transport, read_token
+from .transport import BearerToken, Endpoint, Transport
 
 Item = Any
 
@@ -57,7 +57,7 @@ class SidecarSession:
         self.history_turns = history_turns
         self.whole_turns = whole_turns
         self._transport = Transport(
-            Endpoint.parse(url), read_token(token, token_file), timeout=timeout, retries=retries
+            Endpoint.parse(url), BearerToken(token, token_file), timeout=timeout, retries=retries
         )
         self._path = f"{store_path(store)}/sessions/{quote(session_id, safe='')}"
 

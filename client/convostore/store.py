@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .session import SidecarSession, store_path
-from .transport import Endpoint, Transport, read_token
+from .transport import BearerToken, Endpoint, Transport
 
 
 class SidecarStore:
@@ -23,8 +23,10 @@ class SidecarStore:
     ) -> None:
         self.store = store
         self._url, self._timeout = url, timeout
-        self._token = read_token(token, token_file)
-        self._transport = Transport(Endpoint.parse(url), self._token, timeout=timeout)
+        self._token, self._token_file = token, token_file
+        self._transport = Transport(
+            Endpoint.parse(url), BearerToken(token, token_file), timeout=timeout
+        )
 
     async def session_ids(self, prefix: str = "", page_size: int = 100) -> AsyncIterator[str]:
         """Every session id starting with `prefix`, in byte order, fetched page by page."""
@@ -44,5 +46,10 @@ class SidecarStore:
 
     def session(self, session_id: str) -> SidecarSession:
         return SidecarSession(
-            session_id, self.store, self._url, token=self._token, timeout=self._timeout
+            session_id,
+            self.store,
+            self._url,
+            token=self._token,
+            token_file=self._token_file,
+            timeout=self._timeout,
         )

@@ -58,15 +58,28 @@ class Endpoint:
         raise ValueError(f"sidecar URL {raw!r} must be http://host:port or unix:///path")
 
 
-def read_token(token: str | None, token_file: str | None) -> str | None:
-    """The bearer token: given directly, from a file, or from `CONVOSTORE_TOKEN_FILE`."""
-    if token:
-        return token
-    path = token_file or os.environ.get("CONVOSTORE_TOKEN_FILE")
-    if not path:
-        return None
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip() or None
+class BearerToken:
+    """The token the client presents: given directly, or read from a file
+    (`token_file`, else `CONVOSTORE_TOKEN_FILE`). A file is read again whenever it
+    changes (one `stat` per request), so a rotated Secret reaches a running agent."""
+
+    def __init__(self, token: str | None = None, token_file: str | None = None) -> None:
+        self._fixed = token or None
+        self.path = None if token else token_file or os.environ.get("CONVOSTORE_TOKEN_FILE")
+        self._seen: tuple[int, int, int] | None = None
+        self._value: str | None = None
+        self.value()
+
+    def value(self) -> str | None:
+        if self.path is None:
+            return self._fixed
+        stat = os.stat(self.path)
+        seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if seen != self._seen:
+            with open(self.path, encoding="utf-8") as f:
+                self._value = f.read().strip() or None
+            self._seen = seen
+        return self._value
 
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Endpoint, _Pool]] = (
@@ -119,16 +132,19 @@ class Transport:
     """Sends one API call, retrying only what is safe, and maps errors to exceptions."""
 
     endpoint: Endpoint
-    token: str | None
+    token: BearerToken
     timeout: float = 10.0
     retries: int = 3
     backoff: float = 0.05
 
     def __post_init__(self) -> None:
         self._timeout = aiohttp.ClientTimeout(total=self.timeout)
-        self._headers = {"Accept": "application/json"}
-        if self.token:
-            self._headers["Authorization"] = f"Bearer {self.token}"
+
+    def _base_headers(self) -> dict[str, str]:
+        token = self.token.value()
+        if token:
+            return {"Accept": "application/json", "Authorization": f"Bearer {token}"}
+        return {"Accept": "application/json"}
 
     async def call(
         self,
@@ -140,17 +156,15 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         idempotent: bool,
     ) -> Any:
-        all_headers = self._headers
-        if body is not None or headers:
-            all_headers = {**self._headers, **(headers or {})}
-            if body is not None:
-                all_headers["Content-Type"] = "application/json"
         url = URL(self.endpoint.base_url + path, encoded=True)
         if params:
             url = url.with_query(params)
         attempt = 0
         while True:
             delay = self.backoff * (2**attempt)
+            all_headers = {**self._base_headers(), **(headers or {})}
+            if body is not None:
+                all_headers["Content-Type"] = "application/json"
             try:
                 http = await pool_for(self.endpoint)
                 async with http.request(

@@ -136,11 +136,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 class TokenCheck:
     """Compares bearer tokens with the file's content, re-read when a token does not match
-    so that a rotated Secret takes effect without a restart."""
+    so that a rotated Secret takes effect without a restart. The token it replaced stays
+    valid for `grace` seconds: clients that read their copy of the Secret a little later
+    (the kubelet updates each pod's volumes on its own schedule) are not refused meanwhile."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, grace: float = 120.0) -> None:
         self._path = Path(path)
         self._token = self._read()
+        self._grace = grace
+        self._previous: bytes | None = None
+        self._previous_until = 0.0
 
     def _read(self) -> bytes:
         token = self._path.read_bytes().strip()
@@ -151,10 +156,19 @@ class TokenCheck:
     def accepts(self, presented: bytes) -> bool:
         if hmac.compare_digest(presented, self._token):
             return True
+        if (
+            self._previous is not None
+            and time.monotonic() < self._previous_until
+            and hmac.compare_digest(presented, self._previous)
+        ):
+            return True
         try:
-            self._token = self._read()
+            current = self._read()
         except (OSError, ValueError):
             return False
+        if current != self._token:
+            self._previous, self._previous_until = self._token, time.monotonic() + self._grace
+            self._token = current
         return hmac.compare_digest(presented, self._token)
 
 
