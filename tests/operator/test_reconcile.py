@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 from pathlib import Path
 from typing import Any
@@ -424,3 +425,55 @@ async def test_the_timer_follows_the_backend_going_and_coming_back(
         await eventually(functools.partial(phase_is, cluster, "flaky", "Ready"))
     finally:
         server.destroy()
+
+
+async def test_a_rotated_secret_is_rendered_again_and_rolls_the_pods_that_use_it(
+    cluster: Any, operator: Operator, redis_url: str
+) -> None:
+    await create_secret(cluster, "redis-conn", {"url": f"{redis_url}/1"})
+    await create_workload(cluster, "Deployment", "agent", "cache")
+    await operator(OperatorConfig(sidecar_image="convostore:test", check_interval=0.5))
+    await create_store(
+        cluster,
+        "cache",
+        {"backend": "redis", "redis": {"urlSecretRef": {"name": "redis-conn", "key": "url"}}},
+    )
+    await eventually(functools.partial(phase_is, cluster, "cache", "Ready"))
+    first_hash = store_object(cluster, "cache")["status"]["configHash"]
+
+    rotated = base64.b64encode(f"{redis_url}/2".encode()).decode()
+    await cluster.patch(
+        f"/api/v1/namespaces/{NAMESPACE}/secrets/redis-conn", json={"data": {"url": rotated}}
+    )
+    rendered_url = await eventually(
+        lambda: (
+            (config := yaml.safe_load(secret_data(cluster, "cache-convostore")["config.yaml"]))
+            and config["stores"]["cache"]["redis"]["url"].endswith("/2")
+        )
+    )
+    assert rendered_url
+    new_hash = await eventually(
+        lambda: (h := store_object(cluster, "cache")["status"]["configHash"]) != first_hash and h
+    )
+    template = cluster.objects["apps/v1/deployments", NAMESPACE, "agent"]["spec"]["template"]
+    assert template["metadata"]["annotations"]["convostore.dev/config-hash-cache"] == new_hash
+    await eventually(lambda: "Rolled" in reasons_of_events(cluster, "cache"))
+
+
+async def test_a_credential_dropped_from_the_spec_leaves_the_config_secret(
+    cluster: Any, operator: Operator, redis_url: str
+) -> None:
+    await create_secret(cluster, "redis-auth", {"password": ""})
+    await operator()
+    spec = {
+        "backend": "redis",
+        "redis": {"url": redis_url, "passwordSecretRef": {"name": "redis-auth", "key": "password"}},
+    }
+    await create_store(cluster, "cache", spec)
+    await eventually(lambda: "redis-password" in (secret_data(cluster, "cache-convostore") or {}))
+    await cluster.patch(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/cache",
+        json={"spec": {"redis": {"passwordSecretRef": None}}},
+    )
+    await eventually(lambda: store_object(cluster, "cache")["status"]["observedGeneration"] == 2)
+    assert set(secret_data(cluster, "cache-convostore") or {}) == {"config.yaml"}
