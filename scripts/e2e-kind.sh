@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # End to end on a real cluster, for machines with a container engine (not run in CI here):
-# kind cluster -> image -> helm install -> a store -> an agent pod that converses through
-# its sidecar -> the history survives a pod restart. Needs docker (or podman), kind,
-# kubectl and helm on PATH.
+# kind cluster -> image -> helm install (two operator replicas) -> a store -> an agent
+# pod that converses through its sidecar -> the history survives a pod restart -> the
+# leading operator pod is deleted, the other takes the Lease and reconciles a change ->
+# the same with the webhook disabled. The steps of tests/operator/test_as_deployed.py,
+# on a real API server. Needs docker (or podman), kind, kubectl and helm on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cluster=${CLUSTER:-convostore-e2e}
@@ -62,3 +64,35 @@ from convostore import SidecarSession
 print(len(asyncio.run(SidecarSession('e2e-user', store='scratch').get_items())))")
 [ "$count" -ge 1 ] || { echo "history lost across the restart" >&2; exit 1; }
 echo "e2e: history survived the restart ($count items)"
+
+# Hand-over: delete the leading operator pod (SIGTERM, as in a rollout); the other
+# replica must take the Lease and reconcile a spec change.
+ns=convostore-system
+lease=convostore-leader
+holder() { kubectl get lease -n "$ns" "$lease" -o jsonpath='{.spec.holderIdentity}'; }
+handover() {
+  local leader
+  leader=$(holder)
+  [ -n "$leader" ] || { echo "no operator replica holds the Lease" >&2; exit 1; }
+  start=$(date +%s.%N)
+  kubectl delete pod -n "$ns" "$leader" --wait=true --timeout=60s
+  for _ in $(seq 60); do
+    now=$(holder)
+    [ -n "$now" ] && [ "$now" != "$leader" ] && break
+    sleep 1
+  done
+  [ -n "$now" ] && [ "$now" != "$leader" ] || { echo "nobody took over from $leader" >&2; exit 1; }
+  echo "e2e: $now took over from $leader in $(echo "$(date +%s.%N) - $start" | bc) s"
+  generation=$(kubectl get cstore -n agents scratch -o jsonpath='{.metadata.generation}')
+  kubectl patch cstore -n agents scratch --type merge -p "{\"spec\":{\"retention\":{\"ttl\":\"${1}\"}}}"
+  kubectl wait -n agents cstore/scratch --timeout=60s \
+    --for=jsonpath='{.status.observedGeneration}'=$((generation + 1))
+}
+handover 1h
+
+# The webhook disabled: the operator must still reconcile, and still hand over.
+helm upgrade convostore charts/convostore -n convostore-system --reuse-values \
+  --set webhook.enabled=false --wait
+kubectl rollout status -n "$ns" deployment/convostore --timeout=120s
+handover 2h
+echo "e2e: hand-over works with and without the webhook"

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from convostore_operator.manifests import crd_yaml, rules_yaml
-from convostore_operator.rbac import RULES
+from convostore_operator.rbac import OWN_NAMESPACE_RULES, RULES
 
 from tests.chart.tools import ROOT, checkov_binary, helm_binary
 
@@ -99,8 +99,12 @@ def test_webhook_only_touches_opted_in_pods(helm: Any) -> None:
 
 
 def test_cluster_role_is_the_operators_rules(helm: Any) -> None:
-    [role] = [o for o in render(helm, None) if o["kind"] == "ClusterRole"]
-    assert role["rules"] == RULES
+    objects = render(helm, None)
+    [cluster_role] = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert cluster_role["rules"] == RULES
+    [role] = [o for o in objects if o["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "convostore-system"
+    assert role["rules"] == OWN_NAMESPACE_RULES, "the Lease is granted in the release namespace"
 
 
 @pytest.mark.parametrize(
@@ -122,6 +126,8 @@ def test_values_schema_refuses_bad_values(helm: Any, setting: str) -> None:
 def test_generated_files_are_current(helm: Any) -> None:
     assert (CHART / "crds" / "conversationstores.yaml").read_text() == crd_yaml()
     assert (CHART / "files" / "operator-rules.yaml").read_text() == rules_yaml()
+    own = (CHART / "files" / "operator-own-namespace-rules.yaml").read_text()
+    assert own == rules_yaml(own_namespace=True)
     rendered = helm(
         "template", "convostore", str(CHART), "-n", "convostore-system", "--include-crds"
     ).stdout
