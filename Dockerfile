@@ -26,4 +26,4 @@ WORKDIR /var/lib/convostore
 EXPOSE 8790
 HEALTHCHECK --interval=30s --timeout=5s CMD ["convostore", "probe", "--url", "http://127.0.0.1:8790"]
 ENTRYPOINT ["convostore"]
-CMD ["sidecar", "--host", "0.0.0.0"]
+CMD ["sidecar"]

@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         "--socket-mode", type=lambda v: int(v, 8), help="the socket's permissions, e.g. 0660"
     )
     sidecar.add_argument("--token-file", help="require this bearer token")
+    sidecar.add_argument(
+        "--issue-token",
+        metavar="FILE",
+        help="make a new random token at start, write it to FILE and require it",
+    )
+    sidecar.add_argument(
+        "--no-tcp", action="store_true", help="serve only the unix socket (needs --socket)"
+    )
     sidecar.add_argument("--log-level", default="INFO")
     sidecar.set_defaults(run=_run_sidecar)
 
@@ -170,6 +178,8 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         socket=args.socket,
         socket_mode=args.socket_mode,
         token_file=args.token_file,
+        tcp=not args.no_tcp,
+        issue_token=args.issue_token,
     )
 
 

@@ -200,6 +200,7 @@ class ListenConfig:
     port: int = 8790
     socket: str | None = None
     socket_mode: int = 0o660
+    tcp: bool = True
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ def parse_config(data: Any) -> SidecarConfig:
         port=listen_s.integer("port", ListenConfig.port, low=0, high=65535),
         socket=listen_s.string("socket"),
         socket_mode=listen_s.integer("socketMode", ListenConfig.socket_mode, low=0, high=0o777),
+        tcp=listen_s.boolean("tcp", True),
     )
     listen_s.done()
     auth_s = root.section("auth")

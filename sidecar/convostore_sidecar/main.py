@@ -1,12 +1,24 @@
-"""Entry point of `convostore sidecar`: load and check the config, then serve."""
+"""Entry point of `convostore sidecar`: load and check the config, then serve.
+
+A sidecar holds conversations, so it refuses to start where anyone could reach it
+without a token: a TCP listener beyond loopback needs `auth.tokenFile` (or
+`--issue-token`). `--issue-token FILE` makes a new random token at every start and
+writes it to FILE, for a pod whose sidecar shares that file only with the containers
+allowed to call it (the operator injects it so); clients re-read the file when it
+changes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
+import os
+import secrets
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, SidecarConfig, default_config, load_config
@@ -23,13 +35,18 @@ def run_sidecar(
     socket: str | None = None,
     socket_mode: int | None = None,
     token_file: str | None = None,
+    tcp: bool = True,
+    issue_token: str | None = None,
 ) -> int:
     try:
         config = load_config(*config_paths) if config_paths else default_config()
+        config = _with_overrides(config, host, port, socket, socket_mode, token_file, tcp)
+        if issue_token:
+            config = dataclasses.replace(config, token_file=write_new_token(Path(issue_token)))
+        check_exposure(config)
     except ConfigError as exc:
         print(f"convostore sidecar: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    config = _with_overrides(config, host, port, socket, socket_mode, token_file)
     try:
         _event_loop_runner()(serve(config))
     except OSError as exc:
@@ -45,6 +62,7 @@ def _with_overrides(
     socket: str | None,
     socket_mode: int | None,
     token_file: str | None,
+    tcp: bool,
 ) -> SidecarConfig:
     listen = config.listen
     listen = dataclasses.replace(
@@ -53,8 +71,45 @@ def _with_overrides(
         port=listen.port if port is None else port,
         socket=socket or listen.socket,
         socket_mode=listen.socket_mode if socket_mode is None else socket_mode,
+        tcp=listen.tcp and tcp,
     )
     return dataclasses.replace(config, listen=listen, token_file=token_file or config.token_file)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: SidecarConfig) -> None:
+    """Raise ConfigError for a sidecar that would serve conversations to strangers."""
+    listen = config.listen
+    if not listen.tcp and not listen.socket:
+        raise ConfigError("listen: with tcp off, a socket is needed (--socket)")
+    if listen.tcp and not is_loopback(listen.host) and not config.token_file:
+        raise ConfigError(
+            f"listen.host: refusing to serve {listen.host}:{listen.port} without a token: "
+            "anyone who reaches it could read and change every conversation; set "
+            "auth.tokenFile (or --token-file / --issue-token), or listen on 127.0.0.1"
+        )
+
+
+def write_new_token(path: Path) -> str:
+    """A fresh random token in `path`, replaced in one rename so a client never reads
+    half of it; returns the path, which the sidecar then reads as its token file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(secrets.token_urlsafe(32) + "\n")
+        partial.chmod(0o644)
+        partial.replace(path)
+    except OSError as exc:
+        raise ConfigError(f"--issue-token: cannot write {str(path)!r}: {exc.strerror}") from exc
+    return str(path)
 
 
 def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:

@@ -1,4 +1,4 @@
-"""Runs the sidecar: TCP on loopback and, when configured, a unix socket.
+"""Runs the sidecar: TCP on loopback unless turned off, and a unix socket if configured.
 
 On SIGTERM (the kubelet stopping the pod) or SIGINT the listeners close first, requests
 in flight are allowed to finish within `shutdownTimeout`, the drivers close, and the
@@ -36,8 +36,10 @@ async def serve(config: SidecarConfig) -> None:
         loop.add_signal_handler(sig, stopping.set)
     try:
         listen = config.listen
-        await web.TCPSite(runner, listen.host, listen.port).start()
-        where = [f"http://{listen.host}:{listen.port}"]
+        where = []
+        if listen.tcp:
+            await web.TCPSite(runner, listen.host, listen.port).start()
+            where.append(f"http://{listen.host}:{listen.port}")
         if listen.socket:
             _replace_stale_socket(Path(listen.socket))
             await web.UnixSite(runner, listen.socket).start()

@@ -1,0 +1,102 @@
+"""Who can reach a sidecar: the `convostore sidecar` command, run as a process, refuses
+to serve beyond loopback without a token, and can serve a socket alone with a token it
+makes itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from convostore import SidecarSession
+from convostore.errors import UnauthorizedError
+
+from tests.chart.tools import ROOT
+from tests.servers import free_port
+
+
+def sidecar_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "convostore", "sidecar", *args]
+
+
+def run_briefly(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump({"stores": {"default": {"backend": "sqlite", "sqlite": {"path": "x.db"}}}})
+    )
+    return subprocess.run(
+        sidecar_command("--config", str(config), *args),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "agent.example.com"])
+def test_a_listener_beyond_loopback_without_a_token_is_refused(tmp_path: Path, host: str) -> None:
+    result = run_briefly(tmp_path, "--host", host, "--port", str(free_port()))
+    assert result.returncode == 2
+    assert "listen.host: refusing to serve" in result.stderr
+    assert "without a token" in result.stderr
+    assert not (tmp_path / "x.db").exists(), "nothing was opened"
+
+
+def test_tcp_off_needs_a_socket(tmp_path: Path) -> None:
+    result = run_briefly(tmp_path, "--no-tcp")
+    assert result.returncode == 2
+    assert "a socket is needed" in result.stderr
+
+
+def test_the_images_default_command_listens_on_loopback_only() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    [cmd] = [line for line in dockerfile.splitlines() if line.startswith("CMD ")]
+    args = json.loads(cmd.removeprefix("CMD "))
+    assert args[0] == "sidecar"
+    assert "--host" not in args, f"the image's CMD must not widen the listener: {shlex.join(args)}"
+
+
+async def test_a_socket_only_sidecar_issues_its_own_token(tmp_path: Path) -> None:
+    """As injected: the socket alone, no TCP port, and a token made at start that only
+    the containers sharing its file can present."""
+    sock, token = tmp_path / "run" / "sidecar.sock", tmp_path / "token" / "token"
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump({"stores": {"default": {"backend": "sqlite", "sqlite": {"path": "x.db"}}}})
+    )
+    args = ["--config", str(config), "--port", str(port), "--socket", str(sock), "--no-tcp"]
+    process = await asyncio.create_subprocess_exec(
+        *sidecar_command(*args, "--issue-token", str(token)), cwd=tmp_path
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert process.returncode is None, "the sidecar exited"
+            assert time.monotonic() < deadline, "the socket never appeared"
+            await asyncio.sleep(0.05)
+        issued = token.read_text().strip()
+        assert len(issued) >= 32
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
+            pass
+        url = f"unix://{sock}"
+        with pytest.raises(UnauthorizedError):
+            await SidecarSession("s", url=url).get_items()
+        await SidecarSession("s", url=url, token_file=str(token)).add_items([{"n": 1}])
+        connector = aiohttp.UnixConnector(path=str(sock))
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.get("http://localhost/healthz") as probe,
+        ):
+            assert probe.status == 200, "probes need no token"
+    finally:
+        process.terminate()
+        assert await process.wait() == 0
