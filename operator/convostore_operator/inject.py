@@ -2,10 +2,20 @@
 
 A pod annotated `convostore.dev/inject: "true"` and `convostore.dev/stores: "chat,audit"`
 receives the sidecar as a native sidecar (an init container with `restartPolicy:
-Always`, so it starts before the app and stops after it), each store's rendered config
-Secret (and key Secret) as read-only volumes, a pod-private socket directory, and
-`CONVOSTORE_URL` in every app container. The change is computed on the pod manifest
-alone, so it is easy to test and idempotent: a pod that has the sidecar is left alone.
+Always`, so it starts before the app and stops after it) and each store's rendered
+config Secret (and key Secret) as read-only volumes.
+
+Only the containers allowed to call the sidecar can: those named in
+`convostore.dev/containers` (else the pod's `kubectl.kubernetes.io/default-container`,
+else its first container). They alone mount the socket directory, read-only (they can
+connect, but not remove the socket or listen in its place), and the directory where the
+sidecar writes the token it makes at every start; they get `CONVOSTORE_URL` and
+`CONVOSTORE_TOKEN_FILE`. The sidecar serves no TCP port unless the pod asks with
+`convostore.dev/tcp: "true"` (the token still guards it). Pods on the host's network
+are refused: the sidecar's loopback would be the node's.
+
+The change is computed on the pod manifest alone, so it is easy to test and
+idempotent: a pod that has the sidecar is left alone.
 """
 
 from __future__ import annotations
@@ -19,10 +29,14 @@ from .render import KEYS_ROOT, STORES_ROOT
 from .spec import keys_secret_name, uses_embedded_sqlite
 
 INJECT, STORES = f"{GROUP}/inject", f"{GROUP}/stores"
+CONTAINERS, TCP = f"{GROUP}/containers", f"{GROUP}/tcp"
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 CONFIG_HASH = f"{GROUP}/config-hash"
 SIDECAR = "convostore"
 SOCKET_DIR = "/var/run/convostore"
 SOCKET_URL = f"unix://{SOCKET_DIR}/sidecar.sock"
+TOKEN_DIR = "/var/run/convostore-token"
+TOKEN_FILE = f"{TOKEN_DIR}/token"
 SIDECAR_UID = 65532
 
 RESTRICTED = {
@@ -34,6 +48,10 @@ RESTRICTED = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+
+class InjectionRefused(ValueError):
+    """A pod that asks for the sidecar but cannot have it safely; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -71,15 +89,50 @@ def already_injected(pod: dict[str, Any]) -> bool:
     return any(c.get("name") == SIDECAR for c in pod.get("spec", {}).get("initContainers") or [])
 
 
+def allowed_containers(pod: dict[str, Any]) -> list[str]:
+    """The app containers that may call the sidecar; raises InjectionRefused."""
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    present = [str(c.get("name")) for c in pod.get("spec", {}).get("containers") or []]
+    if CONTAINERS in annotations:
+        named = [n.strip() for n in str(annotations[CONTAINERS]).split(",") if n.strip()]
+    elif annotations.get(DEFAULT_CONTAINER):
+        named = [str(annotations[DEFAULT_CONTAINER])]
+    else:
+        named = present[:1]
+    unknown = [n for n in named if n not in present]
+    if unknown or not named:
+        raise InjectionRefused(
+            f"convostore: {CONTAINERS} names {', '.join(map(repr, unknown)) or 'no container'}; "
+            f"the pod's containers are {', '.join(map(repr, present)) or 'none'}"
+        )
+    return list(dict.fromkeys(named))
+
+
 def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
-    """Add the sidecar to `pod` (a manifest dict), in place."""
+    """Add the sidecar to `pod` (a manifest dict), in place; raises InjectionRefused."""
     if already_injected(pod):
         return
     spec = pod.setdefault("spec", {})
+    if spec.get("hostNetwork"):
+        raise InjectionRefused(
+            "convostore: a pod on the host's network cannot have the sidecar: its "
+            "loopback is the node's, shared by every pod there"
+        )
+    callers = allowed_containers(pod)
+    annotations = pod.setdefault("metadata", {}).setdefault("annotations", {})
     volumes = spec.setdefault("volumes", [])
-    mounts: list[dict[str, Any]] = [{"name": "convostore-socket", "mountPath": SOCKET_DIR}]
+    mounts: list[dict[str, Any]] = [
+        {"name": "convostore-socket", "mountPath": SOCKET_DIR},
+        {"name": "convostore-token", "mountPath": TOKEN_DIR},
+    ]
     volumes.append({"name": "convostore-socket", "emptyDir": {}})
+    volumes.append(
+        {"name": "convostore-token", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+    )
     args = ["sidecar", "--socket", f"{SOCKET_DIR}/sidecar.sock", "--socket-mode", "0666"]
+    args += ["--issue-token", TOKEN_FILE]
+    if annotations.get(TCP) != "true":
+        args.append("--no-tcp")
     for store in stores:
         volume = f"convostore-store-{store.name}"
         volumes.append({"name": volume, "secret": {"secretName": f"{store.name}-convostore"}})
@@ -120,13 +173,19 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
     }
     spec.setdefault("initContainers", []).append(sidecar)
     for container in spec.get("containers") or []:
+        if container.get("name") not in callers:
+            continue
         env = container.setdefault("env", [])
-        if not any(e.get("name") == "CONVOSTORE_URL" for e in env):
-            env.append({"name": "CONVOSTORE_URL", "value": SOCKET_URL})
-        container.setdefault("volumeMounts", []).append(
-            {"name": "convostore-socket", "mountPath": SOCKET_DIR}
+        names = {e.get("name") for e in env}
+        for name, value in (("CONVOSTORE_URL", SOCKET_URL), ("CONVOSTORE_TOKEN_FILE", TOKEN_FILE)):
+            if name not in names:
+                env.append({"name": name, "value": value})
+        container.setdefault("volumeMounts", []).extend(
+            [
+                {"name": "convostore-socket", "mountPath": SOCKET_DIR, "readOnly": True},
+                {"name": "convostore-token", "mountPath": TOKEN_DIR, "readOnly": True},
+            ]
         )
-    annotations = pod.setdefault("metadata", {}).setdefault("annotations", {})
     annotations[CONFIG_HASH] = combined_hash(stores)
 
 

@@ -32,7 +32,14 @@ from aiohttp import web
 
 from .certs import WebhookTLS, issue
 from .crd import GROUP
-from .inject import StoreMount, already_injected, inject, requested_stores, store_mount
+from .inject import (
+    InjectionRefused,
+    StoreMount,
+    already_injected,
+    inject,
+    requested_stores,
+    store_mount,
+)
 from .kube import Kube
 
 log = logging.getLogger("convostore.operator")
@@ -189,7 +196,10 @@ async def admit(request: dict[str, Any], kube: Kube, image: str) -> dict[str, An
             f"in namespace {namespace!r} (from the pod's {GROUP}/stores annotation)"
         )
     changed = json.loads(json.dumps(pod))
-    inject(changed, [found[name] for name in names], image)
+    try:
+        inject(changed, [found[name] for name in names], image)
+    except InjectionRefused as exc:
+        return _deny(str(exc))
     # JSON Patch "add" replaces a member that exists, so two ops cover every pod
     ops = [
         {"op": "add", "path": "/metadata", "value": changed["metadata"]}

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import functools
 import json
 import ssl
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jsonpatch
 import pytest
+from convostore import SidecarSession
+from convostore.errors import UnauthorizedError
 from convostore_operator.crd import DATA_DIR
 from convostore_operator.kube import Kube
 from convostore_operator.webhook import admit
@@ -23,6 +28,7 @@ from tests.operator.conftest import (
     create_store,
     eventually,
     phase_is,
+    secret_data,
 )
 from tests.operator.emulator import RealisticEmulator
 
@@ -116,6 +122,8 @@ async def test_injects_the_native_sidecar_with_config_keys_and_url(
     assert sidecar["restartPolicy"] == "Always"
     args = sidecar["args"]
     assert args[:3] == ["sidecar", "--socket", "/var/run/convostore/sidecar.sock"]
+    assert "--no-tcp" in args, "the socket alone: no port for every container of the pod"
+    assert args[args.index("--issue-token") + 1] == "/var/run/convostore-token/token"
     configs = [args[i + 1] for i, arg in enumerate(args) if arg == "--config"]
     assert configs == [
         "/etc/convostore/stores/chat/config.yaml",
@@ -130,16 +138,71 @@ async def test_injects_the_native_sidecar_with_config_keys_and_url(
     assert volumes["convostore-store-chat"]["secret"]["secretName"] == "chat-convostore"
     assert volumes["convostore-keys-vault"]["secret"]["secretName"] == "vault-convostore-keys"
     assert "emptyDir" in volumes["convostore-socket"]
+    assert volumes["convostore-token"]["emptyDir"]["medium"] == "Memory"
     assert "emptyDir" in volumes["convostore-data"], "embedded SQLite needs a writable dir"
 
-    for container in result["spec"]["containers"]:
-        env = {e["name"]: e["value"] for e in container["env"]}
-        assert env["CONVOSTORE_URL"] == "unix:///var/run/convostore/sidecar.sock"
-        assert {"name": "convostore-socket", "mountPath": "/var/run/convostore"} in container[
-            "volumeMounts"
-        ]
-    assert {"name": "A", "value": "1"} in result["spec"]["containers"][1]["env"]
+    agent, tools = result["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in agent["env"]}
+    assert env["CONVOSTORE_URL"] == "unix:///var/run/convostore/sidecar.sock"
+    assert env["CONVOSTORE_TOKEN_FILE"] == "/var/run/convostore-token/token"
+    assert {"name": "convostore-socket", "mountPath": "/var/run/convostore", "readOnly": True} in (
+        agent["volumeMounts"]
+    )
+    assert tools == pod["spec"]["containers"][1], "a container not named gets nothing"
     assert len(result["metadata"]["annotations"]["convostore.dev/config-hash"]) == 16
+
+
+async def test_only_the_containers_named_may_call_the_sidecar(cluster: Any, kube: Kube) -> None:
+    await create_store(cluster, "chat", {"backend": "sqlite"})
+
+    async def callers(annotations: dict[str, str]) -> list[str]:
+        pod = agent_pod(
+            {"convostore.dev/inject": "true", "convostore.dev/stores": "chat", **annotations}
+        )
+        result = patched(pod, await admit({"namespace": NAMESPACE, "object": pod}, kube, "img"))
+        return [
+            c["name"]
+            for c in result["spec"]["containers"]
+            if any(m["name"] == "convostore-token" for m in c.get("volumeMounts", []))
+        ]
+
+    assert await callers({}) == ["agent"], "the first container by default"
+    assert await callers({"kubectl.kubernetes.io/default-container": "tools"}) == ["tools"]
+    assert await callers({"convostore.dev/containers": "tools, agent"}) == ["agent", "tools"]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"metadata": {"annotations": {"convostore.dev/containers": "ghost"}}}, "'ghost'"),
+        ({"metadata": {"annotations": {"convostore.dev/containers": " , "}}}, "no container"),
+        ({"spec": {"hostNetwork": True}}, "host's network"),
+    ],
+)
+async def test_pods_that_cannot_have_the_sidecar_safely_are_denied_with_the_reason(
+    cluster: Any, kube: Kube, change: dict[str, Any], reason: str
+) -> None:
+    await create_store(cluster, "chat", {"backend": "sqlite"})
+    pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": "chat"})
+    pod["metadata"]["annotations"].update(change.get("metadata", {}).get("annotations", {}))
+    pod["spec"].update(change.get("spec", {}))
+    answer = await admit({"namespace": NAMESPACE, "object": pod}, kube, "img")
+    assert answer["allowed"] is False
+    assert reason in answer["status"]["message"]
+
+
+async def test_tcp_is_served_only_when_the_pod_asks(cluster: Any, kube: Kube) -> None:
+    await create_store(cluster, "chat", {"backend": "sqlite"})
+    annotations = {
+        "convostore.dev/inject": "true",
+        "convostore.dev/stores": "chat",
+        "convostore.dev/tcp": "true",
+    }
+    pod = agent_pod(annotations)
+    result = patched(pod, await admit({"namespace": NAMESPACE, "object": pod}, kube, "img"))
+    [sidecar] = result["spec"]["initContainers"]
+    assert "--no-tcp" not in sidecar["args"]
+    assert "--issue-token" in sidecar["args"], "the token still guards the port"
 
 
 async def test_injection_is_idempotent(cluster: Any, operator: Operator) -> None:
@@ -208,3 +271,45 @@ async def test_stores_that_keep_a_sqlite_file_get_the_writable_directory(
     mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
     assert ("convostore-data" in volumes) is writable
     assert (DATA_DIR in mounts) is writable
+
+
+def on_disk(path: str, mounts: dict[str, Path]) -> str:
+    """A path inside the pod, where the test put the volume mounted there."""
+    for mount_path, where in sorted(mounts.items(), key=lambda m: -len(m[0])):
+        if path == mount_path or path.startswith(mount_path + "/"):
+            return str(where) + path[len(mount_path) :]
+    return path
+
+
+async def test_an_injected_pod_runs_and_only_its_named_container_gets_in(
+    cluster: Any, operator: Operator, tmp_path: Path
+) -> None:
+    """The injected sidecar started with its own args, its volumes as directories (the
+    kubelet's part): the named container's env reaches it; the socket refuses others."""
+    await ready_stores(cluster, operator, ("chat", {"backend": "sqlite"}))
+    pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": "chat"})
+    result = patched(pod, await review(operator, pod))
+    [sidecar] = result["spec"]["initContainers"]
+    mounts = {m["mountPath"]: tmp_path / m["name"] for m in sidecar["volumeMounts"]}
+    for where in mounts.values():
+        where.mkdir()
+    for name, data in (secret_data(cluster, "chat-convostore") or {}).items():
+        text = data.decode().replace(DATA_DIR, str(mounts[DATA_DIR]))
+        (mounts["/etc/convostore/stores/chat"] / name).write_text(text)
+    args = [on_disk(arg, mounts) for arg in sidecar["args"]]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "convostore", *args, cwd=tmp_path
+    )
+    try:
+        agent = result["spec"]["containers"][0]
+        env = {e["name"]: on_disk(e["value"].removeprefix("unix://"), mounts) for e in agent["env"]}
+        url, token_file = f"unix://{env['CONVOSTORE_URL']}", env["CONVOSTORE_TOKEN_FILE"]
+        await eventually(lambda: Path(token_file).exists() and Path(url[7:]).exists(), within=30)
+        session = SidecarSession("u1", "chat", url=url, token_file=token_file)
+        await session.add_items([{"role": "user", "content": "hello"}])
+        assert await session.get_items() == [{"role": "user", "content": "hello"}]
+        with pytest.raises(UnauthorizedError):
+            await SidecarSession("u1", "chat", url=url).get_items()
+    finally:
+        process.terminate()
+        assert await process.wait() == 0
