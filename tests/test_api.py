@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from convostore import SidecarSession
 from convostore_sidecar.middleware import TokenCheck
 from convostore_sidecar.state import STORES
 
+from tests.servers import free_port
 from tests.support import RunningSidecar, StartSidecar
 
 ITEMS = "/v1/stores/default/sessions/{}/items"
@@ -372,7 +374,7 @@ async def test_readyz_reports_each_store(
 ) -> None:
     async with http.get(sidecar.url + "/readyz") as resp:
         assert resp.status == 200
-        assert await resp.json() == {"ready": True, "stores": {"default": "ok"}}
+        assert await resp.json() == {"ready": True, "stores": {"default": "ok"}, "details": {}}
     async with http.get(sidecar.url + "/healthz") as resp:
         assert await resp.json() == {"status": "ok"}
 
@@ -396,3 +398,44 @@ async def test_openapi_document_matches_the_served_routes(
         if route.method != "HEAD" and route.resource is not None
     }
     assert served == documented
+
+
+async def test_readyz_tells_strangers_only_ready_or_not_and_checks_the_backend_sparingly(
+    start_sidecar: StartSidecar, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    sidecar = await start_sidecar(
+        {
+            "auth": {"tokenFile": str(token_file)},
+            "stores": {"chat": {"backend": "redis", "redis": {"url": unreachable}}},
+        }
+    )
+    async with http.get(sidecar.url + "/readyz") as resp:
+        assert resp.status == 503
+        stranger = await resp.json()
+    assert stranger == {"ready": False, "stores": {"chat": "unavailable"}}
+    assert "127.0.0.1" not in json.dumps(stranger)
+    async with http.get(
+        sidecar.url + "/readyz", headers={"Authorization": "Bearer s3cret"}
+    ) as resp:
+        insider = await resp.json()
+    assert insider["details"]["chat"].startswith("unavailable")
+
+    pings = 0
+    driver = sidecar.app[STORES].get("chat").driver
+    real_ping = driver.ping
+
+    async def counted_ping() -> None:
+        nonlocal pings
+        pings += 1
+        await real_ping()
+
+    async def probe() -> int:
+        async with http.get(sidecar.url + "/readyz") as resp:
+            return resp.status
+
+    driver.ping = counted_ping  # type: ignore[method-assign]
+    assert set(await asyncio.gather(*(probe() for _ in range(20)))) == {503}
+    assert pings <= 1, f"{pings} backend checks for 20 probes"

@@ -9,17 +9,17 @@ import binascii
 from aiohttp import web
 
 from . import validation
-from .drivers.base import MAIN, BackendUnavailable, Idempotency
+from .drivers.base import MAIN, Idempotency
 from .encryption import EncryptedDriver, refuse_ciphertext
 from .errors import ApiError
 from .jsonbody import dumps, items_document
-from .state import METRICS, OPENAPI, STORES
+from .middleware import authorized
+from .state import METRICS, OPENAPI, READINESS, STORES
 from .stores import Store
 from .turns import latest_turns, widened_to_turns
 
 routes = web.RouteTableDef()
 SESSION = "/v1/stores/{store}/sessions/{session_id}"
-READY_TIMEOUT_SECONDS = 2.0
 DEFAULT_PAGE = 100
 MAX_TURNS = 100_000
 
@@ -164,18 +164,20 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     registry = request.app[STORES]
     stores = list(registry)
-    results = await asyncio.gather(*(_ping(store) for store in stores))
-    status = {store.name: result for store, result in zip(stores, results, strict=True)}
-    ready = all(result == "ok" for result in results)
-    return _json(dumps({"ready": ready, "stores": status}), status=200 if ready else 503)
-
-
-async def _ping(store: Store) -> str:
-    try:
-        await asyncio.wait_for(store.driver.ping(), READY_TIMEOUT_SECONDS)
-    except (BackendUnavailable, TimeoutError) as exc:
-        return f"unavailable: {exc}" if str(exc) else "unavailable: no answer in time"
-    return "ok"
+    readiness = request.app[READINESS]
+    problems = await asyncio.gather(*(readiness.problem(store) for store in stores))
+    ready = not any(problems)
+    document: dict[str, object] = {
+        "ready": ready,
+        "stores": {
+            s.name: "unavailable" if p else "ok" for s, p in zip(stores, problems, strict=True)
+        },
+    }
+    if authorized(request):
+        document["details"] = {
+            s.name: p for s, p in zip(stores, problems, strict=True) if p is not None
+        }
+    return _json(dumps(document), status=200 if ready else 503)
 
 
 @routes.get("/metrics")

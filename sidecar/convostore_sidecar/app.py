@@ -20,7 +20,8 @@ from .middleware import (
     error_middleware,
     observe_middleware,
 )
-from .state import IN_FLIGHT, METRICS, OPENAPI, STORES, TOKEN
+from .readiness import Readiness
+from .state import IN_FLIGHT, METRICS, OPENAPI, READINESS, STORES, TOKEN
 from .stores import Stores
 
 BODY_SLACK = 64 << 10
@@ -43,6 +44,7 @@ def build_app(config: SidecarConfig) -> web.Application:
     app[STORES] = Stores(config)
     app[TOKEN] = TokenCheck(config.token_file) if config.token_file else None
     app[OPENAPI] = dumps(openapi_document())
+    app[READINESS] = Readiness()
     app.cleanup_ctx.append(_stores_lifecycle)
     app.add_routes(routes)
     app.add_routes(branches.routes)

@@ -172,12 +172,17 @@ class TokenCheck:
         return hmac.compare_digest(presented, self._token)
 
 
+def authorized(request: web.Request) -> bool:
+    """True when the sidecar needs no token, or the request carries a valid one."""
+    check = request.app[TOKEN]
+    if check is None:
+        return True
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and check.accepts(presented.strip().encode())
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    check = request.app[TOKEN]
-    if check is None or request.path in OPEN_PATHS:
+    if request.path in OPEN_PATHS or authorized(request):
         return await handler(request)
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not check.accepts(presented.strip().encode()):
-        raise ApiError(401, "unauthorized", "a valid bearer token is required")
-    return await handler(request)
+    raise ApiError(401, "unauthorized", "a valid bearer token is required")

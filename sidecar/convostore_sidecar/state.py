@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .middleware import InFlight, TokenCheck
+    from .readiness import Readiness
     from .stores import Stores
 
 STORES: web.AppKey[Stores] = web.AppKey("stores")
@@ -16,3 +17,4 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 TOKEN: web.AppKey[TokenCheck | None] = web.AppKey("token")
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
 IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")

@@ -1,0 +1,50 @@
+"""Readiness: whether each store's backend answers, checked at most once per interval.
+
+Kubelet probes, load balancers and curious neighbours may all call `/readyz`; none of
+them should cause a backend call each (for an `openai` store that is an authenticated
+API call), so one check per store runs at a time and its outcome is reused for
+`CACHE_SECONDS`. Strangers learn only ready or not per store; the reason (which may
+name hosts) is for callers holding the token, or every caller when the sidecar has no
+token (then it listens on loopback or a socket only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from .drivers.base import BackendUnavailable
+from .stores import Store
+
+CACHE_SECONDS = 2.0
+TIMEOUT_SECONDS = 2.0
+
+
+@dataclass
+class Readiness:
+    cache_seconds: float = CACHE_SECONDS
+    _checked: dict[str, tuple[float, str | None]] = field(default_factory=dict)
+    _running: dict[str, asyncio.Task[str | None]] = field(default_factory=dict)
+
+    async def problem(self, store: Store) -> str | None:
+        """None when the store's backend answered; else why not."""
+        checked = self._checked.get(store.name)
+        if checked is not None and time.monotonic() - checked[0] < self.cache_seconds:
+            return checked[1]
+        task = self._running.get(store.name)
+        if task is None:
+            task = asyncio.create_task(_ping(store))
+            self._running[store.name] = task
+            task.add_done_callback(lambda _: self._running.pop(store.name, None))
+        outcome = await asyncio.shield(task)
+        self._checked[store.name] = (time.monotonic(), outcome)
+        return outcome
+
+
+async def _ping(store: Store) -> str | None:
+    try:
+        await asyncio.wait_for(store.driver.ping(), TIMEOUT_SECONDS)
+    except (BackendUnavailable, TimeoutError) as exc:
+        return f"unavailable: {exc}" if str(exc) else "unavailable: no answer in time"
+    return None
