@@ -136,3 +136,24 @@ def test_unix_socket_url(
     session = SidecarSession("over-unix")
     asyncio.run(session.add_items([{"via": "socket"}]))
     assert asyncio.run(SidecarSession("over-unix", url=proc.url).get_items()) == [{"via": "socket"}]
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://127.0.0.1:8790", True),
+        ("http://localhost:8790", True),
+        ("http://[::1]:8790", True),
+        ("https://sidecar.example.com", True),
+        ("unix:///var/run/convostore/sidecar.sock", True),
+        ("http://10.0.0.5:8790", False),
+        ("http://sidecar.agents.svc:8790", False),
+    ],
+)
+def test_the_token_never_goes_over_plain_http_beyond_loopback(url: str, allowed: bool) -> None:
+    if allowed:
+        SidecarSession("s", url=url, token="t0ken")
+    else:
+        with pytest.raises(ValueError, match="refusing to send the bearer token over plain HTTP"):
+            SidecarSession("s", url=url, token="t0ken")
+    SidecarSession("s", url=url)  # without a token there is nothing to leak

@@ -368,7 +368,9 @@ def test_settings_the_api_cannot_honour_are_refused(
     ("change", "message"),
     [
         ({"apiKeyFile": None}, "field 'openai.apiKeyFile': is required"),
-        ({"baseURL": "ftp://x"}, "field 'openai.baseURL': must start with https://"),
+        ({"baseURL": "ftp://x"}, "field 'openai.baseURL': must be https://"),
+        ({"baseURL": "http://api.example.com/v1"}, "http:// only to a loopback address"),
+        ({"baseURL": "http://10.0.0.7:8080/v1"}, "http:// only to a loopback address"),
         ({"baseURL": ""}, "field 'openai.baseURL': must be a non-empty string"),
         ({"maxRetries": 99}, "field 'openai.maxRetries': must be an integer from 0 to 10"),
         ({"timeout": "forever"}, "field 'openai.timeout': must be a duration"),

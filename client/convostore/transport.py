@@ -14,6 +14,7 @@ and appends, which always carry an `Idempotency-Key`).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import weakref
@@ -127,6 +128,15 @@ async def close_pools() -> None:
         await pool.http.close()
 
 
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class Transport:
     """Sends one API call, retrying only what is safe, and maps errors to exceptions."""
@@ -139,6 +149,13 @@ class Transport:
 
     def __post_init__(self) -> None:
         self._timeout = aiohttp.ClientTimeout(total=self.timeout)
+        parts = urlsplit(self.endpoint.base_url)
+        exposed = self.endpoint.socket_path is None and parts.scheme == "http"
+        if exposed and self.token.value() and not is_loopback_host(parts.hostname or ""):
+            raise ValueError(
+                f"refusing to send the bearer token over plain HTTP to {parts.hostname}: "
+                "use https:// or the sidecar's unix socket"
+            )
 
     def _base_headers(self) -> dict[str, str]:
         token = self.token.value()

@@ -131,7 +131,13 @@ OPENAI: dict[str, Any] = {
     "required": ["apiKeySecretRef"],
     "properties": {
         "apiKeySecretRef": _secret_ref("the OpenAI API key"),
-        "baseURL": {"type": "string", "pattern": r"^https?://[^\s]+$", "maxLength": 2048},
+        "baseURL": {
+            "type": "string",
+            "pattern": r"^(https://[^\s/]+|http://(localhost|127\.[0-9.]+|\[::1\]))(:[0-9]+)?(/[^\s]*)?$",
+            "maxLength": 2048,
+            "description": "https:// (http:// only to a loopback address): the key goes "
+            "with every request.",
+        },
         "organization": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"},
         "project": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"},
         "timeout": {"type": "string", "pattern": DURATION, "maxLength": 32},

@@ -20,6 +20,7 @@ stores:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -209,6 +210,16 @@ class SidecarConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     token_file: str | None = None
     shutdown_timeout: float = 30.0
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost` and loopback addresses: traffic that never leaves the pod."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def default_config() -> SidecarConfig:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import os
 import secrets
@@ -21,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SidecarConfig, default_config, load_config
+from .config import ConfigError, SidecarConfig, default_config, is_loopback_host, load_config
 from .serve import serve
 
 log = logging.getLogger("convostore.sidecar")
@@ -76,21 +75,12 @@ def _with_overrides(
     return dataclasses.replace(config, listen=listen, token_file=token_file or config.token_file)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(config: SidecarConfig) -> None:
     """Raise ConfigError for a sidecar that would serve conversations to strangers."""
     listen = config.listen
     if not listen.tcp and not listen.socket:
         raise ConfigError("listen: with tcp off, a socket is needed (--socket)")
-    if listen.tcp and not is_loopback(listen.host) and not config.token_file:
+    if listen.tcp and not is_loopback_host(listen.host) and not config.token_file:
         raise ConfigError(
             f"listen.host: refusing to serve {listen.host}:{listen.port} without a token: "
             "anyone who reaches it could read and change every conversation; set "

@@ -187,6 +187,14 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "does not match",
         ),
         (
+            {
+                "backend": "openai",
+                "openai": {"apiKeySecretRef": KEY, "baseURL": "http://collector.evil:80/v1"},
+            },
+            "spec.openai.baseURL",
+            "does not match",
+        ),
+        (
             {"backend": "openai", "openai": {"apiKeySecretRef": KEY, "project": "p\nx"}},
             "spec.openai.project",
             "does not match",

@@ -27,11 +27,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import openai
 import orjson
 from openai import AsyncOpenAI
 
+from ..config import is_loopback_host
 from ..errors import ApiError
 from . import open_driver as open_backend
 from . import parse_backend_settings
@@ -103,8 +105,15 @@ class Settings:
     @classmethod
     def parse(cls, s: Section) -> Settings:
         base_url = s.string("baseURL")
-        if base_url is not None and not base_url.startswith(("https://", "http://")):
-            s.fail("baseURL", f"must start with https:// or http://, got {base_url!r}")
+        if base_url is not None:
+            parts = urlsplit(base_url)
+            plain_local = parts.scheme == "http" and is_loopback_host(parts.hostname or "")
+            if not (parts.scheme == "https" and parts.hostname) and not plain_local:
+                s.fail(
+                    "baseURL",
+                    "must be https:// (http:// only to a loopback address): the API key "
+                    "goes with every request",
+                )
         api_key_file = s.string("apiKeyFile")
         if api_key_file is None:
             s.fail("apiKeyFile", "is required: the file that holds the OpenAI API key")
