@@ -96,7 +96,8 @@ class RedisServer:
 class PostgresServer:
     """A throw-away cluster made with initdb; as root, it runs as the postgres user."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
+        """`tls`: a PEM certificate and key; the server then offers TLS with them."""
         bins = [d for d in PG_BIN_DIRS if (d / "initdb").exists()]
         if not bins and not shutil.which("initdb"):
             require("PostgreSQL (initdb)")
@@ -108,6 +109,17 @@ class PostgresServer:
         if self._as_user:
             shutil.chown(self.dir, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        if tls is not None:
+            for name, pem in zip(("server.crt", "server.key"), tls, strict=True):
+                (self.dir / name).write_bytes(pem)
+                (self.dir / name).chmod(0o600)
+                if self._as_user:
+                    shutil.chown(self.dir / name, "postgres", "postgres")
+            self.options += (
+                f" -c ssl=on -c ssl_cert_file={self.dir / 'server.crt'}"
+                f" -c ssl_key_file={self.dir / 'server.key'}"
+            )
 
     @property
     def dsn(self) -> str:
@@ -122,13 +134,12 @@ class PostgresServer:
         )
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run(
             "pg_ctl",
             "-D",
             str(self.data),
             "-o",
-            options,
+            self.options,
             "-l",
             str(self.dir / "log"),
             "-w",

@@ -71,6 +71,7 @@ REDIS: dict[str, Any] = {
         "urlSecretRef": _secret_ref("the Redis URL"),
         "username": {"type": "string", "maxLength": 256},
         "passwordSecretRef": _secret_ref("the Redis password"),
+        "caSecretRef": _secret_ref("the PEM CA that signed the server's certificate (rediss://)"),
         "keyPrefix": {"type": "string", "pattern": r"^[^{}\s]{1,200}$"},
     },
 }
@@ -80,6 +81,9 @@ POSTGRES: dict[str, Any] = {
     "properties": {
         "dsnSecretRef": _secret_ref("a postgresql:// DSN"),
         "passwordSecretRef": _secret_ref("the password, if not in the DSN"),
+        "caSecretRef": _secret_ref(
+            "the PEM CA that signed the server's certificate (verified: verify-full)"
+        ),
         "schema": {"type": "string", "pattern": r"^[a-z_][a-z0-9_]{0,62}$"},
         "poolMax": _int(1, 1000, "Connections per sidecar."),
     },

@@ -109,6 +109,10 @@ def _database(
         file = f"{prefix.replace('.', '-')}{backend}-password"
         files[file] = secrets[f"{prefix}passwordSecretRef"].encode()
         rendered["passwordFile"] = f"{here}/{file}"
+    if f"{prefix}caSecretRef" in secrets:
+        file = f"{prefix.replace('.', '-')}{backend}-ca.crt"
+        files[file] = secrets[f"{prefix}caSecretRef"].encode()
+        rendered["tls"] = {"caFile": f"{here}/{file}"}
     return rendered
 
 

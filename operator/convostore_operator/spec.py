@@ -112,7 +112,13 @@ def secret_refs(spec: dict[str, Any]) -> dict[str, SecretRef]:
 def _section_refs(section: dict[str, Any]) -> dict[str, SecretRef]:
     return {
         field: SecretRef(section[field]["name"], section[field]["key"])
-        for field in ("urlSecretRef", "passwordSecretRef", "dsnSecretRef", "apiKeySecretRef")
+        for field in (
+            "urlSecretRef",
+            "passwordSecretRef",
+            "dsnSecretRef",
+            "apiKeySecretRef",
+            "caSecretRef",
+        )
         if field in section
     }
 

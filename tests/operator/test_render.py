@@ -35,3 +35,26 @@ def test_openai_store_renders_its_key_and_its_map_stores_password(tmp_path: Path
     assert (mapping.backend, mapping.settings.key_prefix) == ("redis", "assistant-map")
     assert Path(mapping.settings.password_file).read_text() == "hunter2"
     assert settings.timeout == 30.0
+
+
+def test_a_ca_named_by_the_spec_is_rendered_as_a_file_the_sidecar_verifies_with(
+    tmp_path: Path,
+) -> None:
+    ref = {"name": "db", "key": "ca.crt"}
+    for backend, section in (
+        ("postgres", {"dsnSecretRef": {"name": "db", "key": "dsn"}, "caSecretRef": ref}),
+        ("redis", {"url": "rediss://cache.data.svc:6380", "caSecretRef": ref}),
+    ):
+        spec = validate({"backend": backend, backend: section})
+        secrets = {
+            "dsnSecretRef": "postgresql://app@db.data.svc/chat",
+            "caSecretRef": "-----BEGIN CERTIFICATE-----\n",
+        }
+        rendered = render("chat", spec, secrets, stores_root=str(tmp_path))
+        folder = tmp_path / backend / "chat"
+        folder.mkdir(parents=True)
+        for name, data in rendered.secret_data().items():
+            (folder / name).write_bytes(data)
+        settings = load_config(folder / "config.yaml").stores["chat"].settings
+        assert settings.ca_file == f"{tmp_path}/chat/{backend}-ca.crt"
+        assert rendered.files[f"{backend}-ca.crt"].startswith(b"-----BEGIN CERTIFICATE")

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
+from ..config import is_loopback_host
 from .base import (
     MAIN,
     AppendResult,
@@ -210,6 +213,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 class Settings:
     dsn: str = "postgresql://localhost/postgres"
     password_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     schema: str = "convostore"
     pool_min: int = 1
     pool_max: int = 10
@@ -223,9 +229,13 @@ class Settings:
             s.fail("dsn", "is required (postgresql://user@host:port/database)")
         if not dsn.startswith(("postgresql://", "postgres://")):
             s.fail("dsn", "must start with postgresql:// (the password may go in passwordFile)")
+        tls = s.section("tls")
         settings = cls(
             dsn=dsn,
             password_file=s.string("passwordFile"),
+            ca_file=tls.string("caFile"),
+            cert_file=tls.string("certFile"),
+            key_file=tls.string("keyFile"),
             schema=s.string("schema", cls.schema, pattern=IDENTIFIER),
             pool_min=s.integer("poolMin", cls.pool_min, low=0, high=100),
             pool_max=s.integer("poolMax", cls.pool_max, low=1, high=1000),
@@ -234,9 +244,46 @@ class Settings:
                 "statementTimeout", cls.statement_timeout, low=0.01, high=3600
             ),
         )
+        tls.done()
         if settings.pool_min > settings.pool_max:
             s.fail("poolMin", f"must not exceed poolMax ({settings.pool_max})")
+        mode = sslmode(dsn)
+        if settings.ca_file and mode not in (None, "verify-full", "verify-ca"):
+            s.fail("tls.caFile", f"verifies the server, which sslmode={mode} in the dsn turns off")
+        if bool(settings.cert_file) != bool(settings.key_file):
+            s.fail("tls", "certFile and keyFile go together")
         return settings
+
+    def ssl(self) -> ssl_module.SSLContext | bool | None:
+        """TLS for the pool. The DSN's own `sslmode` wins; a `tls.caFile` verifies the
+        server against that CA; with neither, a server beyond loopback is verified
+        against the system's CAs (libpq's default, `prefer`, would accept anyone who
+        answers on the path) and a loopback one is reached without TLS."""
+        mode = sslmode(self.dsn)
+        if self.ca_file or (mode is None and not loopback_only(self.dsn)):
+            context = ssl_module.create_default_context(cafile=self.ca_file)
+            if mode == "verify-ca":
+                context.check_hostname = False
+            if self.cert_file and self.key_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            return context
+        return None if mode is not None else False
+
+
+def sslmode(dsn: str) -> str | None:
+    return parse_qs(urlsplit(dsn).query).get("sslmode", [None])[-1]
+
+
+def loopback_only(dsn: str) -> bool:
+    """True when every host of the DSN is a loopback address or a unix socket."""
+    parts = urlsplit(dsn)
+    hosts = parse_qs(parts.query).get("host", [])
+    for entry in parts.netloc.rpartition("@")[2].split(","):
+        if entry.startswith("["):
+            hosts.append(entry[1 : entry.find("]")])
+        else:
+            hosts.append(entry.partition(":")[0])
+    return all(not h or h.startswith("/") or is_loopback_host(h) for h in hosts)
 
 
 def open_driver(store: StoreConfig) -> PostgresDriver:
@@ -269,6 +316,7 @@ class PostgresDriver(KeepsStructure):
                 pool = await asyncpg.create_pool(
                     self.settings.dsn,
                     password=self._password(),
+                    ssl=self.settings.ssl(),
                     min_size=self.settings.pool_min,
                     max_size=self.settings.pool_max,
                     timeout=self.settings.connect_timeout,
