@@ -15,7 +15,7 @@ import pytest
 from agents import Agent, OpenAIConversationsSession, Runner
 from agents.testing import ScriptedModel, assistant_message, function_call
 from convostore import SidecarSession, SidecarStore
-from convostore.errors import StoreUnavailableError
+from convostore.errors import NotFoundError, StoreUnavailableError
 from convostore_sidecar.config import ConfigError, parse_config
 from convostore_sidecar.stores import Store
 from openai import AsyncOpenAI
@@ -230,10 +230,12 @@ async def test_replicas_sharing_a_map_agree_on_one_conversation(
         assert [item["id"] for item in items] == [item["id"] for item in conversation.items]
 
 
-async def test_a_conversation_id_is_used_as_it_is(
+async def test_a_conversation_marked_for_the_store_is_used_as_it_is(
     chat: RunningSidecar, sdk_client: AsyncOpenAI, openai_api: OpenAIStandIn
 ) -> None:
-    conversation = await sdk_client.conversations.create(items=[cast(Any, user("from elsewhere"))])
+    conversation = await sdk_client.conversations.create(
+        items=[cast(Any, user("from elsewhere"))], metadata={"convostore_store": "chat"}
+    )
     ours = SidecarSession(conversation.id, "chat", url=chat.url)
     theirs = OpenAIConversationsSession(conversation_id=conversation.id, openai_client=sdk_client)
     assert await ours.get_items() == await theirs.get_items()
@@ -243,6 +245,28 @@ async def test_a_conversation_id_is_used_as_it_is(
     assert [sid async for sid in SidecarStore("chat", chat.url).session_ids()] == []
     await ours.clear_session()
     assert conversation.id not in openai_api.conversations
+
+
+async def test_a_foreign_conversation_id_is_not_found_and_left_alone(
+    chat: RunningSidecar, sdk_client: AsyncOpenAI, openai_api: OpenAIStandIn
+) -> None:
+    """Another team's conversation, or another store's: its id is no key to it."""
+    foreign = await sdk_client.conversations.create(items=[cast(Any, user("private"))])
+    elsewhere = await sdk_client.conversations.create(
+        items=[cast(Any, user("other store"))], metadata={"convostore_store": "audit"}
+    )
+    for conversation in (foreign, elsewhere):
+        session = SidecarSession(conversation.id, "chat", url=chat.url, retries=0)
+        for call in (
+            session.get_items(),
+            session.add_items([user("injected")]),
+            session.pop_item(),
+            session.clear_session(),
+        ):
+            with pytest.raises(NotFoundError) as refused:
+                await call
+            assert refused.value.code == "conversation_not_found"
+        assert len(openai_api.items_of(conversation.id)) == 1, "nothing read, added or deleted"
 
 
 async def test_rate_limits_and_server_errors_are_retried(

@@ -6,8 +6,11 @@ a conversation created on its first append; the map lives in a store the config 
 it survives restarts and every replica finds the same conversation. The map is kept with
 another driver's own semantics: a session's first appended conversation id wins, so two
 first appends racing on one session agree on the winner and the loser deletes the
-conversation it created. A session id that is already a conversation id (`conv_…`) is
-used as it is.
+conversation it created. A session id that is already a conversation id (`conv_…`) names
+that conversation only if this store created it (or whoever did marked it for this
+store in its metadata, `convostore_store: <store>`); any other conversation of the
+organisation is answered 404, so a caller of the sidecar cannot reach conversations by
+guessing or learning their ids.
 
 What the API cannot promise, the driver does not pretend to: the API keeps items until
 they are deleted, so `ttl` and `maxItems` are refused at start-up; items must be the
@@ -162,6 +165,7 @@ class OpenAIDriver:
             max_retries=settings.max_retries,
         )
         self.conversations = _mapping_driver(store, "conversations", Retention())
+        self._verified: set[str] = set()
         self.idempotency = _mapping_driver(
             store, "idempotency", Retention(ttl_seconds=store.idempotency_ttl)
         )
@@ -268,11 +272,13 @@ class OpenAIDriver:
         raise NotImplementedError(f"store {self.name!r}: {UNSUPPORTED['encryption']}")
 
     async def _conversation(self, session_id: str, *, create: bool) -> str | None:
-        if session_id.startswith(CONVERSATION_PREFIX):
-            return session_id
         known = await self.conversations.latest(session_id, None)
-        if known or not create:
-            return known[0].decode() if known else None
+        if known:
+            return known[0].decode()
+        if session_id.startswith(CONVERSATION_PREFIX):
+            return await self._own_conversation(session_id)
+        if not create:
+            return None
         metadata = {"convostore_store": self.name, "convostore_session": session_id[:512]}
         with self._errors():
             created = (await self.api.conversations.create(metadata=metadata)).id
@@ -282,6 +288,25 @@ class OpenAIDriver:
             with self._errors(), contextlib.suppress(openai.NotFoundError):
                 await self.api.conversations.delete(created)
         return winner
+
+    async def _own_conversation(self, conversation: str) -> str:
+        """`conversation` if its metadata marks it as this store's; else 404."""
+        if conversation not in self._verified:
+            with self._errors():
+                try:
+                    found = await self.api.conversations.retrieve(conversation)
+                except openai.NotFoundError:
+                    found = None
+            metadata = dict(getattr(found, "metadata", None) or {})
+            if metadata.get("convostore_store") != self.name:
+                raise ApiError(
+                    404,
+                    "conversation_not_found",
+                    f"store {self.name!r} has no conversation {conversation!r}: a session id "
+                    "starting with conv_ must name a conversation of this store",
+                )
+            self._verified.add(conversation)
+        return conversation
 
     async def _already_sent(self, session_id: str, idempotency: Idempotency, total: int) -> int:
         record = await self.idempotency.latest(_key_session(session_id, idempotency), 1)
