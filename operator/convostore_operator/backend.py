@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convostore_sidecar.config import parse_config
+from convostore_sidecar.config import StoreConfig, parse_config
 from convostore_sidecar.drivers.base import BackendUnavailable, Driver
 from convostore_sidecar.stores import Store
 
@@ -37,13 +37,12 @@ class Reachability:
     message: str
 
 
-@contextlib.asynccontextmanager
-async def opened(
-    name: str,
-    spec: dict[str, Any],
-    secrets: dict[str, str],
-    keys: dict[str, bytes],
-) -> AsyncIterator[Driver]:
+@contextlib.contextmanager
+def materialised(
+    name: str, spec: dict[str, Any], secrets: dict[str, str], keys: dict[str, bytes]
+) -> Iterator[StoreConfig]:
+    """The store as the sidecar will parse it, its files in a private temporary
+    directory; raises the sidecar's own ConfigError for anything it would refuse."""
     with tempfile.TemporaryDirectory(prefix="convostore-operator-") as tmp:
         root = Path(tmp)
         rendered = render(
@@ -62,7 +61,27 @@ async def opened(
             folder.mkdir(parents=True)
             for file, data in files.items():
                 (folder / file).write_bytes(data)
-        store = Store.open(parse_config(rendered.config).stores[name])
+        yield parse_config(rendered.config).stores[name]
+
+
+def check_rendered(
+    name: str, spec: dict[str, Any], secrets: dict[str, str], keys: dict[str, bytes]
+) -> None:
+    """Raises ConfigError when the sidecar would refuse what the operator is about to
+    write: checked before anything is written or any pod rolled."""
+    with materialised(name, spec, secrets, keys):
+        pass
+
+
+@contextlib.asynccontextmanager
+async def opened(
+    name: str,
+    spec: dict[str, Any],
+    secrets: dict[str, str],
+    keys: dict[str, bytes],
+) -> AsyncIterator[Driver]:
+    with materialised(name, spec, secrets, keys) as config:
+        store = Store.open(config)
         await store.driver.open()
         try:
             yield store.driver

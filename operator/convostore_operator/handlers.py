@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from convostore_sidecar.config import ConfigError
 from convostore_sidecar.drivers.base import BackendUnavailable
 
 from . import backend
 from .backend import Reachability
 from .crd import GROUP, PLURAL, VERSION
 from .kube import Kube, MissingSecret, connection_info
+from .redact import Redactor
 from .render import dapr_component, render
 from .spec import InvalidSpec, keys_secret_name, secret_refs, validate, validate_name
 
 FIRST_KEY_ID = "k1"
+HASH_KEY = "hash-key"  # in the config Secret: keys the config hash (render.Rendered)
 
 
 @dataclass(frozen=True)
@@ -178,8 +182,25 @@ async def converge(
 
     spec_ = prepared.spec
     owner = owner_of(body)
+    redact = Redactor([*prepared.secrets.values(), *prepared.keys.values()])
+    generated = None
     if prepared.keys_secret and not prepared.keys:
         generated = {FIRST_KEY_ID: base64.b64encode(os.urandom(32))}
+        prepared.keys = generated
+    try:
+        await asyncio.to_thread(
+            backend.check_rendered, name, spec_, prepared.secrets, prepared.keys
+        )
+    except ConfigError as exc:
+        message = redact(f"the sidecar would refuse this store: {exc}")
+        failed = [
+            condition("ConfigRendered", "False", "InvalidConfig", message, generation, previous),
+            condition("Ready", "False", "InvalidConfig", message, generation, previous),
+        ]
+        report(body, patch, status, "Failed", failed)
+        raise kopf.PermanentError(message) from None
+
+    if prepared.keys_secret and generated is not None:
         keep = spec_.get("deletionPolicy", "Retain") == "Retain"
         await asyncio.to_thread(
             kube.create_secret,
@@ -201,12 +222,15 @@ async def converge(
         component = dapr_component(name, namespace, spec_)
         await asyncio.to_thread(kube.apply_component, component, owner)
     rendered = render(name, spec_, prepared.secrets, primary_key=prepared.primary)
-    config_hash = rendered.config_hash(prepared.keys)
+    config_secret = f"{name}-convostore"
+    existing = await asyncio.to_thread(kube.read_secret, namespace, config_secret) or {}
+    hash_key = existing.get(HASH_KEY) or os.urandom(32)
+    config_hash = rendered.config_hash(hash_key, prepared.keys)
     await asyncio.to_thread(
         kube.apply_secret,
         namespace,
-        f"{name}-convostore",
-        rendered.secret_data(),
+        config_secret,
+        {**rendered.secret_data(), HASH_KEY: hash_key},
         owner=owner,
         annotations={f"{GROUP}/config-hash": config_hash},
         labels={f"{GROUP}/store": name},
@@ -222,12 +246,13 @@ async def converge(
                 message=f"config changed; restarted {', '.join(rolled)}",
             )
     reach = await backend.check(name, spec_, prepared.secrets, prepared.keys)
+    reach = dataclasses.replace(reach, message=redact(reach.message))
     phase, reachability = reachability_conditions(reach, generation, previous)
     rendered_condition = condition(
         "ConfigRendered",
         "True",
         "Rendered",
-        f"sidecar config in Secret {name}-convostore",
+        f"sidecar config in Secret {config_secret}",
         generation,
         previous,
     )
@@ -238,7 +263,7 @@ async def converge(
         phase,
         [rendered_condition, *reachability],
         configHash=config_hash,
-        configSecret=f"{name}-convostore",
+        configSecret=config_secret,
     )
 
 
@@ -315,10 +340,20 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             return
         except MissingSecret as exc:
             raise kopf.TemporaryError(f"cannot purge: {exc}", delay=config.retry_delay) from exc
+        redact = Redactor([*prepared.secrets.values(), *prepared.keys.values()])
         try:
             cleared = await backend.purge(name, prepared.spec, prepared.secrets, prepared.keys)
+        except ConfigError as exc:
+            kopf.event(
+                body,
+                type="Warning",
+                reason="NotPurged",
+                message=redact(f"the store's data is kept: its config is invalid: {exc}"),
+            )
+            return
         except BackendUnavailable as exc:
-            raise kopf.TemporaryError(f"cannot purge yet: {exc}", delay=config.retry_delay) from exc
+            message = redact(f"cannot purge yet: {exc}")
+            raise kopf.TemporaryError(message, delay=config.retry_delay) from None
         kopf.event(
             body,
             type="Normal",

@@ -3,12 +3,14 @@
 The result goes into one Secret, `<name>-convostore`, mounted into the sidecar at
 `/etc/convostore/stores/<name>/`; generated encryption keys live in their own Secret,
 mounted at `/etc/convostore/keys/<name>/`. The config hash covers every byte the sidecar
-will read (config, credentials and keys), so any change to them rolls the pods.
+will read (config, credentials and keys), so any change to them rolls the pods; it is
+keyed by a random `hash-key` kept in the same Secret.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -30,8 +32,11 @@ class Rendered:
     def secret_data(self) -> dict[str, bytes]:
         return {"config.yaml": yaml.safe_dump(self.config, sort_keys=True).encode(), **self.files}
 
-    def config_hash(self, keys: dict[str, bytes] | None = None) -> str:
-        digest = hashlib.sha256()
+    def config_hash(self, hash_key: bytes, keys: dict[str, bytes] | None = None) -> str:
+        """An HMAC under the store's own `hash_key` (kept in its config Secret): the hash
+        is published in status and pod annotations, and an unkeyed hash of credential
+        files could be checked against guessed passwords offline."""
+        digest = hmac.new(hash_key, digestmod=hashlib.sha256)
         for name, value in sorted({**self.secret_data(), **_prefixed(keys or {})}.items()):
             digest.update(name.encode() + b"\x00" + value + b"\x00")
         return digest.hexdigest()[:16]

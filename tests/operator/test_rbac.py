@@ -125,7 +125,10 @@ async def test_rules_grant_exactly_what_a_full_life_cycle_uses(
     assert rolled(cluster, "deployments", "agent")
     await cluster.delete(f"{STORES_URL}/scratch")
     await eventually(functools.partial(is_gone, cluster, "scratch"))
-    pod = {"metadata": {"annotations": {INJECT: "true", STORES: "vault"}}, "spec": {}}
+    pod = {
+        "metadata": {"annotations": {INJECT: "true", STORES: "vault"}},
+        "spec": {"containers": [{"name": "agent", "image": "agent:1"}]},
+    }
     answer = await admit({"namespace": NAMESPACE, "object": pod}, kube, "convostore:test")
     assert answer["allowed"] is True
 

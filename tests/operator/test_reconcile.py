@@ -475,4 +475,4 @@ async def test_a_credential_dropped_from_the_spec_leaves_the_config_secret(
         json={"spec": {"redis": {"passwordSecretRef": None}}},
     )
     await eventually(lambda: store_object(cluster, "cache")["status"]["observedGeneration"] == 2)
-    assert set(secret_data(cluster, "cache-convostore") or {}) == {"config.yaml"}
+    assert set(secret_data(cluster, "cache-convostore") or {}) == {"config.yaml", "hash-key"}

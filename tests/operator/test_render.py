@@ -3,6 +3,7 @@ the sidecar's own config parser accepts, under names that cannot collide."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,7 @@ from convostore_operator.spec import SecretRef, secret_refs, validate
 from convostore_sidecar.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+KEY = {"name": "redis-auth", "key": "password"}
 
 
 def test_openai_store_renders_its_key_and_its_map_stores_password(tmp_path: Path) -> None:
@@ -58,3 +60,19 @@ def test_a_ca_named_by_the_spec_is_rendered_as_a_file_the_sidecar_verifies_with(
         settings = load_config(folder / "config.yaml").stores["chat"].settings
         assert settings.ca_file == f"{tmp_path}/chat/{backend}-ca.crt"
         assert rendered.files[f"{backend}-ca.crt"].startswith(b"-----BEGIN CERTIFICATE")
+
+
+def test_the_config_hash_cannot_be_checked_against_guessed_passwords() -> None:
+    """The hash is published (status, pod annotations); without the store's own key,
+    trying candidate passwords against it tells nothing."""
+    spec = validate(
+        {"backend": "redis", "redis": {"url": "redis://cache:6379", "passwordSecretRef": KEY}}
+    )
+    rendered = render("chat", spec, {"passwordSecretRef": "hunter2"})
+    published = rendered.config_hash(b"k" * 32)
+    assert rendered.config_hash(b"k" * 32) == published, "stable for one key"
+    assert rendered.config_hash(b"j" * 32) != published
+    unkeyed = hashlib.sha256()
+    for name, value in sorted(rendered.secret_data().items()):
+        unkeyed.update(name.encode() + b"\x00" + value + b"\x00")
+    assert unkeyed.hexdigest()[:16] != published

@@ -294,8 +294,9 @@ async def test_an_injected_pod_runs_and_only_its_named_container_gets_in(
     for where in mounts.values():
         where.mkdir()
     for name, data in (secret_data(cluster, "chat-convostore") or {}).items():
-        text = data.decode().replace(DATA_DIR, str(mounts[DATA_DIR]))
-        (mounts["/etc/convostore/stores/chat"] / name).write_text(text)
+        if name == "config.yaml":
+            data = data.replace(DATA_DIR.encode(), str(mounts[DATA_DIR]).encode())
+        (mounts["/etc/convostore/stores/chat"] / name).write_bytes(data)
     args = [on_disk(arg, mounts) for arg in sidecar["args"]]
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "convostore", *args, cwd=tmp_path

@@ -290,7 +290,7 @@ class Settings:
     def parse(cls, s: Section) -> Settings:
         url = s.string("url", cls.url)
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            s.fail("url", f"must start with redis://, rediss:// or unix://, got {url!r}")
+            s.fail("url", "must start with redis://, rediss:// or unix://")
         prefix = s.string("keyPrefix")
         if prefix is not None and ("{" in prefix or "}" in prefix):
             s.fail("keyPrefix", "must not contain { or }: they would break the hash tags")
