@@ -98,6 +98,56 @@ def test_webhook_only_touches_opted_in_pods(helm: Any) -> None:
     assert hooks["webhooks"][0]["failurePolicy"] == "Ignore"
 
 
+@pytest.mark.parametrize(
+    "selector",
+    [
+        None,
+        "webhook.namespaceSelector.matchLabels.team=agents",
+        "webhook.namespaceSelector.matchExpressions[0].key=tier,"
+        "webhook.namespaceSelector.matchExpressions[0].operator=Exists",
+    ],
+)
+def test_kube_system_and_the_release_namespace_are_always_excluded(
+    helm: Any, selector: str | None
+) -> None:
+    objects = render(helm, None, *(["--set", selector] if selector else []))
+    [hooks] = [o for o in objects if o["kind"] == "MutatingWebhookConfiguration"]
+    chosen = hooks["webhooks"][0]["namespaceSelector"]
+    exclusion = {
+        "key": "kubernetes.io/metadata.name",
+        "operator": "NotIn",
+        "values": ["kube-system", "convostore-system"],
+    }
+    assert exclusion in chosen["matchExpressions"]
+    if selector and "matchLabels" in selector:
+        assert chosen["matchLabels"] == {"team": "agents"}, "the user's selector is kept"
+    if selector and "matchExpressions" in selector:
+        assert {"key": "tier", "operator": "Exists"} in chosen["matchExpressions"]
+
+
+def test_a_network_policy_and_spread_replicas_by_default(helm: Any) -> None:
+    objects = render(helm, None)
+    [policy] = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    ports = [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]]
+    assert ports == [9443, 8080], "ingress to the webhook and /healthz only"
+    narrowed = render(
+        helm,
+        None,
+        "--set",
+        "networkPolicy.apiServerCIDRs[0]=172.20.0.0/16",
+        "--set",
+        "networkPolicy.healthFrom[0].namespaceSelector.matchLabels.name=monitoring",
+    )
+    [policy] = [o for o in narrowed if o["kind"] == "NetworkPolicy"]
+    webhook, health = policy["spec"]["ingress"]
+    assert webhook["from"] == [{"ipBlock": {"cidr": "172.20.0.0/16"}}]
+    assert health["from"] == [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    spread = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    [term] = spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
 def test_cluster_role_is_the_operators_rules(helm: Any) -> None:
     objects = render(helm, None)
     [cluster_role] = [o for o in objects if o["kind"] == "ClusterRole"]
