@@ -17,7 +17,7 @@ import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 from convostore_sidecar.config import ConfigError
@@ -26,13 +26,14 @@ from convostore_sidecar.drivers.base import BackendUnavailable
 from . import backend
 from .backend import Reachability
 from .crd import GROUP, PLURAL, VERSION
-from .kube import Kube, MissingSecret, connection_info
+from .kube import Kube, MissingSecret, NotOurs, connection_info
 from .redact import Redactor
 from .render import dapr_component, render
 from .spec import InvalidSpec, keys_secret_name, secret_refs, validate, validate_name
 
 FIRST_KEY_ID = "k1"
 HASH_KEY = "hash-key"  # in the config Secret: keys the config hash (render.Rendered)
+REASONS = {InvalidSpec: "InvalidSpec", MissingSecret: "SecretNotFound", NotOurs: "ObjectConflict"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,10 @@ def prepare(kube: Kube, name: str, namespace: str, raw_spec: Any) -> Prepared:
             raise MissingSecret(keys_secret)
         keys = found
     elif keys_secret:
-        keys = kube.read_secret(namespace, keys_secret) or {}
+        stored = kube.read_secret_versioned(namespace, keys_secret)
+        if stored is not None and not stored.made_for(name):
+            raise NotOurs("Secret", keys_secret)
+        keys = stored.data if stored else {}
     primary = encryption.get("primary")
     if keys_secret and "keySecretRef" in encryption:
         if primary is None and len(keys) != 1:
@@ -169,8 +173,8 @@ async def converge(
     previous = (status or {}).get("conditions")
     try:
         prepared = await asyncio.to_thread(prepare, kube, name, namespace, spec)
-    except (InvalidSpec, MissingSecret) as exc:
-        reason = "InvalidSpec" if isinstance(exc, InvalidSpec) else "SecretNotFound"
+    except (InvalidSpec, MissingSecret, NotOurs) as exc:
+        reason = REASONS[type(exc)]
         failed = [
             condition("ConfigRendered", "False", reason, str(exc), generation, previous),
             condition("Ready", "False", reason, str(exc), generation, previous),
@@ -208,33 +212,42 @@ async def converge(
             prepared.keys_secret,
             generated,
             owner=None if keep else owner,
+            labels={f"{GROUP}/store": name},
         )
-        prepared.keys = (
-            await asyncio.to_thread(kube.read_secret, namespace, prepared.keys_secret) or generated
+        stored = await asyncio.to_thread(
+            kube.read_secret_versioned, namespace, prepared.keys_secret
         )
+        if stored is not None and not stored.made_for(name):
+            await _conflict(
+                body, patch, status, NotOurs("Secret", prepared.keys_secret), retry_delay
+            )
+        prepared.keys = stored.data if stored else generated
         kopf.event(
             body,
             type="Normal",
             reason="KeyGenerated",
             message=f"generated encryption key Secret {prepared.keys_secret!r}",
         )
-    if spec_["backend"] == "dapr" and "component" in spec_["dapr"]:
-        component = dapr_component(name, namespace, spec_)
-        await asyncio.to_thread(kube.apply_component, component, owner)
     rendered = render(name, spec_, prepared.secrets, primary_key=prepared.primary)
     config_secret = f"{name}-convostore"
     existing = await asyncio.to_thread(kube.read_secret, namespace, config_secret) or {}
     hash_key = existing.get(HASH_KEY) or os.urandom(32)
     config_hash = rendered.config_hash(hash_key, prepared.keys)
-    await asyncio.to_thread(
-        kube.apply_secret,
-        namespace,
-        config_secret,
-        {**rendered.secret_data(), HASH_KEY: hash_key},
-        owner=owner,
-        annotations={f"{GROUP}/config-hash": config_hash},
-        labels={f"{GROUP}/store": name},
-    )
+    try:
+        if spec_["backend"] == "dapr" and "component" in spec_["dapr"]:
+            component = dapr_component(name, namespace, spec_)
+            await asyncio.to_thread(kube.apply_component, component, owner)
+        await asyncio.to_thread(
+            kube.apply_secret,
+            namespace,
+            config_secret,
+            {**rendered.secret_data(), HASH_KEY: hash_key},
+            owner=owner,
+            annotations={f"{GROUP}/config-hash": config_hash},
+            labels={f"{GROUP}/store": name},
+        )
+    except NotOurs as exc:
+        await _conflict(body, patch, status, exc, retry_delay)
     old_hash = (status or {}).get("configHash")
     if old_hash and old_hash != config_hash:
         rolled = await asyncio.to_thread(kube.roll_workloads, namespace, name, config_hash)
@@ -265,6 +278,20 @@ async def converge(
         configHash=config_hash,
         configSecret=config_secret,
     )
+
+
+async def _conflict(
+    body: kopf.Body, patch: kopf.Patch, status: Any, exc: NotOurs, retry_delay: float
+) -> NoReturn:
+    """Report an object in the way and try again later: its owner may remove it."""
+    generation = body.metadata.get("generation")
+    previous = (status or {}).get("conditions")
+    failed = [
+        condition("ConfigRendered", "False", "ObjectConflict", str(exc), generation, previous),
+        condition("Ready", "False", "ObjectConflict", str(exc), generation, previous),
+    ]
+    report(body, patch, status, "Failed", failed)
+    raise kopf.TemporaryError(str(exc), delay=retry_delay)
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
@@ -336,7 +363,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             return
         try:
             prepared = await asyncio.to_thread(prepare, memo.kube, name, namespace, spec)
-        except InvalidSpec:
+        except (InvalidSpec, NotOurs) as exc:
+            kopf.event(
+                body,
+                type="Warning",
+                reason="NotPurged",
+                message=f"the store's data is kept: {exc}",
+            )
             return
         except MissingSecret as exc:
             raise kopf.TemporaryError(f"cannot purge: {exc}", delay=config.retry_delay) from exc

@@ -20,6 +20,17 @@ from kubernetes.client.exceptions import ApiException
 from .crd import GROUP, PLURAL, VERSION
 
 
+class NotOurs(Exception):
+    """An object the operator would write exists, but this store did not make it: the
+    operator neither adopts nor overwrites it."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(
+            f"{kind} {name!r} exists and was not made for this store; the operator will not "
+            "take it over: delete or rename it"
+        )
+
+
 class MissingSecret(Exception):
     def __init__(self, name: str, key: str | None = None) -> None:
         what = f"Secret {name!r}" + (f" has no key {key!r}" if key else " does not exist")
@@ -70,6 +81,16 @@ class StoredSecret:
     data: dict[str, bytes]
     version: str
     annotations: dict[str, str]
+    labels: dict[str, str]
+    owners: list[str]
+
+    def made_for(self, store: str, owner_uid: str | None = None) -> bool:
+        """Made by the operator for `store` (and, with `owner_uid`, owned by it)."""
+        if owner_uid is not None:
+            return owner_uid in self.owners
+        return self.labels.get("app.kubernetes.io/managed-by") == "convostore" and (
+            self.labels.get(f"{GROUP}/store", store) == store
+        )
 
 
 class Kube:
@@ -97,6 +118,8 @@ class Kube:
             data={k: base64.b64decode(v) for k, v in (secret.data or {}).items()},
             version=str(meta.resource_version if meta else ""),
             annotations=dict((meta.annotations if meta else None) or {}),
+            labels=dict((meta.labels if meta else None) or {}),
+            owners=[ref.uid for ref in (meta.owner_references if meta else None) or []],
         )
 
     def secret_value(self, namespace: str, name: str, key: str) -> str:
@@ -161,7 +184,8 @@ class Kube:
         labels: dict[str, str] | None = None,
     ) -> None:
         """Make the Secret hold exactly `data`, creating it if needed; a Secret that
-        already holds it (and the annotations) is not written again."""
+        already holds it (and the annotations) is not written again, and one that
+        `owner` does not own is never touched (NotOurs)."""
         extra: dict[str, Any] = {"owner": owner, "annotations": annotations, "labels": labels}
         for _ in range(5):
             found = self.read_secret_versioned(namespace, name)
@@ -169,6 +193,8 @@ class Kube:
                 if self.create_secret(namespace, name, data, **extra):
                     return
                 continue
+            if owner is not None and not found.made_for(name, owner["metadata"]["uid"]):
+                raise NotOurs("Secret", name)
             unchanged = (
                 found.data == data and (annotations or {}).items() <= found.annotations.items()
             )
@@ -177,19 +203,23 @@ class Kube:
         raise ApiException(status=409, reason=f"Secret {name!r} keeps changing")
 
     def apply_component(self, component: dict[str, Any], owner: dict[str, Any]) -> None:
+        """Create the Dapr Component, or update the one this store owns; one it does not
+        own (another team's, of the same name) is never touched (NotOurs)."""
         component = {**component, "metadata": {**component["metadata"]}}
         component["metadata"]["ownerReferences"] = [_owner_reference(owner)]
         namespace, name = component["metadata"]["namespace"], component["metadata"]["name"]
+        where = ("dapr.io", "v1alpha1", namespace, "components")
         try:
-            self.custom.create_namespaced_custom_object(
-                "dapr.io", "v1alpha1", namespace, "components", component
-            )
+            self.custom.create_namespaced_custom_object(*where, component)
+            return
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            self.custom.patch_namespaced_custom_object(
-                "dapr.io", "v1alpha1", namespace, "components", name, component
-            )
+        found: Any = self.custom.get_namespaced_custom_object(*where, name)
+        owners = [ref.get("uid") for ref in found.get("metadata", {}).get("ownerReferences", [])]
+        if owner["metadata"]["uid"] not in owners:
+            raise NotOurs("Dapr Component", name)
+        self.custom.patch_namespaced_custom_object(*where, name, component)
 
     def read_store(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A ConversationStore as the API server has it (None if absent)."""

@@ -18,7 +18,7 @@ RULES: list[dict[str, Any]] = [
         "resources": ["deployments", "statefulsets"],
         "verbs": ["list", "patch"],
     },
-    {"apiGroups": ["dapr.io"], "resources": ["components"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["dapr.io"], "resources": ["components"], "verbs": ["get", "create", "patch"]},
     {
         "apiGroups": ["admissionregistration.k8s.io"],
         "resources": ["mutatingwebhookconfigurations"],

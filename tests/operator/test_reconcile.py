@@ -21,6 +21,7 @@ from tests.operator.conftest import (
     NAMESPACE,
     Operator,
     condition,
+    create,
     create_secret,
     create_store,
     create_workload,
@@ -476,3 +477,51 @@ async def test_a_credential_dropped_from_the_spec_leaves_the_config_secret(
     )
     await eventually(lambda: store_object(cluster, "cache")["status"]["observedGeneration"] == 2)
     assert set(secret_data(cluster, "cache-convostore") or {}) == {"config.yaml", "hash-key"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "taken"),
+    [
+        ({"backend": "sqlite"}, "v1/secrets", "chat-convostore"),
+        (
+            {"backend": "sqlite", "encryption": {"enabled": True}},
+            "v1/secrets",
+            "chat-convostore-keys",
+        ),
+        (
+            {
+                "backend": "dapr",
+                "dapr": {"stateStore": "shared", "component": {"type": "state.redis"}},
+            },
+            "dapr.io/v1alpha1/components",
+            "shared",
+        ),
+    ],
+    ids=["config-secret", "key-secret", "dapr-component"],
+)
+async def test_an_object_made_by_someone_else_is_never_taken_over(
+    cluster: Any, operator: Operator, spec: dict[str, Any], kind: str, taken: str
+) -> None:
+    """Another team's object of the name the store would use: reported, left as it was,
+    and still there after the store is deleted."""
+    if kind == "v1/secrets":
+        await create_secret(cluster, taken, {"theirs": "keep me"})
+    else:
+        await create(cluster, "dapr.io/v1alpha1", "Component", taken, spec={"type": "state.mongo"})
+    before = dict(cluster.objects[kind, NAMESPACE, taken].raw)
+    await operator()
+    await create_store(cluster, "chat", {**spec, "deletionPolicy": "Delete"})
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "chat")) and o.get("status", {}).get("phase") and o
+    )
+    assert obj["status"]["phase"] == "Failed"
+    conflict = condition(obj, "ConfigRendered")
+    assert conflict["reason"] == "ObjectConflict"
+    assert repr(taken) in conflict["message"]
+    await cluster.delete(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/chat"
+    )
+    await eventually(functools.partial(is_gone, cluster, "chat"))
+    after = cluster.objects[kind, NAMESPACE, taken]
+    assert not after.deleted
+    assert dict(after.raw) == before
