@@ -26,14 +26,20 @@ from convostore_sidecar.drivers.base import BackendUnavailable
 from . import backend
 from .backend import Reachability
 from .crd import GROUP, PLURAL, VERSION
-from .kube import Kube, MissingSecret, NotOurs, connection_info
+from .kube import Kube, MissingSecret, NotOurs, StoredSecret, connection_info
 from .redact import Redactor
 from .render import dapr_component, render
 from .spec import InvalidSpec, keys_secret_name, secret_refs, validate, validate_name
+from .trust import NotAllowed, check_endpoint, check_lent, spec_endpoints
 
 FIRST_KEY_ID = "k1"
 HASH_KEY = "hash-key"  # in the config Secret: keys the config hash (render.Rendered)
-REASONS = {InvalidSpec: "InvalidSpec", MissingSecret: "SecretNotFound", NotOurs: "ObjectConflict"}
+REASONS = {
+    InvalidSpec: "InvalidSpec",
+    MissingSecret: "SecretNotFound",
+    NotOurs: "ObjectConflict",
+    NotAllowed: "SecretNotAllowed",
+}
 
 
 @dataclass(frozen=True)
@@ -62,22 +68,35 @@ def owner_of(body: kopf.Body) -> dict[str, Any]:
     }
 
 
+def lent_secret(kube: Kube, namespace: str, secret: str, store: str) -> StoredSecret:
+    """A Secret of the store's own namespace that lends itself to `store`."""
+    stored = kube.read_secret_versioned(namespace, secret)
+    if stored is None:
+        raise MissingSecret(secret)
+    check_lent(secret, stored, store)
+    return stored
+
+
 def prepare(kube: Kube, name: str, namespace: str, raw_spec: Any) -> Prepared:
-    """Validate the spec and read what it refers to; raises InvalidSpec or MissingSecret."""
+    """Validate the spec and read what it refers to; raises InvalidSpec, MissingSecret,
+    NotAllowed or NotOurs."""
     validate_name(name)
     spec = validate(dict(raw_spec))
-    secrets = {
-        key: kube.secret_value(namespace, ref.name, ref.key)
-        for key, ref in secret_refs(spec).items()
-    }
+    refs = secret_refs(spec)
+    lent = {ref.name: lent_secret(kube, namespace, ref.name, name) for ref in refs.values()}
+    secrets = {}
+    for key, ref in refs.items():
+        if ref.key not in lent[ref.name].data:
+            raise MissingSecret(ref.name, ref.key)
+        secrets[key] = lent[ref.name].data[ref.key].decode()
+    for field, endpoint, fields in spec_endpoints(spec):
+        for ref in (refs[f] for f in fields if f in refs):
+            check_endpoint(ref.name, lent[ref.name], field, endpoint)
     keys_secret = keys_secret_name(name, spec)
     keys: dict[str, bytes] = {}
     encryption = spec.get("encryption", {})
     if keys_secret and "keySecretRef" in encryption:
-        found = kube.read_secret(namespace, keys_secret)
-        if found is None:
-            raise MissingSecret(keys_secret)
-        keys = found
+        keys = lent_secret(kube, namespace, keys_secret, name).data
     elif keys_secret:
         stored = kube.read_secret_versioned(namespace, keys_secret)
         if stored is not None and not stored.made_for(name):
@@ -173,7 +192,7 @@ async def converge(
     previous = (status or {}).get("conditions")
     try:
         prepared = await asyncio.to_thread(prepare, kube, name, namespace, spec)
-    except (InvalidSpec, MissingSecret, NotOurs) as exc:
+    except (InvalidSpec, MissingSecret, NotOurs, NotAllowed) as exc:
         reason = REASONS[type(exc)]
         failed = [
             condition("ConfigRendered", "False", reason, str(exc), generation, previous),
@@ -363,7 +382,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             return
         try:
             prepared = await asyncio.to_thread(prepare, memo.kube, name, namespace, spec)
-        except (InvalidSpec, NotOurs) as exc:
+        except (InvalidSpec, NotOurs, NotAllowed) as exc:
             kopf.event(
                 body,
                 type="Warning",

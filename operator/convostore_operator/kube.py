@@ -122,14 +122,6 @@ class Kube:
             owners=[ref.uid for ref in (meta.owner_references if meta else None) or []],
         )
 
-    def secret_value(self, namespace: str, name: str, key: str) -> str:
-        data = self.read_secret(namespace, name)
-        if data is None:
-            raise MissingSecret(name)
-        if key not in data:
-            raise MissingSecret(name, key)
-        return data[key].decode()
-
     def create_secret(
         self,
         namespace: str,

@@ -226,6 +226,20 @@ def secret_data(cluster: Any, name: str) -> dict[str, bytes] | None:
     return {key: base64.b64decode(value) for key, value in (obj.get("data") or {}).items()}
 
 
-async def create_secret(cluster: Any, name: str, data: dict[str, str]) -> None:
+async def create_secret(
+    cluster: Any, name: str, data: dict[str, str], annotations: dict[str, str] | None = None
+) -> None:
+    """A Secret that lends itself to every store (`convostore.dev/allowed-stores: "*"`)
+    unless `annotations` says otherwise."""
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
-    await create(cluster, "v1", "Secret", name, data=encoded)
+    if annotations is None:
+        annotations = {"convostore.dev/allowed-stores": "*"}
+    await cluster.post(
+        f"/api/v1/namespaces/{NAMESPACE}/secrets",
+        json={
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": NAMESPACE, "annotations": annotations},
+            "data": encoded,
+        },
+    )

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 import yaml
+from aiohttp import web
 from convostore_operator.handlers import OperatorConfig
 from convostore_sidecar.config import load_config, parse_config
 from convostore_sidecar.drivers import postgres as pg_driver
@@ -34,7 +35,7 @@ from tests.operator.conftest import (
     store_object,
 )
 from tests.operator.emulator import RealisticEmulator
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 from tests.support import unique
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
@@ -132,8 +133,12 @@ async def test_postgres_store_bootstraps_the_schema(
 async def test_openai_store_renders_its_key_and_checks_the_api_with_it(
     cluster: Any, operator: Operator, openai_api: OpenAIStandIn, redis_url: str
 ) -> None:
-    await create_secret(cluster, "openai", {"api-key": openai_api.api_key})
-    await create_secret(cluster, "openai-old", {"api-key": "sk-revoked-key-4321"})
+    lent = {
+        "convostore.dev/allowed-stores": "*",
+        "convostore.dev/allowed-endpoints": openai_api.base_url,
+    }
+    await create_secret(cluster, "openai", {"api-key": openai_api.api_key}, lent)
+    await create_secret(cluster, "openai-old", {"api-key": "sk-revoked-key-4321"}, lent)
     await operator()
 
     def spec(secret: str) -> dict[str, Any]:
@@ -463,7 +468,11 @@ async def test_a_rotated_secret_is_rendered_again_and_rolls_the_pods_that_use_it
 async def test_a_credential_dropped_from_the_spec_leaves_the_config_secret(
     cluster: Any, operator: Operator, redis_url: str
 ) -> None:
-    await create_secret(cluster, "redis-auth", {"password": ""})
+    lent = {
+        "convostore.dev/allowed-stores": "cache",
+        "convostore.dev/allowed-endpoints": redis_url,
+    }
+    await create_secret(cluster, "redis-auth", {"password": ""}, lent)
     await operator()
     spec = {
         "backend": "redis",
@@ -525,3 +534,83 @@ async def test_an_object_made_by_someone_else_is_never_taken_over(
     after = cluster.objects[kind, NAMESPACE, taken]
     assert not after.deleted
     assert dict(after.raw) == before
+
+
+@pytest.mark.parametrize(
+    ("annotations", "allowed"),
+    [
+        ({}, False),
+        ({"convostore.dev/allowed-stores": "audit, other"}, False),
+        ({"convostore.dev/allowed-stores": "audit, cache"}, True),
+        ({"convostore.dev/allowed-stores": "*"}, True),
+    ],
+    ids=["silent", "other-stores", "named", "any-store"],
+)
+async def test_a_secret_lends_itself_only_to_the_stores_it_names(
+    cluster: Any, operator: Operator, redis_url: str, annotations: dict[str, str], allowed: bool
+) -> None:
+    await create_secret(cluster, "conn", {"url": redis_url}, annotations)
+    await operator()
+    spec = {"backend": "redis", "redis": {"urlSecretRef": {"name": "conn", "key": "url"}}}
+    await create_store(cluster, "cache", spec)
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "cache")) and o.get("status", {}).get("phase") and o
+    )
+    if allowed:
+        assert obj["status"]["phase"] == "Ready"
+        return
+    assert obj["status"]["phase"] == "Failed"
+    refusal = condition(obj, "ConfigRendered")
+    assert refusal["reason"] == "SecretNotAllowed"
+    assert "convostore.dev/allowed-stores: cache" in refusal["message"]
+    assert secret_data(cluster, "cache-convostore") is None
+
+
+async def test_credentials_go_only_to_endpoints_their_secret_names(
+    cluster: Any, operator: Operator, openai_api: OpenAIStandIn
+) -> None:
+    """A store author pointing openai.baseURL at a listener of theirs gets no key: the
+    listener sees no request, and the store says which Secret refused."""
+    caught: list[str] = []
+
+    async def listen(request: web.Request) -> web.Response:
+        caught.append(request.headers.get("Authorization", ""))
+        return web.json_response({}, status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", listen)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await create_secret(
+            cluster,
+            "openai",
+            {"api-key": openai_api.api_key},
+            {
+                "convostore.dev/allowed-stores": "*",
+                "convostore.dev/allowed-endpoints": openai_api.base_url,
+            },
+        )
+        await operator()
+        key = {"name": "openai", "key": "api-key"}
+        for name, base in (("lure", f"http://127.0.0.1:{port}/v1"), ("legit", openai_api.base_url)):
+            await create_store(
+                cluster,
+                name,
+                {"backend": "openai", "openai": {"apiKeySecretRef": key, "baseURL": base}},
+            )
+        await eventually(functools.partial(phase_is, cluster, "legit", "Ready"))
+        lure = await eventually(
+            lambda: (o := store_object(cluster, "lure")) and o.get("status", {}).get("phase") and o
+        )
+        assert lure["status"]["phase"] == "Failed"
+        refusal = condition(lure, "ConfigRendered")
+        assert refusal["reason"] == "SecretNotAllowed"
+        assert f"127.0.0.1:{port}" in refusal["message"]
+        assert "spec.openai.baseURL" in refusal["message"]
+        assert caught == [], "the listener received a request"
+        assert secret_data(cluster, "lure-convostore") is None
+    finally:
+        await runner.cleanup()

@@ -84,6 +84,10 @@ async def test_marker_secrets_never_show(
             "dsn": pg,
             "key": MARKERS["key"],
         },
+        {
+            "convostore.dev/allowed-stores": "*",
+            "convostore.dev/allowed-endpoints": openai_api.base_url,
+        },
     )
     await operator()
     stores = {

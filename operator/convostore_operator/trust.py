@@ -1,0 +1,80 @@
+"""What a store's author may make the operator do with Secrets.
+
+Whoever may create a ConversationStore in a namespace is not, for that alone, trusted
+with the namespace's Secrets: the operator reads them with its own, wider rights. So a
+Secret lends its values to a store only when it says so, by the annotation
+`convostore.dev/allowed-stores` (a comma list of store names, or `*`), and its values
+go only to the endpoints it names. An endpoint that comes from a Secret (a DSN, a
+`urlSecretRef`) was chosen by whoever wrote that Secret; an endpoint written in the spec
+itself (`redis.url`, `openai.baseURL`) can receive a Secret's credentials only if that
+Secret lists it in `convostore.dev/allowed-endpoints` (comma list of `scheme://host:port`
+origins). OpenAI's own API needs no listing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from .crd import GROUP
+from .kube import StoredSecret
+
+ALLOWED_STORES = f"{GROUP}/allowed-stores"
+ALLOWED_ENDPOINTS = f"{GROUP}/allowed-endpoints"
+OPENAI_API = "https://api.openai.com"
+DEFAULT_PORTS = {"https": 443, "http": 80, "redis": 6379, "rediss": 6379}
+
+
+class NotAllowed(Exception):
+    """A Secret that does not lend itself to this store, or not to that endpoint."""
+
+
+def check_lent(secret: str, stored: StoredSecret, store: str) -> None:
+    allowed = [s.strip() for s in stored.annotations.get(ALLOWED_STORES, "").split(",")]
+    if "*" not in allowed and store not in allowed:
+        raise NotAllowed(
+            f"Secret {secret!r} does not allow store {store!r} to use it: annotate it with "
+            f"{ALLOWED_STORES}: {store} (or *)"
+        )
+
+
+def origin(url: str) -> str:
+    parts = urlsplit(url.strip())
+    port = parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+def spec_endpoints(spec: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """(field, endpoint, the secret_refs names whose values go there) for every endpoint
+    written in the spec itself."""
+    section = spec.get(spec["backend"], {})
+    found = []
+    if spec["backend"] == "redis" and "url" in section:
+        found.append(("spec.redis.url", section["url"], ["passwordSecretRef", "caSecretRef"]))
+    if spec["backend"] == "openai":
+        base = section.get("baseURL")
+        if base and origin(base) != origin(OPENAI_API):
+            found.append(("spec.openai.baseURL", base, ["apiKeySecretRef"]))
+        mapping = section.get("mapping", {})
+        if mapping.get("backend") == "redis" and "url" in mapping.get("redis", {}):
+            found.append(
+                (
+                    "spec.openai.mapping.redis.url",
+                    mapping["redis"]["url"],
+                    ["mapping.passwordSecretRef", "mapping.caSecretRef"],
+                )
+            )
+    return found
+
+
+def check_endpoint(secret: str, stored: StoredSecret, field: str, endpoint: str) -> None:
+    listed = {
+        origin(entry)
+        for entry in stored.annotations.get(ALLOWED_ENDPOINTS, "").split(",")
+        if entry.strip()
+    }
+    if origin(endpoint) not in listed:
+        raise NotAllowed(
+            f"Secret {secret!r} does not let its values go to {origin(endpoint)} (from "
+            f"{field}): add it to the Secret's {ALLOWED_ENDPOINTS}"
+        )
