@@ -39,7 +39,11 @@ class Reachability:
 
 @contextlib.contextmanager
 def materialised(
-    name: str, spec: dict[str, Any], secrets: dict[str, str], keys: dict[str, bytes]
+    name: str,
+    spec: dict[str, Any],
+    secrets: dict[str, str],
+    keys: dict[str, bytes],
+    scope: str | None,
 ) -> Iterator[StoreConfig]:
     """The store as the sidecar will parse it, its files in a private temporary
     directory; raises the sidecar's own ConfigError for anything it would refuse."""
@@ -52,6 +56,7 @@ def materialised(
             stores_root=str(root / "stores"),
             keys_root=str(root / "keys"),
             data_root=str(root / "data"),
+            scope=scope,
         )
         for folder, files in (
             (root / "stores" / name, rendered.files),
@@ -65,11 +70,15 @@ def materialised(
 
 
 def check_rendered(
-    name: str, spec: dict[str, Any], secrets: dict[str, str], keys: dict[str, bytes]
+    name: str,
+    spec: dict[str, Any],
+    secrets: dict[str, str],
+    keys: dict[str, bytes],
+    scope: str | None,
 ) -> None:
     """Raises ConfigError when the sidecar would refuse what the operator is about to
     write: checked before anything is written or any pod rolled."""
-    with materialised(name, spec, secrets, keys):
+    with materialised(name, spec, secrets, keys, scope):
         pass
 
 
@@ -79,8 +88,9 @@ async def opened(
     spec: dict[str, Any],
     secrets: dict[str, str],
     keys: dict[str, bytes],
+    scope: str | None,
 ) -> AsyncIterator[Driver]:
-    with materialised(name, spec, secrets, keys) as config:
+    with materialised(name, spec, secrets, keys, scope) as config:
         store = Store.open(config)
         await store.driver.open()
         try:
@@ -90,12 +100,16 @@ async def opened(
 
 
 async def check(
-    name: str, spec: dict[str, Any], secrets: dict[str, str], keys: dict[str, bytes]
+    name: str,
+    spec: dict[str, Any],
+    secrets: dict[str, str],
+    keys: dict[str, bytes],
+    scope: str | None,
 ) -> Reachability:
     if spec["backend"] in LOCAL_BACKENDS:
         return Reachability("Unknown", "CheckedBySidecar", LOCAL_BACKENDS[spec["backend"]])
     try:
-        async with opened(name, spec, secrets, keys) as driver:
+        async with opened(name, spec, secrets, keys, scope) as driver:
             await driver.ping()
     except BackendUnavailable as exc:
         return Reachability("False", "Unreachable", str(exc))
@@ -103,13 +117,17 @@ async def check(
 
 
 async def purge(
-    name: str, spec: dict[str, Any], secrets: dict[str, str], keys: dict[str, bytes]
+    name: str,
+    spec: dict[str, Any],
+    secrets: dict[str, str],
+    keys: dict[str, bytes],
+    scope: str,
 ) -> int:
     """Clear every session of the store; returns how many there were."""
     if spec["backend"] in LOCAL_BACKENDS:
         return 0
     cleared = 0
-    async with opened(name, spec, secrets, keys) as driver:
+    async with opened(name, spec, secrets, keys, scope) as driver:
         while ids := await driver.list_sessions("", None, PURGE_PAGE):
             for session_id in ids:
                 await driver.clear(session_id)

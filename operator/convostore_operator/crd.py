@@ -286,6 +286,11 @@ STATUS: dict[str, Any] = {
         "phase": {"type": "string", "enum": ["Pending", "Ready", "Degraded", "Failed"]},
         "configHash": {"type": "string"},
         "configSecret": {"type": "string"},
+        "backendIdentity": {
+            "type": "string",
+            "description": "What the store's sessions are keyed by in the backend: "
+            "<namespace>/<name>, or <name> alone for a store an older operator rendered.",
+        },
         "conditions": {
             "type": "array",
             "items": CONDITION,

@@ -176,6 +176,41 @@ def report(
         patch.status[key] = value
 
 
+def keyed_by_name_alone(status: Any) -> bool:
+    """Whether the store keeps the identity of an operator older than namespaced
+    identities: its sessions are keyed by its name alone. A store first rendered by
+    this version is keyed `<namespace>/<name>`; an older store (rendered, no
+    `backendIdentity` recorded) keeps its name, so its sessions stay where they are."""
+    recorded = (status or {}).get("backendIdentity")
+    if recorded is None:
+        return bool((status or {}).get("configHash"))
+    return "/" not in str(recorded)
+
+
+def isolation_condition(
+    scope: str | None, name: str, generation: int | None, previous: Any
+) -> dict[str, Any]:
+    if scope:
+        return condition(
+            "NamespaceIsolated",
+            "True",
+            "KeyedByNamespace",
+            f"sessions are keyed {scope}/{name} in the backend",
+            generation,
+            previous,
+        )
+    return condition(
+        "NamespaceIsolated",
+        "False",
+        "KeyedByNameAlone",
+        f"sessions are keyed {name!r} as an older operator keyed them: a store named "
+        f"{name!r} in another namespace on the same backend shares them, and deleting "
+        "this store will not purge them; move them to a new store to isolate them",
+        generation,
+        previous,
+    )
+
+
 async def converge(
     body: kopf.Body,
     name: str,
@@ -205,6 +240,7 @@ async def converge(
 
     spec_ = prepared.spec
     owner = owner_of(body)
+    scope = None if keyed_by_name_alone(status) else namespace
     redact = Redactor([*prepared.secrets.values(), *prepared.keys.values()])
     generated = None
     if prepared.keys_secret and not prepared.keys:
@@ -212,7 +248,7 @@ async def converge(
         prepared.keys = generated
     try:
         await asyncio.to_thread(
-            backend.check_rendered, name, spec_, prepared.secrets, prepared.keys
+            backend.check_rendered, name, spec_, prepared.secrets, prepared.keys, scope
         )
     except ConfigError as exc:
         message = redact(f"the sidecar would refuse this store: {exc}")
@@ -247,7 +283,7 @@ async def converge(
             reason="KeyGenerated",
             message=f"generated encryption key Secret {prepared.keys_secret!r}",
         )
-    rendered = render(name, spec_, prepared.secrets, primary_key=prepared.primary)
+    rendered = render(name, spec_, prepared.secrets, primary_key=prepared.primary, scope=scope)
     config_secret = f"{name}-convostore"
     existing = await asyncio.to_thread(kube.read_secret, namespace, config_secret) or {}
     hash_key = existing.get(HASH_KEY) or os.urandom(32)
@@ -277,7 +313,7 @@ async def converge(
                 reason="Rolled",
                 message=f"config changed; restarted {', '.join(rolled)}",
             )
-    reach = await backend.check(name, spec_, prepared.secrets, prepared.keys)
+    reach = await backend.check(name, spec_, prepared.secrets, prepared.keys, scope)
     reach = dataclasses.replace(reach, message=redact(reach.message))
     phase, reachability = reachability_conditions(reach, generation, previous)
     rendered_condition = condition(
@@ -293,9 +329,10 @@ async def converge(
         patch,
         status,
         phase,
-        [rendered_condition, *reachability],
+        [rendered_condition, *reachability, isolation_condition(scope, name, generation, previous)],
         configHash=config_hash,
         configSecret=config_secret,
+        backendIdentity=f"{scope}/{name}" if scope else name,
     )
 
 
@@ -370,7 +407,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
 
     @kopf.on.delete(*resource, registry=registry)
     async def delete(
-        body: kopf.Body, name: str, namespace: str, spec: Any, memo: kopf.Memo, **_: Any
+        body: kopf.Body,
+        name: str,
+        namespace: str,
+        spec: Any,
+        status: Any,
+        memo: kopf.Memo,
+        **_: Any,
     ) -> None:
         if spec.get("deletionPolicy", "Retain") != "Delete":
             kopf.event(
@@ -392,9 +435,20 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             return
         except MissingSecret as exc:
             raise kopf.TemporaryError(f"cannot purge: {exc}", delay=config.retry_delay) from exc
+        if keyed_by_name_alone(status):
+            kopf.event(
+                body,
+                type="Warning",
+                reason="NotPurged",
+                message="the store's data is kept: its sessions are keyed by its name "
+                "alone and may be shared with a store of that name in another namespace",
+            )
+            return
         redact = Redactor([*prepared.secrets.values(), *prepared.keys.values()])
         try:
-            cleared = await backend.purge(name, prepared.spec, prepared.secrets, prepared.keys)
+            cleared = await backend.purge(
+                name, prepared.spec, prepared.secrets, prepared.keys, namespace
+            )
         except ConfigError as exc:
             kopf.event(
                 body,

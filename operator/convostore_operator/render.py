@@ -55,14 +55,18 @@ def render(
     keys_root: str = KEYS_ROOT,
     primary_key: str | None = None,
     data_root: str | None = None,
+    scope: str | None = None,
 ) -> Rendered:
     """`secrets` holds the values of `spec.secret_refs(spec)`, by the same names;
-    `data_root` moves every SQLite file there (the operator's own checks use it)."""
+    `data_root` moves every SQLite file there (the operator's own checks use it);
+    `scope` (the store's namespace) becomes part of its identity in the backend."""
     backend = spec["backend"]
     section = spec.get(backend, {})
     here = f"{stores_root}/{name}"
     files: dict[str, bytes] = {}
     store: dict[str, Any] = {"backend": backend}
+    if scope is not None:
+        store["scope"] = scope
     if backend == "openai":
         store["openai"] = _openai(section, secrets, files, here, data_root)
     elif backend == "dapr":

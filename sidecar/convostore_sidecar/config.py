@@ -193,6 +193,15 @@ class StoreConfig:
     idempotency_ttl: float = 86400.0
     sweep_interval: float = 60.0
     encryption: Keyring | None = None
+    scope: str | None = None
+    """The namespace the operator rendered the store for; part of its identity."""
+
+    @property
+    def identity(self) -> str:
+        """What the store's data is keyed by in a shared backend: `<scope>/<name>`, so two
+        stores of one name in two namespaces never share a session (just the name
+        without a scope, as a sidecar run by hand has always keyed it)."""
+        return f"{self.scope}/{self.name}" if self.scope else self.name
 
 
 @dataclass(frozen=True)
@@ -323,6 +332,7 @@ def parse_store(name: Any, stores: Section) -> StoreConfig:
         idempotency_ttl=s.duration("idempotencyTtl", 86400.0, low=1, high=30 * 86400),
         sweep_interval=s.duration("sweepInterval", 60.0, low=0.1, high=86400),
         encryption=_keyring(s),
+        scope=s.string("scope", None, pattern=STORE_NAME),
     )
     s.done()
     return store

@@ -46,7 +46,7 @@ class Store:
     def open(cls, config: StoreConfig) -> Store:
         driver = open_driver(config)
         if config.encryption is not None:
-            driver = EncryptedDriver(driver, config.encryption, config.name)
+            driver = EncryptedDriver(driver, config.encryption, config.identity)
         return cls(config, driver)
 
     @property

@@ -292,3 +292,27 @@ async def test_reads_by_turns_and_whole_turn_limits_never_split_a_call(subject: 
     url = url.replace(session.session_id, unique())
     assert await read(turns="3") == []
     assert await read(limit="3", whole_turns="true") == []
+
+
+async def test_one_store_name_in_two_namespaces_shares_nothing(
+    backend: str,
+    at_rest: dict[str, Any],
+    start_sidecar: Any,
+    store_config: Callable[..., dict[str, Any]],
+) -> None:
+    """The same store config (same backend, same keyPrefix or schema or file) rendered
+    for two namespaces: two stores that never see each other's sessions."""
+    config = store_config(backend, **at_rest)
+    team_a = await start_sidecar({"stores": {"conf": {**config, "scope": "team-a"}}})
+    team_b = await start_sidecar({"stores": {"conf": {**config, "scope": "team-b"}}})
+    a = Subject(backend, team_a, config)
+    b = Subject(backend, team_b, config)
+    session_id = unique()
+    await a.session(session_id).add_items([a.item(who="a")])
+    await b.session(session_id).add_items([b.item(who="b")])
+    assert a.values(await a.session(session_id).get_items()) == [{"who": "a"}]
+    assert b.values(await b.session(session_id).get_items()) == [{"who": "b"}]
+    await b.session(session_id).clear_session()
+    assert a.values(await a.session(session_id).get_items()) == [{"who": "a"}]
+    listed = [sid async for sid in SidecarStore("conf", team_a.url).session_ids()]
+    assert listed == [session_id]

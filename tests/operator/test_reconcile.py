@@ -16,6 +16,7 @@ from aiohttp import web
 from convostore_operator.handlers import OperatorConfig
 from convostore_sidecar.config import load_config, parse_config
 from convostore_sidecar.drivers import postgres as pg_driver
+from convostore_sidecar.stores import Store
 
 from tests.openai_standin import OpenAIStandIn
 from tests.operator.conftest import (
@@ -34,7 +35,7 @@ from tests.operator.conftest import (
     secret_data,
     store_object,
 )
-from tests.operator.emulator import RealisticEmulator
+from tests.operator.emulator import STORES, RealisticEmulator
 from tests.servers import RedisServer, free_port
 from tests.support import unique
 
@@ -66,6 +67,7 @@ async def test_sqlite_store_renders_config_and_reports_ready(
         "stores": {
             "chat": {
                 "backend": "sqlite",
+                "scope": NAMESPACE,
                 "ttl": "24h",
                 "sqlite": {"path": "/var/lib/convostore/convostore.db"},
             }
@@ -382,17 +384,18 @@ async def test_retain_keeps_data_and_delete_purges_it(
             },
         )
         await eventually(functools.partial(phase_is, cluster, name, "Ready"))
-        await client.rpush(f"op-{name}:{{s1}}:items", b'{"n":1}')
-        await client.set(f"op-{name}:{{s1}}:seq", 1)
-        await client.zadd(f"op-{name}:sessions", {"s1": 0})
+        keys = f"op-{name}:{NAMESPACE}"  # the store's keyPrefix, then its namespace
+        await client.rpush(f"{keys}:{{s1}}:items", b'{"n":1}')
+        await client.set(f"{keys}:{{s1}}:seq", 1)
+        await client.zadd(f"{keys}:sessions", {"s1": 0})
         obj = store_object(cluster, name)
         assert "convostore.dev/finalizer" in obj["metadata"]["finalizers"]
         await cluster.delete(
             f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/{name}"
         )
         await eventually(functools.partial(is_gone, cluster, name))
-    assert await client.exists("op-keep:{s1}:items") == 1
-    assert await client.exists("op-purge:{s1}:items") == 0
+    assert await client.exists(f"op-keep:{NAMESPACE}:{{s1}}:items") == 1
+    assert await client.exists(f"op-purge:{NAMESPACE}:{{s1}}:items") == 0
     await eventually(lambda: "Purged" in reasons_of_events(cluster, "purge"))
     await eventually(lambda: "Retained" in reasons_of_events(cluster, "keep"))
     await client.aclose()
@@ -614,3 +617,112 @@ async def test_credentials_go_only_to_endpoints_their_secret_names(
         assert secret_data(cluster, "lure-convostore") is None
     finally:
         await runner.cleanup()
+
+
+async def create_store_in(cluster: Any, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    await cluster.post(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{namespace}/conversationstores",
+        json={
+            "apiVersion": "convostore.dev/v1alpha1",
+            "kind": "ConversationStore",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        },
+    )
+
+
+async def test_one_store_name_in_two_namespaces_is_two_stores(
+    cluster: Any, operator: Operator, redis_url: str
+) -> None:
+    """Same name, same Redis, same keyPrefix, two namespaces: deleting one (with
+    deletionPolicy Delete) purges its own sessions and not the other's."""
+    prefix = unique("shared")
+    spec = {
+        "backend": "redis",
+        "deletionPolicy": "Delete",
+        "redis": {"url": redis_url, "keyPrefix": prefix},
+    }
+    await operator(clusterwide=True)
+    for namespace in (NAMESPACE, "others"):
+        await create_store_in(cluster, namespace, "chat", spec)
+
+    def ready_in(namespace: str) -> bool:
+        return bool(cluster.objects[STORES, namespace, "chat"]["status"]["phase"] == "Ready")
+
+    for namespace in (NAMESPACE, "others"):
+        await eventually(functools.partial(ready_in, namespace))
+    identities = {
+        ns: cluster.objects[STORES, ns, "chat"]["status"]["backendIdentity"]
+        for ns in (NAMESPACE, "others")
+    }
+    assert identities == {NAMESPACE: f"{NAMESPACE}/chat", "others": "others/chat"}
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for namespace in (NAMESPACE, "others"):
+            rendered = yaml.safe_load(
+                base64.b64decode(
+                    cluster.objects["v1/secrets", namespace, "chat-convostore"]["data"][
+                        "config.yaml"
+                    ]
+                )
+            )
+            config = parse_config(rendered).stores["chat"]
+            driver = Store.open(config).driver
+            await driver.open()
+            await driver.append("s1", [f'{{"ns":"{namespace}"}}'.encode()], None)
+            await driver.close()
+        await cluster.delete(
+            "/apis/convostore.dev/v1alpha1/namespaces/others/conversationstores/chat"
+        )
+        await eventually(lambda: cluster.objects[STORES, "others", "chat"].deleted)
+        assert await client.exists(f"{prefix}:{NAMESPACE}:{{s1}}:items") == 1
+        assert await client.exists(f"{prefix}:others:{{s1}}:items") == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_store_from_an_older_operator_keeps_its_sessions_where_they_are(
+    cluster: Any, operator: Operator, redis_url: str
+) -> None:
+    """Compatibility: a store an older operator rendered (status with a configHash, no
+    backendIdentity) stays keyed by its name, says so, and is never purged."""
+    prefix = unique("legacy")
+    await create_store(
+        cluster,
+        "old",
+        {
+            "backend": "redis",
+            "deletionPolicy": "Delete",
+            "redis": {"url": redis_url, "keyPrefix": prefix},
+        },
+    )
+    await cluster.patch(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/old/status",
+        json={"status": {"phase": "Ready", "configHash": "0123456789abcdef"}},
+    )
+    client = aioredis.Redis.from_url(redis_url)
+    await client.rpush(f"{prefix}:{{s1}}:items", b'{"n":1}')
+    await client.zadd(f"{prefix}:sessions", {"s1": 0})
+    try:
+        await operator()
+        obj = await eventually(
+            lambda: (o := store_object(cluster, "old")) and o["status"].get("backendIdentity") and o
+        )
+        assert obj["status"]["backendIdentity"] == "old"
+        isolated = condition(obj, "NamespaceIsolated")
+        assert (isolated["status"], isolated["reason"]) == ("False", "KeyedByNameAlone")
+        config = yaml.safe_load((secret_data(cluster, "old-convostore") or {})["config.yaml"])
+        store = parse_config(config).stores["old"]
+        assert store.identity == "old"
+        driver = Store.open(store).driver
+        await driver.open()
+        assert await driver.latest("s1", None) == [b'{"n":1}'], "the old sessions are found"
+        await driver.close()
+        await cluster.delete(
+            f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/old"
+        )
+        await eventually(functools.partial(is_gone, cluster, "old"))
+        assert await client.exists(f"{prefix}:{{s1}}:items") == 1, "not purged"
+        await eventually(lambda: "NotPurged" in reasons_of_events(cluster, "old"))
+    finally:
+        await client.aclose()

@@ -36,7 +36,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..config import StoreConfig
 
 Check = Callable[[bytes], object]
 Transform = Callable[[bytes], bytes | None]
@@ -226,6 +229,17 @@ class KeepsStructure:
 
     async def pop(self: Branching, session_id: str, check: Check | None = None) -> bytes | None:
         return await self.pop_from(session_id, MAIN, check)
+
+
+def scoped_prefix(key_prefix: str | None, store: StoreConfig, separator: str, default: str) -> str:
+    """Where a key-value driver keeps a store's keys. An explicit `keyPrefix` gets the
+    store's scope (its namespace) appended after `separator`, a character no namespace
+    holds, so the last segment of any prefix names the namespace: whatever prefix a store
+    author picks, it cannot reach another namespace's keys. Without one,
+    `default` + the store's identity."""
+    if key_prefix:
+        return f"{key_prefix}{separator}{store.scope}" if store.scope else key_prefix
+    return default + store.identity
 
 
 def replay_of(idempotency: Idempotency, fingerprint: str, appended: int) -> AppendResult:

@@ -40,7 +40,15 @@ from dapr.clients.grpc._request import TransactionalStateOperation, TransactionO
 from dapr.clients.grpc._state import Concurrency, StateOptions
 from dapr.conf import settings as dapr_settings
 
-from .base import AppendResult, BackendUnavailable, Check, Idempotency, Transform, replay_of
+from .base import (
+    AppendResult,
+    BackendUnavailable,
+    Check,
+    Idempotency,
+    Transform,
+    replay_of,
+    scoped_prefix,
+)
 
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
@@ -102,7 +110,7 @@ class DaprDriver:
     def __init__(self, store: StoreConfig) -> None:
         self.settings: Settings = store.settings
         self.retention = store.retention
-        self.prefix = self.settings.key_prefix or f"convostore-{store.name}"
+        self.prefix = scoped_prefix(self.settings.key_prefix, store, "/", "convostore-")
         self._client: DaprClient | None = None
         self._client_lock = asyncio.Lock()
         self.grpc_endpoint = (

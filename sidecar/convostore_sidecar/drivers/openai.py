@@ -155,6 +155,7 @@ class OpenAIDriver:
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
         self.name = store.name
+        self.identity = store.identity
         self._key = _read_key(settings.api_key_file, store.name)
         self.api = AsyncOpenAI(
             api_key=self._key,
@@ -279,7 +280,7 @@ class OpenAIDriver:
             return await self._own_conversation(session_id)
         if not create:
             return None
-        metadata = {"convostore_store": self.name, "convostore_session": session_id[:512]}
+        metadata = {"convostore_store": self.identity, "convostore_session": session_id[:512]}
         with self._errors():
             created = (await self.api.conversations.create(metadata=metadata)).id
         await self.conversations.append(session_id, [created.encode()], None)
@@ -298,7 +299,7 @@ class OpenAIDriver:
                 except openai.NotFoundError:
                     found = None
             metadata = dict(getattr(found, "metadata", None) or {})
-            if metadata.get("convostore_store") != self.name:
+            if metadata.get("convostore_store") != self.identity:
                 raise ApiError(
                     404,
                     "conversation_not_found",

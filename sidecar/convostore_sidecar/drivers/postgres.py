@@ -293,7 +293,7 @@ def open_driver(store: StoreConfig) -> PostgresDriver:
 class PostgresDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         self.settings: Settings = store.settings
-        self.store = store.name
+        self.store = store.identity
         self.retention = store.retention
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()

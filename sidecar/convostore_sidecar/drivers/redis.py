@@ -56,6 +56,7 @@ from .base import (
     Usage,
     UserTurn,
     replay_of,
+    scoped_prefix,
 )
 
 if TYPE_CHECKING:
@@ -321,7 +322,7 @@ class RedisDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
         self.retention = store.retention
-        self.prefix = settings.key_prefix or f"convostore:{store.name}"
+        self.prefix = scoped_prefix(settings.key_prefix, store, ":", "convostore:")
         options: dict[str, Any] = {
             "username": settings.username,
             "socket_connect_timeout": settings.connect_timeout,

@@ -195,7 +195,7 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
 class SqliteDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
-        self.store = store.name
+        self.store = store.identity
         self.retention = store.retention
         Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = _Connection(settings.path, settings.busy_timeout, "sqlite-writer")
