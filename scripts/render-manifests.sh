@@ -7,8 +7,6 @@ cd "$(dirname "$0")/.."
 .venv/bin/convostore operator crd > manifests/crd.yaml
 .venv/bin/convostore operator crd > charts/convostore/crds/conversationstores.yaml
 .venv/bin/convostore operator rbac > charts/convostore/files/operator-rules.yaml
-.venv/bin/convostore operator rbac --own-namespace \
-  > charts/convostore/files/operator-own-namespace-rules.yaml
 helm=$(.venv/bin/python -c 'from tests.chart.tools import helm_binary; print(helm_binary())')
 home=$(mktemp -d)
 trap 'rm -rf "$home"' EXIT

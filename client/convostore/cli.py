@@ -133,11 +133,6 @@ def _parser() -> argparse.ArgumentParser:
     crd = operator_actions.add_parser("crd", help="print the ConversationStore CRD as YAML")
     crd.set_defaults(run=_print_crd)
     rules = operator_actions.add_parser("rbac", help="print the operator's RBAC rules as YAML")
-    rules.add_argument(
-        "--own-namespace",
-        action="store_true",
-        help="the rules it needs in its own namespace only (the leader Lease)",
-    )
     rules.set_defaults(run=_print_rbac)
 
     keys = commands.add_parser("keys", help="encryption keys of encrypted stores")
@@ -262,7 +257,7 @@ def _print_rbac(args: argparse.Namespace) -> int:
     _operator_main()
     from convostore_operator.manifests import rules_yaml
 
-    print(rules_yaml(args.own_namespace), end="")
+    print(rules_yaml(), end="")
     return 0
 
 

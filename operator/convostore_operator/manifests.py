@@ -6,7 +6,7 @@ from __future__ import annotations
 import yaml
 
 from .crd import crd
-from .rbac import OWN_NAMESPACE_RULES, RULES
+from .rbac import RULES
 
 
 def _header(command: str, source: str) -> str:
@@ -20,7 +20,5 @@ def crd_yaml() -> str:
     return _header("crd", "crd.py") + yaml.safe_dump(crd(), sort_keys=False, width=100)
 
 
-def rules_yaml(own_namespace: bool = False) -> str:
-    rules = OWN_NAMESPACE_RULES if own_namespace else RULES
-    command = "rbac --own-namespace" if own_namespace else "rbac"
-    return _header(command, "rbac.py") + yaml.safe_dump(rules, sort_keys=False, width=100)
+def rules_yaml() -> str:
+    return _header("rbac", "rbac.py") + yaml.safe_dump(RULES, sort_keys=False, width=100)

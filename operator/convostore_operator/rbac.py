@@ -1,6 +1,10 @@
-"""The operator's permissions, stated once; the chart's ClusterRole is rendered from
-`RULES` and its Role in the operator's own namespace from `OWN_NAMESPACE_RULES`, and a
-test records every call the operator makes to check they match."""
+"""The operator's rights where ConversationStores live, stated once: the chart renders
+them into a ClusterRole when the operator watches every namespace, or into a Role in
+each watched namespace. Its other rights are named objects of its own (the leader Lease
+and the webhook's TLS Secret in its namespace, its webhook configuration), which the
+chart grants by name. A test runs a full life cycle in both modes, records every call
+the operator makes, and checks each against the rendered chart, and each grant is used.
+"""
 
 from __future__ import annotations
 
@@ -19,29 +23,4 @@ RULES: list[dict[str, Any]] = [
         "verbs": ["list", "patch"],
     },
     {"apiGroups": ["dapr.io"], "resources": ["components"], "verbs": ["get", "create", "patch"]},
-    {
-        "apiGroups": ["admissionregistration.k8s.io"],
-        "resources": ["mutatingwebhookconfigurations"],
-        "verbs": ["get", "patch"],
-    },
 ]
-
-# the leader Lease (leader.py), in the operator's own namespace only
-OWN_NAMESPACE_RULES: list[dict[str, Any]] = [
-    {
-        "apiGroups": ["coordination.k8s.io"],
-        "resources": ["leases"],
-        "verbs": ["get", "create", "update"],
-    },
-]
-
-
-def allowed() -> set[tuple[str, str, str]]:
-    """Every (api group, resource, verb) the rules grant."""
-    return {
-        (group, resource, verb)
-        for rule in RULES + OWN_NAMESPACE_RULES
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from convostore_operator.manifests import crd_yaml, rules_yaml
-from convostore_operator.rbac import OWN_NAMESPACE_RULES, RULES
+from convostore_operator.rbac import RULES
 
 from tests.chart.tools import ROOT, checkov_binary, helm_binary
 
@@ -59,7 +59,7 @@ def test_lint_strict(helm: Any, values: Path | None) -> None:
 @pytest.mark.parametrize("values", VALUE_FILES, ids=lambda v: v.stem if v else "defaults")
 def test_every_rendered_object_is_valid_kubernetes(helm: Any, values: Path | None) -> None:
     objects = render(helm, values)
-    assert {"Deployment", "ClusterRole", "ServiceAccount"} <= {o["kind"] for o in objects}
+    assert {"Deployment", "ServiceAccount"} <= {o["kind"] for o in objects}
     for obj in objects:
         if obj["kind"] in CUSTOM_KINDS:
             continue
@@ -148,13 +148,37 @@ def test_a_network_policy_and_spread_replicas_by_default(helm: Any) -> None:
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
 
 
-def test_cluster_role_is_the_operators_rules(helm: Any) -> None:
-    objects = render(helm, None)
-    [cluster_role] = [o for o in objects if o["kind"] == "ClusterRole"]
+def test_store_rules_go_cluster_wide_or_into_each_watched_namespace(helm: Any) -> None:
+    cluster_wide = render(helm, None)
+    [cluster_role] = [
+        o
+        for o in cluster_wide
+        if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "convostore"
+    ]
     assert cluster_role["rules"] == RULES
-    [role] = [o for o in objects if o["kind"] == "Role"]
-    assert role["metadata"]["namespace"] == "convostore-system"
-    assert role["rules"] == OWN_NAMESPACE_RULES, "the Lease is granted in the release namespace"
+    namespaced = render(helm, None, "--set", "operator.watchNamespaces={agents,research}")
+    roles = {
+        o["metadata"]["namespace"]: o["rules"]
+        for o in namespaced
+        if o["kind"] == "Role" and o["metadata"]["name"] == "convostore"
+    }
+    assert roles == {"agents": RULES, "research": RULES}
+    [only_cluster_role] = [o for o in namespaced if o["kind"] == "ClusterRole"]
+    assert only_cluster_role["rules"] == [
+        {
+            "apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["mutatingwebhookconfigurations"],
+            "resourceNames": ["convostore"],
+            "verbs": ["get", "patch"],
+        }
+    ], "in namespaced mode the one cluster-wide grant is the webhook configuration, by name"
+    [hooks] = [o for o in namespaced if o["kind"] == "MutatingWebhookConfiguration"]
+    watched = {
+        "key": "kubernetes.io/metadata.name",
+        "operator": "In",
+        "values": ["agents", "research"],
+    }
+    assert watched in hooks["webhooks"][0]["namespaceSelector"]["matchExpressions"]
 
 
 @pytest.mark.parametrize(
@@ -176,8 +200,6 @@ def test_values_schema_refuses_bad_values(helm: Any, setting: str) -> None:
 def test_generated_files_are_current(helm: Any) -> None:
     assert (CHART / "crds" / "conversationstores.yaml").read_text() == crd_yaml()
     assert (CHART / "files" / "operator-rules.yaml").read_text() == rules_yaml()
-    own = (CHART / "files" / "operator-own-namespace-rules.yaml").read_text()
-    assert own == rules_yaml(own_namespace=True)
     rendered = helm(
         "template", "convostore", str(CHART), "-n", "convostore-system", "--include-crds"
     ).stdout

@@ -1,15 +1,19 @@
-"""The operator's RBAC rules grant exactly what it uses: every API call it makes in a
-full life cycle is recorded by the emulator and compared with `rbac.RULES`."""
+"""Least privilege, proven: a full life cycle of the operator (stores created, changed,
+rolled, deleted; the Lease taken, renewed and released; the webhook's certificate made
+and published; an admission) runs against the emulated API server, which records every
+call; each must be allowed by the RBAC objects the chart renders, and every grant they
+hold must be used, in cluster-wide mode and with `operator.watchNamespaces`."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
 import functools
-from pathlib import Path
 from typing import Any
 
 import pytest
-from convostore_operator import rbac
+from convostore_operator.certs import issue
 from convostore_operator.inject import INJECT, STORES
 from convostore_operator.kube import Kube, api_client
 from convostore_operator.leader import Election, LeaseSettings
@@ -26,16 +30,18 @@ from tests.operator.conftest import (
     phase_is,
     store_object,
 )
+from tests.operator.deployed import RELEASE_NAMESPACE, only, render_chart
 from tests.operator.emulator import RealisticEmulator
+from tests.operator.rbac_check import Call, grants
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 STORES_URL = f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores"
 VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "DELETE": "delete"}
 
 
-def used_permissions(cluster: Any) -> set[tuple[str, str, str]]:
-    """(api group, resource[/subresource], verb) of every call not made by the test."""
-    used = set()
+def calls_made(cluster: Any) -> set[Call]:
+    """Every call the operator made (not discovery, not the test's own)."""
+    made = set()
     for request in cluster:
         if request.resource is None or request.resource.plural is None:
             continue  # discovery, which every authenticated client may read
@@ -48,8 +54,10 @@ def used_permissions(cluster: Any) -> set[tuple[str, str, str]]:
         resource = request.resource.plural
         if request.subresource:
             resource += f"/{request.subresource}"
-        used.add((request.resource.group or "", resource, verb))
-    return used
+        made.add(
+            Call(request.resource.group or "", resource, verb, request.namespace, request.name)
+        )
+    return made
 
 
 def observed(cluster: Any, name: str, generation: int) -> bool:
@@ -61,35 +69,43 @@ def rolled(cluster: Any, kind: str, name: str) -> bool:
     return "convostore.dev/config-hash-vault" in template["metadata"]["annotations"]
 
 
-async def test_rules_grant_exactly_what_a_full_life_cycle_uses(
-    cluster: Any, kube: Kube, operator: Operator, redis_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    "values",
+    [(), (f"operator.watchNamespaces[0]={NAMESPACE}",)],
+    ids=["cluster-wide", "namespaced"],
+)
+async def test_the_charts_rbac_allows_every_call_and_nothing_unused(
+    cluster: Any, kube: Kube, operator: Operator, redis_url: str, values: tuple[str, ...]
 ) -> None:
+    docs = render_chart(*values)
+    deployment = only(docs, "Deployment")
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     await cluster.post(
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
-        json={
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "convostore"},
-            "webhooks": [
-                {
-                    "name": "inject.convostore.dev",
-                    "admissionReviewVersions": ["v1"],
-                    "sideEffects": "None",
-                    "clientConfig": {
-                        "service": {"name": "convostore-webhook", "namespace": "convostore-system"}
-                    },
-                }
-            ],
-        },
+        json=only(docs, "MutatingWebhookConfiguration"),
     )
     await create_workload(cluster, "Deployment", "agent", "vault")
     await create_workload(cluster, "StatefulSet", "memory", "vault")
-    election = Election(api_client(), LeaseSettings(namespace="convostore-system"))
+    lease = LeaseSettings(namespace=RELEASE_NAMESPACE, name=str(env["CONVOSTORE_LEASE"]))
+    election = Election(api_client(), lease)
     for _ in range(2):  # takes the Lease, then renews it
         assert await asyncio.to_thread(election.try_acquire_or_renew)
     await asyncio.to_thread(election.release)
-    await operator(clusterwide=True)  # its webhook issues the certificate
-    await asyncio.to_thread(AdmissionServer(kube, WEBHOOK, "convostore:test").sync)  # reuses it
+    assert WEBHOOK.configuration == env["CONVOSTORE_WEBHOOK_CONFIGURATION"]
+    assert WEBHOOK.tls_secret == env["CONVOSTORE_WEBHOOK_TLS_SECRET"]
+    await operator(clusterwide=not values)  # its webhook makes the certificate
+    aged = issue(
+        WEBHOOK.hostnames, datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=300)
+    )
+    await cluster.patch(
+        f"/api/v1/namespaces/{RELEASE_NAMESPACE}/secrets/{WEBHOOK.tls_secret}",
+        json={"data": {k: base64.b64encode(v).decode() for k, v in aged.secret_data().items()}},
+    )
+    await asyncio.to_thread(AdmissionServer(kube, WEBHOOK, "convostore:test").sync)  # renews it
     hooks = cluster.objects[
         "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations", None, "convostore"
     ]
@@ -132,6 +148,17 @@ async def test_rules_grant_exactly_what_a_full_life_cycle_uses(
     answer = await admit({"namespace": NAMESPACE, "object": pod}, kube, "convostore:test")
     assert answer["allowed"] is True
 
-    used = used_permissions(cluster)
-    assert used - rbac.allowed() == set(), "the operator needs permissions it is not granted"
-    assert rbac.allowed() - used == set(), "granted permissions the operator never uses"
+    granted = grants(docs, account, RELEASE_NAMESPACE)
+    made = calls_made(cluster)
+    refused = sorted(str(c) for c in made if not any(g.allows(c) for g in granted))
+    assert refused == [], "calls the chart's RBAC would refuse"
+    unused = sorted(str(g) for g in granted if not any(g.allows(c) for c in made))
+    assert unused == [], "granted but never used"
+    if values:
+        assert all(g.namespace is not None or g.names for g in granted), (
+            "namespaced mode grants nothing cluster-wide but named objects"
+        )
+        secrets = [g for g in granted if g.resource == "secrets"]
+        assert {g.namespace for g in secrets} == {NAMESPACE, RELEASE_NAMESPACE}
+    named = [g for g in granted if g.resource in ("mutatingwebhookconfigurations", "leases")]
+    assert all(g.names or g.verb == "create" for g in named), "own objects are granted by name"
