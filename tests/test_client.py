@@ -27,7 +27,7 @@ def test_sidecar_session_is_an_agents_sdk_session() -> None:
     session = SidecarSession("user_123", url="http://127.0.0.1:1")
     assert isinstance(session, Session)
     assert session.session_id == "user_123"
-    assert session.session_settings is None
+    assert session.session_settings == SessionSettings(), "as the SDK's sessions default it"
 
 
 async def test_session_settings_limit_applies_unless_a_limit_is_given(

@@ -6,6 +6,7 @@ from .errors import (
     ConvostoreError,
     NotFoundError,
     RequestRejectedError,
+    SessionClosedError,
     StoreUnavailableError,
     UnauthorizedError,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "EncryptedSession",
     "NotFoundError",
     "RequestRejectedError",
+    "SessionClosedError",
     "SidecarSession",
     "SidecarStore",
     "StoreUnavailableError",

@@ -106,6 +106,10 @@ class EncryptedSession:
     async def clear_session(self) -> None:
         await self.inner.clear_session()
 
+    def close(self) -> Any:
+        """Closes the wrapped session (awaitable, as its `close` is)."""
+        return self.inner.close()
+
 
 def _key_bytes(key: bytes | str) -> bytes:
     if isinstance(key, bytes) and len(key) == 32:

@@ -31,3 +31,7 @@ class NotFoundError(RequestRejectedError):
 
 class UnauthorizedError(RequestRejectedError):
     """The sidecar requires a bearer token and the one sent (if any) was wrong."""
+
+
+class SessionClosedError(ConvostoreError):
+    """The session object was closed with `close()`; make a new one to go on."""

@@ -13,13 +13,39 @@ appends once: the sidecar remembers the key with the batch, atomically.
 from __future__ import annotations
 
 import json
+import types
 import uuid
+from collections.abc import Generator
 from typing import Any
 from urllib.parse import quote
 
 from .transport import BearerToken, Endpoint, Transport
 
 Item = Any
+
+
+def coerce_settings(value: Any) -> Any:
+    """`session_settings` as the SDK's own sessions keep them: a `SessionSettings`
+    (empty by default), a dict turned into one, unknown keys refused with `TypeError`."""
+    try:
+        from agents.memory.session_settings import SessionSettings, coerce_session_settings
+    except ImportError:  # without the SDK, only this class reads them: `limit` is all
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"limit"})
+            if unknown:
+                raise TypeError(f"Unknown session settings: {', '.join(unknown)}") from None
+            return types.SimpleNamespace(limit=value.get("limit"))
+        return value if value is not None else types.SimpleNamespace(limit=None)
+    return SessionSettings() if value is None else coerce_session_settings(value)
+
+
+class Closed:
+    """What `close()` returns: nothing is left to wait for, yet it can be awaited, so both
+    `session.close()` (as with the SDK's SQLiteSession) and `await session.close()` (as
+    with its RedisSession) work."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        yield from ()
 
 
 def store_path(store: str) -> str:
@@ -53,7 +79,7 @@ class SidecarSession:
             raise ValueError(f"history_turns must be a positive integer, got {history_turns!r}")
         self.session_id = session_id
         self.store = store
-        self.session_settings = session_settings
+        self.session_settings = coerce_settings(session_settings)
         self.history_turns = history_turns
         self.whole_turns = whole_turns
         self._transport = Transport(
@@ -130,3 +156,14 @@ class SidecarSession:
     async def clear(self) -> None:
         """Alias of `clear_session`, as in the seed documents' examples."""
         await self.clear_session()
+
+    async def ping(self) -> bool:
+        """True when the sidecar answers (as the SDK's RedisSession.ping)."""
+        return await self._transport.ping()
+
+    def close(self) -> Closed:
+        """Done with this object: later calls on it raise `SessionClosedError`. The
+        connections it used belong to a pool shared by the event loop's sessions, which
+        closes with the loop (`convostore.close_pools()` closes it at once)."""
+        self._transport.closed = True
+        return Closed()

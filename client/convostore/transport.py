@@ -30,6 +30,7 @@ from .errors import (
     ConvostoreError,
     NotFoundError,
     RequestRejectedError,
+    SessionClosedError,
     StoreUnavailableError,
     UnauthorizedError,
 )
@@ -149,6 +150,7 @@ class Transport:
 
     def __post_init__(self) -> None:
         self._timeout = aiohttp.ClientTimeout(total=self.timeout)
+        self.closed = False
         parts = urlsplit(self.endpoint.base_url)
         exposed = self.endpoint.socket_path is None and parts.scheme == "http"
         if exposed and self.token.value() and not is_loopback_host(parts.hostname or ""):
@@ -156,6 +158,18 @@ class Transport:
                 f"refusing to send the bearer token over plain HTTP to {parts.hostname}: "
                 "use https:// or the sidecar's unix socket"
             )
+
+    async def ping(self) -> bool:
+        """Whether the sidecar answers its liveness probe."""
+        if self.closed:
+            raise SessionClosedError("session_closed", "this session was closed")
+        try:
+            http = await pool_for(self.endpoint)
+            url = self.endpoint.base_url + "/healthz"
+            async with http.get(url, timeout=self._timeout) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     def _base_headers(self) -> dict[str, str]:
         token = self.token.value()
@@ -173,6 +187,8 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         idempotent: bool,
     ) -> Any:
+        if self.closed:
+            raise SessionClosedError("session_closed", "this session was closed")
         url = URL(self.endpoint.base_url + path, encoded=True)
         if params:
             url = url.with_query(params)
