@@ -84,3 +84,28 @@ async def test_the_sdks_encrypted_session_keeps_its_keys_over_a_sidecar(url: str
     assert [item["content"] for item in read] == ["secret plan"]
     stored = await inner.get_items()
     assert "secret plan" not in repr(stored)
+
+
+async def test_a_branch_cleared_away_by_another_object_falls_back_to_main(url: str) -> None:
+    session_id = unique()
+    a = AdvancedSidecarSession(session_id, url=url)
+    await a.add_items([user("q1"), {"role": "assistant", "content": "a1"}, user("q2")])
+    await a.create_branch_from_turn(2, "stale")
+    assert ("stale", True) in [(x["branch_id"], x["is_current"]) for x in await a.list_branches()]
+    b = AdvancedSidecarSession(session_id, url=url)
+    await b.clear_session()
+    await b.add_items([user("fresh")])
+
+    assert [i["content"] for i in await a.get_items()] == ["fresh"]
+    assert [t["content"] for t in await a.get_conversation_turns()] == ["fresh"]
+    await a.add_items([{"role": "assistant", "content": "on main"}])
+    assert [i["content"] for i in await b.get_items()] == ["fresh", "on main"]
+    popped = await a.pop_item()
+    assert popped is not None
+    assert popped["content"] == "on main"
+    branches = await a.list_branches()
+    assert [(x["branch_id"], x["is_current"]) for x in branches] == [("main", True)]
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"role": "user", "content": text}

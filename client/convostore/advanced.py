@@ -88,12 +88,23 @@ class AdvancedSidecarSession(SidecarSession):
     def _branch_path(self, branch: str) -> str:
         return f"{self._path}/branches/{quote(branch, safe='')}"
 
+    def _lost(self, branch: str, exc: NotFoundError) -> bool:
+        """True when `branch`, the current one, is gone (another object cleared the
+        session or deleted the branch); `main` is current again, as in the SDK."""
+        if exc.code != "branch_not_found" or branch != self._current_branch_id or branch == MAIN:
+            return False
+        log.info("session %s: branch %r is gone; back on main", self.session_id, branch)
+        self._current_branch_id = MAIN
+        return True
+
     async def get_items(self, limit: int | None = None, branch_id: str | None = None) -> list[Item]:
         """The latest items of `branch_id` (the current branch when None)."""
         branch = branch_id or self._current_branch_id
         try:
             return await self._read(limit, {"branch": branch})
         except NotFoundError as exc:
+            if branch_id is None and self._lost(branch, exc):
+                return await self._read(limit, {"branch": MAIN})
             if exc.code == "branch_not_found":
                 return []
             raise
@@ -102,14 +113,26 @@ class AdvancedSidecarSession(SidecarSession):
         if not items:
             return
         branch = self._current_branch_id
-        answer = await self._append(items, idempotency_key, {"branch": branch})
+        try:
+            answer = await self._append(items, idempotency_key, {"branch": branch})
+        except NotFoundError as exc:
+            if not self._lost(branch, exc):
+                raise
+            branch = MAIN
+            answer = await self._append(items, idempotency_key, {"branch": branch})
         opens_turn = any(isinstance(item, dict) and item.get("role") == "user" for item in items)
         if opens_turn and answer.get("turn") is not None:
             self._last_turn[branch] = (answer["turn"], answer["anchor"])
 
     async def pop_item(self) -> Item | None:
         """Remove and return the newest item of the current branch."""
-        return await self._pop({"branch": self._current_branch_id})
+        branch = self._current_branch_id
+        try:
+            return await self._pop({"branch": branch})
+        except NotFoundError as exc:
+            if not self._lost(branch, exc):
+                raise
+            return await self._pop({"branch": MAIN})
 
     async def clear_session(self) -> None:
         """Forget every branch, turn and usage; the current branch is `main` again."""
@@ -155,8 +178,7 @@ class AdvancedSidecarSession(SidecarSession):
         self, user_turn_number: int | None = None, branch_id: str | None = None
     ) -> list[dict[str, Any]] | dict[str, Any]:
         """Usage of each turn of the branch, or of one turn ({} when it has none)."""
-        branch = branch_id or self._current_branch_id
-        turns = await self._branch_read(branch, "/usage", "turns")
+        turns = await self._branch_read(branch_id, "/usage", "turns")
         if user_turn_number is None:
             return turns
         for turn in turns:
@@ -166,15 +188,14 @@ class AdvancedSidecarSession(SidecarSession):
 
     async def get_conversation_turns(self, branch_id: str | None = None) -> list[dict[str, Any]]:
         """The branch's user turns: number, content (cut to 100), full content, time."""
-        turns = await self._branch_read(branch_id or self._current_branch_id, "/turns", "turns")
+        turns = await self._branch_read(branch_id, "/turns", "turns")
         return [self._turn(turn, 100) for turn in turns]
 
     async def find_turns_by_content(
         self, search_term: str, branch_id: str | None = None
     ) -> list[dict[str, Any]]:
         """The branch's user turns whose text contains `search_term` (ASCII case ignored)."""
-        branch = branch_id or self._current_branch_id
-        turns = await self._branch_read(branch, "/turns", "turns", {"containing": search_term})
+        turns = await self._branch_read(branch_id, "/turns", "turns", {"containing": search_term})
         return [self._turn(turn, None) for turn in turns]
 
     @staticmethod
@@ -192,7 +213,7 @@ class AdvancedSidecarSession(SidecarSession):
         self, branch_id: str | None = None
     ) -> dict[int, list[dict[str, str | None]]]:
         """Each turn's items as `{"type", "tool_name"}`, in order."""
-        shape = await self._branch_read(branch_id or self._current_branch_id, "/shape", "items")
+        shape = await self._branch_read(branch_id, "/shape", "items")
         turns: dict[int, list[dict[str, str | None]]] = {}
         for item in shape:
             turns.setdefault(item["turn"], []).append(
@@ -203,7 +224,7 @@ class AdvancedSidecarSession(SidecarSession):
     async def get_tool_usage(self, branch_id: str | None = None) -> list[tuple[str, int, int]]:
         """(tool name, calls, turn) per tool and turn, by turn; a tool-search output
         counts only when its turn has no tool-search call of that tool."""
-        shape = await self._branch_read(branch_id or self._current_branch_id, "/shape", "items")
+        shape = await self._branch_read(branch_id, "/shape", "items")
         searched = {
             (item["turn"], item["tool_name"])
             for item in shape
@@ -302,6 +323,9 @@ class AdvancedSidecarSession(SidecarSession):
     async def list_branches(self) -> list[dict[str, Any]]:
         """The branches holding items: id, item and user-turn counts, current or not."""
         answer = await self._call("GET", self._path + "/branches")
+        listed = {b["branch_id"] for b in answer["branches"]}
+        if self._current_branch_id not in listed | {MAIN}:
+            self._current_branch_id = MAIN  # cleared or deleted by another object
         return [
             {
                 "branch_id": b["branch_id"],
@@ -314,12 +338,16 @@ class AdvancedSidecarSession(SidecarSession):
         ]
 
     async def _branch_read(
-        self, branch: str, tail: str, key: str, params: dict[str, str] | None = None
+        self, branch_id: str | None, tail: str, key: str, params: dict[str, str] | None = None
     ) -> list[Any]:
-        """A list read about one branch; an unknown branch reads as empty, as in the SDK."""
+        """A list read about one branch (the current one when None); an unknown branch
+        reads as empty, and a current branch that is gone reads as `main`, as in the SDK."""
+        branch = branch_id or self._current_branch_id
         try:
             answer = await self._call("GET", self._branch_path(branch) + tail, params=params)
         except NotFoundError as exc:
+            if branch_id is None and self._lost(branch, exc):
+                return await self._branch_read(MAIN, tail, key, params)
             if exc.code == "branch_not_found":
                 return []
             raise
