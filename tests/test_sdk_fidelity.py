@@ -109,3 +109,15 @@ async def test_a_branch_cleared_away_by_another_object_falls_back_to_main(url: s
 
 def user(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
+
+
+async def test_branches_list_in_the_order_they_were_made(url: str) -> None:
+    """The README's stated difference: made within one second, `zeta` then `alpha` list
+    in that order (the SDK would put `alpha` first)."""
+    session = AdvancedSidecarSession(unique(), url=url)
+    await session.add_items([user("q1"), {"role": "assistant", "content": "a1"}, user("q2")])
+    for name in ("zeta", "alpha"):
+        await session.switch_to_branch("main")
+        await session.create_branch_from_turn(2, name)
+    listed = [b["branch_id"] for b in await session.list_branches()]
+    assert listed == ["main", "zeta", "alpha"]
