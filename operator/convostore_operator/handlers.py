@@ -176,6 +176,19 @@ def report(
         patch.status[key] = value
 
 
+def report_failure(
+    body: kopf.Body, patch: kopf.Patch, status: Any, reason: str, message: str
+) -> None:
+    """Phase Failed, with the reason on ConfigRendered and Ready: nothing was written."""
+    generation = body.metadata.get("generation")
+    previous = (status or {}).get("conditions")
+    failed = [
+        condition("ConfigRendered", "False", reason, message, generation, previous),
+        condition("Ready", "False", reason, message, generation, previous),
+    ]
+    report(body, patch, status, "Failed", failed)
+
+
 def keyed_by_name_alone(status: Any) -> bool:
     """Whether the store keeps the identity of an operator older than namespaced
     identities: its sessions are keyed by its name alone. A store first rendered by
@@ -229,11 +242,7 @@ async def converge(
         prepared = await asyncio.to_thread(prepare, kube, name, namespace, spec)
     except (InvalidSpec, MissingSecret, NotOurs, NotAllowed) as exc:
         reason = REASONS[type(exc)]
-        failed = [
-            condition("ConfigRendered", "False", reason, str(exc), generation, previous),
-            condition("Ready", "False", reason, str(exc), generation, previous),
-        ]
-        report(body, patch, status, "Failed", failed)
+        report_failure(body, patch, status, reason, str(exc))
         if isinstance(exc, InvalidSpec):
             raise kopf.PermanentError(str(exc)) from exc
         raise kopf.TemporaryError(str(exc), delay=retry_delay) from exc
@@ -252,11 +261,7 @@ async def converge(
         )
     except ConfigError as exc:
         message = redact(f"the sidecar would refuse this store: {exc}")
-        failed = [
-            condition("ConfigRendered", "False", "InvalidConfig", message, generation, previous),
-            condition("Ready", "False", "InvalidConfig", message, generation, previous),
-        ]
-        report(body, patch, status, "Failed", failed)
+        report_failure(body, patch, status, "InvalidConfig", message)
         raise kopf.PermanentError(message) from None
 
     if prepared.keys_secret and generated is not None:
@@ -340,13 +345,7 @@ async def _conflict(
     body: kopf.Body, patch: kopf.Patch, status: Any, exc: NotOurs, retry_delay: float
 ) -> NoReturn:
     """Report an object in the way and try again later: its owner may remove it."""
-    generation = body.metadata.get("generation")
-    previous = (status or {}).get("conditions")
-    failed = [
-        condition("ConfigRendered", "False", "ObjectConflict", str(exc), generation, previous),
-        condition("Ready", "False", "ObjectConflict", str(exc), generation, previous),
-    ]
-    report(body, patch, status, "Failed", failed)
+    report_failure(body, patch, status, "ObjectConflict", str(exc))
     raise kopf.TemporaryError(str(exc), delay=retry_delay)
 
 

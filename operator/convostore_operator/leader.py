@@ -146,6 +146,13 @@ class Election:
         body = self._body(self.identity, transitions, seen.resource_version)
         if mine:
             body["spec"].pop("acquireTime")
+        if not self._replace(body):
+            return False
+        self.last_renewed = time.monotonic()
+        return True
+
+    def _replace(self, body: dict[str, Any]) -> bool:
+        """False when the Lease changed since it was read (another replica wrote it)."""
         try:
             self.api.replace_namespaced_lease(
                 self.settings.name,
@@ -156,24 +163,13 @@ class Election:
             if exc.status in (409, 422):
                 return False
             raise
-        self.last_renewed = time.monotonic()
         return True
 
     def release(self) -> None:
         """Give the Lease up at once (blocking), if this replica still holds it."""
         seen = self._read()
-        if seen is None or seen.holder != self.identity:
-            return
-        body = self._body(None, seen.transitions, seen.resource_version)
-        try:
-            self.api.replace_namespaced_lease(
-                self.settings.name,
-                self.settings.namespace,
-                body,  # type: ignore[arg-type]
-            )
-        except ApiException as exc:
-            if exc.status not in (409, 422):
-                raise
+        if seen is not None and seen.holder == self.identity:
+            self._replace(self._body(None, seen.transitions, seen.resource_version))
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this replica holds the Lease (True) or `stop` is set (False)."""

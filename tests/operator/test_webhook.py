@@ -7,13 +7,10 @@ import base64
 import copy
 import functools
 import json
-import ssl
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jsonpatch
 import pytest
 from convostore import SidecarSession
@@ -30,6 +27,7 @@ from tests.operator.conftest import (
     phase_is,
     secret_data,
 )
+from tests.operator.deployed import WebhookTarget, admission
 from tests.operator.emulator import RealisticEmulator
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
@@ -52,38 +50,8 @@ def agent_pod(annotations: dict[str, str] | None = None) -> dict[str, Any]:
 async def review(operator: Operator, pod: dict[str, Any]) -> dict[str, Any]:
     """Send one AdmissionReview as the API server would; return its `response`."""
     endpoint = operator.webhook  # type: ignore[attr-defined]
-    tls = ssl.create_default_context(cadata=endpoint.ca.decode())
-    uid = str(uuid.uuid4())
-    body = {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "operation": "CREATE",
-            "namespace": NAMESPACE,
-            "userInfo": {"username": "system:serviceaccount:agents:deployer"},
-            "object": pod,
-            "dryRun": False,
-        },
-    }
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{endpoint.url}/inject-sidecar",
-            json=body,
-            ssl=tls,
-            server_hostname=endpoint.hostname,
-        ) as answer,
-    ):
-        assert answer.status == 200
-        payload = await answer.json()
-    response: dict[str, Any] = payload["response"]
-    assert response["uid"] == uid
-    return response
+    target = WebhookTarget("/inject-sidecar", endpoint.hostname, endpoint.ca)
+    return await admission(endpoint.url.removeprefix("https://"), target, pod, NAMESPACE)
 
 
 def patched(pod: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
