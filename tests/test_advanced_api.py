@@ -4,11 +4,13 @@ backend that keeps structure, and 501 on those that do not."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 
 from tests.support import RunningSidecar, StartSidecar, unique
 
@@ -293,3 +295,26 @@ async def test_an_expired_session_takes_its_branches_usage_and_reserved_ids_alon
     assert (status, answer["error"]["code"]) == (404, "branch_not_found")
     body = {"turn": 1, "branch_id": "alt"}
     assert (await session.call("POST", "/branches", json=body))[0] == 201
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(
+    sidecar_on: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    """A structure call whose body comes in two TCP segments, as any client may send it."""
+    session = Session(http, sidecar_on)
+    await session.fill()
+    body = json.dumps({"from_branch": "main", "turn": 2, "branch_id": "pieces"}).encode()
+    url = yarl.URL(session.url + "/branches")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    head = (
+        f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {url.host}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writer.write(head + body[:10])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the second segment comes later
+    writer.write(body[10:])
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:200]

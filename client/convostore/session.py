@@ -39,6 +39,16 @@ def coerce_settings(value: Any) -> Any:
     return SessionSettings() if value is None else coerce_session_settings(value)
 
 
+def encode_items(items: list[Item]) -> bytes:
+    """The append body. A string with a lone surrogate (which the SDK's sessions store)
+    cannot be UTF-8: it goes as its JSON escape, as `json.dumps` writes it by default."""
+    document = {"items": items}
+    try:
+        return json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(document, allow_nan=False).encode("ascii")
+
+
 class Closed:
     """What `close()` returns: nothing is left to wait for, yet it can be awaited, so both
     `session.close()` (as with the SDK's SQLiteSession) and `await session.close()` (as
@@ -122,12 +132,11 @@ class SidecarSession:
     async def _append(
         self, items: list[Item], idempotency_key: str | None, where: dict[str, str]
     ) -> dict[str, Any]:
-        payload = json.dumps({"items": items}, ensure_ascii=False, allow_nan=False)
         answer: dict[str, Any] = await self._transport.call(
             "POST",
             self._path + "/items",
             params=where,
-            body=payload.encode("utf-8"),
+            body=encode_items(items),
             headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},
             idempotent=True,
         )

@@ -45,11 +45,15 @@ def _json(value: Any, status: int = 200) -> web.Response:
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
+    if (request.content_length or 0) > MAX_BODY:
         raise ApiError(413, "request_too_large", f"the limit is {MAX_BODY} bytes")
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(16384):  # every segment, to the end
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, "request_too_large", f"the limit is {MAX_BODY} bytes")
     try:
-        body = loads(raw)
+        body = loads(bytes(raw))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):

@@ -316,3 +316,25 @@ async def test_one_store_name_in_two_namespaces_shares_nothing(
     assert a.values(await a.session(session_id).get_items()) == [{"who": "a"}]
     listed = [sid async for sid in SidecarStore("conf", team_a.url).session_ids()]
     assert listed == [session_id]
+
+
+@pytest.mark.any_json
+async def test_a_lone_surrogate_is_stored_as_the_sdks_sessions_store_it(subject: Subject) -> None:
+    """`"\\ud800"` is valid JSON and the SDK's own sessions keep it; so does the store."""
+    session = subject.session()
+    await session.add_items([{"text": "broken \ud800 pair", "ok": "fine"}])
+    assert await session.get_items() == [{"text": "broken \ud800 pair", "ok": "fine"}]
+
+
+async def test_a_number_beyond_a_double_is_refused_not_changed(subject: Subject) -> None:
+    url = f"{subject.sidecar.url}/v1/stores/conf/sessions/{unique()}/items"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            url, data=b'{"items":[{"f":1e400}]}', headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+        async with http.get(url) as resp:
+            assert (await resp.json())["items"] == []
+    assert error["code"] == "invalid_body"
+    assert "1e400" in error["message"]
