@@ -1,6 +1,6 @@
-"""Who can reach a sidecar: the `convostore sidecar` command, run as a process, refuses
-to serve beyond loopback without a token, and can serve a socket alone with a token it
-makes itself."""
+"""Starting `convostore sidecar` as a process: it refuses to serve beyond loopback
+without a token, can serve a socket alone with a token it makes itself, and stops at
+start-up with exit code 2 naming the store and field of anything it cannot use."""
 
 from __future__ import annotations
 
@@ -100,3 +100,38 @@ async def test_a_socket_only_sidecar_issues_its_own_token(tmp_path: Path) -> Non
     finally:
         process.terminate()
         assert await process.wait() == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "field"),
+    [
+        ({"path": "afile/x.db"}, [], "sqlite.path"),
+        ({"path": "adir"}, [], "sqlite.path"),
+        ({"path": "notdb.db"}, [], "sqlite.path"),
+        ({"path": "x.db"}, ["--token-file", "/nonexistent/token"], "auth.tokenFile"),
+        ({"path": "x.db"}, ["--port", "99999"], "listen.port"),
+    ],
+    ids=["under-a-file", "a-directory", "not-a-database", "token-file-missing", "port"],
+)
+def test_start_up_problems_exit_2_naming_the_store_and_field(
+    tmp_path: Path, config: dict[str, str], args: list[str], field: str
+) -> None:
+    (tmp_path / "afile").touch()
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "notdb.db").write_text("not a database")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({"stores": {"default": {"backend": "sqlite", "sqlite": config}}})
+    )
+    result = subprocess.run(
+        sidecar_command("--config", str(path), *args),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"field '{field}'" in result.stderr
+    assert "Traceback" not in result.stderr
+    if field == "sqlite.path":
+        assert "store 'default'" in result.stderr

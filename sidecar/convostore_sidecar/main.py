@@ -43,11 +43,11 @@ def run_sidecar(
         if issue_token:
             config = dataclasses.replace(config, token_file=write_new_token(Path(issue_token)))
         check_exposure(config)
+        check_token_file(config)
+        _event_loop_runner()(serve(config))
     except ConfigError as exc:
         print(f"convostore sidecar: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    try:
-        _event_loop_runner()(serve(config))
     except OSError as exc:
         print(f"convostore sidecar: cannot listen: {exc}", file=sys.stderr)
         return 1
@@ -75,9 +75,24 @@ def _with_overrides(
     return dataclasses.replace(config, listen=listen, token_file=token_file or config.token_file)
 
 
+def check_token_file(config: SidecarConfig) -> None:
+    if config.token_file is None:
+        return
+    try:
+        token = Path(config.token_file).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"field 'auth.tokenFile': cannot read {config.token_file!r}: {exc.strerror}"
+        ) from None
+    if not token:
+        raise ConfigError(f"field 'auth.tokenFile': {config.token_file!r} is empty")
+
+
 def check_exposure(config: SidecarConfig) -> None:
     """Raise ConfigError for a sidecar that would serve conversations to strangers."""
     listen = config.listen
+    if not 0 <= listen.port <= 65535:
+        raise ConfigError(f"field 'listen.port': must be from 0 to 65535, got {listen.port}")
     if not listen.tcp and not listen.socket:
         raise ConfigError("listen: with tcp off, a socket is needed (--socket)")
     if listen.tcp and not is_loopback_host(listen.host) and not config.token_file:

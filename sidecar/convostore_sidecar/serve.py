@@ -38,8 +38,9 @@ async def serve(config: SidecarConfig) -> None:
         listen = config.listen
         where = []
         if listen.tcp:
-            await web.TCPSite(runner, listen.host, listen.port).start()
-            where.append(f"http://{listen.host}:{listen.port}")
+            tcp = web.TCPSite(runner, listen.host, listen.port)
+            await tcp.start()
+            where.append(tcp.name if listen.port else f"http://{_bound(runner)}")
         if listen.socket:
             _replace_stale_socket(Path(listen.socket))
             await web.UnixSite(runner, listen.socket).start()
@@ -59,6 +60,12 @@ async def serve(config: SidecarConfig) -> None:
             log.warning("stopping with %d request(s) unfinished", in_flight.count)
     finally:
         await runner.cleanup()
+
+
+def _bound(runner: web.AppRunner) -> str:
+    """The address a port-0 listener got from the kernel."""
+    host, port = runner.addresses[0][:2]
+    return f"{host}:{port}"
 
 
 def _replace_stale_socket(path: Path) -> None:

@@ -18,6 +18,7 @@ gains the structure columns on first open; its items count as turn 0 of `main`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from ..config import ConfigError
 from .base import (
     MAIN,
     AppendResult,
@@ -192,12 +194,23 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
     return result
 
 
+def unusable_path(store: str, path: str, why: str) -> ConfigError:
+    """A path the sidecar cannot keep a database at: a start-up error naming the field."""
+    return ConfigError(
+        f"store {store!r}: field 'sqlite.path': cannot keep a database at {path!r}: {why}"
+    )
+
+
 class SqliteDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
         self.store = store.identity
         self.retention = store.retention
-        Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
+        self._unusable = functools.partial(unusable_path, store.name, settings.path)
+        try:
+            Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unusable(exc.strerror or str(exc)) from None
         self._writer = _Connection(settings.path, settings.busy_timeout, "sqlite-writer")
         self._reader = _Connection(settings.path, settings.busy_timeout, "sqlite-reader")
 
@@ -225,7 +238,10 @@ class SqliteDriver(KeepsStructure):
                     conn.execute(f"ALTER TABLE convostore_items ADD COLUMN {column}")
                 conn.execute("UPDATE convostore_schema SET version = ?", (SCHEMA_VERSION,))
 
-        await self._writer.run(create)
+        try:
+            await self._writer.run(create)
+        except (BackendUnavailable, sqlite3.DatabaseError) as exc:
+            raise self._unusable(str(exc.__cause__ or exc)) from None
 
     async def close(self) -> None:
         await self._writer.close()
