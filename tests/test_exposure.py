@@ -135,3 +135,77 @@ def test_start_up_problems_exit_2_naming_the_store_and_field(
     assert "Traceback" not in result.stderr
     if field == "sqlite.path":
         assert "store 'default'" in result.stderr
+
+
+def raw_exchange(port: int, request: bytes, then_close: bool = False) -> bytes:
+    """Send bytes as a client would, and read the answer (or leave mid-request)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        if then_close:
+            return b""
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer:
+                head, _, rest = answer.partition(b"\r\n\r\n")
+                length = [
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ]
+                if length and len(rest) >= length[0]:
+                    return answer
+        return answer
+
+
+def test_oversized_ids_and_clients_that_leave_get_answers_not_tracebacks(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump({"stores": {"default": {"backend": "sqlite", "sqlite": {"path": "x.db"}}}})
+    )
+    port = free_port()
+    log = tmp_path / "log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            sidecar_command("--config", str(config), "--port", str(port)),
+            cwd=tmp_path,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "serving" not in log.read_text():
+            assert time.monotonic() < deadline, "the sidecar did not start"
+            time.sleep(0.05)
+        items = b"/v1/stores/default/sessions/"
+        host = b"\r\nHost: sidecar"
+        long_id = raw_exchange(
+            port, b"GET " + items + b"x" * 10000 + b"/items HTTP/1.1" + host + b"\r\n\r\n"
+        )
+        assert long_id.startswith(b"HTTP/1.1 400")
+        assert b'"code":"invalid_session_id"' in long_id
+        body = b'{"items":[{}]}'
+        long_key = raw_exchange(
+            port,
+            b"POST " + items + b"s/items HTTP/1.1" + host + b"\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\nIdempotency-Key: %s\r\n\r\n%s"
+            % (len(body), b"k" * 10000, body),
+        )
+        assert b'"code":"invalid_idempotency_key"' in long_key
+        huge = raw_exchange(port, b"GET /" + b"x" * 100000 + b" HTTP/1.1" + host + b"\r\n\r\n")
+        assert huge.startswith(b"HTTP/1.1 400") or huge.startswith(b"HTTP/1.0 400")
+        raw_exchange(
+            port,
+            b"POST " + items + b"s/items HTTP/1.1" + host + b"\r\nContent-Type: application/json"
+            b'\r\nContent-Length: 1000\r\n\r\n{"items": [',
+            then_close=True,
+        )
+        deadline = time.monotonic() + 10
+        while "client left" not in log.read_text():
+            assert time.monotonic() < deadline, "the departure was not noticed"
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    said = log.read_text()
+    assert "Traceback" not in said
+    assert " ERROR " not in said

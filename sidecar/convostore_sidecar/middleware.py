@@ -129,6 +129,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             exc.reason,
             headers={"Allow": exc.headers.get("Allow", "")} if exc.status == 405 else None,
         )
+    except ConnectionResetError:
+        # the client left before its request was read whole: nothing was done, the
+        # answer goes nowhere, and the fault is not the sidecar's
+        log.info("client left during %s %s", request.method, request.path)
+        return error_response(400, "incomplete_body", "the client left before its body ended")
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "internal", "unexpected error in the sidecar; see its log")

@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from .app import build_app
 from .config import SidecarConfig
@@ -24,10 +25,33 @@ from .state import IN_FLIGHT
 log = logging.getLogger("convostore.sidecar")
 
 
+# a request line or header up to this long gets the API's own JSON error (a session id
+# or Idempotency-Key over its limit); aiohttp's default, 8190, answers in plain text
+LONGEST_LINE = 64 << 10
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line over LONGEST_LINE, bad HTTP) as an
+    ERROR with a traceback; it answered 400 and the fault is the client's: one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BadHttpMessage):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"refused a malformed request: {str(record.exc_info[1])[:200]}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 async def serve(config: SidecarConfig) -> None:
     app = build_app(config)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequests())
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=config.shutdown_timeout,
+        max_line_size=LONGEST_LINE,
+        max_field_size=LONGEST_LINE,
     )
     await runner.setup()
     stopping = asyncio.Event()
