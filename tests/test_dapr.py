@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from convostore import SidecarSession, StoreUnavailableError
+from convostore import SidecarSession, SidecarStore, StoreUnavailableError
 from dapr.proto.runtime.v1 import dapr_pb2_grpc, state_pb2
 
 from tests.dapr_standin import DaprStandIn
@@ -79,7 +79,7 @@ async def test_session_index_update_retries(
 ) -> None:
     sid = unique()
     await session(dapr_sidecar, unique()).add_items([{"n": 0}])
-    dapr_runtime.interfere("||sessions", times=1)
+    dapr_runtime.interfere("|sessions", times=1)
     await session(dapr_sidecar, sid).add_items([{"n": 1}])
     async with (
         aiohttp.ClientSession() as http,
@@ -167,3 +167,20 @@ async def test_dapr_outage_gives_503_and_recovers(
         assert await SidecarSession(sid, "conf", url=sidecar.url).get_items() == [{"n": 1}]
     finally:
         runtime.stop()
+
+
+async def test_a_session_named_like_the_index_is_just_a_session(
+    dapr_sidecar: RunningSidecar,
+) -> None:
+    session = SidecarSession("sessions", "conf", url=dapr_sidecar.url)
+    other = SidecarSession(unique(), "conf", url=dapr_sidecar.url)
+    await session.add_items([{"n": 1}])
+    await other.add_items([{"n": 2}])
+    await session.add_items([{"n": 3}])
+    assert await session.get_items() == [{"n": 1}, {"n": 3}]
+    listed = [sid async for sid in SidecarStore("conf", dapr_sidecar.url).session_ids()]
+    assert sorted(listed) == sorted(["sessions", other.session_id])
+    await session.clear_session()
+    assert [sid async for sid in SidecarStore("conf", dapr_sidecar.url).session_ids()] == [
+        other.session_id
+    ]

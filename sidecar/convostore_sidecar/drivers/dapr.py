@@ -141,7 +141,25 @@ class DaprDriver:
 
     @property
     def index_key(self) -> str:
-        return f"{self.prefix}||sessions"
+        """One bar, where every session key has two: no session id can name it."""
+        return f"{self.prefix}|sessions"
+
+    async def _index(self) -> tuple[list[str], str | None]:
+        """The session ids and the index's ETag; a store indexed before the index moved
+        (to `index_key`) is read from where it was, `<prefix>||sessions`, until the first
+        change writes it anew."""
+        resp = await self._call(lambda c: c.get_state(self.settings.state_store, self.index_key))
+        if resp.data:
+            return list(json.loads(resp.data)), resp.etag or None
+        legacy = f"{self.prefix}||sessions"
+        old = await self._call(lambda c: c.get_state(self.settings.state_store, legacy))
+        try:
+            ids = json.loads(old.data) if old.data else []
+        except ValueError:
+            ids = []
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            ids = []  # a session of that name, not an index
+        return ids, None
 
     # plumbing
 
@@ -364,10 +382,8 @@ class DaprDriver:
 
     async def _update_index(self, change: Callable[[set[str]], set[str]]) -> None:
         async def attempt() -> None:
-            resp = await self._call(
-                lambda c: c.get_state(self.settings.state_store, self.index_key)
-            )
-            ids = set(json.loads(resp.data)) if resp.data else set()
+            listed, etag = await self._index()
+            ids = set(listed)
             new = change(ids)
             if new == ids:
                 return
@@ -377,7 +393,7 @@ class DaprDriver:
                     self.settings.state_store,
                     self.index_key,
                     value,
-                    etag=resp.etag or None,
+                    etag=etag,
                     options=StateOptions(concurrency=Concurrency.first_write),
                 )
             )
@@ -385,12 +401,8 @@ class DaprDriver:
         await self._retry(attempt, "an update of the session index")
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
-        resp = await self._call(lambda c: c.get_state(self.settings.state_store, self.index_key))
-        ids = [
-            sid
-            for sid in (json.loads(resp.data) if resp.data else [])
-            if sid.startswith(prefix) and (after is None or sid > after)
-        ]
+        listed, _ = await self._index()
+        ids = [sid for sid in listed if sid.startswith(prefix) and (after is None or sid > after)]
         found: list[str] = []
         gone: set[str] = set()
         for start in range(0, len(ids), 100):
