@@ -439,3 +439,43 @@ async def test_readyz_tells_strangers_only_ready_or_not_and_checks_the_backend_s
     driver.ping = counted_ping  # type: ignore[method-assign]
     assert set(await asyncio.gather(*(probe() for _ in range(20)))) == {503}
     assert pings <= 1, f"{pings} backend checks for 20 probes"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "body", "code", "says"),
+    [
+        ("GET", "/items", {"limit": "99999999999999999999"}, None, "invalid_limit", "from 0 to"),
+        ("GET", "/items", {"limit": "-1"}, None, "invalid_limit", "non-negative integer"),
+        (
+            "POST",
+            "/items",
+            {},
+            {"items": [{"a": 1}], "extra": 1},
+            "invalid_body",
+            "unknown field(s) 'extra'",
+        ),
+        ("POST", "/items", {}, {"itemz": []}, "invalid_body", "unknown field(s) 'itemz'"),
+        ("LIST", "", {"limit": "0"}, None, "invalid_limit", "from 1 to 1000"),
+        ("GET", "/items", [("limit", "1"), ("limit", "5")], None, "invalid_query", "'limit'"),
+    ],
+    ids=["huge-limit", "negative-limit", "extra-field", "misspelt", "list-limit-0", "repeated"],
+)
+async def test_messages_name_the_real_problem(
+    sidecar: RunningSidecar,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    params: Any,
+    body: Any,
+    code: str,
+    says: str,
+) -> None:
+    url = sidecar.url + ITEMS.format("msgs").removesuffix("/items") + path
+    if method == "LIST":
+        method, url = "GET", sidecar.url + "/v1/stores/default/sessions"
+    async with http.request(method, url, params=params, json=body) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["code"] == code
+    assert says in error["message"]
+    assert await stored_items(sidecar, "msgs") == []

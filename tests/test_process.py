@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from convostore import SidecarSession
 
 from tests.support import SidecarProcess
@@ -121,8 +122,13 @@ def test_sessions_commands_list_show_export_import_and_clear(
     assert run_cli("sessions", "--url", source.url, "export", "-o", str(export)).returncode == 0
     lines = [json.loads(line) for line in export.read_text().splitlines()]
     assert lines[-1] == {"session_id": "bob", "item": {"text": "héllo 🚀"}}
-    for _ in range(2):  # a repeated import does not duplicate anything
-        assert run_cli("sessions", "--url", target.url, "import", str(export)).returncode == 0
+    first = run_cli("sessions", "--url", target.url, "import", str(export))
+    assert first.stderr.strip() == "imported 4 items"
+    repeated = run_cli("sessions", "--url", target.url, "import", str(export))
+    assert repeated.returncode == 0
+    assert repeated.stderr.strip() == (
+        "imported 0 items; 4 were imported before and left as they were"
+    ), "a repeated import duplicates nothing and says so"
     again = tmp_path / "again.jsonl"
     run_cli("sessions", "--url", target.url, "export", "-o", str(again))
     assert again.read_text() == export.read_text()
@@ -157,3 +163,39 @@ def test_sigint_also_stops_cleanly(sidecar_process: Make, tmp_path: Path) -> Non
     proc = sidecar_process(sqlite_config(tmp_path / "int.db"))
     proc.start()
     assert proc.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["probe", "--url", "http://127.0.0.1:9"], {}, "cannot reach the sidecar at"),
+        (["keys", "generate", "--id", "k2"], {}, "--id names the key's file, with --dir"),
+        (["keys", "generate", "--dir", ".", "--id", "../evil"], {}, "--id must be 1 to 64"),
+        (["operator", "run"], {"KUBECONFIG": "/nonexistent"}, "no Kubernetes cluster"),
+    ],
+    ids=["probe-dead-port", "id-without-dir", "id-escaping", "operator-without-cluster"],
+)
+def test_command_errors_say_what_is_wrong_in_one_line(
+    args: list[str], env: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "convostore", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "KUBERNETES_SERVICE_HOST": "", **env},
+    )
+    assert result.returncode == 1
+    assert says in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path.parent / "evil").exists()
+
+
+def test_a_yaml_error_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("stores:\n  chat: {backend: sqlite\n")
+    result = run_cli("sidecar", "--config", str(config))
+    assert result.returncode == 2
+    assert "<unicode string>" not in result.stderr
+    assert str(config) in result.stderr

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from .transport import Endpoint, pool_for
 
 IMPORT_BATCH = 500
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what the sidecar reads from a keys directory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,7 +214,11 @@ async def _probe(args: argparse.Namespace) -> int:
         async with http.get(endpoint.base_url + path, timeout=PROBE_TIMEOUT) as resp:
             return 0 if resp.status == 200 else 1
     except (aiohttp.ClientError, TimeoutError) as exc:
-        print(f"convostore: probe failed: {exc!r}", file=sys.stderr)
+        reason = getattr(exc, "strerror", None) or str(exc) or "no answer in time"
+        print(
+            f"convostore: cannot reach the sidecar at {args.url or endpoint.base_url}: {reason}",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -263,11 +269,15 @@ def _print_rbac(args: argparse.Namespace) -> int:
 
 def _generate_key(args: argparse.Namespace) -> int:
     key = base64.b64encode(os.urandom(32)).decode()
+    if args.id and not args.dir:
+        raise ValueError("--id names the key's file, with --dir; without --dir the key is printed")
     if not args.dir:
         print(key)
         return 0
     if not args.id:
         raise ValueError("--dir needs --id (the key's file name)")
+    if not KEY_ID.fullmatch(args.id):
+        raise ValueError(f"--id must be 1 to 64 of A-Z a-z 0-9 . _ -, got {args.id[:80]!r}")
     path = Path(args.dir) / args.id
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         f.write(key + "\n")
@@ -321,12 +331,16 @@ def _run_import(args: argparse.Namespace) -> int:
 async def _import(args: argparse.Namespace, text: str) -> int:
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
     store = _store(args)
-    total = 0
+    added = replayed = 0
     for first_line, session_id, items in _batches(text):
         key = f"import-{digest}-{first_line}"
-        await store.session(session_id).add_items(items, idempotency_key=key)
-        total += len(items)
-    print(f"imported {total} items", file=sys.stderr)
+        answer = await store.session(session_id)._append(items, key, {})
+        if answer.get("replayed"):
+            replayed += len(items)
+        else:
+            added += len(items)
+    again = f"; {replayed} were imported before and left as they were" if replayed else ""
+    print(f"imported {added} items{again}", file=sys.stderr)
     return 0
 
 

@@ -23,11 +23,12 @@ import threading
 from dataclasses import dataclass
 
 import kopf
+import kubernetes
 from aiohttp import web
 
 from .crd import GROUP
 from .handlers import OperatorConfig, register
-from .kube import Kube, api_client
+from .kube import Kube, api_client, configuration
 from .leader import Election, LeaseSettings
 from .webhook import AdmissionServer, WebhookSettings
 
@@ -197,6 +198,12 @@ async def _first(*aws: object) -> None:
 
 
 def run_operator(settings: ReplicaSettings) -> int:
+    try:
+        configuration()
+    except kubernetes.config.ConfigException as exc:
+        raise ValueError(
+            f"no Kubernetes cluster to talk to: not in a pod, and no usable kubeconfig ({exc})"
+        ) from None
     return asyncio.run(run_replica(settings))
 
 

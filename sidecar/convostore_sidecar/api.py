@@ -127,11 +127,14 @@ async def clear_session(request: web.Request) -> web.Response:
 async def list_sessions(request: web.Request) -> web.Response:
     store = _store(request)
     prefix = validation.session_prefix(request.query.get("prefix", ""), store.config.limits)
-    limit = validation.limit_param(
-        request.query.get("limit"), default=DEFAULT_PAGE, maximum=validation.MAX_LIST_LIMIT
+    page_size = validation.limit_param(
+        request.query.get("limit"),
+        default=DEFAULT_PAGE,
+        maximum=validation.MAX_LIST_LIMIT,
+        minimum=1,
     )
+    assert page_size is not None
     after = _decode_cursor(request.query.get("cursor"))
-    page_size = max(limit or DEFAULT_PAGE, 1)
     ids = await store.driver.list_sessions(prefix, after, page_size + 1)
     more = len(ids) > page_size
     ids = ids[:page_size]

@@ -19,6 +19,7 @@ from .middleware import (
     auth_middleware,
     error_middleware,
     observe_middleware,
+    single_params_middleware,
 )
 from .readiness import Readiness
 from .state import IN_FLIGHT, METRICS, OPENAPI, READINESS, STORES, TOKEN
@@ -36,7 +37,12 @@ def openapi_document() -> dict[str, object]:
 def build_app(config: SidecarConfig) -> web.Application:
     largest_body = max(store.limits.max_request_bytes for store in config.stores.values())
     app = web.Application(
-        middlewares=[observe_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            observe_middleware,
+            error_middleware,
+            auth_middleware,
+            single_params_middleware,
+        ],
         client_max_size=largest_body + BODY_SLACK,
     )
     app[METRICS] = Metrics()

@@ -265,7 +265,8 @@ def _read(p: Path) -> Any:
     try:
         return json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML or JSON: {exc}") from exc
+        where = str(exc).replace('"<unicode string>"', repr(str(p)))
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML or JSON: {where}") from exc
 
 
 def parse_config(data: Any) -> SidecarConfig:

@@ -187,6 +187,17 @@ def authorized(request: web.Request) -> bool:
 
 
 @web.middleware
+async def single_params_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A query parameter given twice is refused, not read as its first value."""
+    repeated = sorted({key for key in request.query if len(request.query.getall(key)) > 1})
+    if repeated:
+        raise ApiError(
+            400, "invalid_query", f"give each parameter once: {', '.join(map(repr, repeated))}"
+        )
+    return await handler(request)
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in OPEN_PATHS or authorized(request):
         return await handler(request)

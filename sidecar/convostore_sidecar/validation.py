@@ -55,18 +55,29 @@ def session_prefix(value: str, limits: Limits) -> str:
     return value
 
 
+LARGEST_LIMIT = 999_999_999
+
+
 def limit_param(
-    raw: str | None, *, default: int | None, maximum: int | None, name: str = "limit"
+    raw: str | None,
+    *,
+    default: int | None,
+    maximum: int | None,
+    name: str = "limit",
+    minimum: int = 0,
 ) -> int | None:
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()):
         raise ApiError(
-            400, f"invalid_{name}", f"{name} must be a non-negative integer, got {raw!r}"
+            400, f"invalid_{name}", f"{name} must be a non-negative integer, got {raw[:40]!r}"
         )
-    value = int(raw)
-    if maximum is not None and value > maximum:
-        raise ApiError(400, f"invalid_{name}", f"{name} must be at most {maximum}, got {value}")
+    highest = LARGEST_LIMIT if maximum is None else maximum
+    value = int(raw) if len(raw) <= 12 else highest + 1
+    if not minimum <= value <= highest:
+        raise ApiError(
+            400, f"invalid_{name}", f"{name} must be from {minimum} to {highest}, got {raw[:40]}"
+        )
     return value
 
 
@@ -103,8 +114,17 @@ def append_body(raw: bytes, limits: Limits) -> AppendBody:
         document = loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(document, dict) or set(document) != {"items"}:
+    if not isinstance(document, dict):
         raise ApiError(400, "invalid_body", 'the body must be an object {"items": [...]}')
+    unknown = sorted(set(document) - {"items"})
+    if unknown:
+        raise ApiError(
+            400,
+            "invalid_body",
+            f'unknown field(s) {", ".join(map(repr, unknown))}; the body is {{"items": [...]}}',
+        )
+    if "items" not in document:
+        raise ApiError(400, "invalid_body", 'the body needs "items": [...]')
     items = document["items"]
     if not isinstance(items, list) or not items:
         raise ApiError(400, "invalid_body", '"items" must be a non-empty array')
