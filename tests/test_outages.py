@@ -169,3 +169,33 @@ async def test_sidecar_starts_while_the_backend_is_down(
 
 async def _ready(sidecar: RunningSidecar) -> bool:
     return (await ready(sidecar))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("change", "cause"),
+    [
+        (lambda dsn: dsn.rsplit("/", 1)[0] + "/no_such_database", "does not exist"),
+        (lambda dsn: dsn.replace("postgres@", "ghost_role@"), "ghost_role"),
+    ],
+    ids=["wrong-database", "wrong-role"],
+)
+async def test_a_store_the_database_refuses_says_why_and_is_not_ready(
+    start_sidecar: StartSidecar,
+    postgres_dsn: str,
+    caplog: pytest.LogCaptureFixture,
+    change: Callable[[str], str],
+    cause: str,
+) -> None:
+    dsn = change(postgres_dsn)
+    sidecar = await start_sidecar(
+        {"stores": {"audit": {"backend": "postgres", "postgres": {"dsn": dsn}}}}
+    )
+    with pytest.raises(StoreUnavailableError) as refused:
+        await SidecarSession("s", "audit", url=sidecar.url, retries=0).get_items()
+    assert (refused.value.status, refused.value.code) == (503, "backend_misconfigured")
+    assert "store 'audit'" in refused.value.message
+    assert cause in refused.value.message
+    status, body = await ready(sidecar)
+    assert status == 503
+    assert cause in body["details"]["audit"]
+    assert "Traceback" not in caplog.text

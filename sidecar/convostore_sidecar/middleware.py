@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .drivers.base import (
+    BackendMisconfigured,
     BackendUnavailable,
     BranchIdUsed,
     BranchNotFound,
@@ -77,6 +78,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message)
+    except BackendMisconfigured as exc:
+        _, store = _labels(request)
+        log.warning("store %s: %s", store, exc)
+        return error_response(
+            503,
+            "backend_misconfigured",
+            f"store {store!r}: {exc}; it will answer once its settings are corrected",
+        )
     except BackendUnavailable as exc:
         _, store = _labels(request)
         backend = request.app[STORES].get(store).config.backend if store else ""

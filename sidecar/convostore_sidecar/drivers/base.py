@@ -49,6 +49,11 @@ class BackendUnavailable(Exception):
     """The backend could not be reached or did not answer in time; retrying may help."""
 
 
+class BackendMisconfigured(BackendUnavailable):
+    """The backend refuses the store's own settings (a database or role that does not
+    exist, a wrong password, a missing privilege): unavailable until they change."""
+
+
 class IdempotencyKeyReused(Exception):
     """An `Idempotency-Key` came back with a different request body than the first time."""
 

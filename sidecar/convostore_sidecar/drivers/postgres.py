@@ -38,6 +38,7 @@ from ..config import is_loopback_host
 from .base import (
     MAIN,
     AppendResult,
+    BackendMisconfigured,
     BackendUnavailable,
     BranchIdUsed,
     BranchInfo,
@@ -206,6 +207,18 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.OperatorInterventionError,
     asyncpg.QueryCanceledError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ReadOnlySQLTransactionError,  # a primary demoted in a failover
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.DiskFullError,
+)
+# what the server says of the store's own settings; retrying does not help
+_MISCONFIGURED: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.InvalidSchemaNameError,
 )
 
 
@@ -354,6 +367,8 @@ class PostgresDriver(KeepsStructure):
             pool = await self._get_pool()
             async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
                 return await fn(conn)
+        except _MISCONFIGURED as exc:
+            raise BackendMisconfigured(f"postgres refuses the store's settings: {exc}") from exc
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(f"postgres: {exc!r}") from exc
 
