@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -199,3 +201,25 @@ def test_a_yaml_error_names_the_file(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "<unicode string>" not in result.stderr
     assert str(config) in result.stderr
+
+
+def test_a_sidecar_restart_is_not_an_agent_error(sidecar_process: Make, tmp_path: Path) -> None:
+    """With the client's defaults, calls made while the sidecar restarts wait for it."""
+    proc = sidecar_process(sqlite_config(tmp_path / "restart.db"))
+    proc.start()
+    session = SidecarSession("patient", url=proc.url)
+    asyncio.run(session.add_items([{"n": 1}]))
+    assert proc.stop() == 0
+
+    def restart_later() -> None:
+        time.sleep(1.0)  # the sidecar is down meanwhile, as during a rolling restart
+        proc.start()
+
+    restarting = threading.Thread(target=restart_later)
+    restarting.start()
+    try:
+        assert asyncio.run(session.get_items()) == [{"n": 1}]
+        asyncio.run(session.add_items([{"n": 2}]))
+    finally:
+        restarting.join()
+    assert asyncio.run(session.get_items()) == [{"n": 1}, {"n": 2}]

@@ -64,7 +64,7 @@ class AdvancedSidecarSession(SidecarSession):
         token: str | None = None,
         token_file: str | None = None,
         timeout: float = 10.0,
-        retries: int = 3,
+        retries: int = 10,
         history_turns: int | None = None,
         whole_turns: bool = False,
     ) -> None:

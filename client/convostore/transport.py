@@ -8,7 +8,9 @@ both), so each pool is owned by a parked async generator that closes it on the w
 
 Retries happen only where they cannot duplicate or lose an effect: a request whose
 connection was never established, and any request that is idempotent (reads, clears,
-and appends, which always carry an `Idempotency-Key`).
+and appends, which always carry an `Idempotency-Key`). They go on for up to
+`retry_for` seconds (5 by default, longer than a sidecar's restart), with growing,
+jittered pauses.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import asyncio
 import ipaddress
 import json
 import os
+import random
+import time
 import weakref
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
@@ -145,8 +149,10 @@ class Transport:
     endpoint: Endpoint
     token: BearerToken
     timeout: float = 10.0
-    retries: int = 3
+    retries: int = 10
     backoff: float = 0.05
+    retry_for: float = 5.0
+    """How long retries may go on: longer than a sidecar restart (1 to 3 s)."""
 
     def __post_init__(self) -> None:
         self._timeout = aiohttp.ClientTimeout(total=self.timeout)
@@ -192,9 +198,12 @@ class Transport:
         url = URL(self.endpoint.base_url + path, encoded=True)
         if params:
             url = url.with_query(params)
-        attempt = 0
+        attempt, started = 0, time.monotonic()
         while True:
-            delay = self.backoff * (2**attempt)
+            # exponential backoff with jitter, so clients of a restarting sidecar spread out
+            delay = random.uniform(self.backoff, min(1.0, self.backoff * 2 ** (attempt + 1)))
+            spent = time.monotonic() - started
+            last = attempt >= self.retries or spent + delay > self.retry_for
             all_headers = {**self._base_headers(), **(headers or {})}
             if body is not None:
                 all_headers["Content-Type"] = "application/json"
@@ -207,20 +216,16 @@ class Transport:
                     if resp.status < 400:
                         return json.loads(raw) if raw else None
                     error = _error_from(resp.status, raw)
-                    if (
-                        not idempotent
-                        or resp.status not in _RETRYABLE_STATUSES
-                        or attempt >= self.retries
-                    ):
+                    if not idempotent or resp.status not in _RETRYABLE_STATUSES or last:
                         raise error
                     delay = max(delay, min(_retry_after(resp.headers), 2.0))
             except aiohttp.ClientConnectorError as exc:
-                if attempt >= self.retries:
+                if last:
                     raise StoreUnavailableError(
                         "sidecar_unreachable", f"cannot connect to the sidecar: {exc}"
                     ) from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
-                if not idempotent or attempt >= self.retries:
+                if not idempotent or last:
                     raise StoreUnavailableError(
                         "sidecar_unreachable",
                         f"request to the sidecar failed: {exc!r}; its outcome is unknown",
