@@ -11,9 +11,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+import yarl
 from convostore import SidecarSession
 from convostore_sidecar.middleware import TokenCheck
-from convostore_sidecar.state import STORES
+from convostore_sidecar.state import IN_FLIGHT, STORES
 
 from tests.servers import free_port
 from tests.support import RunningSidecar, StartSidecar
@@ -479,3 +480,56 @@ async def test_messages_name_the_real_problem(
     assert error["code"] == code
     assert says in error["message"]
     assert await stored_items(sidecar, "msgs") == []
+
+
+async def slow_upload(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An append whose body stops half way: it holds a request slot until it finishes."""
+    target = yarl.URL(url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    writer.write(
+        f"POST {target.raw_path} HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\n"
+        "Content-Length: 100\r\n\r\n".encode()
+        + b'{"items": ['
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def test_past_its_capacity_a_sidecar_turns_calls_away_and_stalled_bodies_time_out(
+    start_sidecar: StartSidecar, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await start_sidecar(
+        {
+            "requests": {"maxConcurrent": 2, "bodyTimeout": 1},
+            "stores": {
+                "default": {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "c.db")}}
+            },
+        }
+    )
+    url = sidecar.url + ITEMS.format("busy")
+    stalled = [await slow_upload(url) for _ in range(2)]
+    await wait_for_in_flight(sidecar, 2)
+    async with http.get(url) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["code"] == "overloaded"
+    async with http.get(sidecar.url + "/healthz") as resp:
+        assert resp.status == 200, "probes always get in"
+    for reader, writer in stalled:  # cut off by the body deadline, with an answer
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answer = await reader.readexactly(length)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 408")
+        assert json.loads(answer)["error"]["code"] == "body_timeout"
+    async with http.get(url) as resp:
+        assert resp.status == 200
+    assert await stored_items(sidecar, "busy") == []
+
+
+async def wait_for_in_flight(sidecar: RunningSidecar, count: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while sidecar.app[IN_FLIGHT].count < count:
+        assert asyncio.get_running_loop().time() < deadline, "the uploads never started"
+        await asyncio.sleep(0.02)

@@ -13,7 +13,7 @@ from .drivers.base import MAIN, Idempotency
 from .encryption import EncryptedDriver, refuse_ciphertext
 from .errors import ApiError
 from .jsonbody import dumps, items_document
-from .middleware import authorized
+from .middleware import authorized, read_body
 from .state import METRICS, OPENAPI, READINESS, STORES
 from .stores import Store
 from .turns import latest_turns, widened_to_turns
@@ -73,11 +73,7 @@ async def append_items(request: web.Request) -> web.Response:
     key = validation.idempotency_key(request.headers.get("Idempotency-Key"))
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    if (request.content_length or 0) > limits.max_request_bytes:
-        raise ApiError(413, "request_too_large", f"the limit is {limits.max_request_bytes} bytes")
-    raw = await request.read()
-    if len(raw) > limits.max_request_bytes:
-        raise ApiError(413, "request_too_large", f"the limit is {limits.max_request_bytes} bytes")
+    raw = await read_body(request, limits.max_request_bytes)
     branch = validation.branch_id(request.query.get("branch"))
     body = validation.append_body(raw, limits)
     fingerprint = body.fingerprint if branch == MAIN else f"{body.fingerprint}@{branch}"

@@ -17,12 +17,13 @@ from .middleware import (
     InFlight,
     TokenCheck,
     auth_middleware,
+    capacity_middleware,
     error_middleware,
     observe_middleware,
     single_params_middleware,
 )
 from .readiness import Readiness
-from .state import IN_FLIGHT, METRICS, OPENAPI, READINESS, STORES, TOKEN
+from .state import IN_FLIGHT, METRICS, OPENAPI, READINESS, REQUEST_LIMITS, STORES, TOKEN
 from .stores import Stores
 
 BODY_SLACK = 64 << 10
@@ -41,6 +42,7 @@ def build_app(config: SidecarConfig) -> web.Application:
             observe_middleware,
             error_middleware,
             auth_middleware,
+            capacity_middleware,
             single_params_middleware,
         ],
         client_max_size=largest_body + BODY_SLACK,
@@ -51,6 +53,7 @@ def build_app(config: SidecarConfig) -> web.Application:
     app[TOKEN] = TokenCheck(config.token_file) if config.token_file else None
     app[OPENAPI] = dumps(openapi_document())
     app[READINESS] = Readiness()
+    app[REQUEST_LIMITS] = config.requests
     app.cleanup_ctx.append(_stores_lifecycle)
     app.add_routes(routes)
     app.add_routes(branches.routes)

@@ -16,6 +16,7 @@ from . import validation
 from .drivers.base import MAIN, BranchIdUsed, Usage
 from .errors import ApiError
 from .jsonbody import dumps, loads
+from .middleware import read_body
 from .state import STORES
 from .stores import Store
 from .structure import mentions
@@ -45,15 +46,9 @@ def _json(value: Any, status: int = 200) -> web.Response:
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    if (request.content_length or 0) > MAX_BODY:
-        raise ApiError(413, "request_too_large", f"the limit is {MAX_BODY} bytes")
-    raw = bytearray()
-    async for chunk in request.content.iter_chunked(16384):  # every segment, to the end
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, "request_too_large", f"the limit is {MAX_BODY} bytes")
+    raw = await read_body(request, MAX_BODY)
     try:
-        body = loads(bytes(raw))
+        body = loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):

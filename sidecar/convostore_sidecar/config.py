@@ -214,11 +214,21 @@ class ListenConfig:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What one sidecar takes on at once, whatever its stores: API calls past
+    `max_concurrent` get 503, and a body must arrive within `body_timeout`."""
+
+    max_concurrent: int = 64
+    body_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     stores: dict[str, StoreConfig]
     listen: ListenConfig = field(default_factory=ListenConfig)
     token_file: str | None = None
     shutdown_timeout: float = 30.0
+    requests: RequestLimits = field(default_factory=RequestLimits)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -284,6 +294,16 @@ def parse_config(data: Any) -> SidecarConfig:
     token_file = auth_s.string("tokenFile")
     auth_s.done()
     shutdown = root.duration("shutdownTimeout", 30.0, low=0, high=3600)
+    requests_s = root.section("requests")
+    requests = RequestLimits(
+        max_concurrent=requests_s.integer(
+            "maxConcurrent", RequestLimits.max_concurrent, low=1, high=100_000
+        ),
+        body_timeout=requests_s.duration(
+            "bodyTimeout", RequestLimits.body_timeout, low=0.1, high=3600
+        ),
+    )
+    requests_s.done()
     stores_s = root.section("stores")
     names = stores_s.keys()
     if not names:
@@ -295,6 +315,7 @@ def parse_config(data: Any) -> SidecarConfig:
         listen=listen,
         token_file=token_file,
         shutdown_timeout=shutdown,
+        requests=requests,
     )
 
 

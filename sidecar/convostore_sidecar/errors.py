@@ -10,9 +10,12 @@ from .jsonbody import dumps
 class ApiError(Exception):
     """A request the sidecar refuses, with the HTTP status and the code clients match on."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers
 
 
 def error_response(

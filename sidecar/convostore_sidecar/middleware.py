@@ -21,7 +21,7 @@ from .drivers.base import (
 )
 from .encryption import DecryptionFailed
 from .errors import ApiError, error_response
-from .state import IN_FLIGHT, METRICS, STORES, TOKEN
+from .state import IN_FLIGHT, METRICS, REQUEST_LIMITS, STORES, TOKEN
 
 log = logging.getLogger("convostore.sidecar")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
@@ -77,7 +77,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
     except BackendMisconfigured as exc:
         _, store = _labels(request)
         log.warning("store %s: %s", store, exc)
@@ -193,6 +193,39 @@ def authorized(request: web.Request) -> bool:
         return True
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     return scheme.lower() == "bearer" and check.accepts(presented.strip().encode())
+
+
+@web.middleware
+async def capacity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Past `requests.maxConcurrent` API calls at once, more are turned away at once
+    with 503 and `Retry-After` (the client retries them) instead of piling up in memory;
+    probes always get in."""
+    limits = request.app[REQUEST_LIMITS]
+    if request.path not in OPEN_PATHS and request.app[IN_FLIGHT].count > limits.max_concurrent:
+        raise ApiError(
+            503,
+            "overloaded",
+            f"{limits.max_concurrent} requests are in progress; retry shortly",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    return await handler(request)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, within `requests.bodyTimeout` (a client that stalls mid-body
+    gets 408 instead of holding a request slot) and `limit` bytes."""
+    if (request.content_length or 0) > limit:
+        raise ApiError(413, "request_too_large", f"the limit is {limit} bytes")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(request.app[REQUEST_LIMITS].body_timeout):
+            async for chunk in request.content.iter_chunked(1 << 16):
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, "request_too_large", f"the limit is {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", "the request body did not arrive in time") from None
+    return bytes(body)
 
 
 @web.middleware

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .config import RequestLimits
     from .metrics import Metrics
     from .middleware import InFlight, TokenCheck
     from .readiness import Readiness
@@ -18,3 +19,4 @@ TOKEN: web.AppKey[TokenCheck | None] = web.AppKey("token")
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
 IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+REQUEST_LIMITS: web.AppKey[RequestLimits] = web.AppKey("request_limits")
