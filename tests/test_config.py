@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from convostore_sidecar.config import ConfigError, default_config, load_config, parse_config
+from convostore_sidecar.drivers.sqlite import SqliteDriver
 
 
 def store(**fields: Any) -> dict[str, Any]:
@@ -136,3 +137,23 @@ def test_config_files_in_yaml_and_json(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(("given", "pragma"), [(None, 2), ("full", 2), ("normal", 1)])
+async def test_sqlite_durability_is_full_unless_asked_otherwise(
+    tmp_path: Path, given: str | None, pragma: int
+) -> None:
+    """FULL syncs the WAL at every commit: an acknowledged append survives a power loss."""
+    section: dict[str, Any] = {"path": str(tmp_path / "d.db")}
+    if given:
+        section["synchronous"] = given
+    store = parse_config({"stores": {"d": {"backend": "sqlite", "sqlite": section}}}).stores["d"]
+    driver = SqliteDriver(store)
+    await driver.open()
+    try:
+        assert (
+            await driver._writer.run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+            == pragma
+        )
+    finally:
+        await driver.close()

@@ -127,6 +127,10 @@ ORDER BY seq DESC LIMIT 1
 class Settings:
     path: str = "./convostore.db"
     busy_timeout: float = 5.0
+    synchronous: str = "full"
+    """`full`: an acknowledged append survives a power loss (the WAL is synced at every
+    commit); `normal`: faster, and the last commits may vanish on a power loss (not on a
+    crash of the sidecar alone)."""
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
@@ -136,6 +140,7 @@ class Settings:
         return cls(
             path=path,
             busy_timeout=s.duration("busyTimeout", cls.busy_timeout, low=0, high=600),
+            synchronous=s.choice("synchronous", ("full", "normal"), cls.synchronous),
         )
 
 
@@ -146,9 +151,10 @@ def open_driver(store: StoreConfig) -> SqliteDriver:
 class _Connection:
     """A connection confined to its own thread; `run` executes one function there."""
 
-    def __init__(self, path: str, busy_timeout: float, name: str) -> None:
+    def __init__(self, settings: Settings, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._path, self._busy_timeout = path, busy_timeout
+        self._path, self._busy_timeout = settings.path, settings.busy_timeout
+        self._synchronous = settings.synchronous
         self.conn: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
@@ -160,7 +166,7 @@ class _Connection:
                 check_same_thread=False,
             )
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             self.conn = conn
         return self.conn
 
@@ -211,8 +217,8 @@ class SqliteDriver(KeepsStructure):
             Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._unusable(exc.strerror or str(exc)) from None
-        self._writer = _Connection(settings.path, settings.busy_timeout, "sqlite-writer")
-        self._reader = _Connection(settings.path, settings.busy_timeout, "sqlite-reader")
+        self._writer = _Connection(settings, "sqlite-writer")
+        self._reader = _Connection(settings, "sqlite-reader")
 
     def _live_after(self, now: float) -> float:
         """Sessions written after this moment have not expired."""
