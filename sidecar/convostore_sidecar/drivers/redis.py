@@ -23,8 +23,10 @@ id whose session has expired is pruned from it when a listing meets it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -440,7 +442,9 @@ class RedisDriver(KeepsStructure):
         """Look at the newest item first (a WATCH transaction, retried on contention), then
         pop it with the script, which keeps the branch's structure in step."""
         items_key = f"{self._base(session_id)}:items{_suffix(branch)}"
-        for _ in range(OPTIMISTIC_ATTEMPTS):
+        for attempt in range(OPTIMISTIC_ATTEMPTS):
+            if attempt:  # poppers that lost the race spread out instead of colliding again
+                await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
             async with self.client.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(items_key)
