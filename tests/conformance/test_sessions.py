@@ -119,12 +119,14 @@ async def test_idle_session_expires_after_ttl(make_subject: Callable[..., Any]) 
 
 @pytest.mark.retention
 async def test_written_session_does_not_expire(make_subject: Callable[..., Any]) -> None:
-    subject: Subject = await make_subject(ttl=1)
+    """Writes 0.5 s apart for 3 s keep a 2 s TTL from running out: each refreshes it, and
+    each gap leaves 1.5 s to spare on a loaded machine."""
+    subject: Subject = await make_subject(ttl=2)
     session = subject.session()
-    for n in range(4):
+    for n in range(6):
         await session.add_items([{"n": n}])
-        await asyncio.sleep(0.4)
-    assert await session.get_items() == [{"n": n} for n in range(4)]
+        await asyncio.sleep(0.5)
+    assert await session.get_items() == [{"n": n} for n in range(6)]
 
 
 @pytest.mark.retention
