@@ -117,6 +117,11 @@ def test_a_full_config_is_read_with_durations_and_limits() -> None:
         ),
         ({"listen": {"port": 70000}, **store()}, "field 'listen.port': must be an integer"),
         ({"listen": {"hots": "x"}, **store()}, "field 'listen': unknown field(s) 'hots'"),
+        (
+            {"requests": {"maxBufferedBytes": 4 << 20}, **store()},
+            "field 'requests.maxBufferedBytes': is 4194304, less than store 'chat'",
+        ),
+        ({"requests": {"maxBufferedBytes": 10}, **store()}, "'requests.maxBufferedBytes'"),
         ({"stores": store()["stores"], "extra": 1}, "unknown field(s) 'extra'"),
         ("just text", "must be a mapping"),
     ],

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -223,3 +226,57 @@ def test_a_sidecar_restart_is_not_an_agent_error(sidecar_process: Make, tmp_path
     finally:
         restarting.join()
     assert asyncio.run(session.get_items()) == [{"n": 1}, {"n": 2}]
+
+
+def open_connection(port: int, sent: bytes = b"") -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(sent)
+    return conn
+
+
+def read_until_closed(conn: socket.socket) -> bytes:
+    """What the sidecar sends before it closes the connection (a 10 s socket timeout
+    fails the test if it never does)."""
+    received = b""
+    while chunk := conn.recv(65536):
+        received += chunk
+    return received
+
+
+def test_slow_headers_and_idle_connections_are_cut_off(
+    sidecar_process: Make, tmp_path: Path
+) -> None:
+    proc = sidecar_process({"requests": {"idleTimeout": "1s"}, **sqlite_config(tmp_path / "c.db")})
+    proc.start()
+    opened = time.monotonic()
+    slow = open_connection(proc.port, b"GET /v1/stores/default/sessions/s/items HTTP/1.1\r\nHo")
+    idle = open_connection(proc.port)
+    assert read_until_closed(slow) == b""
+    assert read_until_closed(idle) == b""
+    waited = time.monotonic() - opened
+    assert waited < 9, f"the connections were held {waited:.1f} s"
+    with urllib.request.urlopen(proc.url + "/healthz", timeout=5) as answer:
+        assert answer.status == 200
+
+
+def test_connections_past_the_cap_are_told_to_retry_and_closed(
+    sidecar_process: Make, tmp_path: Path
+) -> None:
+    proc = sidecar_process({"requests": {"maxConnections": 3}, **sqlite_config(tmp_path / "c.db")})
+    proc.start()
+    held = [open_connection(proc.port) for _ in range(3)]
+    refused = read_until_closed(open_connection(proc.port))
+    head, _, body = refused.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503")
+    assert b"Retry-After: 1" in head
+    assert json.loads(body)["error"]["code"] == "overloaded"
+    held.pop().close()
+    deadline = time.monotonic() + 10
+    while True:
+        request = b"GET /healthz HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+        with contextlib.suppress(ConnectionResetError):  # refused before the slot freed
+            if read_until_closed(open_connection(proc.port, request)).startswith(b"HTTP/1.1 200"):
+                break
+        assert time.monotonic() < deadline, "a freed connection slot was never reused"
+    for conn in held:
+        conn.close()

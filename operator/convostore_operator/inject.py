@@ -38,6 +38,8 @@ SOCKET_URL = f"unix://{SOCKET_DIR}/sidecar.sock"
 TOKEN_DIR = "/var/run/convostore-token"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
 SIDECAR_UID = 65532
+SIDECAR_MEMORY_LIMIT = "256Mi"
+"""What the sidecar's request limits are sized for: see "Limits" in the README."""
 
 RESTRICTED = {
     "runAsNonRoot": True,
@@ -168,7 +170,7 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
         },
         "resources": {
             "requests": {"cpu": "50m", "memory": "64Mi"},
-            "limits": {"memory": "256Mi"},
+            "limits": {"memory": SIDECAR_MEMORY_LIMIT},
         },
     }
     spec.setdefault("initContainers", []).append(sidecar)

@@ -14,6 +14,7 @@ from .config import SidecarConfig
 from .jsonbody import dumps
 from .metrics import Metrics
 from .middleware import (
+    BodyBudget,
     InFlight,
     TokenCheck,
     auth_middleware,
@@ -23,7 +24,16 @@ from .middleware import (
     single_params_middleware,
 )
 from .readiness import Readiness
-from .state import IN_FLIGHT, METRICS, OPENAPI, READINESS, REQUEST_LIMITS, STORES, TOKEN
+from .state import (
+    BODY_BUDGET,
+    IN_FLIGHT,
+    METRICS,
+    OPENAPI,
+    READINESS,
+    REQUEST_LIMITS,
+    STORES,
+    TOKEN,
+)
 from .stores import Stores
 
 BODY_SLACK = 64 << 10
@@ -54,6 +64,7 @@ def build_app(config: SidecarConfig) -> web.Application:
     app[OPENAPI] = dumps(openapi_document())
     app[READINESS] = Readiness()
     app[REQUEST_LIMITS] = config.requests
+    app[BODY_BUDGET] = BodyBudget(config.requests.max_buffered_bytes)
     app.cleanup_ctx.append(_stores_lifecycle)
     app.add_routes(routes)
     app.add_routes(branches.routes)

@@ -216,10 +216,16 @@ class ListenConfig:
 @dataclass(frozen=True)
 class RequestLimits:
     """What one sidecar takes on at once, whatever its stores: API calls past
-    `max_concurrent` get 503, and a body must arrive within `body_timeout`."""
+    `max_concurrent`, or bodies past `max_buffered_bytes` all together, get 503;
+    connections past `max_connections` are answered 503 and closed; a request's headers
+    must arrive within `idle_timeout` of the connection opening or of the last answer on
+    it (which also closes idle connections), and its body within `body_timeout`."""
 
     max_concurrent: int = 64
     body_timeout: float = 30.0
+    max_buffered_bytes: int = 24 << 20
+    max_connections: int = 256
+    idle_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -302,13 +308,30 @@ def parse_config(data: Any) -> SidecarConfig:
         body_timeout=requests_s.duration(
             "bodyTimeout", RequestLimits.body_timeout, low=0.1, high=3600
         ),
+        max_buffered_bytes=requests_s.integer(
+            "maxBufferedBytes", RequestLimits.max_buffered_bytes, low=1 << 10, high=4 << 30
+        ),
+        max_connections=requests_s.integer(
+            "maxConnections", RequestLimits.max_connections, low=1, high=100_000
+        ),
+        idle_timeout=requests_s.duration(
+            "idleTimeout", RequestLimits.idle_timeout, low=0.1, high=3600
+        ),
     )
-    requests_s.done()
     stores_s = root.section("stores")
     names = stores_s.keys()
     if not names:
         root.fail("stores", "must name at least one store")
     stores = {name: parse_store(name, stores_s) for name in names}
+    for store in stores.values():
+        if store.limits.max_request_bytes > requests.max_buffered_bytes:
+            requests_s.fail(
+                "maxBufferedBytes",
+                f"is {requests.max_buffered_bytes}, less than store {store.name!r}'s "
+                f"limits.maxRequestBytes ({store.limits.max_request_bytes}): "
+                "its largest request could never be taken",
+            )
+    requests_s.done()
     root.done()
     return SidecarConfig(
         stores=stores,

@@ -18,12 +18,16 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def error_body(code: str, message: str) -> bytes:
+    return dumps({"error": {"code": code, "message": message}})
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=dumps({"error": {"code": code, "message": message}}),
+        body=error_body(code, message),
         content_type="application/json",
         headers=headers,
     )

@@ -21,7 +21,7 @@ from .drivers.base import (
 )
 from .encryption import DecryptionFailed
 from .errors import ApiError, error_response
-from .state import IN_FLIGHT, METRICS, REQUEST_LIMITS, STORES, TOKEN
+from .state import BODY_BUDGET, IN_FLIGHT, METRICS, REQUEST_LIMITS, STORES, TOKEN
 
 log = logging.getLogger("convostore.sidecar")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
@@ -195,27 +195,60 @@ def authorized(request: web.Request) -> bool:
     return scheme.lower() == "bearer" and check.accepts(presented.strip().encode())
 
 
+def _overloaded(message: str) -> ApiError:
+    return ApiError(503, "overloaded", message, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+RESERVED: web.RequestKey[int] = web.RequestKey("reserved_body_bytes", int)
+
+
+class BodyBudget:
+    """The bytes of request bodies the sidecar holds at once, all requests together.
+
+    A body is held while it is read, parsed and written, at about three times its size
+    (the bytes read, the text parsed, the items written), so this bound, not the number
+    of requests, is what keeps the sidecar within its container's memory limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, request: web.Request, size: int) -> None:
+        if self.held + size > self.limit:
+            raise _overloaded(
+                f"{self.held} bytes of request bodies are in progress; {size} more would "
+                f"pass requests.maxBufferedBytes ({self.limit}); retry shortly"
+            )
+        self.held += size
+        request[RESERVED] = request.get(RESERVED, 0) + size
+
+    def release(self, request: web.Request) -> None:
+        self.held -= request.get(RESERVED, 0)
+        request[RESERVED] = 0
+
+
 @web.middleware
 async def capacity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Past `requests.maxConcurrent` API calls at once, more are turned away at once
     with 503 and `Retry-After` (the client retries them) instead of piling up in memory;
-    probes always get in."""
+    probes always get in. Body bytes reserved by `read_body` are returned here."""
     limits = request.app[REQUEST_LIMITS]
     if request.path not in OPEN_PATHS and request.app[IN_FLIGHT].count > limits.max_concurrent:
-        raise ApiError(
-            503,
-            "overloaded",
-            f"{limits.max_concurrent} requests are in progress; retry shortly",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
-    return await handler(request)
+        raise _overloaded(f"{limits.max_concurrent} requests are in progress; retry shortly")
+    try:
+        return await handler(request)
+    finally:
+        request.app[BODY_BUDGET].release(request)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, within `requests.bodyTimeout` (a client that stalls mid-body
-    gets 408 instead of holding a request slot) and `limit` bytes."""
-    if (request.content_length or 0) > limit:
+    gets 408 instead of holding a request slot), `limit` bytes, and the sidecar's
+    `BodyBudget` (reserved for the declared length, or `limit` for a chunked body)."""
+    declared = request.content_length
+    if (declared or 0) > limit:
         raise ApiError(413, "request_too_large", f"the limit is {limit} bytes")
+    request.app[BODY_BUDGET].reserve(request, limit if declared is None else declared)
     body = bytearray()
     try:
         async with asyncio.timeout(request.app[REQUEST_LIMITS].body_timeout):

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
+import time
 from pathlib import Path
+from typing import cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from .app import build_app
 from .config import SidecarConfig
+from .errors import error_body
 from .state import IN_FLIGHT
 
 log = logging.getLogger("convostore.sidecar")
@@ -42,6 +46,45 @@ class MalformedRequests(logging.Filter):
         return True
 
 
+REPORT_EVERY = 10.0
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
+class Refused(asyncio.Protocol):
+    """A connection over `requests.maxConnections`: told why, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.WriteTransport, transport)
+        body = error_body("overloaded", "too many open connections to the sidecar; retry shortly")
+        transport.write(TOO_MANY_CONNECTIONS % (len(body), body))
+        transport.close()
+
+
+class ConnectionCap:
+    """The listeners' protocol factory: aiohttp's handler while fewer than `limit`
+    connections are open, so idle or slow clients cannot hold every file descriptor."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self._server, self._limit = server, limit
+        self._refused, self._reported = 0, -math.inf
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self._server.connections) < self._limit:
+            return self._server()
+        self._refused += 1
+        if time.monotonic() - self._reported >= REPORT_EVERY:
+            log.warning(
+                "refused %d connection(s): %d are open (requests.maxConnections)",
+                self._refused,
+                self._limit,
+            )
+            self._refused, self._reported = 0, time.monotonic()
+        return Refused()
+
+
 async def serve(config: SidecarConfig) -> None:
     app = build_app(config)
     logging.getLogger("aiohttp.server").addFilter(MalformedRequests())
@@ -52,29 +95,32 @@ async def serve(config: SidecarConfig) -> None:
         shutdown_timeout=config.shutdown_timeout,
         max_line_size=LONGEST_LINE,
         max_field_size=LONGEST_LINE,
+        keepalive_timeout=config.requests.idle_timeout,
     )
     await runner.setup()
+    assert runner.server is not None
+    accept = ConnectionCap(runner.server, config.requests.max_connections)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    listeners: list[asyncio.Server] = []
     try:
         listen = config.listen
         where = []
         if listen.tcp:
-            tcp = web.TCPSite(runner, listen.host, listen.port)
-            await tcp.start()
-            where.append(tcp.name if listen.port else f"http://{_bound(runner)}")
+            listeners.append(await loop.create_server(accept, listen.host, listen.port))
+            where.append(_tcp_url(listeners[-1]))
         if listen.socket:
             _replace_stale_socket(Path(listen.socket))
-            await web.UnixSite(runner, listen.socket).start()
+            listeners.append(await loop.create_unix_server(accept, listen.socket))
             os.chmod(listen.socket, listen.socket_mode)
             where.append(f"unix://{listen.socket}")
         stores = ", ".join(f"{s.name} ({s.backend})" for s in config.stores.values())
         log.info("convostore sidecar serving %s on %s", stores, " and ".join(where))
         await stopping.wait()
-        for site in list(runner.sites):
-            await site.stop()
+        for listener in listeners:
+            listener.close()
         in_flight = app[IN_FLIGHT]
         log.info("stopping: finishing %d request(s) in flight", in_flight.count)
         try:
@@ -86,10 +132,10 @@ async def serve(config: SidecarConfig) -> None:
         await runner.cleanup()
 
 
-def _bound(runner: web.AppRunner) -> str:
-    """The address a port-0 listener got from the kernel."""
-    host, port = runner.addresses[0][:2]
-    return f"{host}:{port}"
+def _tcp_url(listener: asyncio.Server) -> str:
+    """Where the listener is bound, with the port the kernel chose for port 0."""
+    host, port = listener.sockets[0].getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _replace_stale_socket(path: Path) -> None:

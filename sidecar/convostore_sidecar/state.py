@@ -9,7 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from .config import RequestLimits
     from .metrics import Metrics
-    from .middleware import InFlight, TokenCheck
+    from .middleware import BodyBudget, InFlight, TokenCheck
     from .readiness import Readiness
     from .stores import Stores
 
@@ -20,3 +20,4 @@ OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
 IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 REQUEST_LIMITS: web.AppKey[RequestLimits] = web.AppKey("request_limits")
+BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .config import Limits
 from .drivers.base import MAIN, Meta
 from .errors import ApiError
-from .jsonbody import dumps, loads
+from .jsonbody import WrongShape, append_items, dumps
 from .structure import describe
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:@-]+")
@@ -109,47 +109,35 @@ class AppendBody:
 
 
 def append_body(raw: bytes, limits: Limits) -> AppendBody:
-    """Parse `{"items": [...]}`; each item must be a JSON object within the size limit."""
-    try:
-        document = loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(document, dict):
-        raise ApiError(400, "invalid_body", 'the body must be an object {"items": [...]}')
-    unknown = sorted(set(document) - {"items"})
-    if unknown:
-        raise ApiError(
-            400,
-            "invalid_body",
-            f'unknown field(s) {", ".join(map(repr, unknown))}; the body is {{"items": [...]}}',
-        )
-    if "items" not in document:
-        raise ApiError(400, "invalid_body", 'the body needs "items": [...]')
-    items = document["items"]
-    if not isinstance(items, list) or not items:
-        raise ApiError(400, "invalid_body", '"items" must be a non-empty array')
-    if len(items) > limits.max_items_per_request:
-        raise ApiError(
-            413,
-            "too_many_items",
-            f"{len(items)} items in one request; the limit is {limits.max_items_per_request}",
-        )
+    """Parse `{"items": [...]}`; each item must be a JSON object within the size limit.
+    Items are parsed one at a time and kept only as their compact bytes."""
     encoded: list[bytes] = []
     meta: list[Meta] = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise ApiError(
-                400,
-                "invalid_item",
-                f"item {index} must be a JSON object, got {type(item).__name__}",
-            )
-        data = dumps(item)
-        if len(data) > limits.max_item_bytes:
-            raise ApiError(
-                413,
-                "item_too_large",
-                f"item {index} has {len(data)} bytes; the limit is {limits.max_item_bytes}",
-            )
-        encoded.append(data)
-        meta.append(describe(item))
+    try:
+        for index, item in enumerate(append_items(raw)):
+            if index == limits.max_items_per_request:
+                raise ApiError(
+                    413,
+                    "too_many_items",
+                    f"more than {index} items in one request; the limit is {index}",
+                )
+            if not isinstance(item, dict):
+                raise ApiError(
+                    400,
+                    "invalid_item",
+                    f"item {index} must be a JSON object, got {type(item).__name__}",
+                )
+            data = dumps(item)
+            if len(data) > limits.max_item_bytes:
+                raise ApiError(
+                    413,
+                    "item_too_large",
+                    f"item {index} has {len(data)} bytes; the limit is {limits.max_item_bytes}",
+                )
+            encoded.append(data)
+            meta.append(describe(item))
+    except WrongShape as exc:
+        raise ApiError(400, "invalid_body", str(exc)) from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
     return AppendBody(items=encoded, meta=meta, fingerprint=hashlib.sha256(raw).hexdigest())

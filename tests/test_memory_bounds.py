@@ -1,0 +1,77 @@
+"""The sidecar stays within the memory limit the operator gives its container, whatever
+valid requests arrive at once (`requests.maxBufferedBytes`, items parsed one by one)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from convostore_operator.inject import SIDECAR_MEMORY_LIMIT
+from convostore_sidecar.config import Limits
+
+from tests.support import SidecarProcess
+
+LIMITS = Limits()
+
+
+def mebibytes(quantity: str) -> int:
+    assert quantity.endswith("Mi")
+    return int(quantity.removesuffix("Mi")) << 20
+
+
+def worst_item() -> bytes:
+    """Within the item limit, the most memory per byte once parsed: empty objects, each
+    a 64-byte dict for 3 bytes of JSON, in text held 4 bytes per character because one
+    character is outside the Basic Multilingual Plane."""
+    head, tail = '{"t":"🙂","a":['.encode(), b"]}"
+    count = (LIMITS.max_item_bytes - len(head) - len(tail)) // 3
+    item = head + b",".join([b"{}"] * count) + tail
+    assert len(item) <= LIMITS.max_item_bytes
+    return item
+
+
+def worst_body() -> bytes:
+    item = worst_item()
+    count = (LIMITS.max_request_bytes - 16) // (len(item) + 1)
+    body = b'{"items":[' + b",".join([item] * count) + b"]}"
+    assert len(body) <= LIMITS.max_request_bytes
+    return body
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM in /proc status")
+
+
+async def test_the_worst_valid_requests_at_once_stay_under_the_container_limit(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
+) -> None:
+    proc = sidecar_process(
+        {"stores": {"default": {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "m.db")}}}}
+    )
+    proc.start()
+    assert proc.process is not None
+    body = worst_body()
+    headers = {"Content-Type": "application/json"}
+
+    async def append(http: aiohttp.ClientSession, n: int) -> tuple[int, str]:
+        url = f"{proc.url}/v1/stores/default/sessions/s{n}/items"
+        async with http.post(url, data=body, headers=headers) as resp:
+            answer = await resp.json()
+            return resp.status, answer.get("error", {}).get("code", "")
+
+    async with aiohttp.ClientSession() as http:
+        outcomes = await asyncio.gather(*(append(http, n) for n in range(12)))
+        accepted = [n for n, (status, _) in enumerate(outcomes) if status == 200]
+        assert accepted, outcomes
+        assert {o for o in outcomes if o[0] != 200} <= {(503, "overloaded")}
+        for n in accepted:
+            async with http.get(f"{proc.url}/v1/stores/default/sessions/s{n}/items") as resp:
+                assert (await resp.read()).count(b'"t":"') == body.count(b'"t":"')
+    peak, limit = peak_rss(proc.process.pid), mebibytes(SIDECAR_MEMORY_LIMIT)
+    assert peak < limit, f"peak RSS {peak >> 20} MiB, container limit {limit >> 20} MiB"
