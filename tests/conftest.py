@@ -142,3 +142,4 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Sidec
         if proc.process is not None:
             proc.process.kill()
             proc.process.wait()
+            proc.close_pipes()

@@ -132,5 +132,11 @@ class SidecarProcess:
         assert self.process is not None
         self.process.send_signal(sig)
         code = self.process.wait(timeout=30)
+        self.close_pipes()
         self.process = None
         return code
+
+    def close_pipes(self) -> None:
+        assert self.process is not None
+        if self.process.stderr is not None:
+            self.process.stderr.close()

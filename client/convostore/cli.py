@@ -25,7 +25,7 @@ import aiohttp
 
 from .errors import ConvostoreError
 from .store import SidecarStore
-from .transport import Endpoint, pool_for
+from .transport import Endpoint, Lease
 
 IMPORT_BATCH = 500
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -208,10 +208,12 @@ async def _clear(args: argparse.Namespace) -> int:
 
 async def _probe(args: argparse.Namespace) -> int:
     endpoint = Endpoint.parse(args.url)
-    http = await pool_for(endpoint)
     path = "/readyz" if args.ready else "/healthz"
     try:
-        async with http.get(endpoint.base_url + path, timeout=PROBE_TIMEOUT) as resp:
+        async with (
+            Lease(endpoint) as http,
+            http.get(endpoint.base_url + path, timeout=PROBE_TIMEOUT) as resp,
+        ):
             return 0 if resp.status == 200 else 1
     except (aiohttp.ClientError, TimeoutError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or "no answer in time"

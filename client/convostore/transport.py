@@ -5,6 +5,9 @@ Agent code runs sessions under `asyncio.run` and `Runner.run_sync`, which may st
 new loop per call; aiohttp sessions cannot cross loops. The only clean-up hook a loop
 offers is the finalization of async generators (`loop.shutdown_asyncgens`, called by
 both), so each pool is owned by a parked async generator that closes it on the way out.
+`Runner.run_sync` keeps one loop and finalizes its generators after every run; a loop
+that has done so would never finalize a new one, so there each call opens and closes
+its own connection instead of pooling (see `Lease`).
 
 Retries happen only where they cannot duplicate or lose an effect: a request whose
 connection was never established, and any request that is idempotent (reads, clears,
@@ -91,28 +94,40 @@ class BearerToken:
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Endpoint, _Pool]] = (
     weakref.WeakKeyDictionary()
 )
+_finalized: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+"""Loops that have run `shutdown_asyncgens`: their pools are gone for good."""
+
+
+def _connect(endpoint: Endpoint) -> aiohttp.ClientSession:
+    connector: aiohttp.BaseConnector
+    if endpoint.socket_path:
+        connector = aiohttp.UnixConnector(path=endpoint.socket_path, limit=64)
+    else:
+        connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=None)
+    return aiohttp.ClientSession(connector=connector, json_serialize=json.dumps)
 
 
 class _Pool:
     """One aiohttp session bound to one loop, closed when that loop finalizes."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        connector: aiohttp.BaseConnector
-        if endpoint.socket_path:
-            connector = aiohttp.UnixConnector(path=endpoint.socket_path, limit=64)
-        else:
-            connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=None)
-        self.http = aiohttp.ClientSession(connector=connector, json_serialize=json.dumps)
-        self._owner = self._hold()
+    def __init__(self, endpoint: Endpoint, loop: asyncio.AbstractEventLoop) -> None:
+        self.http = _connect(endpoint)
+        self._owner = self._hold(loop)
 
     async def park(self) -> None:
         await self._owner.__anext__()
 
-    async def _hold(self) -> AsyncGenerator[None, None]:
+    async def _hold(self, loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
         try:
             yield
         finally:
+            _finalized.add(loop)
             await self.http.close()
+
+
+def _pools_last(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether a pool made now would be closed when the loop finalizes."""
+    return loop not in _finalized and not getattr(loop, "_asyncgens_shutdown_called", False)
 
 
 async def pool_for(endpoint: Endpoint) -> aiohttp.ClientSession:
@@ -120,10 +135,29 @@ async def pool_for(endpoint: Endpoint) -> aiohttp.ClientSession:
     pools = _pools.setdefault(loop, {})
     pool = pools.get(endpoint)
     if pool is None or pool.http.closed:
-        pool = _Pool(endpoint)
+        pool = _Pool(endpoint, loop)
         await pool.park()
         pools[endpoint] = pool
     return pool.http
+
+
+class Lease:
+    """The aiohttp session for one call: the loop's pool where the loop will close it,
+    else a session of the call's own, closed when the call ends."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._own: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientSession:
+        if _pools_last(asyncio.get_running_loop()):
+            return await pool_for(self._endpoint)
+        self._own = _connect(self._endpoint)
+        return self._own
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._own is not None:
+            await self._own.close()
 
 
 async def close_pools() -> None:
@@ -170,9 +204,11 @@ class Transport:
         if self.closed:
             raise SessionClosedError("session_closed", "this session was closed")
         try:
-            http = await pool_for(self.endpoint)
             url = self.endpoint.base_url + "/healthz"
-            async with http.get(url, timeout=self._timeout) as resp:
+            async with (
+                Lease(self.endpoint) as http,
+                http.get(url, timeout=self._timeout) as resp,
+            ):
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
@@ -208,10 +244,12 @@ class Transport:
             if body is not None:
                 all_headers["Content-Type"] = "application/json"
             try:
-                http = await pool_for(self.endpoint)
-                async with http.request(
-                    method, url, data=body, headers=all_headers, timeout=self._timeout
-                ) as resp:
+                async with (
+                    Lease(self.endpoint) as http,
+                    http.request(
+                        method, url, data=body, headers=all_headers, timeout=self._timeout
+                    ) as resp,
+                ):
                     raw = await resp.read()
                     if resp.status < 400:
                         return json.loads(raw) if raw else None
