@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 MAGIC = b"cs1"
 NONCE_BYTES = 12
+TAG_BYTES = 16
 KEY_BYTES = 32
 KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -127,6 +128,8 @@ class Keyring:
         key = self.keys.get(key_id)
         if key is None:
             raise DecryptionFailed(key_id, f"key {key_id!r} is not in this store's keyring")
+        if len(nonce) < NONCE_BYTES or len(sealed) < TAG_BYTES:
+            raise DecryptionFailed(key_id, f"the item made with key {key_id!r} is truncated")
         try:
             return _session_cipher(key, store, session_id).decrypt(
                 nonce, sealed, _associated(store, session_id)
