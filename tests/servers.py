@@ -48,7 +48,8 @@ def _wait_for_port(port: int, timeout: float = 20.0) -> None:
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
+        self.extra = extra
         binary = shutil.which("redis-server")
         if binary is None:
             require("redis-server")
@@ -77,6 +78,7 @@ class RedisServer:
                 "yes",
                 "--appendfsync",
                 "always",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
         )

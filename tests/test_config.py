@@ -86,6 +86,14 @@ def test_a_full_config_is_read_with_durations_and_limits() -> None:
             "field 'redis.tls': TLS files need a rediss:// url",
         ),
         (
+            {"stores": {"c": {"backend": "redis", "redis": {"waitReplicas": 1, "waitTimeout": 5}}}},
+            "field 'redis.waitTimeout': must be shorter than timeout (2s)",
+        ),
+        (
+            {"stores": {"c": {"backend": "redis", "redis": {"waitReplicas": -1}}}},
+            "field 'redis.waitReplicas': must be an integer from 0",
+        ),
+        (
             {"stores": {"c": {"backend": "postgres"}}},
             "store 'c': field 'postgres.dsn': is required",
         ),

@@ -73,6 +73,13 @@ REDIS: dict[str, Any] = {
         "passwordSecretRef": _secret_ref("the Redis password"),
         "caSecretRef": _secret_ref("the PEM CA that signed the server's certificate (rediss://)"),
         "keyPrefix": {"type": "string", "pattern": r"^[^{}\s]{1,200}$"},
+        "waitReplicas": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 100,
+            "description": "Answer appends and clears only once this many replicas hold "
+            "them (WAIT, within 1 s; fewer answers 503 and the client retries).",
+        },
     },
 }
 

@@ -107,8 +107,9 @@ def _database(
         rendered["url"] = secrets.get(f"{prefix}urlSecretRef") or section["url"]
         if "username" in section:
             rendered["username"] = section["username"]
-        if "keyPrefix" in section:
-            rendered["keyPrefix"] = section["keyPrefix"]
+        for key in ("keyPrefix", "waitReplicas"):
+            if key in section:
+                rendered[key] = section[key]
     else:
         rendered["dsn"] = secrets[f"{prefix}dsnSecretRef"].strip()
         for key in ("schema", "poolMax"):

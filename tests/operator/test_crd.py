@@ -81,6 +81,21 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "spec.redis.keyPrefix",
             "does not match",
         ),
+        (
+            {"backend": "redis", "redis": {"url": "redis://x", "waitReplicas": -1}},
+            "spec.redis.waitReplicas",
+            "less than the minimum",
+        ),
+        (
+            {"backend": "redis", "redis": {"url": "redis://x", "waitReplicas": "1"}},
+            "spec.redis.waitReplicas",
+            "is not of type 'integer'",
+        ),
+        (
+            {"backend": "redis", "redis": {"url": "redis://x", "waitReplicas": 10**6}},
+            "spec.redis.waitReplicas",
+            "greater than the maximum",
+        ),
         ({"backend": "dapr"}, "spec.dapr.stateStore", "needs dapr.stateStore"),
         ({"backend": "sqlite", "dapr": {"stateStore": "x"}}, "spec.dapr", "need backend: dapr"),
         (

@@ -76,3 +76,14 @@ def test_the_config_hash_cannot_be_checked_against_guessed_passwords() -> None:
     for name, value in sorted(rendered.secret_data().items()):
         unkeyed.update(name.encode() + b"\x00" + value + b"\x00")
     assert unkeyed.hexdigest()[:16] != published
+
+
+def test_wait_replicas_reaches_the_sidecars_redis_settings(tmp_path: Path) -> None:
+    spec = validate({"backend": "redis", "redis": {"url": "redis://cache:6379", "waitReplicas": 2}})
+    rendered = render("chat", spec, {}, stores_root=str(tmp_path))
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for name, data in rendered.secret_data().items():
+        (folder / name).write_bytes(data)
+    settings = load_config(folder / "config.yaml").stores["chat"].settings
+    assert (settings.wait_replicas, settings.wait_timeout) == (2, 1.0)

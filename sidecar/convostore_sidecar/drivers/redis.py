@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError, WatchError
-from redis.retry import Retry
 
 from .base import (
     MAIN,
@@ -288,6 +288,9 @@ class Settings:
     connect_timeout: float = 1.0
     timeout: float = 2.0
     max_connections: int = 64
+    wait_replicas: int = 0
+    """Appends and clears are answered only once this many replicas hold them (WAIT)."""
+    wait_timeout: float = 1.0
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
@@ -309,8 +312,12 @@ class Settings:
             connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.01, high=60),
             timeout=s.duration("timeout", cls.timeout, low=0.01, high=300),
             max_connections=s.integer("maxConnections", cls.max_connections, low=1, high=10_000),
+            wait_replicas=s.integer("waitReplicas", cls.wait_replicas, low=0, high=100),
+            wait_timeout=s.duration("waitTimeout", cls.wait_timeout, low=0.001, high=300),
         )
         tls.done()
+        if settings.wait_replicas and settings.wait_timeout >= settings.timeout:
+            s.fail("waitTimeout", f"must be shorter than timeout ({settings.timeout:g}s)")
         if (settings.ca_file or settings.cert_file) and not url.startswith("rediss://"):
             s.fail("tls", "TLS files need a rediss:// url")
         return settings
@@ -341,6 +348,7 @@ class RedisDriver(KeepsStructure):
                 ssl_keyfile=settings.key_file,
             )
         self.client: aioredis.Redis = aioredis.Redis.from_url(settings.url, **options)
+        self._wait = (settings.wait_replicas, settings.wait_timeout)
         self._append = self.client.register_script(APPEND)
         self._pop = self.client.register_script(POP)
         self._create_branch = self.client.register_script(CREATE_BRANCH)
@@ -375,6 +383,28 @@ class RedisDriver(KeepsStructure):
     def _base(self, session_id: str) -> str:
         return f"{self.prefix}:{{{session_id}}}"
 
+    async def _replicated(self, write: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Runs `write`; with `waitReplicas`, on one connection and followed by WAIT on
+        it (WAIT covers the writes of its own connection), so the write is answered
+        only once that many replicas hold it. Fewer in time: BackendUnavailable, and the
+        client's retry, carrying the same Idempotency-Key, is a replay that waits again."""
+        replicas, timeout = self._wait
+        if not replicas:
+            return await write(self.client)
+        async with aioredis.Redis(
+            connection_pool=self.client.connection_pool,
+            single_connection_client=True,
+            retry=Retry(NoBackoff(), 0),
+        ) as conn:
+            result = await write(conn)
+            acknowledged = await conn.wait(replicas, int(timeout * 1000))
+        if acknowledged < replicas:
+            raise BackendUnavailable(
+                f"redis: the write reached {acknowledged} of {replicas} replica(s) "
+                f"within waitTimeout ({timeout:g}s)"
+            )
+        return result
+
     async def _script(self, script: AsyncScript, session_id: str, *args: Any) -> Any:
         return await self._call(lambda: script(keys=[self._base(session_id)], args=list(args)))
 
@@ -402,13 +432,14 @@ class RedisDriver(KeepsStructure):
             *(f"{_clean(m.kind)}\t{_clean(m.tool or '')}" for m in meta),
         ]
 
-        async def run() -> Any:
-            outcome = await self._append(keys=[self._base(session_id), idem_key], args=args)
+        async def run(client: aioredis.Redis) -> Any:
+            keys = [self._base(session_id), idem_key]
+            outcome = await self._append(keys=keys, args=args, client=client)
             if outcome[0] == 1 and outcome[1] == 1:
-                await self.client.zadd(self._index, {session_id: 0})
+                await client.zadd(self._index, {session_id: 0})
             return outcome
 
-        outcome = await self._call(run)
+        outcome = await self._call(lambda: self._replicated(run))
         if outcome[0] == 2:
             raise BranchNotFound(branch)
         if outcome[0] == 0:
@@ -466,11 +497,11 @@ class RedisDriver(KeepsStructure):
         raise BackendUnavailable(f"redis: session {session_id!r} changed too often to pop")
 
     async def clear(self, session_id: str) -> None:
-        async def run() -> None:
-            await self._clear(keys=[self._base(session_id)], args=[])
-            await self.client.zrem(self._index, session_id)
+        async def run(client: aioredis.Redis) -> None:
+            await self._clear(keys=[self._base(session_id)], args=[], client=client)
+            await client.zrem(self._index, session_id)
 
-        await self._call(run)
+        await self._call(lambda: self._replicated(run))
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
         base = self._base(session_id)

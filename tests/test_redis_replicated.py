@@ -1,0 +1,75 @@
+"""`redis.waitReplicas`: an append is answered only once replicas hold it."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from convostore import SidecarSession, StoreUnavailableError
+
+from tests.servers import RedisServer
+from tests.support import SidecarProcess
+from tests.test_outages import wait_until
+
+
+@pytest.fixture
+def primary_and_replica() -> Iterator[tuple[RedisServer, RedisServer]]:
+    primary = RedisServer()
+    primary.start()
+    replica = RedisServer("--replicaof", "127.0.0.1", str(primary.port))
+    replica.start()
+    try:
+        yield primary, replica
+    finally:
+        replica.destroy()
+        primary.destroy()
+
+
+async def wait_until_in_sync(primary: RedisServer) -> None:
+    client = aioredis.Redis.from_url(primary.url)
+
+    async def replica_online() -> bool:
+        info = await client.info("replication")
+        return bool(info.get("slave0", {}).get("state") == "online")
+
+    try:
+        await wait_until(replica_online)
+    finally:
+        await client.aclose()
+
+
+async def test_appends_wait_for_the_replica_and_fail_honestly_without_it(
+    primary_and_replica: tuple[RedisServer, RedisServer],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+    tmp_path: Path,
+) -> None:
+    primary, replica = primary_and_replica
+    await wait_until_in_sync(primary)
+    redis_settings = {"url": primary.url, "waitReplicas": 1, "waitTimeout": 0.3}
+    proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis_settings}}})
+    proc.start()
+    session = SidecarSession("durable", "chat", url=proc.url, retries=1)
+    replica_client = aioredis.Redis.from_url(replica.url)
+    try:
+        for n in range(20):
+            await session.add_items([{"n": n}])
+            # answered, so already on the replica: no waiting for it here
+            stored = await replica_client.lrange("convostore:chat:{durable}:items", 0, -1)
+            assert len(stored) == n + 1
+        assert replica.process is not None
+        replica.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailableError) as error:
+                await session.add_items([{"n": "unreplicated"}])
+            assert error.value.code == "backend_unavailable"
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
+        await wait_until_in_sync(primary)
+        history = [item["n"] for item in await session.get_items()]
+        assert history == [*range(20), "unreplicated"], "stored once, never doubled"
+    finally:
+        await replica_client.aclose()
