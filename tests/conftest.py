@@ -16,7 +16,7 @@ from convostore_sidecar.config import parse_config
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
 from tests.servers import PostgresServer, RedisServer, free_port
-from tests.support import RunningSidecar, SidecarProcess, StartSidecar, unique
+from tests.support import RunningSidecar, SidecarProcess, StartSidecar, migrate, unique
 
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
@@ -92,6 +92,7 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
                 "dsn": request.getfixturevalue("postgres_dsn"),
                 "schema": "t_" + uuid.uuid4().hex[:12],
             }
+            migrate({"stores": {"schema": config}})
         elif backend == "openai":
             config["openai"] = {
                 "baseURL": request.getfixturevalue("openai_api").base_url,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,26 @@ from agents import function_tool
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from convostore import SidecarSession
+from convostore_sidecar.config import parse_config
+from convostore_sidecar.migrate import migrate_store
 
 from tests.servers import free_port
 
 BACKENDS = ("sqlite", "redis", "postgres", "dapr", "openai")
 # What a backend cannot do, by the conformance marker (or `encryption`) that needs it.
 LACKS = {"openai": frozenset({"retention", "any_json", "encryption"})}
+
+
+def migrate(config: dict[str, Any]) -> None:
+    """What `convostore migrate` (or the operator) does before sidecars serve the
+    config's stores; callable from a running event loop."""
+
+    async def run() -> None:
+        for store in parse_config(config).stores.values():
+            await migrate_store(store)
+
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, run()).result()
 
 
 def backends_with(*capabilities: str) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -203,12 +204,14 @@ async def stored_items_of(sidecar: RunningSidecar, session_id: str) -> list[byte
 async def test_default_limits_refuse_an_item_over_one_mebibyte(
     sidecar: RunningSidecar, http: aiohttp.ClientSession
 ) -> None:
-    body = {"items": [{"blob": "x" * (1 << 20)}]}
-    async with http.post(sidecar.url + ITEMS.format("s"), json=body) as resp:
+    headers = {"Content-Type": "application/json"}
+    body = io.BytesIO(json.dumps({"items": [{"blob": "x" * (1 << 20)}]}).encode())
+    async with http.post(sidecar.url + ITEMS.format("s"), data=body, headers=headers) as resp:
         assert await error_of(resp) == (413, "item_too_large")
     too_big = b'{"items":[' + b",".join([b'{"b":"' + b"x" * 900_000 + b'"}'] * 10) + b"]}"
-    headers = {"Content-Type": "application/json"}
-    async with http.post(sidecar.url + ITEMS.format("s"), data=too_big, headers=headers) as resp:
+    async with http.post(
+        sidecar.url + ITEMS.format("s"), data=io.BytesIO(too_big), headers=headers
+    ) as resp:
         assert await error_of(resp) == (413, "request_too_large")
     assert await stored_items(sidecar, "s") == []
 

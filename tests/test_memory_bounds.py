@@ -4,6 +4,7 @@ valid requests arrive at once (`requests.maxBufferedBytes`, items parsed one by 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ async def test_the_worst_valid_requests_at_once_stay_under_the_container_limit(
 
     async def append(http: aiohttp.ClientSession, n: int) -> tuple[int, str]:
         url = f"{proc.url}/v1/stores/default/sessions/s{n}/items"
-        async with http.post(url, data=body, headers=headers) as resp:
+        async with http.post(url, data=io.BytesIO(body), headers=headers) as resp:
             answer = await resp.json()
             return resp.status, answer.get("error", {}).get("code", "")
 

@@ -21,7 +21,14 @@ from convostore_sidecar.stores import Store
 from openai import AsyncOpenAI
 
 from tests.openai_standin import OpenAIStandIn
-from tests.support import RunningSidecar, SidecarProcess, StartSidecar, lookup_weather, unique
+from tests.support import (
+    RunningSidecar,
+    SidecarProcess,
+    StartSidecar,
+    lookup_weather,
+    migrate,
+    unique,
+)
 
 StoreConfig = Callable[..., dict[str, Any]]
 CONVERSATIONS = "/v1/conversations"
@@ -214,6 +221,7 @@ async def test_replicas_sharing_a_map_agree_on_one_conversation(
         shared = {"postgres": {"dsn": dsn, "schema": "m_" + uuid.uuid4().hex[:12]}}
     config = store_config("openai")
     config["openai"]["mapping"] = {"backend": mapping, **shared}
+    migrate({"stores": {"chat": config}})
     replicas = [await start_sidecar({"stores": {"chat": config}}) for _ in range(2)]
     session_id = unique()
 

@@ -17,7 +17,7 @@ from convostore import SidecarSession, StoreUnavailableError
 from convostore_sidecar.state import METRICS
 
 from tests.servers import PostgresServer, RedisServer
-from tests.support import RunningSidecar, StartSidecar, unique
+from tests.support import RunningSidecar, StartSidecar, migrate, unique
 
 Server = RedisServer | PostgresServer
 
@@ -37,6 +37,7 @@ async def outage_subject(
     store[request.param]["url" if request.param == "redis" else "dsn"] = (
         server.url if isinstance(server, RedisServer) else server.dsn
     )
+    migrate({"stores": {"conf": store}})
     sidecar = await start_sidecar({"stores": {"conf": store}})
     yield server, sidecar
     server.destroy()
@@ -157,6 +158,7 @@ async def test_sidecar_starts_while_the_backend_is_down(
         assert set(body["stores"]) == {"chat", "audit"}
         server.start()
         await asyncio.to_thread(pg.start)
+        migrate({"stores": {"audit": {"backend": "postgres", "postgres": {"dsn": pg.dsn}}}})
         await wait_until(lambda: _ready(sidecar))
         for store in ("chat", "audit"):
             session = SidecarSession("late", store, url=sidecar.url)

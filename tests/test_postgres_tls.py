@@ -18,7 +18,7 @@ from convostore_sidecar.config import ConfigError, parse_config
 from convostore_sidecar.drivers.postgres import Settings
 
 from tests.servers import PostgresServer
-from tests.support import StartSidecar
+from tests.support import StartSidecar, migrate
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ async def test_a_configured_ca_is_verified(
     wrong.write_bytes(issue(["localhost"], datetime.datetime.now(datetime.UTC)).ca_cert)
     dsn = f"postgresql://postgres@localhost:{server.port}/postgres"
 
+    migrate(store(dsn, caFile=str(right)))
     trusted = await start_sidecar(store(dsn, caFile=str(right)))
     session = SidecarSession("s", "chat", url=trusted.url)
     await session.add_items([{"n": 1}])

@@ -250,10 +250,14 @@ def test_slow_headers_and_idle_connections_are_cut_off(
     proc = sidecar_process({"requests": {"idleTimeout": "1s"}, **sqlite_config(tmp_path / "c.db")})
     proc.start()
     opened = time.monotonic()
-    slow = open_connection(proc.port, b"GET /v1/stores/default/sessions/s/items HTTP/1.1\r\nHo")
-    idle = open_connection(proc.port)
-    assert read_until_closed(slow) == b""
-    assert read_until_closed(idle) == b""
+    with (
+        open_connection(
+            proc.port, b"GET /v1/stores/default/sessions/s/items HTTP/1.1\r\nHo"
+        ) as slow,
+        open_connection(proc.port) as idle,
+    ):
+        assert read_until_closed(slow) == b""
+        assert read_until_closed(idle) == b""
     waited = time.monotonic() - opened
     assert waited < 9, f"the connections were held {waited:.1f} s"
     with urllib.request.urlopen(proc.url + "/healthz", timeout=5) as answer:
@@ -266,7 +270,8 @@ def test_connections_past_the_cap_are_told_to_retry_and_closed(
     proc = sidecar_process({"requests": {"maxConnections": 3}, **sqlite_config(tmp_path / "c.db")})
     proc.start()
     held = [open_connection(proc.port) for _ in range(3)]
-    refused = read_until_closed(open_connection(proc.port))
+    with open_connection(proc.port) as fourth:
+        refused = read_until_closed(fourth)
     head, _, body = refused.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503")
     assert b"Retry-After: 1" in head
@@ -275,8 +280,11 @@ def test_connections_past_the_cap_are_told_to_retry_and_closed(
     deadline = time.monotonic() + 10
     while True:
         request = b"GET /healthz HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
-        with contextlib.suppress(ConnectionResetError):  # refused before the slot freed
-            if read_until_closed(open_connection(proc.port, request)).startswith(b"HTTP/1.1 200"):
+        with (
+            contextlib.suppress(ConnectionResetError),  # refused before the slot freed
+            open_connection(proc.port, request) as conn,
+        ):
+            if read_until_closed(conn).startswith(b"HTTP/1.1 200"):
                 break
         assert time.monotonic() < deadline, "a freed connection slot was never reused"
     for conn in held:

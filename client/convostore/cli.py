@@ -75,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--log-level", default="INFO")
     sidecar.set_defaults(run=_run_sidecar)
 
+    migrate = commands.add_parser(
+        "migrate", help="bring each store's backend schema to this version (PostgreSQL)"
+    )
+    migrate.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="the sidecar's config; repeat it to combine files (default: $CONVOSTORE_CONFIG)",
+    )
+    migrate.set_defaults(run=_run_migrate)
+
     sessions = commands.add_parser("sessions", help="inspect a running sidecar's sessions")
     sessions.add_argument("--url", help="sidecar URL (default: $CONVOSTORE_URL)")
     sessions.add_argument("--store", default="default")
@@ -178,6 +189,21 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         tcp=not args.no_tcp,
         issue_token=args.issue_token,
     )
+
+
+def _run_migrate(args: argparse.Namespace) -> int:
+    try:
+        from convostore_sidecar.migrate import run_migrate
+    except ImportError as exc:
+        raise ValueError(
+            f"migrate needs the [sidecar] extra ({exc.name} is missing): "
+            "pip install 'convostore[sidecar]'"
+        ) from exc
+    from_env = os.environ.get("CONVOSTORE_CONFIG")
+    paths = args.config or ([from_env] if from_env else [])
+    if not paths:
+        raise ValueError("migrate: name the sidecar's config with --config")
+    return run_migrate(paths)
 
 
 def _run(coro: Any) -> int:

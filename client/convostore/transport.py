@@ -19,6 +19,7 @@ jittered pauses.
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import json
 import os
@@ -43,6 +44,7 @@ from .errors import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8790"
+LARGE_BODY = 1 << 20
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 
@@ -247,7 +249,7 @@ class Transport:
                 async with (
                     Lease(self.endpoint) as http,
                     http.request(
-                        method, url, data=body, headers=all_headers, timeout=self._timeout
+                        method, url, data=_payload(body), headers=all_headers, timeout=self._timeout
                     ) as resp,
                 ):
                     raw = await resp.read()
@@ -270,6 +272,14 @@ class Transport:
                     ) from exc
             attempt += 1
             await asyncio.sleep(delay)
+
+
+def _payload(body: bytes | None) -> bytes | io.BytesIO | None:
+    """aiohttp warns (ResourceWarning) about sending more than 1 MiB as plain bytes, which
+    it copies in one go; a buffer is streamed. A new one per attempt: sending consumes it."""
+    if body is not None and len(body) > LARGE_BODY:
+        return io.BytesIO(body)
+    return body
 
 
 def _retry_after(headers: Mapping[str, str]) -> float:

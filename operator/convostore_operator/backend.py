@@ -4,8 +4,9 @@ The operator renders the store as a sidecar would see it, with credential and ke
 (and any SQLite file, such as an openai store's per-pod map) in a private temporary
 directory, parses it with the sidecar's config parser and opens
 the sidecar's driver. So a reachability check is the sidecar's `ping`, the PostgreSQL
-schema is created the way a sidecar creates it, and a `Delete` purge clears sessions the
-way the API does: one design, checked by the same code that serves traffic.
+schema is migrated by `convostore migrate`'s own code (which changes nothing once the
+schema is at this version), and a `Delete` purge clears sessions the way the API does:
+one design, checked by the same code that serves traffic.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from convostore_sidecar.config import StoreConfig, parse_config
-from convostore_sidecar.drivers.base import BackendUnavailable, Driver
+from convostore_sidecar.drivers.base import BackendMisconfigured, BackendUnavailable, Driver
+from convostore_sidecar.migrate import migrate_store
 from convostore_sidecar.stores import Store
 
 from .render import render
@@ -109,10 +111,14 @@ async def check(
     if spec["backend"] in LOCAL_BACKENDS:
         return Reachability("Unknown", "CheckedBySidecar", LOCAL_BACKENDS[spec["backend"]])
     try:
+        with materialised(name, spec, secrets, keys, scope) as config:
+            await migrate_store(config)
         async with opened(name, spec, secrets, keys, scope) as driver:
             await driver.ping()
     except BackendUnavailable as exc:
         return Reachability("False", "Unreachable", str(exc))
+    except BackendMisconfigured as exc:
+        return Reachability("False", "Misconfigured", str(exc))
     return Reachability("True", "Reachable", f"the {spec['backend']} backend answered")
 
 

@@ -15,7 +15,7 @@ import yaml
 from aiohttp import web
 from convostore_operator.handlers import OperatorConfig
 from convostore_sidecar.config import load_config, parse_config
-from convostore_sidecar.drivers import postgres as pg_driver
+from convostore_sidecar.drivers.postgres_schema import SCHEMA_VERSION
 from convostore_sidecar.stores import Store
 
 from tests.openai_standin import OpenAIStandIn
@@ -125,7 +125,7 @@ async def test_postgres_store_bootstraps_the_schema(
     conn = await asyncpg.connect(postgres_dsn)
     try:
         version = await conn.fetchval("SELECT max(version) FROM op_audit.schema_version")
-        assert version == pg_driver.SCHEMA_VERSION
+        assert version == SCHEMA_VERSION
     finally:
         await conn.close()
     config = yaml.safe_load(rendered(cluster, "audit")["config.yaml"])

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ..config import StoreConfig
@@ -173,6 +173,15 @@ class Driver(Protocol):
 
     async def rewrite(self, session_id: str, transform: Transform) -> int:
         """Replace each item for which `transform` returns bytes; return how many."""
+
+
+@runtime_checkable
+class Migrates(Protocol):
+    """A backend whose schema is migrated explicitly (`convostore migrate`), not by the
+    sidecars that serve from it."""
+
+    async def migrate(self) -> str:
+        """Bring the schema to this version; say what was done, in one line."""
 
 
 class Branching(Protocol):

@@ -46,6 +46,7 @@ from .base import (
     Check,
     Driver,
     Idempotency,
+    Migrates,
     Retention,
     Transform,
     replay_of,
@@ -179,6 +180,12 @@ class OpenAIDriver:
         await self.api.close()
         await self.conversations.close()
         await self.idempotency.close()
+
+    async def migrate(self) -> str:
+        """The mapping backend's schema, where it has one (PostgreSQL)."""
+        if not isinstance(self.conversations, Migrates):
+            return "its mapping has nothing to migrate"
+        return f"its mapping: {await self.conversations.migrate()}"
 
     async def ping(self) -> None:
         """An authenticated call that reads nothing: a conversation that cannot exist."""

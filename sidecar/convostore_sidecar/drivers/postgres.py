@@ -14,10 +14,10 @@ are read along (branch, seq) and its user turns along (branch, kind, turn). Bran
 calls lock the session's row like appends do, so a branch is copied whole while writers
 wait, and usage is written only if the turn it was captured for still exists.
 
-The schema is created on first contact, under an advisory lock so that many sidecars
-starting at once do not race, and recorded in a schema-version table; a version 1
-schema gains the structure columns in place (its items count as turn 0 of `main`). The pool is made
-lazily: a sidecar starts while its database is down and recovers when it returns.
+The schema is made by `convostore migrate` (see `postgres_schema`), never by a sidecar
+serving requests, which only checks its version; a version 1 schema gains the structure
+columns in place (its items count as turn 0 of `main`). The pool is made lazily: a
+sidecar starts while its database is down and recovers when it returns.
 Expired sessions are swept in batches by whichever sidecar holds the sweep lock.
 """
 
@@ -55,131 +55,21 @@ from .base import (
     UserTurn,
     replay_of,
 )
+from .postgres_schema import (
+    NO_BRANCH,
+    SchemaTooNew,
+    installed_version,
+    migrate,
+    version_problem,
+)
 
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2
-NO_BRANCH = "CVB01"  # SQLSTATE the append function raises for a branch that is not live
-SCHEMA_LOCK = 0x636F6E766F  # "convo": one advisory lock id for schema creation
 SWEEP_LOCK = 0x73776565  # "swee": at most one sidecar sweeps at a time
 SWEEP_BATCH = 500
 IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS {s}.schema_version (
-    version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
-CREATE TABLE IF NOT EXISTS {s}.sessions (
-    store text NOT NULL, session_id text NOT NULL,
-    next_seq bigint NOT NULL, updated_at timestamptz NOT NULL,
-    PRIMARY KEY (store, session_id));
-CREATE INDEX IF NOT EXISTS sessions_updated ON {s}.sessions (store, updated_at);
-CREATE TABLE IF NOT EXISTS {s}.items (
-    store text NOT NULL, session_id text NOT NULL, seq bigint NOT NULL, data bytea NOT NULL,
-    PRIMARY KEY (store, session_id, seq),
-    FOREIGN KEY (store, session_id) REFERENCES {s}.sessions ON DELETE CASCADE);
-ALTER TABLE {s}.items
-    ADD COLUMN IF NOT EXISTS branch text NOT NULL DEFAULT 'main',
-    ADD COLUMN IF NOT EXISTS turn bigint NOT NULL DEFAULT 0,
-    ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'other',
-    ADD COLUMN IF NOT EXISTS tool text,
-    ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now();
-CREATE INDEX IF NOT EXISTS items_branch ON {s}.items (store, session_id, branch, seq);
-CREATE INDEX IF NOT EXISTS items_kind ON {s}.items (store, session_id, branch, kind, turn);
-CREATE TABLE IF NOT EXISTS {s}.branches (
-    store text NOT NULL, session_id text NOT NULL, branch text NOT NULL,
-    live boolean NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (store, session_id, branch));
-CREATE TABLE IF NOT EXISTS {s}.usage (
-    store text NOT NULL, session_id text NOT NULL, branch text NOT NULL, turn bigint NOT NULL,
-    requests bigint NOT NULL, input_tokens bigint NOT NULL, output_tokens bigint NOT NULL,
-    total_tokens bigint NOT NULL, input_details bytea, output_details bytea,
-    PRIMARY KEY (store, session_id, branch, turn),
-    FOREIGN KEY (store, session_id) REFERENCES {s}.sessions ON DELETE CASCADE);
-CREATE TABLE IF NOT EXISTS {s}.idempotency_keys (
-    store text NOT NULL, session_id text NOT NULL, key text NOT NULL,
-    fingerprint text NOT NULL, appended integer NOT NULL, expires_at timestamptz NOT NULL,
-    PRIMARY KEY (store, session_id, key));
-CREATE INDEX IF NOT EXISTS idempotency_expiry ON {s}.idempotency_keys (store, expires_at);
-DROP FUNCTION IF EXISTS {s}.append(text, text, bytea[], text, text, float8, float8, bigint);
-CREATE OR REPLACE FUNCTION {s}.turn_start(
-    p_store text, p_session text, p_branch text, p_turn bigint
-) RETURNS bigint LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN p_turn = 0 THEN
-        (SELECT i.seq FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session
-            AND i.branch = p_branch ORDER BY i.seq LIMIT 1)
-    ELSE
-        (SELECT i.seq FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session
-            AND i.branch = p_branch AND i.kind = 'user' AND i.turn = p_turn)
-    END
-$$;
-CREATE OR REPLACE FUNCTION {s}.append(
-    p_store text, p_session text, p_items bytea[], p_key text, p_fingerprint text,
-    p_key_ttl float8, p_ttl float8, p_max_items bigint,
-    p_branch text, p_kinds text[], p_tools text[]
-) RETURNS TABLE (replayed boolean, fingerprint text, appended integer, turn bigint, anchor bigint)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_next bigint;
-    v_expired boolean;
-    v_turn bigint;
-    v_last_user bigint;
-BEGIN
-    IF p_key IS NOT NULL THEN
-        INSERT INTO {s}.idempotency_keys AS k VALUES (
-            p_store, p_session, p_key, p_fingerprint, cardinality(p_items),
-            now() + make_interval(secs => p_key_ttl))
-        ON CONFLICT (store, session_id, key) DO UPDATE
-            SET fingerprint = EXCLUDED.fingerprint, appended = EXCLUDED.appended,
-                expires_at = EXCLUDED.expires_at
-            WHERE k.expires_at <= now();
-        IF NOT FOUND THEN
-            RETURN QUERY SELECT true, k.fingerprint, k.appended, NULL::bigint, NULL::bigint
-                FROM {s}.idempotency_keys AS k
-                WHERE k.store = p_store AND k.session_id = p_session AND k.key = p_key;
-            RETURN;
-        END IF;
-    END IF;
-    INSERT INTO {s}.sessions VALUES (p_store, p_session, 0, now()) ON CONFLICT DO NOTHING;
-    SELECT s.next_seq, (p_ttl IS NOT NULL AND s.updated_at <= now() - make_interval(secs => p_ttl))
-        INTO v_next, v_expired
-        FROM {s}.sessions AS s WHERE s.store = p_store AND s.session_id = p_session FOR UPDATE;
-    IF v_expired THEN
-        DELETE FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session;
-        DELETE FROM {s}.usage AS u WHERE u.store = p_store AND u.session_id = p_session;
-        DELETE FROM {s}.branches AS b WHERE b.store = p_store AND b.session_id = p_session;
-    END IF;
-    IF p_branch <> 'main' AND NOT EXISTS (SELECT 1 FROM {s}.branches AS b
-            WHERE b.store = p_store AND b.session_id = p_session AND b.branch = p_branch
-            AND b.live) THEN
-        RAISE EXCEPTION USING ERRCODE = '{no_branch}', MESSAGE = p_branch;
-    END IF;
-    SELECT coalesce((SELECT i.turn FROM {s}.items AS i WHERE i.store = p_store
-        AND i.session_id = p_session AND i.branch = p_branch ORDER BY i.seq DESC LIMIT 1), 0)
-        INTO v_turn;
-    INSERT INTO {s}.items (store, session_id, seq, data, branch, turn, kind, tool)
-        SELECT p_store, p_session, v_next + t.ord - 1, t.data, p_branch,
-            v_turn + count(*) FILTER (WHERE t.kind = 'user') OVER (ORDER BY t.ord),
-            t.kind, t.tool
-        FROM unnest(p_items, p_kinds, p_tools) WITH ORDINALITY AS t(data, kind, tool, ord);
-    SELECT max(t.ord) INTO v_last_user
-        FROM unnest(p_kinds) WITH ORDINALITY AS t(kind, ord) WHERE t.kind = 'user';
-    v_turn := v_turn + (SELECT count(*) FROM unnest(p_kinds) AS k WHERE k = 'user');
-    UPDATE {s}.sessions AS s SET next_seq = v_next + cardinality(p_items), updated_at = now()
-        WHERE s.store = p_store AND s.session_id = p_session;
-    IF p_max_items IS NOT NULL THEN
-        DELETE FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session
-            AND i.branch = p_branch AND i.seq < (SELECT j.seq FROM {s}.items AS j
-                WHERE j.store = p_store AND j.session_id = p_session AND j.branch = p_branch
-                ORDER BY j.seq DESC LIMIT 1 OFFSET p_max_items - 1);
-    END IF;
-    RETURN QUERY SELECT false, NULL::text, cardinality(p_items), v_turn,
-        CASE WHEN v_last_user IS NOT NULL THEN v_next + v_last_user - 1
-        ELSE {s}.turn_start(p_store, p_session, p_branch, v_turn) END;
-END $$;
-INSERT INTO {s}.schema_version (version) VALUES ({v}) ON CONFLICT DO NOTHING;
-"""
 
 LATEST_SQL = """
 SELECT i.data FROM {s}.items AS i JOIN {s}.sessions AS s USING (store, session_id)
@@ -310,6 +200,7 @@ class PostgresDriver(KeepsStructure):
         self.retention = store.retention
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._schema_ready = False
         s = self.settings.schema
         self.latest_sql = LATEST_SQL.format(s=s)
         self.user_turns_sql = USER_TURNS_SQL.format(s=s)
@@ -339,33 +230,22 @@ class PostgresDriver(KeepsStructure):
                         "application_name": "convostore-sidecar",
                     },
                 )
-                try:
-                    await self._create_schema(pool)
-                except BaseException:
-                    await pool.close()
-                    raise
                 self._pool = pool
         return self._pool
 
-    async def _create_schema(self, pool: asyncpg.Pool) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}")
-            newest = await conn.fetchval(
-                "SELECT to_regclass($1) IS NOT NULL", f"{self._s}.schema_version"
-            )
-            if newest:
-                version = await conn.fetchval(f"SELECT max(version) FROM {self._s}.schema_version")
-                if version is not None and version > SCHEMA_VERSION:
-                    raise RuntimeError(
-                        f"schema {self._s} has version {version}, newer than this sidecar's"
-                    )
-            await conn.execute(SCHEMA.format(s=self._s, v=SCHEMA_VERSION, no_branch=NO_BRANCH))
-
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, migrated: bool = True
+    ) -> T:
+        """`fn` on a pooled connection, with the server's errors mapped to the API's;
+        until the schema is found at this sidecar's version, only with `migrated=False`."""
         try:
             pool = await self._get_pool()
             async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
+                if migrated and not self._schema_ready:
+                    problem = version_problem(self._s, await installed_version(conn, self._s))
+                    if problem:
+                        raise BackendMisconfigured(problem)
+                    self._schema_ready = True
                 return await fn(conn)
         except _MISCONFIGURED as exc:
             raise BackendMisconfigured(f"postgres refuses the store's settings: {exc}") from exc
@@ -376,8 +256,15 @@ class PostgresDriver(KeepsStructure):
         return self.retention.ttl_seconds
 
     async def open(self) -> None:
-        """The pool and schema are made on first use, so a database outage at start-up
-        does not keep the sidecar from starting."""
+        """The pool is made on first use, so a database outage at start-up does not
+        keep the sidecar from starting."""
+
+    async def migrate(self) -> str:
+        """Bring the schema to this version (`convostore migrate`, the operator)."""
+        try:
+            return str(await self._run(lambda conn: migrate(conn, self._s), migrated=False))
+        except SchemaTooNew as exc:
+            raise BackendMisconfigured(str(exc)) from exc
 
     async def close(self) -> None:
         if self._pool is not None:
