@@ -44,6 +44,23 @@ SMOKE = Sizes(
 )
 
 
+async def replication_cost(servers: Servers, sizes: Sizes) -> dict[tuple[str, int], Figures]:
+    """Agent turns through the sidecar on one Redis, answered at once and answered once a
+    replica holds each append (`redis.waitReplicas: 1`), alternating in one run."""
+    figures: dict[tuple[str, int], Figures] = {}
+    for mode in ("redis", "redis-replicated"):
+        sidecar = Sidecar(servers.store(mode), servers.workdir)
+        sidecar.start()
+        try:
+            make = sidecar_factory(sidecar.url)
+            for tasks in (1, 8):
+                await agent_turns(make, tasks, max(10, sizes.turns // 10))  # warm-up
+                figures[(mode, tasks)] = await agent_turns(make, tasks, sizes.turns)
+        finally:
+            sidecar.stop()
+    return figures
+
+
 @dataclass
 class BackendResult:
     turns: dict[tuple[str, int], Figures]
@@ -102,7 +119,12 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "—"
 
 
-def render(results: dict[str, BackendResult], sizes: Sizes, command: str) -> str:
+def render(
+    results: dict[str, BackendResult],
+    replication: dict[tuple[str, int], Figures],
+    sizes: Sizes,
+    command: str,
+) -> str:
     out = [
         "# Benchmark results",
         "",
@@ -185,6 +207,22 @@ def render(results: dict[str, BackendResult], sizes: Sizes, command: str) -> str
             f"| {backend} | {r.idle_rss / 2**20:.1f} | {r.loaded_rss / 2**20:.1f} | "
             f"{r.cold_start_s:.2f} |"
         )
+    if replication:
+        out += [
+            "",
+            "## (g) Redis: what waiting for a replica costs (`redis.waitReplicas: 1`)",
+            "",
+            "| tasks | answered at once turns/s | after WAIT turns/s | ratio "
+            "| at once p50 ms | after WAIT p50 ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for tasks in (1, 8):
+            a, b = replication[("redis", tasks)], replication[("redis-replicated", tasks)]
+            out.append(
+                f"| {tasks} | {a.ops_per_second:.0f} | {b.ops_per_second:.0f} | "
+                f"{ratio(b.ops_per_second, a.ops_per_second)} | {a.p50_ms:.2f} | "
+                f"{b.p50_ms:.2f} |"
+            )
     out += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
     notes = Path(__file__).parent / "NOTES.md"
@@ -240,13 +278,17 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-async def run(sizes: Sizes, backends: tuple[str, ...]) -> dict[str, BackendResult]:
+async def run(
+    sizes: Sizes, backends: tuple[str, ...]
+) -> tuple[dict[str, BackendResult], dict[tuple[str, int], Figures]]:
     with Servers() as servers:
         sdk = SdkSessions(servers)
         try:
-            return {b: await measure(b, servers, sdk, sizes) for b in backends}
+            results = {b: await measure(b, servers, sdk, sizes) for b in backends}
         finally:
             await sdk.close()
+        replication = await replication_cost(servers, sizes) if "redis" in backends else {}
+    return results, replication
 
 
 def main() -> int:
@@ -257,8 +299,8 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
     sizes = SMOKE if args.smoke else FULL
-    results = asyncio.run(run(sizes, tuple(args.backends.split(","))))
-    report = render(results, sizes, "python -m bench " + " ".join(sys.argv[1:]))
+    results, replication = asyncio.run(run(sizes, tuple(args.backends.split(","))))
+    report = render(results, replication, sizes, "python -m bench " + " ".join(sys.argv[1:]))
     print(report)
     Path(args.output).write_text(report)
     return 0

@@ -38,6 +38,12 @@ class Sidecar:
         """Start it and return the seconds until `/readyz` answered 200."""
         config = self.workdir / f"sidecar-{self.port}.yaml"
         config.write_text(yaml.safe_dump({"stores": {"default": self.store}}))
+        if self.store["backend"] == "postgres":  # as the operator does before pods start
+            subprocess.run(
+                [sys.executable, "-m", "convostore", "migrate", "--config", str(config)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         started = time.perf_counter()
         self.process = subprocess.Popen(
             [
@@ -83,14 +89,18 @@ class Servers:
     def __init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="convostore-bench-"))
         self.redis = RedisServer()
+        self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.redis.port))
         self.postgres = PostgresServer()
 
     def __enter__(self) -> Servers:
         self.redis.start()
+        self.replica.start()
         self.postgres.start()
+        _wait_for_replica(self.redis.url)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.replica.destroy()
         self.redis.destroy()
         self.postgres.destroy()
 
@@ -100,10 +110,27 @@ class Servers:
             return {"backend": "sqlite", "sqlite": {"path": str(self.workdir / f"cs-{run}.db")}}
         if backend == "redis":
             return {"backend": "redis", "redis": {"url": self.redis.url, "keyPrefix": f"b{run}"}}
+        if backend == "redis-replicated":
+            redis = {"url": self.redis.url, "keyPrefix": f"b{run}", "waitReplicas": 1}
+            return {"backend": "redis", "redis": redis}
         return {
             "backend": "postgres",
             "postgres": {"dsn": self.postgres.dsn, "schema": f"b_{run}", "poolMax": 16},
         }
+
+
+def _wait_for_replica(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 30
+    try:
+        while client.info("replication").get("slave0", {}).get("state") != "online":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis replica did not come online")
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 class SdkSessions:
