@@ -97,9 +97,9 @@ async def test_an_unknown_branch_is_404_and_changes_nothing(
 
 
 REFUSED = [
-    ("POST", "/branches", {"turn": 7}, 400, "turn_not_found"),
-    ("POST", "/branches", {"turn": 0}, 400, "turn_not_found"),
-    ("POST", "/branches", {"containing": "zebra"}, 400, "turn_not_found"),
+    ("POST", "/branches", {"turn": 7}, 409, "turn_not_found"),
+    ("POST", "/branches", {"turn": 0}, 409, "turn_not_found"),
+    ("POST", "/branches", {"containing": "zebra"}, 409, "turn_not_found"),
     ("POST", "/branches", {"turn": 1, "branch_id": "alt"}, 409, "branch_id_used"),
     ("POST", "/branches", {"turn": 1, "branch_id": "main"}, 409, "branch_id_used"),
     ("POST", "/branches", {"turn": -1}, 400, "invalid_body"),
@@ -108,6 +108,8 @@ REFUSED = [
     ("POST", "/branches", {"turn": 1, "containing": "q"}, 400, "invalid_body"),
     ("POST", "/branches", {}, 400, "invalid_body"),
     ("POST", "/branches", {"turn": 1, "extra": 1}, 400, "invalid_body"),
+    ("POST", "/branches", {"turn": 1, "from_branch": {}}, 400, "invalid_branch_id"),
+    ("POST", "/branches", {"containing": "q", "from_branch": 7}, 400, "invalid_branch_id"),
     ("POST", "/branches", {"containing": ""}, 400, "invalid_body"),
     ("POST", "/branches", {"containing": "x" * 1001}, 400, "invalid_body"),
     ("POST", "/branches", {"turn": 1, "branch_id": "a b"}, 400, "invalid_branch_id"),
@@ -115,8 +117,8 @@ REFUSED = [
     ("POST", "/branches", {"turn": 1, "branch_id": ".."}, 400, "invalid_branch_id"),
     ("POST", "/branches", {"turn": 1, "branch_id": 5}, 400, "invalid_branch_id"),
     ("POST", "/branches", ["turn", 1], 400, "invalid_body"),
-    ("DELETE", "/branches/main", None, 400, "cannot_delete_main"),
-    ("DELETE", "/branches/alt?current=alt", None, 400, "branch_is_current"),
+    ("DELETE", "/branches/main", None, 409, "cannot_delete_main"),
+    ("DELETE", "/branches/alt?current=alt", None, 409, "branch_is_current"),
     ("DELETE", "/branches/alt?current=alt&force=maybe", None, 400, "invalid_force"),
     ("DELETE", "/branches/alt?current=a%20b", None, 400, "invalid_branch_id"),
     ("GET", "/items?branch=a%2Fb", None, 400, "invalid_branch_id"),

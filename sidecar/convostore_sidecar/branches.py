@@ -57,9 +57,12 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _count(body: dict[str, Any], key: str, *, required: bool = True) -> int | None:
+    """A non-negative integer; `3.0` is one too, as JSON Schema counts integers."""
     value = body.get(key)
     if value is None and not required:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
         raise ApiError(400, "invalid_body", f"{key!r} must be a non-negative integer")
     return value
@@ -117,7 +120,7 @@ async def _first_turn_containing(store: Store, session_id: str, source: str, ter
     for turn in await store.branching.user_turns(session_id, source):
         if mentions(turn.item, term):
             return turn.turn
-    raise ApiError(400, "turn_not_found", f"no user turn in branch {source!r} contains {term!r}")
+    raise ApiError(409, "turn_not_found", f"no user turn in branch {source!r} contains {term!r}")
 
 
 async def _create_with_generated_id(store: Store, session_id: str, source: str, turn: int) -> str:
@@ -150,10 +153,10 @@ async def delete_branch(request: web.Request) -> web.Response:
     current = validation.branch_id(request.query.get("current"))
     force = validation.flag_param(request.query.get("force"), "force")
     if branch == MAIN:
-        raise ApiError(400, "cannot_delete_main", "the 'main' branch cannot be deleted")
+        raise ApiError(409, "cannot_delete_main", "the 'main' branch cannot be deleted")
     if branch == current and not force:
         raise ApiError(
-            400,
+            409,
             "branch_is_current",
             f"branch {branch!r} is the current branch; switch first or delete with force",
         )

@@ -116,7 +116,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except TurnNotFound as exc:
         return error_response(
-            400, "turn_not_found", f"turn {exc.args[0]} does not contain a user message"
+            409, "turn_not_found", f"turn {exc.args[0]} does not contain a user message"
         )
     except IdempotencyKeyReused as exc:
         return error_response(

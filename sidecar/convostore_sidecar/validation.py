@@ -37,10 +37,11 @@ def session_id(value: str, limits: Limits) -> str:
     return value
 
 
-def branch_id(value: str | None) -> str:
+def branch_id(value: object) -> str:
+    """A branch id from the query, the path or a JSON body (where it may be any value)."""
     if value is None:
         return MAIN
-    if not BRANCH_ID.fullmatch(value) or value in (".", ".."):
+    if not isinstance(value, str) or not BRANCH_ID.fullmatch(value) or value in (".", ".."):
         raise ApiError(
             400,
             "invalid_branch_id",
