@@ -320,3 +320,21 @@ async def test_a_body_arriving_in_pieces_is_read_whole(
     answer = await reader.read()
     writer.close()
     assert answer.startswith(b"HTTP/1.1 201"), answer[:200]
+
+
+@pytest.mark.parametrize("backend", STRUCTURED)
+async def test_branches_per_session_are_capped(
+    backend: str, start_sidecar: StartSidecar, store_config: StoreConfig
+) -> None:
+    config = store_config(backend, limits={"maxBranches": 2})
+    sidecar = await start_sidecar({"stores": {"chat": config}})
+    async with aiohttp.ClientSession() as http:
+        session = Session(http, sidecar)
+        await session.fill()  # main and alt hold items
+        body = {"from_branch": "main", "turn": 2, "branch_id": "third"}
+        status, answer = await session.call("POST", "/branches", json=body)
+        assert (status, answer["error"]["code"]) == (409, "too_many_branches")
+        assert "limits.maxBranches" in answer["error"]["message"]
+        assert (await session.call("GET", "/branches/third"))[0] == 404
+        assert (await session.call("DELETE", "/branches/alt"))[0] == 204
+        assert (await session.call("POST", "/branches", json=body))[0] == 201

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -591,3 +592,43 @@ async def wait_for_in_flight(sidecar: RunningSidecar, count: int) -> None:
     while sidecar.app[IN_FLIGHT].count < count:
         assert asyncio.get_running_loop().time() < deadline, "the uploads never started"
         await asyncio.sleep(0.02)
+
+
+async def test_reads_are_capped_at_max_read_items_and_say_so(
+    start_sidecar: StartSidecar,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "r.db")}}
+    sidecar = await start_sidecar({"stores": {"default": {**store, "limits": {"maxReadItems": 5}}}})
+    items = [{"role": "user", "content": "q1"}, *({"n": n} for n in range(4))]
+    items += [{"role": "user", "content": "q2"}, {"n": 4}, {"n": 5}]
+    session = SidecarSession("long", url=sidecar.url)
+    await session.add_items(items)
+    asked: list[int | None] = []
+    real_latest = sidecar.app[STORES].get("default").latest
+
+    async def counted(session_id: str, branch: str, limit: int | None) -> list[bytes]:
+        asked.append(limit)
+        return await real_latest(session_id, branch, limit)
+
+    sidecar.app[STORES].get("default").latest = counted  # type: ignore[method-assign]
+    url = sidecar.url + ITEMS.format("long")
+    for params, expected, truncated in [
+        ({}, items[-5:], True),
+        ({"limit": "3"}, items[-3:], False),
+        ({"limit": "5"}, items[-5:], False),
+        ({"limit": "100"}, items[-5:], True),
+        ({"turns": "2"}, items[-3:], True),  # cut at the cap, then at a turn's start
+        ({"limit": "4", "whole_turns": "true"}, items[-3:], True),
+    ]:
+        async with http.get(url, params=params) as resp:
+            document = await resp.json()
+        assert document["items"] == expected, params
+        assert document.get("truncated", False) is truncated, params
+    assert max(n for n in asked if n is not None) == 6, "never more than the cap + 1 read"
+    assert None not in asked
+    with caplog.at_level(logging.WARNING, logger="convostore"):
+        assert await session.get_items() == items[-5:]
+    assert "only the latest 5 came back" in caplog.text

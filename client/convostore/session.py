@@ -13,6 +13,7 @@ appends once: the sidecar remembers the key with the batch, atomically.
 from __future__ import annotations
 
 import json
+import logging
 import types
 import uuid
 from collections.abc import Generator
@@ -22,6 +23,7 @@ from urllib.parse import quote
 from .transport import BearerToken, Endpoint, Transport
 
 Item = Any
+log = logging.getLogger("convostore")
 
 
 def coerce_settings(value: Any) -> Any:
@@ -118,6 +120,13 @@ class SidecarSession:
             "GET", self._path + "/items", params=params, idempotent=True
         )
         items: list[Item] = body["items"]
+        if body.get("truncated"):
+            log.warning(
+                "session %r holds more items than its store returns in one read "
+                "(limits.maxReadItems): only the latest %d came back",
+                self.session_id,
+                len(items),
+            )
         return items
 
     async def add_items(self, items: list[Item], *, idempotency_key: str | None = None) -> None:

@@ -228,9 +228,23 @@ SPEC: dict[str, Any] = {
         "limits": {
             "type": "object",
             "properties": {
-                "maxItemBytes": _int(2, 64 << 20, "Largest item, serialized."),
-                "maxRequestBytes": _int(16, 256 << 20, "Largest request body."),
+                "maxItemBytes": _int(
+                    2,
+                    2 << 20,
+                    "Largest item, serialized (at most 2 MiB: parsed, it takes "
+                    "about 30 times that of the sidecar's 256 MiB).",
+                ),
+                "maxRequestBytes": _int(
+                    16,
+                    24 << 20,
+                    "Largest request body (at most the sidecar's 24 MiB "
+                    "budget for bodies in flight).",
+                ),
                 "maxItemsPerRequest": _int(1, 10_000, "Items in one append."),
+                "maxReadItems": _int(
+                    1, 1_000_000, "Most items one read returns (the latest; marked truncated)."
+                ),
+                "maxBranches": _int(1, 100_000, "Branches holding items per session."),
             },
         },
         "encryption": {

@@ -16,7 +16,7 @@ from .jsonbody import dumps, items_document
 from .middleware import authorized, read_body
 from .state import METRICS, OPENAPI, READINESS, STORES
 from .stores import Store
-from .turns import latest_turns, widened_to_turns
+from .turns import from_first_turn, latest_turns, widened_to_turns
 
 routes = web.RouteTableDef()
 SESSION = "/v1/stores/{store}/sessions/{session_id}"
@@ -49,9 +49,12 @@ async def get_items(request: web.Request) -> web.Response:
     if turns is not None and limit is not None:
         raise ApiError(400, "invalid_limit", "give either limit or turns, not both")
     branch = validation.branch_id(query.get("branch"))
+    most = store.config.limits.max_read_items
 
     async def read(count: int | None) -> list[bytes]:
-        return await store.latest(session_id, branch, count)
+        """Never more than one item past the read cap, so a long session is not read
+        whole into memory; the extra item tells that there was more."""
+        return await store.latest(session_id, branch, min(count or most + 1, most + 1))
 
     if turns is not None:
         items = await latest_turns(read, turns)
@@ -59,10 +62,15 @@ async def get_items(request: web.Request) -> web.Response:
         items = await widened_to_turns(read, limit)
     else:
         items = [] if limit == 0 else await read(limit)
+    truncated = len(items) > most
+    if truncated:
+        items = items[-most:]
+        if turns is not None or whole_turns:
+            items = from_first_turn(items)
     if store.config.encryption is None:
         for item in items:
             refuse_ciphertext(item)
-    return _json(items_document(items))
+    return _json(items_document(items, truncated=truncated))
 
 
 @routes.post(SESSION + "/items")

@@ -100,6 +100,14 @@ async def create_branch(request: web.Request) -> web.Response:
     if ("turn" in body) == ("containing" in body):
         raise ApiError(400, "invalid_body", "give either 'turn' or 'containing'")
     driver = store.branching
+    most = store.config.limits.max_branches
+    if len(await driver.branches(session_id)) >= most:
+        raise ApiError(
+            409,
+            "too_many_branches",
+            f"the session already has {most} branches holding items (limits.maxBranches); "
+            "delete one first",
+        )
     if "containing" in body:
         turn = await _first_turn_containing(store, session_id, source, body["containing"])
     else:

@@ -164,6 +164,11 @@ class Limits:
     max_request_bytes: int = 8 << 20
     max_items_per_request: int = 1000
     max_session_id_length: int = 256
+    max_read_items: int = 10_000
+    """A read (without `limit`, by turns, or widened to whole turns) returns at most
+    this many of the latest items, and says so with `"truncated": true`."""
+    max_branches: int = 100
+    """Branches holding items per session; each copies the history it starts from."""
 
     @classmethod
     def parse(cls, s: Section) -> Limits:
@@ -178,6 +183,8 @@ class Limits:
             max_session_id_length=s.integer(
                 "maxSessionIdLength", cls.max_session_id_length, low=1, high=1024
             ),
+            max_read_items=s.integer("maxReadItems", cls.max_read_items, low=1, high=1_000_000),
+            max_branches=s.integer("maxBranches", cls.max_branches, low=1, high=100_000),
         )
         s.done()
         return limits

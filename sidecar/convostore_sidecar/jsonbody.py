@@ -122,6 +122,8 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
-def items_document(items: list[bytes]) -> bytes:
-    """`{"items": [...]}` built from stored item bytes without decoding them."""
-    return b'{"items":[' + b",".join(items) + b"]}"
+def items_document(items: list[bytes], *, truncated: bool = False) -> bytes:
+    """`{"items": [...]}` built from stored item bytes without decoding them; with
+    `"truncated": true` when older items were left out (`limits.maxReadItems`)."""
+    document = b'{"items":[' + b",".join(items) + b"]"
+    return document + (b',"truncated":true}' if truncated else b"}")

@@ -60,3 +60,10 @@ async def widened_to_turns(read: Read, limit: int) -> list[bytes]:
         if len(items) < window:
             return items
         window *= GROWTH
+
+
+def from_first_turn(items: list[bytes]) -> list[bytes]:
+    """The items from the first user message on (all of them when there is none): a
+    read cut to its cap still starts at a turn."""
+    start = next((i for i, item in enumerate(items) if is_user_message(item)), 0)
+    return items[start:]

@@ -96,6 +96,26 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "spec.redis.waitReplicas",
             "greater than the maximum",
         ),
+        (
+            {"backend": "sqlite", "limits": {"maxItemBytes": 4 << 20}},
+            "spec.limits.maxItemBytes",
+            "greater than the maximum",
+        ),
+        (
+            {"backend": "sqlite", "limits": {"maxRequestBytes": 32 << 20}},
+            "spec.limits.maxRequestBytes",
+            "greater than the maximum",
+        ),
+        (
+            {"backend": "sqlite", "limits": {"maxReadItems": 0}},
+            "spec.limits.maxReadItems",
+            "less than the minimum",
+        ),
+        (
+            {"backend": "sqlite", "limits": {"maxBranches": "many"}},
+            "spec.limits.maxBranches",
+            "is not of type 'integer'",
+        ),
         ({"backend": "dapr"}, "spec.dapr.stateStore", "needs dapr.stateStore"),
         ({"backend": "sqlite", "dapr": {"stateStore": "x"}}, "spec.dapr", "need backend: dapr"),
         (
