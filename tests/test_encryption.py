@@ -85,9 +85,57 @@ async def raw_backend_bytes(backend: str, store: dict[str, Any], redis_url: str)
         return blob
     conn = await asyncpg.connect(store["postgres"]["dsn"])
     schema = store["postgres"]["schema"]
-    rows = await conn.fetch(f"SELECT data FROM {schema}.items")
+    rows = await conn.fetch(f"SELECT data, coalesce(tool, '') AS tool FROM {schema}.items")
     await conn.close()
-    return b"".join(row["data"] for row in rows)
+    return b"".join(row["data"] + row["tool"].encode() for row in rows)
+
+
+CONVERSATION: list[dict[str, Any]] = [
+    {"type": "function_call", "name": "lookup", "call_id": "c0", "arguments": "{}"},
+    {"role": "user", "content": "pay the rent"},
+    {"type": "function_call", "name": "bank_transfer", "call_id": "c1", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "c1", "output": "done"},
+    {"role": "assistant", "content": "paid"},
+    {"role": "user", "content": "and the bill"},
+    {"type": "mcp_call", "server_label": "bank", "name": "bank_transfer", "arguments": "{}"},
+]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+async def test_hidden_tool_names_stay_out_of_the_backend_and_shapes_agree(
+    backend: str,
+    start_sidecar: StartSidecar,
+    store_config: Callable[..., dict[str, Any]],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    redis_url = request.getfixturevalue("redis_url") if backend == "redis" else ""
+    shapes, raw = {}, {}
+    for mode in ("clear", "hidden"):
+        store = store_config(backend)
+        if backend == "sqlite":
+            store["sqlite"]["path"] = str(tmp_path / f"{mode}.db")
+        config = encrypted(store, ("k1", K1))
+        config["stores"]["conf"]["encryption"]["hideToolNames"] = mode == "hidden"
+        sidecar = await start_sidecar(config)
+        url = f"{sidecar.url}/v1/stores/conf/sessions/tools"
+        await SidecarSession("tools", "conf", url=sidecar.url).add_items(CONVERSATION)
+        async with aiohttp.ClientSession() as http:
+            branch = {"from_branch": "main", "turn": 2, "branch_id": "early"}
+            async with http.post(url + "/branches", json=branch) as resp:
+                assert resp.status == 201, await resp.text()
+            found = []
+            for name in ("main", "early"):
+                async with http.get(f"{url}/branches/{name}/shape") as resp:
+                    found.append(await resp.json())
+        shapes[mode] = found
+        raw[mode] = await raw_backend_bytes(backend, store, redis_url)
+    assert shapes["hidden"] == shapes["clear"]
+    main = shapes["hidden"][0]["items"]
+    assert {"turn": 1, "type": "function_call", "tool_name": "bank_transfer"} in main
+    assert {"turn": 2, "type": "mcp_call", "tool_name": "bank.bank_transfer"} in main
+    assert b"bank_transfer" in raw["clear"], "the clear store records tool names"
+    assert b"bank_transfer" not in raw["hidden"]
 
 
 @pytest.fixture

@@ -259,6 +259,12 @@ SPEC: dict[str, Any] = {
                     "properties": {"name": {"type": "string", "pattern": NAME}},
                 },
                 "primary": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+                "hideToolNames": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "Keep tool names out of the backend's structure columns "
+                    "too (they are then read from the decrypted items).",
+                },
             },
         },
         "deletionPolicy": {

@@ -84,6 +84,8 @@ def render(
         encryption: dict[str, Any] = {"keysDir": f"{keys_root}/{name}"}
         if primary_key:
             encryption["primary"] = primary_key
+        if spec["encryption"].get("hideToolNames"):
+            encryption["hideToolNames"] = True
         store["encryption"] = encryption
     return Rendered(config={"stores": {name: store}}, files=files)
 

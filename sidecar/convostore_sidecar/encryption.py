@@ -44,6 +44,7 @@ from .drivers.base import (
     Usage,
     UserTurn,
 )
+from .structure import shapes_of
 
 if TYPE_CHECKING:
     from .config import Section
@@ -86,6 +87,8 @@ class Keyring:
     keys: dict[str, bytes]
     primary: str
     allow_plaintext: bool = False
+    hide_tool_names: bool = False
+    """Keep tool names out of the backend's structure columns too (see `shapes`)."""
 
     @classmethod
     def parse(cls, s: Section) -> Keyring:
@@ -110,7 +113,12 @@ class Keyring:
             s.fail("primary", f"name the key that encrypts new items, one of {sorted(keys)}")
         if primary not in keys:
             s.fail("primary", f"{primary!r} is not among the keys {sorted(keys)}")
-        return cls(keys, primary, s.boolean("allowPlaintext", False))
+        return cls(
+            keys,
+            primary,
+            s.boolean("allowPlaintext", False),
+            s.boolean("hideToolNames", False),
+        )
 
     def encrypt(self, store: str, session_id: str, plaintext: bytes) -> bytes:
         key_id = self.primary
@@ -258,6 +266,8 @@ class EncryptedDriver:
         idempotency: Idempotency | None,
     ) -> AppendResult:
         sealed = [self.keyring.encrypt(self.store, session_id, item) for item in items]
+        if self.keyring.hide_tool_names:
+            meta = [replace(m, tool=None) for m in meta]
         return await self._structured.append_to(session_id, branch, sealed, meta, idempotency)
 
     async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
@@ -294,7 +304,11 @@ class EncryptedDriver:
         ]
 
     async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
-        return await self._structured.shapes(session_id, branch)
+        """With `hideToolNames` the backend holds no tool name, so the shapes come from
+        the decrypted items themselves, numbered as the drivers number turns."""
+        if not self.keyring.hide_tool_names:
+            return await self._structured.shapes(session_id, branch)
+        return shapes_of(await self.latest_in(session_id, branch, None))
 
     async def record_usage(
         self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage

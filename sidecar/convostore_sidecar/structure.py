@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 
-from .drivers.base import Meta
+from .drivers.base import ItemShape, Meta
+from .jsonbody import loads
 
 # Tool calls whose type names the tool, having no `name` of their own.
 NAMELESS_TOOL_TYPES = frozenset(
@@ -22,6 +23,17 @@ NAMELESS_TOOL_TYPES = frozenset(
         "apply_patch_call",
     }
 )
+
+
+def shapes_of(items: list[bytes]) -> list[ItemShape]:
+    """Each item's turn, kind and tool, from the items alone: a `user` item opens the
+    next turn, and what comes before the first one is turn 0."""
+    shapes, turn = [], 0
+    for data in items:
+        meta = describe(loads(data))
+        turn += meta.kind == "user"
+        shapes.append(ItemShape(turn, meta.kind, meta.tool))
+    return shapes
 
 
 def describe(item: dict[str, Any]) -> Meta:

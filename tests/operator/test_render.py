@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 from convostore_operator.render import render
 from convostore_operator.spec import SecretRef, secret_refs, validate
-from convostore_sidecar.config import load_config
+from convostore_sidecar.config import load_config, parse_config
+from convostore_sidecar.encryption import generate_key
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = {"name": "redis-auth", "key": "password"}
@@ -87,3 +88,15 @@ def test_wait_replicas_reaches_the_sidecars_redis_settings(tmp_path: Path) -> No
         (folder / name).write_bytes(data)
     settings = load_config(folder / "config.yaml").stores["chat"].settings
     assert (settings.wait_replicas, settings.wait_timeout) == (2, 1.0)
+
+
+def test_hidden_tool_names_reach_the_sidecars_keyring(tmp_path: Path) -> None:
+    spec = validate({"backend": "sqlite", "encryption": {"enabled": True, "hideToolNames": True}})
+    keys_root = tmp_path / "keys"
+    (keys_root / "chat").mkdir(parents=True)
+    (keys_root / "chat" / "k1").write_text(generate_key())
+    rendered = render("chat", spec, {}, stores_root=str(tmp_path), keys_root=str(keys_root))
+    assert rendered.config["stores"]["chat"]["encryption"]["hideToolNames"] is True
+    keyring = parse_config(rendered.config).stores["chat"].encryption
+    assert keyring is not None
+    assert keyring.hide_tool_names
