@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -167,20 +168,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_sidecar(args: argparse.Namespace) -> int:
+def _sidecar_module(name: str, command: str) -> Any:
+    """A module of the sidecar package, which only the [sidecar] extra installs."""
     try:
-        from convostore_sidecar.main import run_sidecar
+        return importlib.import_module(f"convostore_sidecar.{name}")
     except ImportError as exc:
         raise ValueError(
-            f"the sidecar needs the [sidecar] extra ({exc.name} is missing): "
+            f"{command} needs the [sidecar] extra ({exc.name} is missing): "
             "pip install 'convostore[sidecar]'"
         ) from exc
+
+
+def _config_paths(args: argparse.Namespace) -> list[str]:
+    from_env = os.environ.get("CONVOSTORE_CONFIG")
+    paths: list[str] = args.config or ([from_env] if from_env else [])
+    return paths
+
+
+def _run_sidecar(args: argparse.Namespace) -> int:
+    main = _sidecar_module("main", "the sidecar")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
     )
-    from_env = os.environ.get("CONVOSTORE_CONFIG")
-    return run_sidecar(
-        config_paths=args.config or ([from_env] if from_env else []),
+    code: int = main.run_sidecar(
+        config_paths=_config_paths(args),
         host=args.host,
         port=args.port,
         socket=args.socket,
@@ -189,21 +200,16 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         tcp=not args.no_tcp,
         issue_token=args.issue_token,
     )
+    return code
 
 
 def _run_migrate(args: argparse.Namespace) -> int:
-    try:
-        from convostore_sidecar.migrate import run_migrate
-    except ImportError as exc:
-        raise ValueError(
-            f"migrate needs the [sidecar] extra ({exc.name} is missing): "
-            "pip install 'convostore[sidecar]'"
-        ) from exc
-    from_env = os.environ.get("CONVOSTORE_CONFIG")
-    paths = args.config or ([from_env] if from_env else [])
+    migrate = _sidecar_module("migrate", "migrate")
+    paths = _config_paths(args)
     if not paths:
         raise ValueError("migrate: name the sidecar's config with --config")
-    return run_migrate(paths)
+    code: int = migrate.run_migrate(paths)
+    return code
 
 
 def _run(coro: Any) -> int:
