@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,23 @@ import yaml
 from tests.servers import PostgresServer, RedisServer, free_port
 
 SessionFactory = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class ProcessProbe:
+    """Another process's resident set and CPU time, from /proc."""
+
+    pid: int
+
+    def rss(self) -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(kb) * 1024
+
+    def cpu_seconds(self) -> float:
+        """User and system time; fields 14 and 15 of /proc/PID/stat, after the name."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -71,10 +89,11 @@ class Sidecar:
                 time.sleep(0.002)
 
     def rss_bytes(self) -> int:
+        return self.probe().rss()
+
+    def probe(self) -> ProcessProbe:
         assert self.process is not None
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
-        return int(kb) * 1024
+        return ProcessProbe(self.process.pid)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from bench.harness import SessionFactory, cpu_seconds
+from bench.harness import ProcessProbe, SessionFactory, cpu_seconds
 
 MESSAGE = {"role": "user", "content": "x" * 200, "type": "message"}  # about 250 bytes
 
@@ -115,3 +115,43 @@ async def advanced(session: Any, turns: int, per_turn: int, repeat: int) -> dict
         "get_turn_usage": await timed(session.get_turn_usage, repeat),
         "get_conversation_turns": await timed(session.get_conversation_turns, repeat),
     }
+
+
+@dataclass
+class SidecarCost:
+    """What the sidecar process spent serving a paced load."""
+
+    requests_per_second: float
+    vcpu_per_1000_rps: float
+    peak_rss: int
+
+
+async def paced_load(
+    make: SessionFactory, process: ProcessProbe, rate: float, seconds: float, sessions: int = 64
+) -> SidecarCost:
+    """(h) Requests at a fixed rate, half appends of one ~250-byte message and half reads
+    of the latest 20, over `sessions` sessions; the sidecar's CPU time and RSS are read
+    from /proc, so the figure is the sidecar's own cost, not the load generator's."""
+    pool = [make(f"paced-{n}") for n in range(sessions)]
+    for session in pool:
+        await session.add_items([MESSAGE])
+    total = int(rate * seconds)
+    in_flight: set[asyncio.Task[Any]] = set()
+    peak_rss = process.rss()
+    cpu_before, started = process.cpu_seconds(), time.perf_counter()
+    for n in range(total):
+        delay = started + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        session = pool[(n // 2) % sessions]
+        call = session.add_items([MESSAGE]) if n % 2 == 0 else session.get_items(limit=20)
+        task = asyncio.ensure_future(call)
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        if n % 200 == 0:
+            peak_rss = max(peak_rss, process.rss())
+    await asyncio.gather(*in_flight)
+    wall = time.perf_counter() - started
+    cpu = process.cpu_seconds() - cpu_before
+    achieved = total / wall
+    return SidecarCost(achieved, cpu / wall * 1000 / achieved, max(peak_rss, process.rss()))

@@ -23,11 +23,13 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     report = output.read_text()
     headings = ("(a) Agent turn", "(b) Long history", "(c) Burst", "(d, e) The sidecar")
-    for heading in (*headings, "(f) Advanced session", "(g) Redis: what waiting for a replica"):
+    later = ("(f) Advanced session", "(g) Redis: what waiting for a replica", "(h) The sidecar's")
+    for heading in (*headings, *later):
         assert heading in report
     for backend in ("sqlite", "redis", "postgres"):
         assert f"| {backend} (" in report
         assert f"{backend}: cold start ≤ 1.5 s" in report
+        assert f"{backend}: sidecar ≤ " in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" in line]
     assert rows
     assert f"| {backend} | branch from the middle turn |" in report
