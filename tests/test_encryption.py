@@ -19,7 +19,7 @@ from agents.memory import SQLiteSession
 from agents.testing import ScriptedModel, assistant_message
 from convostore import DecryptionError, EncryptedSession, SidecarSession, StoreUnavailableError
 from convostore_sidecar.config import ConfigError, parse_config
-from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.encryption import Keyring, decode_key, generate_key
 
 from tests.support import RunningSidecar, SidecarProcess, StartSidecar, backends_with, unique
 
@@ -58,7 +58,7 @@ async def test_backend_bytes_hold_no_plaintext(
     raw = await raw_backend_bytes(backend, store, redis_url)
     assert raw, "the backend holds the items somewhere"
     assert MARKER.encode() not in raw
-    assert b"cs1\x02k1" in raw
+    assert b"cs2\x02k1" in raw
 
 
 async def raw_backend_bytes(backend: str, store: dict[str, Any], redis_url: str) -> bytes:
@@ -394,3 +394,151 @@ async def test_encrypted_session_wraps_any_sdk_session_under_the_runner(
         assert len(model.calls[1].input) == 3
         assert len(await session.get_items()) == 4
         assert all(i["type"] == "convostore.encrypted" for i in await session.inner.get_items())
+
+
+class StoredItems:
+    """A session's stored item bytes on `main`, oldest first, read and overwritten in
+    place in the backend itself: what someone with write access to it could do."""
+
+    def __init__(self, backend: str, store: dict[str, Any], redis_url: str, session: str):
+        self.backend, self.store, self.session = backend, store, session
+        self.redis = aioredis.Redis.from_url(redis_url) if redis_url else None
+
+    async def _redis_keys(self) -> list[str]:
+        assert self.redis is not None
+        if self.backend == "redis":
+            return [f"{self.store['redis']['keyPrefix']}:{{{self.session}}}:items"]
+        pattern = f"dapr:statestore||{self.store['dapr']['keyPrefix']}||{self.session}||*"
+        keys = [k.decode() async for k in self.redis.scan_iter(match=pattern)]
+        return sorted((k for k in keys if k.rsplit("||", 1)[1].isdigit()), key=_seq)
+
+    async def read(self) -> list[bytes]:
+        if self.backend == "sqlite":
+            with sqlite3.connect(self.store["sqlite"]["path"]) as db:
+                rows = db.execute(
+                    "SELECT data FROM convostore_items WHERE session_id = ? ORDER BY seq",
+                    (self.session,),
+                ).fetchall()
+            return [row[0] for row in rows]
+        if self.backend == "postgres":
+            conn = await asyncpg.connect(self.store["postgres"]["dsn"])
+            rows = await conn.fetch(
+                f"SELECT data FROM {self.store['postgres']['schema']}.items"
+                " WHERE session_id = $1 ORDER BY seq",
+                self.session,
+            )
+            await conn.close()
+            return [row["data"] for row in rows]
+        assert self.redis is not None
+        keys = await self._redis_keys()
+        if self.backend == "redis":
+            return cast(list[bytes], await self.redis.lrange(keys[0], 0, -1))
+        return [cast(bytes, await self.redis.hget(key, "data")) for key in keys]
+
+    async def write(self, items: list[bytes]) -> None:
+        if self.backend == "sqlite":
+            with sqlite3.connect(self.store["sqlite"]["path"]) as db:
+                seqs = [
+                    row[0]
+                    for row in db.execute(
+                        "SELECT seq FROM convostore_items WHERE session_id = ? ORDER BY seq",
+                        (self.session,),
+                    )
+                ]
+                for seq, data in zip(seqs, items, strict=True):
+                    db.execute("UPDATE convostore_items SET data = ? WHERE seq = ?", (data, seq))
+            return
+        if self.backend == "postgres":
+            conn = await asyncpg.connect(self.store["postgres"]["dsn"])
+            table = f"{self.store['postgres']['schema']}.items"
+            seqs = await conn.fetch(
+                f"SELECT seq FROM {table} WHERE session_id = $1 ORDER BY seq", self.session
+            )
+            for row, data in zip(seqs, items, strict=True):
+                await conn.execute(
+                    f"UPDATE {table} SET data = $1 WHERE session_id = $2 AND seq = $3",
+                    data,
+                    self.session,
+                    row["seq"],
+                )
+            await conn.close()
+            return
+        assert self.redis is not None
+        keys = await self._redis_keys()
+        for index, data in enumerate(items):
+            if self.backend == "redis":
+                await self.redis.lset(keys[0], index, data)  # type: ignore[arg-type]
+            else:
+                await self.redis.hset(keys[index], "data", data)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def _seq(key: str) -> int:
+    return int(key.rsplit("||", 1)[1])
+
+
+@pytest.mark.parametrize("backend", backends_with("encryption"))
+@pytest.mark.parametrize("tampering", ["swapped", "replayed at the end", "repeated"])
+async def test_reordered_or_replayed_items_are_refused_not_served(
+    backend: str,
+    tampering: str,
+    start_sidecar: StartSidecar,
+    store_config: Callable[..., dict[str, Any]],
+    request: pytest.FixtureRequest,
+) -> None:
+    store = store_config(backend)
+    sidecar = await start_sidecar(encrypted(store, ("k1", K1)))
+    session = SidecarSession("victim", "conf", url=sidecar.url, retries=0)
+    await session.add_items([{"n": 1}, {"n": 2}])
+    await session.add_items([{"n": 3}])
+    redis_url = request.getfixturevalue("redis_url") if backend in ("redis", "dapr") else ""
+    stored = StoredItems(backend, store, redis_url, "victim")
+    try:
+        a, b, c = await stored.read()
+        changed = {
+            "swapped": [b, a, c],
+            "replayed at the end": [a, b, a],
+            "repeated": [a, b, b],
+        }[tampering]
+        await stored.write(changed)
+        url = f"{sidecar.url}/v1/stores/conf/sessions/victim/items"
+        status, code, message = await error_code(url)
+        assert (status, code) == (500, "decryption_failed")
+        assert "reordered or replayed" in message
+        if tampering != "swapped":  # the newest is out of place: a pop must not serve it
+            assert (await error_code(url + ":pop", "POST"))[:2] == (500, "decryption_failed")
+            assert await stored.read() == changed, "the refused pop removed nothing"
+        await stored.write([a, b, c])
+        assert await session.get_items() == [{"n": 1}, {"n": 2}, {"n": 3}]
+        assert await session.pop_item() == {"n": 3}
+    finally:
+        await stored.close()
+
+
+async def test_items_sealed_before_positions_still_read_and_rotate(
+    start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """A "cs1" item (no position) from an earlier version decrypts, is not checked for
+    order, and rotation re-encrypts it as it was."""
+    path = tmp_path / "old.db"
+    store = {"backend": "sqlite", "sqlite": {"path": str(path)}}
+    sidecar = await start_sidecar(encrypted(store, ("k0", K2), ("k1", K1), primary="k1"))
+    session = SidecarSession("old", "conf", url=sidecar.url)
+    await session.add_items([{"n": 1}, {"n": 2}])
+    legacy = Keyring({"k0": decode_key(K2, "k0")}, "k0")
+    with sqlite3.connect(path) as db:
+        seq = db.execute("SELECT min(seq) FROM convostore_items").fetchone()[0]
+        old = legacy.encrypt_unpositioned("conf", "old", b'{"n":1}')
+        db.execute("UPDATE convostore_items SET data = ? WHERE seq = ?", (old, seq))
+    assert await session.get_items() == [{"n": 1}, {"n": 2}]
+    url = f"{sidecar.url}/v1/stores/conf/sessions/old:reencrypt"
+    async with aiohttp.ClientSession() as http, http.post(url) as resp:
+        assert (await resp.json())["reencrypted"] == 1
+    with sqlite3.connect(path) as db:
+        rows = [r[0] for r in db.execute("SELECT data FROM convostore_items ORDER BY seq")]
+    assert rows[0].startswith(b"cs1\x02k1")
+    assert rows[1].startswith(b"cs2\x02k1")
+    assert await session.get_items() == [{"n": 1}, {"n": 2}]

@@ -7,7 +7,15 @@ ciphertext copied into another session or store fails to decrypt instead of appe
 there. Every ciphertext starts with a header naming the key id it was made with, so
 reads pick the right key and rotation can find what is left to re-encrypt.
 
-    magic "cs1" | key-id length (1 byte) | key id | nonce (12 bytes) | ciphertext + tag
+    magic "cs2" | key-id length (1 byte) | key id | position (8 bytes) | nonce (12 bytes)
+        | ciphertext + tag
+
+The associated data also binds the position the backend gave the item when it was
+appended (the driver seals it in the step that makes the position the item's: see
+`Sealed`). Positions only grow along a branch, so reads check them: two items swapped,
+an old item put back after newer ones, an item repeated, all fail as `DecryptionFailed`
+instead of being served. Items written before positions were bound ("cs1", no position)
+still decrypt, unchecked for order.
 
 A missing or wrong key raises `DecryptionFailed` with the key id: never garbage, never
 an item silently skipped. Drivers see only ciphertext; they store bytes as they get them.
@@ -15,11 +23,14 @@ an item silently skipped. Drivers see only ciphertext; they store bytes as they 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
+import random
 import re
-from collections.abc import Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -32,13 +43,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .drivers.base import (
     AppendResult,
+    BackendUnavailable,
     BranchInfo,
     Branching,
     Check,
     Driver,
     Idempotency,
+    Items,
     ItemShape,
     Meta,
+    Sealed,
     Transform,
     TurnUsage,
     Usage,
@@ -50,6 +64,8 @@ if TYPE_CHECKING:
     from .config import Section
 
 MAGIC = b"cs1"
+POSITIONED = b"cs2"
+POSITION_BYTES = 8
 NONCE_BYTES = 12
 TAG_BYTES = 16
 KEY_BYTES = 32
@@ -120,7 +136,17 @@ class Keyring:
             s.boolean("hideToolNames", False),
         )
 
-    def encrypt(self, store: str, session_id: str, plaintext: bytes) -> bytes:
+    def encrypt(self, store: str, session_id: str, plaintext: bytes, position: int) -> bytes:
+        key_id = self.primary
+        nonce = os.urandom(NONCE_BYTES)
+        aead = _session_cipher(self.keys[key_id], store, session_id)
+        sealed = aead.encrypt(nonce, plaintext, _associated(store, session_id, position))
+        header = POSITIONED + bytes([len(key_id)]) + key_id.encode()
+        return header + position.to_bytes(POSITION_BYTES, "big") + nonce + sealed
+
+    def encrypt_unpositioned(self, store: str, session_id: str, plaintext: bytes) -> bytes:
+        """A "cs1" item under the primary key: rotation keeps such an item as it was
+        written, without a position it never had."""
         key_id = self.primary
         nonce = os.urandom(NONCE_BYTES)
         aead = _session_cipher(self.keys[key_id], store, session_id)
@@ -128,33 +154,41 @@ class Keyring:
         return MAGIC + bytes([len(key_id)]) + key_id.encode() + nonce + sealed
 
     def decrypt(self, store: str, session_id: str, data: bytes) -> bytes:
-        key_id, nonce, sealed = _parse(data)
-        if key_id is None:
+        return self.open(store, session_id, data)[0]
+
+    def open(self, store: str, session_id: str, data: bytes) -> tuple[bytes, int | None]:
+        """The plaintext and the position it was sealed at (None for a "cs1" item)."""
+        envelope = _parse(data)
+        if envelope is None:
             if self.allow_plaintext and data[:1] == b"{":
-                return data
+                return data, None
             raise DecryptionFailed(None, "the item is not encrypted (allowPlaintext is off)")
+        key_id, position, nonce, sealed = envelope
         key = self.keys.get(key_id)
         if key is None:
             raise DecryptionFailed(key_id, f"key {key_id!r} is not in this store's keyring")
         if len(nonce) < NONCE_BYTES or len(sealed) < TAG_BYTES:
             raise DecryptionFailed(key_id, f"the item made with key {key_id!r} is truncated")
         try:
-            return _session_cipher(key, store, session_id).decrypt(
-                nonce, sealed, _associated(store, session_id)
+            plaintext = _session_cipher(key, store, session_id).decrypt(
+                nonce, sealed, _associated(store, session_id, position)
             )
         except InvalidTag as exc:
             raise DecryptionFailed(
                 key_id, f"key {key_id!r} does not authenticate the item (wrong key or tampered)"
             ) from exc
+        return plaintext, position
 
     def key_id_of(self, data: bytes) -> str | None:
-        return _parse(data)[0]
+        envelope = _parse(data)
+        return None if envelope is None else envelope[0]
 
 
 def refuse_ciphertext(data: bytes) -> None:
     """A store with encryption off must not hand out an encrypted item as if it were JSON."""
     if data[:1] != b"{":
-        key_id = _parse(data)[0]
+        envelope = _parse(data)
+        key_id = None if envelope is None else envelope[0]
         raise DecryptionFailed(
             key_id, f"the item is encrypted (key {key_id!r}) but this store has no encryption"
         )
@@ -184,18 +218,26 @@ def _parse_key_entry(s: Section, index: int, entry: object) -> dict[str, bytes]:
         raise
 
 
-def _parse(data: bytes) -> tuple[str | None, bytes, bytes]:
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 1:
-        return None, b"", b""
+def _parse(data: bytes) -> tuple[str, int | None, bytes, bytes] | None:
+    """Key id, position, nonce and sealed bytes; None for bytes that are no envelope."""
+    magic = data[: len(MAGIC)]
+    if magic not in (MAGIC, POSITIONED) or len(data) < len(MAGIC) + 1:
+        return None
     length = data[len(MAGIC)]
-    start = len(MAGIC) + 1
-    key_id = data[start : start + length].decode("ascii", "replace")
-    nonce = data[start + length : start + length + NONCE_BYTES]
-    return key_id, nonce, data[start + length + NONCE_BYTES :]
+    start = len(MAGIC) + 1 + length
+    key_id = data[len(MAGIC) + 1 : start].decode("ascii", "replace")
+    position = None
+    if magic == POSITIONED:
+        position = int.from_bytes(data[start : start + POSITION_BYTES], "big")
+        start += POSITION_BYTES
+    return key_id, position, data[start : start + NONCE_BYTES], data[start + NONCE_BYTES :]
 
 
-def _associated(store: str, session_id: str) -> bytes:
-    return f"convostore/v1\x00{store}\x00{session_id}".encode()
+def _associated(store: str, session_id: str, position: int | None = None) -> bytes:
+    """What a ciphertext is bound to; `position` for "cs2" items (v2)."""
+    if position is None:
+        return f"convostore/v1\x00{store}\x00{session_id}".encode()
+    return f"convostore/v2\x00{store}\x00{session_id}\x00{position}".encode()
 
 
 @lru_cache(maxsize=4096)
@@ -209,11 +251,43 @@ def _session_cipher(key: bytes, store: str, session_id: str) -> AESGCM:
     return AESGCM(derived)
 
 
+POP_ATTEMPTS = 50
+
+
+class _NewerArrived(Exception):
+    """The newest item changed between the check of its order and the pop."""
+
+
+class _StillNewest:
+    """The pop's check: the item about to go is the one whose order was checked."""
+
+    def __init__(
+        self, driver: EncryptedDriver, session_id: str, expected: bytes | None, check: Check | None
+    ) -> None:
+        self.driver, self.session_id, self.expected, self.check = (
+            driver,
+            session_id,
+            expected,
+            check,
+        )
+        self.plaintext = b""
+
+    def __call__(self, data: bytes) -> None:
+        if data != self.expected:
+            raise _NewerArrived
+        self.plaintext = self.driver.keyring.decrypt(self.driver.store, self.session_id, data)
+        if self.check is not None:
+            self.check(self.plaintext)
+
+
 class EncryptedDriver:
     """Wraps any driver: items are encrypted on the way in and decrypted on the way out."""
 
     def __init__(self, inner: Driver, keyring: Keyring, store: str) -> None:
         self.inner, self.keyring, self.store = inner, keyring, store
+        self._pop_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     async def open(self) -> None:
         await self.inner.open()
@@ -225,25 +299,76 @@ class EncryptedDriver:
         await self.inner.ping()
 
     async def append(
-        self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
+        self, session_id: str, items: Items, idempotency: Idempotency | None
     ) -> AppendResult:
-        sealed = [self.keyring.encrypt(self.store, session_id, item) for item in items]
-        return await self.inner.append(session_id, sealed, idempotency)
+        return await self.inner.append(session_id, self._sealed(session_id, items), idempotency)
 
     async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
-        items = await self.inner.latest(session_id, limit)
-        return [self.keyring.decrypt(self.store, session_id, item) for item in items]
+        return self._open_in_order(session_id, await self.inner.latest(session_id, limit))
 
     async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
-        opened: list[bytes] = []
+        return await self._verified_pop(
+            session_id,
+            lambda: self.inner.latest(session_id, 2),
+            lambda verify: self.inner.pop(session_id, verify),
+            check,
+        )
 
-        def decrypt_first(data: bytes) -> None:
-            opened.append(self.keyring.decrypt(self.store, session_id, data))
-            if check is not None:
-                check(opened[-1])
+    def _sealed(self, session_id: str, items: Items) -> Sealed:
+        if isinstance(items, Sealed):
+            raise TypeError("items reach the keyring once, as plaintext")
+        plain = list(items)
 
-        item = await self.inner.pop(session_id, decrypt_first)
-        return None if item is None else opened[-1]
+        def seal(first: int) -> list[bytes]:
+            return [
+                self.keyring.encrypt(self.store, session_id, item, first + offset)
+                for offset, item in enumerate(plain)
+            ]
+
+        return Sealed(len(plain), seal)
+
+    def _open_in_order(self, session_id: str, items: list[bytes]) -> list[bytes]:
+        """Decrypt a window of a branch, oldest first, refusing it unless the positions
+        the items were sealed at grow: a reordered, replayed or repeated item."""
+        opened, last = [], -1
+        for data in items:
+            plaintext, position = self.keyring.open(self.store, session_id, data)
+            if position is not None:
+                if position <= last:
+                    raise DecryptionFailed(
+                        self.keyring.key_id_of(data),
+                        f"the item sealed at position {position} comes after position {last}:"
+                        " the session's items were reordered or replayed",
+                    )
+                last = position
+            opened.append(plaintext)
+        return opened
+
+    async def _verified_pop(
+        self,
+        session_id: str,
+        newest_two: Callable[[], Awaitable[list[bytes]]],
+        pop: Callable[[Check], Awaitable[bytes | None]],
+        check: Check | None,
+    ) -> bytes | None:
+        """Pop the newest item only once it is known to follow the one before it: read
+        both, check their order, then pop, provided the newest is still the one read.
+        Pops of one session in this sidecar take turns; another sidecar's pop or append
+        in between makes this one look again, after a random pause."""
+        lock = self._pop_locks.setdefault(session_id, asyncio.Lock())
+        async with lock:
+            for attempt in range(POP_ATTEMPTS):
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
+                window = await newest_two()
+                self._open_in_order(session_id, window)
+                verify = _StillNewest(self, session_id, window[-1] if window else None, check)
+                try:
+                    item = await pop(verify)
+                except _NewerArrived:
+                    continue
+                return None if item is None else verify.plaintext
+        raise BackendUnavailable(f"session {session_id!r} changed too often to pop")
 
     async def clear(self, session_id: str) -> None:
         await self.inner.clear(session_id)
@@ -261,29 +386,26 @@ class EncryptedDriver:
         self,
         session_id: str,
         branch: str,
-        items: Sequence[bytes],
+        items: Items,
         meta: Sequence[Meta],
         idempotency: Idempotency | None,
     ) -> AppendResult:
-        sealed = [self.keyring.encrypt(self.store, session_id, item) for item in items]
         if self.keyring.hide_tool_names:
             meta = [replace(m, tool=None) for m in meta]
+        sealed = self._sealed(session_id, items)
         return await self._structured.append_to(session_id, branch, sealed, meta, idempotency)
 
     async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
         items = await self._structured.latest_in(session_id, branch, limit)
-        return [self.keyring.decrypt(self.store, session_id, item) for item in items]
+        return self._open_in_order(session_id, items)
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
-        opened: list[bytes] = []
-
-        def decrypt_first(data: bytes) -> None:
-            opened.append(self.keyring.decrypt(self.store, session_id, data))
-            if check is not None:
-                check(opened[-1])
-
-        item = await self._structured.pop_from(session_id, branch, decrypt_first)
-        return None if item is None else opened[-1]
+        return await self._verified_pop(
+            session_id,
+            lambda: self._structured.latest_in(session_id, branch, 2),
+            lambda verify: self._structured.pop_from(session_id, branch, verify),
+            check,
+        )
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
         return await self._structured.branches(session_id)
@@ -328,8 +450,9 @@ class EncryptedDriver:
         """`transform` sees and returns plaintext; what it changes is sealed again."""
 
         def reseal(data: bytes) -> bytes | None:
-            new = transform(self.keyring.decrypt(self.store, session_id, data))
-            return None if new is None else self.keyring.encrypt(self.store, session_id, new)
+            plaintext, position = self.keyring.open(self.store, session_id, data)
+            new = transform(plaintext)
+            return None if new is None else self._reseal(session_id, new, position)
 
         return await self.inner.rewrite(session_id, reseal)
 
@@ -339,7 +462,13 @@ class EncryptedDriver:
         def reseal(data: bytes) -> bytes | None:
             if self.keyring.key_id_of(data) == self.keyring.primary:
                 return None
-            plaintext = self.keyring.decrypt(self.store, session_id, data)
-            return self.keyring.encrypt(self.store, session_id, plaintext)
+            plaintext, position = self.keyring.open(self.store, session_id, data)
+            return self._reseal(session_id, plaintext, position)
 
         return await self.inner.rewrite(session_id, reseal)
+
+    def _reseal(self, session_id: str, plaintext: bytes, position: int | None) -> bytes:
+        """Sealed again at the position it was sealed at; a "cs1" item keeps none."""
+        if position is None:
+            return self.keyring.encrypt_unpositioned(self.store, session_id, plaintext)
+        return self.keyring.encrypt(self.store, session_id, plaintext, position)

@@ -45,6 +45,28 @@ Check = Callable[[bytes], object]
 Transform = Callable[[bytes], bytes | None]
 
 
+@dataclass(frozen=True)
+class Sealed:
+    """An append whose stored bytes depend on where its items land: encryption at rest
+    binds each item to its position. A driver calls `seal(first)` with the position it
+    gives the first item, inside the step that makes that position theirs, and stores
+    what it returns; positions only grow along a branch."""
+
+    count: int
+    seal: Callable[[int], list[bytes]]
+
+    def __len__(self) -> int:
+        return self.count
+
+
+Items = Sequence[bytes] | Sealed
+
+
+def stored(items: Items, first: int) -> list[bytes]:
+    """What to store for `items` when the first lands at position `first`."""
+    return items.seal(first) if isinstance(items, Sealed) else list(items)
+
+
 class BackendUnavailable(Exception):
     """The backend could not be reached or did not answer in time; retrying may help."""
 
@@ -156,7 +178,7 @@ class Driver(Protocol):
         """Raise `BackendUnavailable` unless the backend answers now."""
 
     async def append(
-        self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
+        self, session_id: str, items: Items, idempotency: Idempotency | None
     ) -> AppendResult: ...
 
     async def latest(self, session_id: str, limit: int | None) -> list[bytes]: ...
@@ -191,7 +213,7 @@ class Branching(Protocol):
         self,
         session_id: str,
         branch: str,
-        items: Sequence[bytes],
+        items: Items,
         meta: Sequence[Meta],
         idempotency: Idempotency | None,
     ) -> AppendResult:
@@ -234,7 +256,7 @@ class KeepsStructure:
     branching = True
 
     async def append(
-        self: Branching, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
+        self: Branching, session_id: str, items: Items, idempotency: Idempotency | None
     ) -> AppendResult:
         return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
 

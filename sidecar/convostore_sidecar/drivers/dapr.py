@@ -45,9 +45,11 @@ from .base import (
     BackendUnavailable,
     Check,
     Idempotency,
+    Items,
     Transform,
     replay_of,
     scoped_prefix,
+    stored,
 )
 
 if TYPE_CHECKING:
@@ -288,7 +290,7 @@ class DaprDriver:
         await self._call(lambda c: c.get_state(self.settings.state_store, self.index_key))
 
     async def append(
-        self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
+        self, session_id: str, items: Items, idempotency: Idempotency | None
     ) -> AppendResult:
         async def attempt() -> AppendResult:
             head, etag = await self._read_head(session_id)
@@ -310,7 +312,7 @@ class DaprDriver:
                 TransactionalStateOperation(
                     self.item_key(session_id, head.next + i), data, metadata=self._ttl_meta(2)
                 )
-                for i, data in enumerate(items)
+                for i, data in enumerate(stored(items, head.next))  # the head's ETag holds them
             ]
             head.next += len(items)
             if self.retention.max_items and head.next - head.first > self.retention.max_items:

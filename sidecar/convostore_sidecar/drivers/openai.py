@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,8 +46,10 @@ from .base import (
     Check,
     Driver,
     Idempotency,
+    Items,
     Migrates,
     Retention,
+    Sealed,
     Transform,
     replay_of,
 )
@@ -197,8 +199,10 @@ class OpenAIDriver:
         await self.conversations.ping()
 
     async def append(
-        self, session_id: str, items: Sequence[bytes], idempotency: Idempotency | None
+        self, session_id: str, items: Items, idempotency: Idempotency | None
     ) -> AppendResult:
+        if isinstance(items, Sealed):
+            raise TypeError("an openai store keeps no items of its own to encrypt")
         sent = 0
         if idempotency is not None:
             sent = await self._already_sent(session_id, idempotency, len(items))

@@ -45,15 +45,18 @@ from .base import (
     BranchNotFound,
     Check,
     Idempotency,
+    Items,
     ItemShape,
     KeepsStructure,
     Meta,
+    Sealed,
     Transform,
     TurnNotFound,
     TurnUsage,
     Usage,
     UserTurn,
     replay_of,
+    stored,
 )
 from .postgres_schema import (
     NO_BRANCH,
@@ -278,28 +281,50 @@ class PostgresDriver(KeepsStructure):
         self,
         session_id: str,
         branch: str,
-        items: Sequence[bytes],
+        items: Items,
         meta: Sequence[Meta],
         idempotency: Idempotency | None,
     ) -> AppendResult:
-        """One round trip: the schema's `append` function does the whole transaction."""
-        try:
-            row = await self._run(
-                lambda conn: conn.fetchrow(
-                    f"SELECT * FROM {self._s}.append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        """One round trip: the schema's `append` function does the whole transaction.
+        Sealed items take two more, in the same transaction: the session's row is locked
+        and its next sequence number read, which the function then gives the first."""
+
+        async def append(conn: asyncpg.Connection) -> asyncpg.Record:
+            first = 0
+            if isinstance(items, Sealed):
+                await conn.execute(
+                    f"INSERT INTO {self._s}.sessions VALUES ($1, $2, 0, now())"
+                    " ON CONFLICT DO NOTHING",
                     self.store,
                     session_id,
-                    list(items),
-                    idempotency.key if idempotency else None,
-                    idempotency.fingerprint if idempotency else None,
-                    idempotency.ttl_seconds if idempotency else None,
-                    self._ttl(),
-                    self.retention.max_items,
-                    branch,
-                    [m.kind for m in meta],
-                    [m.tool for m in meta],
                 )
+                first = await conn.fetchval(
+                    f"SELECT next_seq FROM {self._s}.sessions"
+                    " WHERE store = $1 AND session_id = $2 FOR UPDATE",
+                    self.store,
+                    session_id,
+                )
+            return await conn.fetchrow(
+                f"SELECT * FROM {self._s}.append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                self.store,
+                session_id,
+                stored(items, first),
+                idempotency.key if idempotency else None,
+                idempotency.fingerprint if idempotency else None,
+                idempotency.ttl_seconds if idempotency else None,
+                self._ttl(),
+                self.retention.max_items,
+                branch,
+                [m.kind for m in meta],
+                [m.tool for m in meta],
             )
+
+        async def in_transaction(conn: asyncpg.Connection) -> asyncpg.Record:
+            async with conn.transaction():
+                return await append(conn)
+
+        try:
+            row = await self._run(in_transaction if isinstance(items, Sealed) else append)
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == NO_BRANCH:
                 raise BranchNotFound(branch) from exc

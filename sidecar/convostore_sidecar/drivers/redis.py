@@ -49,9 +49,11 @@ from .base import (
     BranchNotFound,
     Check,
     Idempotency,
+    Items,
     ItemShape,
     KeepsStructure,
     Meta,
+    Sealed,
     Transform,
     TurnNotFound,
     TurnUsage,
@@ -59,6 +61,7 @@ from .base import (
     UserTurn,
     replay_of,
     scoped_prefix,
+    stored,
 )
 
 if TYPE_CHECKING:
@@ -124,11 +127,15 @@ APPEND = (
 local sfx, use_idem, fingerprint = ARGV[1], ARGV[2] == '1', ARGV[3]
 local idem_ms, ttl_ms, max_items = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now, n = ARGV[7], tonumber(ARGV[8])
+local expected = tonumber(ARGV[9 + 2 * n])
 if use_idem then
   local seen = redis.call('GET', KEYS[2])
   if seen then return {0, seen} end
 end
 if not live(sfx) then return {2} end
+if expected >= 0 and tonumber(redis.call('GET', base .. ':ids') or '0') ~= expected then
+  return {3}
+end
 local items, meta, users, turns, trim = keys_of(sfx)
 local pos = tonumber(redis.call('GET', trim) or '0') + redis.call('LLEN', items)
 local id = redis.call('INCRBY', base .. ':ids', n) - n
@@ -412,14 +419,14 @@ class RedisDriver(KeepsStructure):
         self,
         session_id: str,
         branch: str,
-        items: Sequence[bytes],
+        items: Items,
         meta: Sequence[Meta],
         idempotency: Idempotency | None,
     ) -> AppendResult:
         idem_key = f"{self._base(session_id)}:idem:" + (
             hashlib.sha256(idempotency.key.encode()).hexdigest()[:40] if idempotency else ""
         )
-        args: list[Any] = [
+        head: list[Any] = [
             _suffix(branch),
             "1" if idempotency else "0",
             idempotency.fingerprint if idempotency else "",
@@ -428,13 +435,27 @@ class RedisDriver(KeepsStructure):
             self.retention.max_items or 0,
             f"{time.time():.6f}",
             len(items),
-            *items,
-            *(f"{_clean(m.kind)}\t{_clean(m.tool or '')}" for m in meta),
         ]
+        shapes = [f"{_clean(m.kind)}\t{_clean(m.tool or '')}" for m in meta]
+        keys = [self._base(session_id), idem_key]
 
         async def run(client: aioredis.Redis) -> Any:
-            keys = [self._base(session_id), idem_key]
-            outcome = await self._append(keys=keys, args=args, client=client)
+            """Sealed items are bound to their ids: read the id counter, seal, and append
+            only if no other append took those ids meanwhile (else again)."""
+            for attempt in range(OPTIMISTIC_ATTEMPTS):
+                expected = -1
+                if isinstance(items, Sealed):
+                    if attempt:
+                        await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
+                    expected = int(await client.get(f"{self._base(session_id)}:ids") or 0)
+                args = [*head, *stored(items, expected + 1), *shapes, expected]
+                outcome = await self._append(keys=keys, args=args, client=client)
+                if outcome[0] != 3:
+                    break
+            else:
+                raise BackendUnavailable(
+                    f"redis: session {session_id!r} changed too often to append"
+                )
             if outcome[0] == 1 and outcome[1] == 1:
                 await client.zadd(self._index, {session_id: 0})
             return outcome

@@ -37,6 +37,7 @@ from .base import (
     BranchNotFound,
     Check,
     Idempotency,
+    Items,
     ItemShape,
     KeepsStructure,
     Meta,
@@ -46,6 +47,7 @@ from .base import (
     Usage,
     UserTurn,
     replay_of,
+    stored,
 )
 
 if TYPE_CHECKING:
@@ -260,7 +262,7 @@ class SqliteDriver(KeepsStructure):
         self,
         session_id: str,
         branch: str,
-        items: Sequence[bytes],
+        items: Items,
         meta: Sequence[Meta],
         idempotency: Idempotency | None,
     ) -> AppendResult:
@@ -298,7 +300,7 @@ class SqliteDriver(KeepsStructure):
             newest = conn.execute(NEWEST_SQL, (store, session_id, branch)).fetchone()
             turn = 0 if newest is None else newest[1]
             rows, anchor = [], None
-            for offset, (data, shape) in enumerate(zip(items, meta, strict=True)):
+            for offset, (data, shape) in enumerate(zip(stored(items, first), meta, strict=True)):
                 if shape.kind == "user":
                     turn, anchor = turn + 1, first + offset
                 row = (store, session_id, first + offset, data, branch, turn, *astuple(shape), now)
