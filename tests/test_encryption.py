@@ -531,7 +531,7 @@ async def test_items_sealed_before_positions_still_read_and_rotate(
     legacy = Keyring({"k0": decode_key(K2, "k0")}, "k0")
     with sqlite3.connect(path) as db:
         seq = db.execute("SELECT min(seq) FROM convostore_items").fetchone()[0]
-        old = legacy.encrypt_unpositioned("conf", "old", b'{"n":1}')
+        old = legacy.encrypt("conf", "old", b'{"n":1}', None)
         db.execute("UPDATE convostore_items SET data = ? WHERE seq = ?", (old, seq))
     assert await session.get_items() == [{"n": 1}, {"n": 2}]
     url = f"{sidecar.url}/v1/stores/conf/sessions/old:reencrypt"

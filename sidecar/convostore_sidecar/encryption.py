@@ -136,22 +136,17 @@ class Keyring:
             s.boolean("hideToolNames", False),
         )
 
-    def encrypt(self, store: str, session_id: str, plaintext: bytes, position: int) -> bytes:
+    def encrypt(self, store: str, session_id: str, plaintext: bytes, position: int | None) -> bytes:
+        """Sealed under the primary key at `position`; without one, a "cs1" item (how
+        rotation keeps an item written before positions were bound)."""
         key_id = self.primary
         nonce = os.urandom(NONCE_BYTES)
         aead = _session_cipher(self.keys[key_id], store, session_id)
         sealed = aead.encrypt(nonce, plaintext, _associated(store, session_id, position))
-        header = POSITIONED + bytes([len(key_id)]) + key_id.encode()
-        return header + position.to_bytes(POSITION_BYTES, "big") + nonce + sealed
-
-    def encrypt_unpositioned(self, store: str, session_id: str, plaintext: bytes) -> bytes:
-        """A "cs1" item under the primary key: rotation keeps such an item as it was
-        written, without a position it never had."""
-        key_id = self.primary
-        nonce = os.urandom(NONCE_BYTES)
-        aead = _session_cipher(self.keys[key_id], store, session_id)
-        sealed = aead.encrypt(nonce, plaintext, _associated(store, session_id))
-        return MAGIC + bytes([len(key_id)]) + key_id.encode() + nonce + sealed
+        key = bytes([len(key_id)]) + key_id.encode()
+        if position is None:
+            return MAGIC + key + nonce + sealed
+        return POSITIONED + key + position.to_bytes(POSITION_BYTES, "big") + nonce + sealed
 
     def decrypt(self, store: str, session_id: str, data: bytes) -> bytes:
         return self.open(store, session_id, data)[0]
@@ -264,12 +259,8 @@ class _StillNewest:
     def __init__(
         self, driver: EncryptedDriver, session_id: str, expected: bytes | None, check: Check | None
     ) -> None:
-        self.driver, self.session_id, self.expected, self.check = (
-            driver,
-            session_id,
-            expected,
-            check,
-        )
+        self.driver, self.session_id = driver, session_id
+        self.expected, self.check = expected, check
         self.plaintext = b""
 
     def __call__(self, data: bytes) -> None:
@@ -469,6 +460,4 @@ class EncryptedDriver:
 
     def _reseal(self, session_id: str, plaintext: bytes, position: int | None) -> bytes:
         """Sealed again at the position it was sealed at; a "cs1" item keeps none."""
-        if position is None:
-            return self.keyring.encrypt_unpositioned(self.store, session_id, plaintext)
         return self.keyring.encrypt(self.store, session_id, plaintext, position)
