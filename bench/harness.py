@@ -124,6 +124,11 @@ class Servers:
         self.postgres.destroy()
 
     def store(self, backend: str) -> dict[str, Any]:
+        """The store's config; (f) makes one branch per repetition in a single session,
+        past the default `limits.maxBranches`, which the bench therefore raises."""
+        return {**self._backend(backend), "limits": {"maxBranches": 100_000}}
+
+    def _backend(self, backend: str) -> dict[str, Any]:
         run = uuid.uuid4().hex[:8]
         if backend == "sqlite":
             return {"backend": "sqlite", "sqlite": {"path": str(self.workdir / f"cs-{run}.db")}}
