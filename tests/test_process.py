@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from convostore import SidecarSession
+from convostore_sidecar.encryption import generate_key
 
 from tests.support import SidecarProcess
 
@@ -289,3 +290,31 @@ def test_connections_past_the_cap_are_told_to_retry_and_closed(
         assert time.monotonic() < deadline, "a freed connection slot was never reused"
     for conn in held:
         conn.close()
+
+
+def loaded_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+OPTIONAL = ("/cryptography/", "/asyncpg/", "/grpc/", "/hiredis/", "/pydantic_core/")
+
+
+def test_a_plain_sqlite_sidecar_loads_no_library_its_stores_do_not_use(
+    sidecar_process: Make, tmp_path: Path
+) -> None:
+    """Each backend's client library, and cryptography, cost resident memory in every
+    pod: they are loaded when a store uses them, not before."""
+    plain = sidecar_process(sqlite_config(tmp_path / "plain.db"))
+    plain.start()
+    assert plain.process is not None
+    with urllib.request.urlopen(plain.url + "/v1/stores/default/sessions/s/items") as answer:
+        assert answer.status == 200
+    maps = loaded_libraries(plain.process.pid)
+    assert [lib for lib in OPTIONAL if lib in maps] == []
+    config = sqlite_config(tmp_path / "secret.db")
+    config["stores"]["default"]["encryption"] = {"keys": [{"id": "k1", "value": generate_key()}]}
+    secret = sidecar_process(config)
+    secret.start()
+    assert secret.process is not None
+    asyncio.run(SidecarSession("s", url=secret.url).add_items([{"n": 1}]))
+    assert "/cryptography/" in loaded_libraries(secret.process.pid)

@@ -36,11 +36,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from .drivers.base import (
     AppendResult,
     BackendUnavailable,
@@ -61,6 +56,8 @@ from .drivers.base import (
 from .structure import shapes_of
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     from .config import Section
 
 MAGIC = b"cs1"
@@ -164,6 +161,8 @@ class Keyring:
             raise DecryptionFailed(key_id, f"key {key_id!r} is not in this store's keyring")
         if len(nonce) < NONCE_BYTES or len(sealed) < TAG_BYTES:
             raise DecryptionFailed(key_id, f"the item made with key {key_id!r} is truncated")
+        from cryptography.exceptions import InvalidTag
+
         try:
             plaintext = _session_cipher(key, store, session_id).decrypt(
                 nonce, sealed, _associated(store, session_id, position)
@@ -237,6 +236,11 @@ def _associated(store: str, session_id: str, position: int | None = None) -> byt
 
 @lru_cache(maxsize=4096)
 def _session_cipher(key: bytes, store: str, session_id: str) -> AESGCM:
+    """Imports `cryptography` (about 6.6 MB resident) only once a store encrypts."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     derived = HKDF(
         algorithm=hashes.SHA256(),
         length=KEY_BYTES,
