@@ -93,12 +93,18 @@ async def opened(
     scope: str | None,
 ) -> AsyncIterator[Driver]:
     with materialised(name, spec, secrets, keys, scope) as config:
-        store = Store.open(config)
-        await store.driver.open()
-        try:
-            yield store.driver
-        finally:
-            await store.driver.close()
+        async with driver_of(config) as driver:
+            yield driver
+
+
+@contextlib.asynccontextmanager
+async def driver_of(config: StoreConfig) -> AsyncIterator[Driver]:
+    store = Store.open(config)
+    await store.driver.open()
+    try:
+        yield store.driver
+    finally:
+        await store.driver.close()
 
 
 async def check(
@@ -113,8 +119,8 @@ async def check(
     try:
         with materialised(name, spec, secrets, keys, scope) as config:
             await migrate_store(config)
-        async with opened(name, spec, secrets, keys, scope) as driver:
-            await driver.ping()
+            async with driver_of(config) as driver:
+                await driver.ping()
     except BackendUnavailable as exc:
         return Reachability("False", "Unreachable", str(exc))
     except BackendMisconfigured as exc:

@@ -286,21 +286,16 @@ class PostgresDriver(KeepsStructure):
         idempotency: Idempotency | None,
     ) -> AppendResult:
         """One round trip: the schema's `append` function does the whole transaction.
-        Sealed items take two more, in the same transaction: the session's row is locked
+        Sealed items take one more, in the same transaction: the session's row is locked
         and its next sequence number read, which the function then gives the first."""
 
         async def append(conn: asyncpg.Connection) -> asyncpg.Record:
             first = 0
             if isinstance(items, Sealed):
-                await conn.execute(
-                    f"INSERT INTO {self._s}.sessions VALUES ($1, $2, 0, now())"
-                    " ON CONFLICT DO NOTHING",
-                    self.store,
-                    session_id,
-                )
                 first = await conn.fetchval(
-                    f"SELECT next_seq FROM {self._s}.sessions"
-                    " WHERE store = $1 AND session_id = $2 FOR UPDATE",
+                    f"INSERT INTO {self._s}.sessions AS s VALUES ($1, $2, 0, now())"
+                    " ON CONFLICT (store, session_id) DO UPDATE SET next_seq = s.next_seq"
+                    " RETURNING s.next_seq",
                     self.store,
                     session_id,
                 )
