@@ -52,8 +52,7 @@ class Sidecar:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> float:
-        """Start it and return the seconds until `/readyz` answered 200."""
+    def command(self) -> list[str]:
         config = self.workdir / f"sidecar-{self.port}.yaml"
         config.write_text(yaml.safe_dump({"stores": {"default": self.store}}))
         if self.store["backend"] == "postgres":  # as the operator does before pods start
@@ -62,22 +61,24 @@ class Sidecar:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
+        return [
+            sys.executable,
+            "-m",
+            "convostore",
+            "sidecar",
+            "--config",
+            str(config),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "WARNING",
+        ]
+
+    def start(self) -> float:
+        """Start it and return the seconds until `/readyz` answered 200."""
+        command = self.command()
         started = time.perf_counter()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "convostore",
-                "sidecar",
-                "--config",
-                str(config),
-                "--port",
-                str(self.port),
-                "--log-level",
-                "WARNING",
-            ],
-            cwd=self.workdir,
-        )
+        self.process = subprocess.Popen(command, cwd=self.workdir)
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
@@ -100,6 +101,16 @@ class Sidecar:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=30)
             self.process = None
+
+
+class Floor(Sidecar):
+    """`bench.floor`: the same API answered from memory by a bare aiohttp server."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__({}, workdir)
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("floor.py")), str(self.port)]
 
 
 class Servers:

@@ -30,6 +30,8 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
         assert f"| {backend} (" in report
         assert f"{backend}: cold start ≤ 1.5 s" in report
         assert f"{backend}: sidecar ≤ " in report
+    assert "| hop floor (bench/floor.py) |" in report
+    assert "(hop floor " in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" in line]
     assert rows
     assert f"| {backend} | branch from the middle turn |" in report

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from ..config import ConfigError
 from .base import (
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from ..config import Section, StoreConfig
 
 T = TypeVar("T")
+INLINE_READ_ITEMS = 100
+"""Reads of at most this many items run on the event loop (see `_LoopReader`)."""
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -155,21 +157,12 @@ class _Connection:
 
     def __init__(self, settings: Settings, name: str) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._path, self._busy_timeout = settings.path, settings.busy_timeout
-        self._synchronous = settings.synchronous
+        self._settings = settings
         self.conn: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
         if self.conn is None:
-            conn = sqlite3.connect(
-                self._path,
-                timeout=self._busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
-            self.conn = conn
+            self.conn = _connect(self._settings, self._settings.busy_timeout)
         return self.conn
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -179,7 +172,7 @@ class _Connection:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except sqlite3.OperationalError as exc:
-            raise BackendUnavailable(f"sqlite {self._path}: {exc}") from exc
+            raise _unavailable(self._settings, exc) from exc
 
     async def close(self) -> None:
         def close() -> None:
@@ -191,15 +184,145 @@ class _Connection:
         self._executor.shutdown(wait=True)
 
 
-def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    conn.execute("BEGIN IMMEDIATE")
+def _connect(settings: Settings, busy_timeout: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        settings.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={settings.synchronous.upper()}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _unavailable(settings: Settings, exc: sqlite3.Error) -> BackendUnavailable:
+    return BackendUnavailable(f"sqlite {settings.path}: {exc}")
+
+
+_Work = tuple[Callable[[sqlite3.Connection], object], "asyncio.Future[object]"]
+
+
+class _Writer(_Connection):
+    """The writing connection, committing in groups.
+
+    Transactions that arrive while one is being committed wait and then run together,
+    each in a savepoint of its own, under one `COMMIT`: one WAL sync and one thread
+    hand-off for the lot, instead of one each. A transaction that raises is rolled back
+    to its savepoint alone; a commit that fails fails every transaction of its group,
+    none of which was acknowledged. A lone transaction runs as before, without a
+    savepoint.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, "sqlite-writer")
+        self._waiting: list[_Work] = []
+        self._group: asyncio.Future[list[tuple[bool, object]]] | None = None
+
+    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[object] = loop.create_future()
+        self._waiting.append((fn, done))
+        if self._group is None:
+            self._commit_next(loop)
+        return cast(T, await done)
+
+    def _commit_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        group, self._waiting = self._waiting, []
+        self._group = loop.run_in_executor(self._executor, self._commit, [fn for fn, _ in group])
+        self._group.add_done_callback(lambda outcome: self._settle(loop, group, outcome))
+
+    def _commit(
+        self, group: list[Callable[[sqlite3.Connection], object]]
+    ) -> list[tuple[bool, object]]:
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcomes = [_attempt(conn, fn, alone=len(group) == 1) for fn in group]
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    def _settle(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        group: list[_Work],
+        outcome: asyncio.Future[list[tuple[bool, object]]],
+    ) -> None:
+        self._group = None
+        if self._waiting:
+            self._commit_next(loop)
+        if outcome.cancelled():
+            for _, done in group:
+                done.cancel()
+            return
+        failure = outcome.exception()
+        results = [(False, failure)] * len(group) if failure else outcome.result()
+        for (_, done), (ok, value) in zip(group, results, strict=True):
+            if done.done():
+                continue
+            if ok:
+                done.set_result(value)
+            elif isinstance(value, sqlite3.OperationalError):
+                done.set_exception(_unavailable(self._settings, value))
+            else:
+                done.set_exception(cast(BaseException, value))
+
+    async def close(self) -> None:
+        while self._group is not None:
+            await asyncio.shield(self._group)
+        await super().close()
+
+
+def _attempt(
+    conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], object], *, alone: bool
+) -> tuple[bool, object]:
+    """One transaction of a group: its result, or its exception with its writes undone."""
+    if alone:
+        return True, fn(conn)
+    conn.execute("SAVEPOINT one")
     try:
         result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return result
+    except Exception as exc:
+        conn.execute("ROLLBACK TO one")
+        conn.execute("RELEASE one")
+        return False, exc
+    conn.execute("RELEASE one")
+    return True, result
+
+
+class _LoopReader:
+    """Small reads on the event loop's own thread, without a thread hand-off each.
+
+    SQLite answers such a read in microseconds, and a WAL reader never waits for the
+    writer; it can wait for a lock only in rare moments (another process recovering
+    the WAL, say). This connection never waits (busy timeout 0): a read that finds the
+    database busy goes to the reader thread, which waits as long as `busyTimeout`."""
+
+    def __init__(self, settings: Settings, fallback: _Connection) -> None:
+        self._settings = settings
+        self._fallback = fallback
+        self.conn: sqlite3.Connection | None = None
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            if self.conn is None:
+                self.conn = _connect(self._settings, 0)
+            return fn(self.conn)
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code
+            if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise _unavailable(self._settings, exc) from exc
+        return await self._fallback.run(fn)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def unusable_path(store: str, path: str, why: str) -> ConfigError:
@@ -219,8 +342,9 @@ class SqliteDriver(KeepsStructure):
             Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._unusable(exc.strerror or str(exc)) from None
-        self._writer = _Connection(settings, "sqlite-writer")
+        self._writer = _Writer(settings)
         self._reader = _Connection(settings, "sqlite-reader")
+        self._inline = _LoopReader(settings, self._reader)
 
     def _live_after(self, now: float) -> float:
         """Sessions written after this moment have not expired."""
@@ -228,11 +352,6 @@ class SqliteDriver(KeepsStructure):
         return now - ttl if ttl else float("-inf")
 
     async def open(self) -> None:
-        def create(conn: sqlite3.Connection) -> None:
-            conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
-            _transaction(conn, migrate)
-            conn.executescript(f"BEGIN IMMEDIATE; {INDEXES} COMMIT;")
-
         def migrate(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT max(version) FROM convostore_schema").fetchone()
             if row[0] is None:
@@ -247,11 +366,18 @@ class SqliteDriver(KeepsStructure):
                 conn.execute("UPDATE convostore_schema SET version = ?", (SCHEMA_VERSION,))
 
         try:
-            await self._writer.run(create)
+            await self._writer.run(
+                lambda conn: conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+            )
+            await self._writer.transact(migrate)
+            await self._writer.run(
+                lambda conn: conn.executescript(f"BEGIN IMMEDIATE; {INDEXES} COMMIT;")
+            )
         except (BackendUnavailable, sqlite3.DatabaseError) as exc:
             raise self._unusable(str(exc.__cause__ or exc)) from None
 
     async def close(self) -> None:
+        self._inline.close()
         await self._writer.close()
         await self._reader.close()
 
@@ -325,7 +451,7 @@ class SqliteDriver(KeepsStructure):
                 anchor = self._turn_start(conn, session_id, branch, turn)
             return AppendResult(len(items), replayed=False, turn=turn, anchor=anchor)
 
-        return await self._writer.run(lambda conn: _transaction(conn, append))
+        return await self._writer.transact(append)
 
     def _forget(self, conn: sqlite3.Connection, session_id: str, *, expired: bool) -> None:
         """Everything of a session; a clear keeps its branch ids reserved, an expiry not."""
@@ -384,7 +510,8 @@ class SqliteDriver(KeepsStructure):
             rows = conn.execute(LATEST_SQL, (*params, -1 if limit is None else limit)).fetchall()
             return [row[0] for row in reversed(rows)]
 
-        return await self._reader.run(read)
+        small = limit is not None and limit <= INLINE_READ_ITEMS
+        return await (self._inline if small else self._reader).run(read)
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         store, now = self.store, time.time()
@@ -421,14 +548,10 @@ class SqliteDriver(KeepsStructure):
             data: bytes = row[1]
             return data
 
-        return await self._writer.run(lambda conn: _transaction(conn, pop))
+        return await self._writer.transact(pop)
 
     async def clear(self, session_id: str) -> None:
-        await self._writer.run(
-            lambda conn: _transaction(
-                conn, lambda conn: self._forget(conn, session_id, expired=False)
-            )
-        )
+        await self._writer.transact(lambda conn: self._forget(conn, session_id, expired=False))
 
     async def branch_exists(self, session_id: str, branch: str) -> bool:
         def exists(conn: sqlite3.Connection) -> bool:
@@ -499,7 +622,7 @@ class SqliteDriver(KeepsStructure):
                 (first + copied, now, store, session_id),
             )
 
-        await self._writer.run(lambda conn: _transaction(conn, create))
+        await self._writer.transact(create)
 
     async def delete_branch(self, session_id: str, branch: str) -> None:
         key = (self.store, session_id, branch)
@@ -516,7 +639,7 @@ class SqliteDriver(KeepsStructure):
                 key,
             )
 
-        await self._writer.run(lambda conn: _transaction(conn, delete))
+        await self._writer.transact(delete)
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         now = time.time()
@@ -582,7 +705,7 @@ class SqliteDriver(KeepsStructure):
             )
             return turn
 
-        return await self._writer.run(lambda conn: _transaction(conn, record))
+        return await self._writer.transact(record)
 
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
         now = time.time()
@@ -637,7 +760,7 @@ class SqliteDriver(KeepsStructure):
                 self._forget(conn, session_id, expired=True)
             return len(ids)
 
-        return await self._writer.run(lambda conn: _transaction(conn, sweep))
+        return await self._writer.transact(sweep)
 
     async def rewrite(self, session_id: str, transform: Transform) -> int:
         key = (self.store, session_id)
@@ -656,4 +779,4 @@ class SqliteDriver(KeepsStructure):
             )
             return len(changed)
 
-        return await self._writer.run(lambda conn: _transaction(conn, rewrite))
+        return await self._writer.transact(rewrite)
