@@ -47,13 +47,17 @@ def _wait_for_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
 
 
+def redis_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        require("redis-server")
+    return str(binary)
+
+
 class RedisServer:
     def __init__(self, *extra: str) -> None:
         self.extra = extra
-        binary = shutil.which("redis-server")
-        if binary is None:
-            require("redis-server")
-        self.binary = str(binary)
+        self.binary = redis_binary()
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="convostore-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -90,16 +94,65 @@ class RedisServer:
             self.process.wait(timeout=20)
             self.process = None
 
+    def kill(self) -> None:
+        """The server dies at once, as in a crash of its machine's process."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=20)
+            self.process = None
+
     def destroy(self) -> None:
         self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisSentinel:
+    """A Redis Sentinel (`redis-server --sentinel`) watching one primary as `service`.
+
+    It fails the primary over after `down_after_ms` without an answer; the config file
+    is its own (a Sentinel rewrites it as it learns the topology)."""
+
+    def __init__(self, primary: RedisServer, service: str, down_after_ms: int = 1000) -> None:
+        self.binary = redis_binary()
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="convostore-sentinel-"))
+        (self.dir / "sentinel.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {service} 127.0.0.1 {primary.port} 2\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} 10000\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, str(self.dir / "sentinel.conf"), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port)
+
+    def destroy(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+            self.process = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class PostgresServer:
     """A throw-away cluster made with initdb; as root, it runs as the postgres user."""
 
-    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
-        """`tls`: a PEM certificate and key; the server then offers TLS with them."""
+    def __init__(
+        self, tls: tuple[bytes, bytes] | None = None, standby_of: PostgresServer | None = None
+    ) -> None:
+        """`tls`: a PEM certificate and key; the server then offers TLS with them.
+        `standby_of`: a running server, copied with pg_basebackup into a streaming standby
+        of it (`-R`: it starts in recovery, following that server)."""
         bins = [d for d in PG_BIN_DIRS if (d / "initdb").exists()]
         if not bins and not shutil.which("initdb"):
             require("PostgreSQL (initdb)")
@@ -110,7 +163,25 @@ class PostgresServer:
         self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self._as_user:
             shutil.chown(self.dir, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        if standby_of is None:
+            self._run(
+                "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"
+            )
+        else:
+            self._run(
+                "pg_basebackup",
+                "-D",
+                str(self.data),
+                "-R",
+                "-X",
+                "stream",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(standby_of.port),
+                "-U",
+                "postgres",
+            )
         self.options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         if tls is not None:
             for name, pem in zip(("server.crt", "server.key"), tls, strict=True):
@@ -149,8 +220,14 @@ class PostgresServer:
         )
         _wait_for_port(self.port)
 
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        """`fast` disconnects clients and shuts down cleanly; `immediate` kills the server
+        as a crash would."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def promote(self) -> None:
+        """A standby becomes a primary that accepts writes (returns once it does)."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
 
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):

@@ -53,6 +53,31 @@ def test_a_full_config_is_read_with_durations_and_limits() -> None:
     assert config.listen.socket == "/tmp/x.sock"
 
 
+def test_failover_forms_name_every_server() -> None:
+    sentinel = {
+        "hosts": ["sentinel-0.redis:26379", "10.0.0.7:26380", "[fd00::1]:26379"],
+        "serviceName": "convo-primary",
+        "database": 2,
+        "username": "watcher",
+        "passwordFile": "/secrets/sentinel",
+    }
+    dsn = "postgresql://u@pg-a:5432,pg-b:5433/app?target_session_attrs=read-write"
+    config = parse_config(
+        {
+            "stores": {
+                "chat": {"backend": "redis", "redis": {"sentinel": sentinel, "waitReplicas": 1}},
+                "audit": {"backend": "postgres", "postgres": {"dsn": dsn}},
+            }
+        }
+    )
+    watched = config.stores["chat"].settings.sentinel
+    assert watched.hosts == (("sentinel-0.redis", 26379), ("10.0.0.7", 26380), ("fd00::1", 26379))
+    assert (watched.service_name, watched.database) == ("convo-primary", 2)
+    assert (watched.username, watched.password_file) == ("watcher", "/secrets/sentinel")
+    assert config.stores["chat"].settings.wait_replicas == 1
+    assert config.stores["audit"].settings.dsn == dsn
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -92,6 +117,61 @@ def test_a_full_config_is_read_with_durations_and_limits() -> None:
         (
             {"stores": {"c": {"backend": "redis", "redis": {"waitReplicas": -1}}}},
             "field 'redis.waitReplicas': must be an integer from 0",
+        ),
+        *(
+            (
+                {"stores": {"c": {"backend": "redis", "redis": redis}}},
+                message,
+            )
+            for redis, message in (
+                (
+                    {"sentinel": {"hosts": ["a:26379"], "serviceName": "m"}, "url": "redis://x"},
+                    "field 'redis.sentinel': give either url or sentinel",
+                ),
+                ({"sentinel": {"serviceName": "m"}}, "field 'redis.sentinel.hosts': must list"),
+                ({"sentinel": {"hosts": [], "serviceName": "m"}}, "'redis.sentinel.hosts'"),
+                (
+                    {"sentinel": {"hosts": ["a:1"] * 17, "serviceName": "m"}},
+                    "'redis.sentinel.hosts': must list 1 to 16",
+                ),
+                *(
+                    (
+                        {"sentinel": {"hosts": [host], "serviceName": "m"}},
+                        "'redis.sentinel.hosts': each must be host:port",
+                    )
+                    for host in ("a", "a:0", "a:70000", "a:b", ":1", "a b:1", "[zz]:1", 5, "")
+                ),
+                ({"sentinel": {"hosts": ["a:1"]}}, "'redis.sentinel.serviceName': is required"),
+                (
+                    {"sentinel": {"hosts": ["a:1"], "serviceName": "m\n"}},
+                    "'redis.sentinel.serviceName': must match",
+                ),
+                (
+                    {"sentinel": {"hosts": ["a:1"], "serviceName": "m", "db": 1}},
+                    "field 'redis.sentinel': unknown field(s) 'db'",
+                ),
+                (
+                    {"sentinel": {"hosts": ["a:1"], "serviceName": "m", "database": -1}},
+                    "'redis.sentinel.database': must be an integer from 0",
+                ),
+                (
+                    {"sentinel": {"hosts": ["a:1"], "serviceName": "m"}, "tls": {"caFile": "/c"}},
+                    "field 'redis.tls': TLS to Sentinel-watched servers is not supported",
+                ),
+                ({"sentinel": ["a:1"]}, "field 'redis.sentinel': must be a mapping"),
+            )
+        ),
+        *(
+            (
+                {"stores": {"c": {"backend": "postgres", "postgres": {"dsn": dsn}}}},
+                "field 'postgres.dsn': names several hosts: add target_session_attrs=read-write",
+            )
+            for dsn in (
+                "postgresql://u@a:5432,b:5432/db",
+                "postgresql://u@a,b/db?target_session_attrs=any",
+                "postgresql://u@/db?host=/run/a&host=/run/b",
+                "postgresql://u@a,b/db?target_session_attrs=standby",
+            )
         ),
         (
             {"stores": {"c": {"backend": "postgres"}}},

@@ -101,7 +101,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.OperatorInterventionError,
     asyncpg.QueryCanceledError,
     asyncpg.TooManyConnectionsError,
-    asyncpg.ReadOnlySQLTransactionError,  # a primary demoted in a failover
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.DiskFullError,
@@ -153,6 +152,13 @@ class Settings:
         tls.done()
         if settings.pool_min > settings.pool_max:
             s.fail("poolMin", f"must not exceed poolMax ({settings.pool_max})")
+        targets = parse_qs(urlsplit(dsn).query).get("target_session_attrs", [None])[-1]
+        if len(dsn_hosts(dsn)) > 1 and targets not in WRITABLE_TARGETS:
+            s.fail(
+                "dsn",
+                "names several hosts: add target_session_attrs=read-write, so that the "
+                "sidecar connects only to the one that accepts writes (the primary)",
+            )
         mode = sslmode(dsn)
         if settings.ca_file and mode not in (None, "verify-full", "verify-ca"):
             s.fail("tls.caFile", f"verifies the server, which sslmode={mode} in the dsn turns off")
@@ -180,8 +186,9 @@ def sslmode(dsn: str) -> str | None:
     return parse_qs(urlsplit(dsn).query).get("sslmode", [None])[-1]
 
 
-def loopback_only(dsn: str) -> bool:
-    """True when every host of the DSN is a loopback address or a unix socket."""
+def dsn_hosts(dsn: str) -> list[str]:
+    """Every host the DSN names: in its netloc (comma-separated, as libpq allows for
+    failover) and in `host=` parameters; an empty name is the default host."""
     parts = urlsplit(dsn)
     hosts = parse_qs(parts.query).get("host", [])
     for entry in parts.netloc.rpartition("@")[2].split(","):
@@ -189,7 +196,15 @@ def loopback_only(dsn: str) -> bool:
             hosts.append(entry[1 : entry.find("]")])
         else:
             hosts.append(entry.partition(":")[0])
-    return all(not h or h.startswith("/") or is_loopback_host(h) for h in hosts)
+    return hosts
+
+
+def loopback_only(dsn: str) -> bool:
+    """True when every host of the DSN is a loopback address or a unix socket."""
+    return all(not h or h.startswith("/") or is_loopback_host(h) for h in dsn_hosts(dsn))
+
+
+WRITABLE_TARGETS = ("read-write", "primary")
 
 
 def open_driver(store: StoreConfig) -> PostgresDriver:
@@ -252,6 +267,15 @@ class PostgresDriver(KeepsStructure):
                 return await fn(conn)
         except _MISCONFIGURED as exc:
             raise BackendMisconfigured(f"postgres refuses the store's settings: {exc}") from exc
+        except asyncpg.ReadOnlySQLTransactionError as exc:
+            # the server was a primary and is one no longer (a failover demoted it): every
+            # pooled connection goes to it, so all are replaced, each new one finding
+            # the host that now accepts writes (target_session_attrs)
+            if self._pool is not None:
+                await self._pool.expire_connections()
+            raise BackendUnavailable(
+                f"postgres: the server no longer accepts writes: {exc}"
+            ) from exc
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(f"postgres: {exc!r}") from exc
 

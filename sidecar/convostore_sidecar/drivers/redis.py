@@ -27,6 +27,7 @@ import asyncio
 import functools
 import hashlib
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError, WatchError
@@ -298,6 +300,8 @@ class Settings:
     wait_replicas: int = 0
     """Appends and clears are answered only once this many replicas hold them (WAIT)."""
     wait_timeout: float = 1.0
+    sentinel: SentinelSettings | None = None
+    """Where the primary is found when Sentinels watch it (instead of `url`)."""
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
@@ -307,8 +311,14 @@ class Settings:
         prefix = s.string("keyPrefix")
         if prefix is not None and ("{" in prefix or "}" in prefix):
             s.fail("keyPrefix", "must not contain { or }: they would break the hash tags")
+        sentinel = SentinelSettings.parse(s.section("sentinel")) if s.has("sentinel") else None
+        if sentinel is not None and s.has("url"):
+            s.fail("sentinel", "give either url or sentinel: the Sentinels name the primary")
+        if sentinel is not None and s.has("tls"):
+            s.fail("tls", "TLS to Sentinel-watched servers is not supported yet")
         tls = s.section("tls")
         settings = cls(
+            sentinel=sentinel,
             url=url,
             username=s.string("username"),
             password_file=s.string("passwordFile"),
@@ -327,6 +337,49 @@ class Settings:
             s.fail("waitTimeout", f"must be shorter than timeout ({settings.timeout:g}s)")
         if (settings.ca_file or settings.cert_file) and not url.startswith("rediss://"):
             s.fail("tls", "TLS files need a rediss:// url")
+        return settings
+
+
+HOST_PORT = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})"
+)
+SERVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+@dataclass(frozen=True)
+class SentinelSettings:
+    hosts: tuple[tuple[str, int], ...]
+    service_name: str
+    database: int = 0
+    username: str | None = None
+    """For the Sentinels themselves; `redis.username` and `passwordFile` are the data
+    nodes'."""
+    password_file: str | None = None
+
+    @classmethod
+    def parse(cls, s: Section) -> SentinelSettings:
+        hosts = s.raw("hosts")
+        if not isinstance(hosts, list) or not 1 <= len(hosts) <= 16:
+            s.fail("hosts", f"must list 1 to 16 Sentinels as host:port, got {hosts!r}")
+        parsed = []
+        for entry in hosts:
+            match = HOST_PORT.fullmatch(entry) if isinstance(entry, str) else None
+            if match is None or not 0 < int(match["port"]) < 65536:
+                s.fail(
+                    "hosts", f"each must be host:port (a name, an IPv4 or [IPv6]), got {entry!r}"
+                )
+            parsed.append((match["v6"] or match["host"], int(match["port"])))
+        service = s.string("serviceName", pattern=SERVICE_NAME)
+        if service is None:
+            s.fail("serviceName", "is required: the name the Sentinels monitor the primary by")
+        settings = cls(
+            hosts=tuple(parsed),
+            service_name=service,
+            database=s.integer("database", 0, low=0, high=10_000),
+            username=s.string("username"),
+            password_file=s.string("passwordFile"),
+        )
+        s.done()
         return settings
 
 
@@ -354,7 +407,11 @@ class RedisDriver(KeepsStructure):
                 ssl_certfile=settings.cert_file,
                 ssl_keyfile=settings.key_file,
             )
-        self.client: aioredis.Redis = aioredis.Redis.from_url(settings.url, **options)
+        self._sentinels: list[aioredis.Redis] = []
+        if settings.sentinel is None:
+            self.client: aioredis.Redis = aioredis.Redis.from_url(settings.url, **options)
+        else:
+            self.client = self._watched_primary(settings.sentinel, options)
         self._wait = (settings.wait_replicas, settings.wait_timeout)
         self._append = self.client.register_script(APPEND)
         self._pop = self.client.register_script(POP)
@@ -363,6 +420,23 @@ class RedisDriver(KeepsStructure):
         self._clear = self.client.register_script(CLEAR)
         self._record_usage = self.client.register_script(RECORD_USAGE)
         self._index = f"{self.prefix}:sessions"
+
+    def _watched_primary(
+        self, sentinel: SentinelSettings, options: dict[str, Any]
+    ) -> aioredis.Redis:
+        """A client of whichever server the Sentinels name primary: each new connection
+        asks them, and connections to a primary that was demoted are dropped (redis-py's
+        Sentinel pool), so after a failover retried calls reach the new one."""
+        own = {key: options[key] for key in ("socket_connect_timeout", "socket_timeout", "retry")}
+        if sentinel.username:
+            own["username"] = sentinel.username
+        if sentinel.password_file:
+            own["password"] = Path(sentinel.password_file).read_text("utf-8").strip()
+        manager = Sentinel(  # type: ignore[no-untyped-call]
+            list(sentinel.hosts), sentinel_kwargs=own, **options
+        )
+        self._sentinels = manager.sentinels
+        return cast(aioredis.Redis, manager.master_for(sentinel.service_name, db=sentinel.database))
 
     def keys(self, session_id: str) -> tuple[str, str]:
         base = f"{self.prefix}:{{{session_id}}}"
@@ -383,6 +457,8 @@ class RedisDriver(KeepsStructure):
 
     async def close(self) -> None:
         await self.client.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
 
     async def ping(self) -> None:
         await self._call(self.client.ping)

@@ -1,0 +1,100 @@
+"""PostgreSQL failover: a primary and a streaming standby made here (initdb,
+pg_basebackup -R), a sidecar given both hosts (`target_session_attrs=read-write`), and
+agents appending while the primary dies and the standby is promoted.
+
+With synchronous replication an acknowledged append is on the standby before it is
+answered, so none may be lost; with the default (asynchronous) one the figure is
+reported, not asserted. In both, retried appends carry their Idempotency-Key, so
+nothing may be stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.failover import Writers
+from tests.servers import PostgresServer
+from tests.support import SidecarProcess, migrate
+from tests.test_outages import wait_until
+
+
+@pytest.fixture
+def primary_and_standby() -> Iterator[tuple[PostgresServer, PostgresServer]]:
+    primary = PostgresServer()
+    primary.start()
+    try:
+        standby = PostgresServer(standby_of=primary)
+        try:
+            standby.start()
+            yield primary, standby
+        finally:
+            standby.destroy()
+    finally:
+        primary.destroy()
+
+
+async def replication_state(primary: PostgresServer) -> str | None:
+    conn = await asyncpg.connect(primary.dsn)
+    try:
+        state: str | None = await conn.fetchval(
+            "SELECT state || '/' || sync_state FROM pg_stat_replication"
+        )
+        return state
+    finally:
+        await conn.close()
+
+
+async def make_synchronous(primary: PostgresServer) -> None:
+    conn = await asyncpg.connect(primary.dsn)
+    try:
+        await conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("replication", ["synchronous", "asynchronous"])
+async def test_appends_survive_the_primary_dying_and_the_standby_taking_over(
+    replication: str,
+    primary_and_standby: tuple[PostgresServer, PostgresServer],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    primary, standby = primary_and_standby
+
+    async def streaming_as(expected: str) -> bool:
+        return await replication_state(primary) == expected
+
+    await wait_until(lambda: streaming_as("streaming/async"))
+    if replication == "synchronous":
+        await make_synchronous(primary)
+        await wait_until(lambda: streaming_as("streaming/sync"))
+    dsn = (
+        f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres"
+        "?target_session_attrs=read-write"
+    )
+    config = {"stores": {"chat": {"backend": "postgres", "postgres": {"dsn": dsn}}}}
+    migrate(config)
+    proc = sidecar_process(config)
+    proc.start()
+
+    writers = Writers(proc.url, "chat")
+    writers.start()
+    await wait_until(lambda: writers.at_least(40))
+    await asyncio.to_thread(primary.stop, "immediate")
+    await asyncio.to_thread(standby.promote)
+    after = writers.total
+    await wait_until(lambda: writers.at_least(after + 40))
+    tally = await writers.stop()
+
+    with capsys.disabled():
+        print(f"\npostgres failover, {replication} replication: {tally}")
+    assert tally.doubled == 0
+    if replication == "synchronous":
+        assert tally.lost == 0
+    assert tally.acknowledged >= after + 40

@@ -1,0 +1,102 @@
+"""Redis Sentinel: a primary, two replicas and three Sentinels started here, a sidecar
+that finds the primary through them (`redis.sentinel`), and agents appending while the
+primary is killed and the Sentinels promote a replica.
+
+With `waitReplicas: 1` an acknowledged append is on a replica before it is answered,
+and the Sentinels promote the replica furthest along, so none may be lost; answered at
+once, the figure is reported, not asserted. Retried appends carry their
+Idempotency-Key, so nothing may be stored twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.failover import Writers
+from tests.servers import RedisSentinel, RedisServer
+from tests.support import SidecarProcess
+from tests.test_outages import wait_until
+
+SERVICE = "convo"
+
+
+@pytest.fixture
+def watched_primary() -> Iterator[tuple[RedisServer, list[RedisSentinel]]]:
+    primary = RedisServer("--repl-diskless-sync-delay", "0")  # replicas sync at once
+    replicas = [RedisServer("--replicaof", "127.0.0.1", str(primary.port)) for _ in range(2)]
+    sentinels = [RedisSentinel(primary, SERVICE) for _ in range(3)]
+    try:
+        for server in (primary, *replicas):
+            server.start()
+        for sentinel in sentinels:
+            sentinel.start()
+        yield primary, sentinels
+    finally:
+        for sentinel in sentinels:
+            sentinel.destroy()
+        for server in (*replicas, primary):
+            server.destroy()
+
+
+async def replicas_in_sync(primary: RedisServer) -> bool:
+    """Both replicas hold the primary's data and follow its stream (before this, a
+    replica that is promoted starts empty: nothing it would keep was copied yet)."""
+    client = aioredis.Redis.from_url(primary.url)
+    try:
+        info = await client.info("replication")
+    finally:
+        await client.aclose()
+    return [info.get(f"slave{n}", {}).get("state") for n in range(2)] == ["online"] * 2
+
+
+async def sentinels_agree(sentinels: list[RedisSentinel]) -> bool:
+    """Every Sentinel sees the primary, both replicas and the other two Sentinels, so a
+    failover can be voted on and has replicas to promote."""
+    for sentinel in sentinels:
+        client = aioredis.Redis(host="127.0.0.1", port=sentinel.port, decode_responses=True)
+        try:
+            state = cast(dict[str, Any], await client.sentinel_master(SERVICE))
+        finally:
+            await client.aclose()
+        if int(state["num-slaves"]) < 2 or int(state["num-other-sentinels"]) < 2:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("wait_replicas", [1, 0], ids=["replicated", "answered-at-once"])
+async def test_appends_survive_the_primary_dying_and_a_replica_taking_over(
+    wait_replicas: int,
+    watched_primary: tuple[RedisServer, list[RedisSentinel]],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    primary, sentinels = watched_primary
+    await wait_until(lambda: replicas_in_sync(primary))
+    await wait_until(lambda: sentinels_agree(sentinels))
+    redis = {
+        "sentinel": {"hosts": [s.address for s in sentinels], "serviceName": SERVICE},
+        "waitReplicas": wait_replicas,
+        "waitTimeout": 0.5,
+    }
+    proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis}}})
+    proc.start()
+
+    writers = Writers(proc.url, "chat")
+    writers.start()
+    await wait_until(lambda: writers.at_least(40))
+    primary.kill()
+    after = writers.total
+    await wait_until(lambda: writers.at_least(after + 40))
+    tally = await writers.stop()
+
+    with capsys.disabled():
+        mode = "replicated (waitReplicas: 1)" if wait_replicas else "answered at once"
+        print(f"\nredis sentinel failover, {mode}: {tally}")
+    assert tally.doubled == 0
+    if wait_replicas:
+        assert tally.lost == 0
+    assert tally.refused > 0, "the primary died under load, yet no append was refused"
