@@ -80,7 +80,47 @@ REDIS: dict[str, Any] = {
             "description": "Answer appends and clears only once this many replicas hold "
             "them (WAIT, within 1 s; fewer answers 503 and the client retries).",
         },
+        "sentinel": {
+            "type": "object",
+            "description": "Find the primary through Redis Sentinel, instead of url: "
+            "the sidecar follows a failover to the replica the Sentinels promote.",
+            "required": ["hosts", "serviceName"],
+            "properties": {
+                "hosts": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 16,
+                    "items": {
+                        "type": "string",
+                        "maxLength": 262,
+                        "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$",
+                    },
+                    "description": "The Sentinels, as host:port.",
+                },
+                "serviceName": {
+                    "type": "string",
+                    "pattern": r"^[A-Za-z0-9._-]{1,128}$",
+                    "description": "The name the Sentinels monitor the primary by.",
+                },
+                "database": _int(0, 10_000, "The database number on the primary."),
+                "username": {
+                    "type": "string",
+                    "maxLength": 256,
+                    "description": "For the Sentinels; redis.username is the data nodes'.",
+                },
+                "passwordSecretRef": _secret_ref("the Sentinels' password"),
+            },
+        },
     },
+    "x-kubernetes-validations": [
+        {
+            "rule": "!has(self.sentinel) || "
+            "!(has(self.url) || has(self.urlSecretRef) || has(self.caSecretRef))",
+            "message": "redis.sentinel names the primary itself: give it without url, "
+            "urlSecretRef or caSecretRef",
+            "fieldPath": ".sentinel",
+        }
+    ],
 }
 
 POSTGRES: dict[str, Any] = {
@@ -107,8 +147,9 @@ def _backend_rules(backends: list[str], where: str = "") -> list[dict[str, Any]]
             "postgres.dsnSecretRef",
         ),
         "redis": (
-            "has(self.redis) && (has(self.redis.url) || has(self.redis.urlSecretRef))",
-            "redis.url or {w}redis.urlSecretRef",
+            "has(self.redis) && (has(self.redis.url) || has(self.redis.urlSecretRef)"
+            " || has(self.redis.sentinel))",
+            "redis.url, {w}redis.urlSecretRef or {w}redis.sentinel",
             "redis.url",
         ),
         "dapr": ("has(self.dapr)", "dapr.stateStore", "dapr.stateStore"),

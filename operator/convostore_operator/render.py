@@ -106,7 +106,10 @@ def _database(
         return {"path": path if data_root is None else f"{data_root}/{PurePosixPath(path).name}"}
     rendered: dict[str, Any] = {}
     if backend == "redis":
-        rendered["url"] = secrets.get(f"{prefix}urlSecretRef") or section["url"]
+        if "sentinel" in section:
+            rendered["sentinel"] = _sentinel(section["sentinel"], secrets, files, here, prefix)
+        else:
+            rendered["url"] = secrets.get(f"{prefix}urlSecretRef") or section["url"]
         if "username" in section:
             rendered["username"] = section["username"]
         for key in ("keyPrefix", "waitReplicas"):
@@ -125,6 +128,25 @@ def _database(
         file = f"{prefix.replace('.', '-')}{backend}-ca.crt"
         files[file] = secrets[f"{prefix}caSecretRef"].encode()
         rendered["tls"] = {"caFile": f"{here}/{file}"}
+    return rendered
+
+
+def _sentinel(
+    section: dict[str, Any],
+    secrets: dict[str, str],
+    files: dict[str, bytes],
+    here: str,
+    prefix: str,
+) -> dict[str, Any]:
+    rendered: dict[str, Any] = {
+        key: section[key]
+        for key in ("hosts", "serviceName", "database", "username")
+        if key in section
+    }
+    if f"{prefix}sentinel.passwordSecretRef" in secrets:
+        file = f"{prefix.replace('.', '-')}redis-sentinel-password"
+        files[file] = secrets[f"{prefix}sentinel.passwordSecretRef"].encode()
+        rendered["passwordFile"] = f"{here}/{file}"
     return rendered
 
 

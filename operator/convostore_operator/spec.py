@@ -110,7 +110,7 @@ def secret_refs(spec: dict[str, Any]) -> dict[str, SecretRef]:
 
 
 def _section_refs(section: dict[str, Any]) -> dict[str, SecretRef]:
-    return {
+    refs: dict[str, SecretRef] = {
         field: SecretRef(section[field]["name"], section[field]["key"])
         for field in (
             "urlSecretRef",
@@ -121,6 +121,11 @@ def _section_refs(section: dict[str, Any]) -> dict[str, SecretRef]:
         )
         if field in section
     }
+    sentinel = section.get("sentinel", {})
+    if "passwordSecretRef" in sentinel:
+        ref = sentinel["passwordSecretRef"]
+        refs["sentinel.passwordSecretRef"] = SecretRef(ref["name"], ref["key"])
+    return refs
 
 
 def keys_secret_name(name: str, spec: dict[str, Any]) -> str | None:

@@ -74,7 +74,57 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
         ({"backend": 7}, "spec.backend", "7 is not of type 'string'"),
         ({"backend": "postgres"}, "spec.postgres.dsnSecretRef", "needs postgres.dsnSecretRef"),
         ({"backend": "postgres", "postgres": {}}, "spec.postgres.dsnSecretRef", "dsnSecretRef"),
-        ({"backend": "redis"}, "spec.redis.url", "needs redis.url or redis.urlSecretRef"),
+        ({"backend": "redis"}, "spec.redis.url", "needs redis.url, redis.urlSecretRef or"),
+        *(
+            ({"backend": "redis", "redis": {"sentinel": sentinel}}, field, message)
+            for sentinel, field, message in (
+                ({"serviceName": "m"}, "spec.redis.sentinel", "'hosts' is a required property"),
+                ({"hosts": ["a:1"]}, "spec.redis.sentinel", "'serviceName' is a required"),
+                (
+                    {"hosts": [], "serviceName": "m"},
+                    "spec.redis.sentinel.hosts",
+                    "should be non-empty",
+                ),
+                (
+                    {"hosts": ["a:1"] * 17, "serviceName": "m"},
+                    "spec.redis.sentinel.hosts",
+                    "is too long",
+                ),
+                (
+                    {"hosts": ["a"], "serviceName": "m"},
+                    "spec.redis.sentinel.hosts.0",
+                    "does not match",
+                ),
+                (
+                    {"hosts": ["a:1", "b c:2"], "serviceName": "m"},
+                    "spec.redis.sentinel.hosts.1",
+                    "does not match",
+                ),
+                (
+                    {"hosts": ["a:1"], "serviceName": "m;x"},
+                    "spec.redis.sentinel.serviceName",
+                    "does not match",
+                ),
+                (
+                    {"hosts": ["a:1"], "serviceName": "m", "database": -1},
+                    "spec.redis.sentinel.database",
+                    "less than the minimum",
+                ),
+                (
+                    {"hosts": ["a:1"], "serviceName": "m", "passwordSecretRef": {"name": "s"}},
+                    "spec.redis.sentinel.passwordSecretRef",
+                    "'key' is a required property",
+                ),
+            )
+        ),
+        (
+            {
+                "backend": "redis",
+                "redis": {"url": "redis://x", "sentinel": {"hosts": ["a:1"], "serviceName": "m"}},
+            },
+            "spec.redis.sentinel",
+            "redis.sentinel names the primary itself",
+        ),
         ({"backend": "redis", "redis": {"url": "http://x"}}, "spec.redis.url", "does not match"),
         (
             {"backend": "redis", "redis": {"url": "redis://x", "keyPrefix": "{a}"}},
@@ -272,7 +322,7 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
                 "openai": {"apiKeySecretRef": KEY, "mapping": {"backend": "redis"}},
             },
             "spec.openai.mapping.redis.url",
-            "needs mapping.redis.url or mapping.redis.urlSecretRef",
+            "needs mapping.redis.url, mapping.redis.urlSecretRef or mapping.redis.sentinel",
         ),
         (
             {

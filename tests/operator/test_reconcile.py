@@ -36,7 +36,7 @@ from tests.operator.conftest import (
     store_object,
 )
 from tests.operator.emulator import STORES, RealisticEmulator
-from tests.servers import RedisServer, free_port
+from tests.servers import RedisSentinel, RedisServer, free_port
 from tests.support import unique
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
@@ -103,6 +103,62 @@ async def test_redis_store_with_a_password_secret_is_reachable(
     )
     assert condition(obj, "BackendReachable")["status"] == "True"
     assert obj["status"]["phase"] == "Ready"
+
+
+async def test_a_store_found_through_sentinels_is_reachable(
+    cluster: Any, operator: Operator
+) -> None:
+    primary = RedisServer()
+    primary.start()
+    sentinel = RedisSentinel(primary, "convo")
+    try:
+        sentinel.start()
+        await operator()
+        await create_store(
+            cluster,
+            "watched",
+            {
+                "backend": "redis",
+                "redis": {"sentinel": {"hosts": [sentinel.address], "serviceName": "convo"}},
+            },
+        )
+        obj = await eventually(
+            lambda: (
+                (o := store_object(cluster, "watched")) and condition(o, "BackendReachable") and o
+            )
+        )
+        assert condition(obj, "BackendReachable")["status"] == "True"
+        config = yaml.safe_load(rendered(cluster, "watched")["config.yaml"])
+        assert config["stores"]["watched"]["redis"]["sentinel"]["hosts"] == [sentinel.address]
+    finally:
+        sentinel.destroy()
+        primary.destroy()
+
+
+async def test_a_postgres_dsn_naming_a_dead_host_first_reaches_the_live_primary(
+    cluster: Any, operator: Operator, postgres_dsn: str
+) -> None:
+    live = postgres_dsn.partition("@")[2].partition("/")[0]
+    user = postgres_dsn.partition("://")[2].partition("@")[0]
+    database = postgres_dsn.rpartition("/")[2]
+    dsn = (
+        f"postgresql://{user}@127.0.0.1:{free_port()},{live}/{database}"
+        "?target_session_attrs=read-write"
+    )
+    await create_secret(cluster, "pg-hosts", {"dsn": dsn})
+    await operator()
+    await create_store(
+        cluster,
+        "hosts",
+        {
+            "backend": "postgres",
+            "postgres": {"dsnSecretRef": {"name": "pg-hosts", "key": "dsn"}, "schema": "op_hosts"},
+        },
+    )
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "hosts")) and condition(o, "BackendReachable") and o
+    )
+    assert condition(obj, "BackendReachable")["status"] == "True"
 
 
 async def test_postgres_store_bootstraps_the_schema(

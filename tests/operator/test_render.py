@@ -90,6 +90,37 @@ def test_wait_replicas_reaches_the_sidecars_redis_settings(tmp_path: Path) -> No
     assert (settings.wait_replicas, settings.wait_timeout) == (2, 1.0)
 
 
+def test_a_sentinel_watched_primary_reaches_the_sidecar_with_its_own_password(
+    tmp_path: Path,
+) -> None:
+    sentinel = {
+        "hosts": ["sentinel-0.data:26379", "sentinel-1.data:26379"],
+        "serviceName": "convo",
+        "database": 3,
+        "username": "watcher",
+        "passwordSecretRef": {"name": "sentinel-auth", "key": "password"},
+    }
+    spec = validate({"backend": "redis", "redis": {"sentinel": sentinel, "passwordSecretRef": KEY}})
+    assert secret_refs(spec) == {
+        "sentinel.passwordSecretRef": SecretRef("sentinel-auth", "password"),
+        "passwordSecretRef": SecretRef("redis-auth", "password"),
+    }
+    secrets = {"sentinel.passwordSecretRef": "s3cret", "passwordSecretRef": "hunter2"}
+    rendered = render("chat", spec, secrets, stores_root=str(tmp_path))
+    assert rendered.files["redis-sentinel-password"] == b"s3cret"
+    assert "s3cret" not in str(rendered.config)
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for name, data in rendered.secret_data().items():
+        (folder / name).write_bytes(data)
+    settings = load_config(folder / "config.yaml").stores["chat"].settings
+    watched = settings.sentinel
+    assert watched.hosts == (("sentinel-0.data", 26379), ("sentinel-1.data", 26379))
+    assert (watched.service_name, watched.database, watched.username) == ("convo", 3, "watcher")
+    assert watched.password_file == f"{tmp_path}/chat/redis-sentinel-password"
+    assert settings.password_file == f"{tmp_path}/chat/redis-password"
+
+
 def test_hidden_tool_names_reach_the_sidecars_keyring(tmp_path: Path) -> None:
     spec = validate({"backend": "sqlite", "encryption": {"enabled": True, "hideToolNames": True}})
     keys_root = tmp_path / "keys"
