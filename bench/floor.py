@@ -17,6 +17,8 @@ import uvloop
 from aiohttp import web
 
 ITEMS = "/v1/stores/{store}/sessions/{session_id}/items"
+KEPT = 100
+"""Items kept per session: enough for the reads of a turn, so its memory stays flat."""
 
 
 def make_app() -> web.Application:
@@ -24,7 +26,9 @@ def make_app() -> web.Application:
 
     async def append(request: web.Request) -> web.Response:
         items = orjson.loads(await request.read())["items"]
-        sessions.setdefault(request.match_info["session_id"], []).extend(map(orjson.dumps, items))
+        kept = sessions.setdefault(request.match_info["session_id"], [])
+        kept.extend(map(orjson.dumps, items))
+        del kept[:-KEPT]
         return web.json_response(body=b'{"appended":%d,"replayed":false}' % len(items))
 
     async def latest(request: web.Request) -> web.Response:

@@ -47,6 +47,8 @@ class Sidecar:
     workdir: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    tree: Path | None = None
+    """A checkout to run the sidecar from (see `bench.compare`), else this one."""
 
     @property
     def url(self) -> str:
@@ -60,6 +62,7 @@ class Sidecar:
                 [sys.executable, "-m", "convostore", "migrate", "--config", str(config)],
                 check=True,
                 stdout=subprocess.DEVNULL,
+                env=self._environment(),
             )
         return [
             sys.executable,
@@ -78,7 +81,7 @@ class Sidecar:
         """Start it and return the seconds until `/readyz` answered 200."""
         command = self.command()
         started = time.perf_counter()
-        self.process = subprocess.Popen(command, cwd=self.workdir)
+        self.process = subprocess.Popen(command, cwd=self.workdir, env=self._environment())
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
@@ -88,6 +91,12 @@ class Sidecar:
                 if self.process.poll() is not None:
                     raise RuntimeError("the sidecar exited during start-up") from None
                 time.sleep(0.002)
+
+    def _environment(self) -> dict[str, str]:
+        if self.tree is None:
+            return dict(os.environ)
+        parts = ("client", "sidecar", "operator", ".")
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(str(self.tree / p) for p in parts)}
 
     def rss_bytes(self) -> int:
         return self.probe().rss()

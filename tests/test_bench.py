@@ -36,3 +36,20 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
     assert rows
     assert f"| {backend} | branch from the middle turn |" in report
     assert report == run.stdout.strip() + "\n"
+
+
+def test_compare_runs_a_revision_and_this_checkout_side_by_side() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "HEAD", "--smoke", "--backends", "sqlite"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| sqlite |")]
+    figures = {row[1]: row[2:] for row in rows}
+    assert set(figures) >= {"turns/s at 8 task(s)", "sidecar vCPU per 1,000 req/s"}
+    for before, after, _ in (f for f in figures.values() if len(f) == 3):
+        assert float(before) > 0
+        assert float(after.rstrip(" |")) > 0
