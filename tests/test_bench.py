@@ -23,7 +23,12 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     report = output.read_text()
     headings = ("(a) Agent turn", "(b) Long history", "(c) Burst", "(d, e) The sidecar")
-    later = ("(f) Advanced session", "(g) Redis: what waiting for a replica", "(h) The sidecar's")
+    later = (
+        "(f) Advanced session",
+        "(g) Redis: what waiting for a replica",
+        "(h) The sidecar's",
+        "(i) PostgreSQL: what a synchronous standby costs",
+    )
     for heading in (*headings, *later):
         assert heading in report
     for backend in ("sqlite", "redis", "postgres"):

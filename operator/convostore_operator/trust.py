@@ -8,7 +8,9 @@ go only to the endpoints it names. An endpoint that comes from a Secret (a DSN, 
 `urlSecretRef`) was chosen by whoever wrote that Secret; an endpoint written in the spec
 itself (`redis.url`, `openai.baseURL`) can receive a Secret's credentials only if that
 Secret lists it in `convostore.dev/allowed-endpoints` (comma list of `scheme://host:port`
-origins). OpenAI's own API needs no listing.
+origins). OpenAI's own API needs no listing. Sentinels (`redis.sentinel.hosts`) count as
+`redis://host:port` endpoints for both passwords: they name the primary the data nodes'
+password goes to, so whoever picks the Sentinels picks that server too.
 """
 
 from __future__ import annotations
@@ -49,22 +51,31 @@ def spec_endpoints(spec: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     written in the spec itself."""
     section = spec.get(spec["backend"], {})
     found = []
-    if spec["backend"] == "redis" and "url" in section:
-        found.append(("spec.redis.url", section["url"], ["passwordSecretRef", "caSecretRef"]))
+    if spec["backend"] == "redis":
+        found += _redis_endpoints(section, "spec.redis", "")
     if spec["backend"] == "openai":
         base = section.get("baseURL")
         if base and origin(base) != origin(OPENAI_API):
             found.append(("spec.openai.baseURL", base, ["apiKeySecretRef"]))
         mapping = section.get("mapping", {})
-        if mapping.get("backend") == "redis" and "url" in mapping.get("redis", {}):
-            found.append(
-                (
-                    "spec.openai.mapping.redis.url",
-                    mapping["redis"]["url"],
-                    ["mapping.passwordSecretRef", "mapping.caSecretRef"],
-                )
+        if mapping.get("backend") == "redis":
+            found += _redis_endpoints(
+                mapping.get("redis", {}), "spec.openai.mapping.redis", "mapping."
             )
     return found
+
+
+def _redis_endpoints(
+    section: dict[str, Any], where: str, prefix: str
+) -> list[tuple[str, str, list[str]]]:
+    if "url" in section:
+        refs = [f"{prefix}passwordSecretRef", f"{prefix}caSecretRef"]
+        return [(f"{where}.url", section["url"], refs)]
+    refs = [f"{prefix}passwordSecretRef", f"{prefix}sentinel.passwordSecretRef"]
+    hosts = section.get("sentinel", {}).get("hosts", [])
+    return [
+        (f"{where}.sentinel.hosts[{n}]", f"redis://{host}", refs) for n, host in enumerate(hosts)
+    ]
 
 
 def check_endpoint(secret: str, stored: StoredSecret, field: str, endpoint: str) -> None:

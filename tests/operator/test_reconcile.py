@@ -105,23 +105,41 @@ async def test_redis_store_with_a_password_secret_is_reachable(
     assert obj["status"]["phase"] == "Ready"
 
 
-async def test_a_store_found_through_sentinels_is_reachable(
-    cluster: Any, operator: Operator
+@pytest.mark.parametrize("listed", [True, False], ids=["sentinels-listed", "sentinels-unlisted"])
+async def test_a_store_found_through_sentinels_gets_a_password_only_they_are_lent(
+    cluster: Any, operator: Operator, listed: bool
 ) -> None:
+    """Whoever names the Sentinels names the primary they point at: the data nodes'
+    password goes there only if its Secret lists the Sentinels as endpoints."""
     primary = RedisServer()
     primary.start()
     sentinel = RedisSentinel(primary, "convo")
     try:
         sentinel.start()
+        lent = {"convostore.dev/allowed-stores": "watched"}
+        if listed:
+            lent["convostore.dev/allowed-endpoints"] = f"redis://{sentinel.address}"
+        await create_secret(cluster, "redis-auth", {"password": ""}, lent)
         await operator()
+        watched = {"hosts": [sentinel.address], "serviceName": "convo"}
+        password = {"name": "redis-auth", "key": "password"}
         await create_store(
             cluster,
             "watched",
-            {
-                "backend": "redis",
-                "redis": {"sentinel": {"hosts": [sentinel.address], "serviceName": "convo"}},
-            },
+            {"backend": "redis", "redis": {"sentinel": watched, "passwordSecretRef": password}},
         )
+        obj = await eventually(
+            lambda: (
+                (o := store_object(cluster, "watched")) and o.get("status", {}).get("phase") and o
+            )
+        )
+        if not listed:
+            assert obj["status"]["phase"] == "Failed"
+            refusal = condition(obj, "ConfigRendered")
+            assert refusal["reason"] == "SecretNotAllowed"
+            assert "spec.redis.sentinel.hosts[0]" in refusal["message"]
+            assert secret_data(cluster, "watched-convostore") is None
+            return
         obj = await eventually(
             lambda: (
                 (o := store_object(cluster, "watched")) and condition(o, "BackendReachable") and o

@@ -273,8 +273,8 @@ class _Writer(_Connection):
                 done.set_exception(cast(BaseException, value))
 
     async def close(self) -> None:
-        while self._group is not None:
-            await asyncio.shield(self._group)
+        while self._group is not None:  # its callers hear how it ended; close just waits
+            await asyncio.wait({self._group})
         await super().close()
 
 
