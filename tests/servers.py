@@ -106,24 +106,22 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class RedisSentinel:
+class RedisSentinel(RedisServer):
     """A Redis Sentinel (`redis-server --sentinel`) watching one primary as `service`.
 
     It fails the primary over after `down_after_ms` without an answer; the config file
     is its own (a Sentinel rewrites it as it learns the topology)."""
 
     def __init__(self, primary: RedisServer, service: str, down_after_ms: int = 1000) -> None:
-        self.binary = redis_binary()
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="convostore-sentinel-"))
-        (self.dir / "sentinel.conf").write_text(
+        super().__init__()
+        self.config = Path(self.dir) / "sentinel.conf"
+        self.config.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
             f"sentinel monitor {service} 127.0.0.1 {primary.port} 2\n"
             f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
             f"sentinel failover-timeout {service} 10000\n"
             f"sentinel parallel-syncs {service} 1\n"
         )
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -131,17 +129,9 @@ class RedisSentinel:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, str(self.dir / "sentinel.conf"), "--sentinel"],
-            stdout=subprocess.DEVNULL,
+            [self.binary, str(self.config), "--sentinel"], stdout=subprocess.DEVNULL
         )
         _wait_for_port(self.port)
-
-    def destroy(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-            self.process = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class PostgresServer:
@@ -173,6 +163,7 @@ class PostgresServer:
                 "-D",
                 str(self.data),
                 "-R",
+                "--checkpoint=fast",  # else it waits for the primary's next checkpoint
                 "-X",
                 "stream",
                 "-h",
