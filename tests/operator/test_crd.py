@@ -115,6 +115,31 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
                     "spec.redis.sentinel.passwordSecretRef",
                     "'key' is a required property",
                 ),
+                (
+                    {"hosts": ["a:1\nb:2"], "serviceName": "m"},
+                    "spec.redis.sentinel.hosts.0",
+                    "does not match",
+                ),
+                (
+                    {"hosts": ["a" * 300 + ":1"], "serviceName": "m"},
+                    "spec.redis.sentinel.hosts.0",
+                    "is too long",
+                ),
+                (
+                    {"hosts": ["a:1"], "serviceName": "m" * 129},
+                    "spec.redis.sentinel.serviceName",
+                    "does not match",
+                ),
+                (
+                    {"hosts": ["a:1"], "serviceName": "m", "username": "u" * 257},
+                    "spec.redis.sentinel.username",
+                    "is too long",
+                ),
+                (
+                    {"hosts": "a:1", "serviceName": "m"},
+                    "spec.redis.sentinel.hosts",
+                    "is not of type 'array'",
+                ),
             )
         ),
         (

@@ -190,7 +190,7 @@ async def test_postgres_store_bootstraps_the_schema(
     finally:
         await conn.close()
     config = yaml.safe_load(rendered(cluster, "audit")["config.yaml"])
-    assert config["stores"]["audit"]["postgres"]["dsn"] == postgres_dsn
+    assert config["stores"]["audit"]["postgres"]["dsn"] == dsn
 
 
 async def test_openai_store_renders_its_key_and_checks_the_api_with_it(
