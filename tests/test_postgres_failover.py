@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from convostore import SidecarSession, StoreUnavailableError
 
 from tests.failover import Writers
 from tests.servers import PostgresServer
@@ -98,3 +99,44 @@ async def test_appends_survive_the_primary_dying_and_the_standby_taking_over(
     if replication == "synchronous":
         assert tally.lost == 0
     assert tally.acknowledged >= after + 40
+
+
+async def test_an_append_is_never_acknowledged_before_the_synchronous_standby_has_it(
+    primary_and_standby: tuple[PostgresServer, PostgresServer],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """With the standby away, an append commits on the primary and then waits for the
+    standby; the sidecar gives up (503) and the client's retry with the same key must
+    wait again rather than be answered from the primary's copy as a replay."""
+    primary, standby = primary_and_standby
+
+    async def streaming_as(expected: str) -> bool:
+        return await replication_state(primary) == expected
+
+    await wait_until(lambda: streaming_as("streaming/async"))
+    await make_synchronous(primary)
+    await wait_until(lambda: streaming_as("streaming/sync"))
+    postgres = {"dsn": primary.dsn, "statementTimeout": 0.5}
+    config = {"stores": {"chat": {"backend": "postgres", "postgres": postgres}}}
+    migrate(config)
+    proc = sidecar_process(config)
+    proc.start()
+    session = SidecarSession("durable", "chat", url=proc.url, retries=0, timeout=10)
+    await session.add_items([{"n": 0}])
+
+    await asyncio.to_thread(standby.stop)
+    for _ in range(2):  # the first attempt, then the retry an agent would make
+        with pytest.raises(StoreUnavailableError):
+            await session.add_items([{"n": 1}], idempotency_key="kept")
+    conn = await asyncpg.connect(primary.dsn)
+    try:  # the primary holds the append: the retry was a replay, and still waited
+        held = await conn.fetchval(
+            "SELECT count(*) FROM convostore.items WHERE session_id = 'durable'"
+        )
+    finally:
+        await conn.close()
+    assert held == 2
+    await asyncio.to_thread(standby.start)
+    await wait_until(lambda: streaming_as("streaming/sync"))
+    await session.add_items([{"n": 1}], idempotency_key="kept")
+    assert [item["n"] for item in await session.get_items()] == [0, 1]
