@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from convostore import SidecarSession, StoreUnavailableError
 
 from tests.failover import Writers
 from tests.servers import RedisSentinel, RedisServer
@@ -100,3 +102,31 @@ async def test_appends_survive_the_primary_dying_and_a_replica_taking_over(
     if wait_replicas:
         assert tally.lost == 0
     assert tally.refused > 0, "the primary died under load, yet no append was refused"
+
+
+async def test_sentinels_that_know_no_such_primary_make_the_store_unavailable_not_broken(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """A `serviceName` the Sentinels do not watch (a typo, a primary not yet set up):
+    the sidecar starts, answers 503 `backend_unavailable` and says so on /readyz."""
+    primary = RedisServer()
+    primary.start()
+    sentinel = RedisSentinel(primary, SERVICE)
+    try:
+        sentinel.start()
+        redis = {"sentinel": {"hosts": [sentinel.address], "serviceName": "not-watched"}}
+        proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis}}})
+        proc.start()
+        session = SidecarSession("s", "chat", url=proc.url, retries=0)
+        with pytest.raises(StoreUnavailableError) as refused:
+            await session.add_items([{"n": 1}])
+        assert refused.value.code == "backend_unavailable"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(proc.url + "/readyz") as resp,
+        ):
+            assert resp.status == 503
+            assert (await resp.json())["stores"]["chat"] == "unavailable"
+    finally:
+        sentinel.destroy()
+        primary.destroy()
