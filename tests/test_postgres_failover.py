@@ -140,3 +140,49 @@ async def test_an_append_is_never_acknowledged_before_the_synchronous_standby_ha
     await wait_until(lambda: streaming_as("streaming/sync"))
     await session.add_items([{"n": 1}], idempotency_key="kept")
     assert [item["n"] for item in await session.get_items()] == [0, 1]
+
+
+async def test_connections_to_a_primary_that_stops_taking_writes_are_replaced(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """The pool's connections outlive a primary's demotion: the first write refused as
+    read-only replaces them all, and the new ones go to the host that takes writes.
+    (Demotion is played by `default_transaction_read_only`, which the server reports to
+    clients as a standby's state is.)"""
+    old, new = PostgresServer(), PostgresServer()
+    try:
+        old.start()
+        new.start()
+        dsn = (
+            f"postgresql://postgres@127.0.0.1:{old.port},127.0.0.1:{new.port}/postgres"
+            "?target_session_attrs=read-write"
+        )
+        for server in (old, new):
+            migrate({"stores": {"chat": {"backend": "postgres", "postgres": {"dsn": server.dsn}}}})
+        proc = sidecar_process(
+            {"stores": {"chat": {"backend": "postgres", "postgres": {"dsn": dsn, "poolMin": 4}}}}
+        )
+        proc.start()
+        session = SidecarSession("moved", "chat", url=proc.url)
+        await session.add_items([{"n": 0}])
+
+        conn = await asyncpg.connect(old.dsn)
+        try:
+            await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+        await session.add_items([{"n": 1}])  # refused once as read-only, then retried
+
+        counts = []
+        for server in (old, new):
+            conn = await asyncpg.connect(server.dsn)
+            try:
+                counts.append(await conn.fetchval("SELECT count(*) FROM convostore.items"))
+            finally:
+                await conn.close()
+        assert counts == [1, 1]
+        assert [item["n"] for item in await session.get_items()] == [1]
+    finally:
+        new.destroy()
+        old.destroy()
