@@ -126,7 +126,10 @@ REDIS: dict[str, Any] = {
 POSTGRES: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "dsnSecretRef": _secret_ref("a postgresql:// DSN"),
+        "dsnSecretRef": _secret_ref(
+            "a postgresql:// DSN (several hosts, for failover, need "
+            "target_session_attrs=read-write)"
+        ),
         "passwordSecretRef": _secret_ref("the password, if not in the DSN"),
         "caSecretRef": _secret_ref(
             "the PEM CA that signed the server's certificate (verified: verify-full)"
