@@ -177,6 +177,20 @@ def test_failover_forms_name_every_server() -> None:
             {"stores": {"c": {"backend": "postgres"}}},
             "store 'c': field 'postgres.dsn': is required",
         ),
+        *(
+            (
+                {
+                    "stores": {
+                        "c": {
+                            "backend": "postgres",
+                            "postgres": {"dsn": "postgresql://x", "synchronousCommit": value},
+                        }
+                    }
+                },
+                "field 'postgres.synchronousCommit': must be one of remote_apply, on,",
+            )
+            for value in ("ON", "true", True, "", "remote_apply; DROP", None)
+        ),
         (
             {"stores": {"c": {"backend": "postgres", "postgres": {"dsn": "mysql://x"}}}},
             "field 'postgres.dsn': must start with postgresql://",

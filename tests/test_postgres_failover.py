@@ -186,3 +186,37 @@ async def test_connections_to_a_primary_that_stops_taking_writes_are_replaced(
     finally:
         new.destroy()
         old.destroy()
+
+
+async def test_a_store_may_choose_not_to_wait_for_the_synchronous_standby(
+    primary_and_standby: tuple[PostgresServer, PostgresServer],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """`synchronousCommit: local` answers once the primary has the append, standby or
+    not; a store left at the server's setting waits for the standby."""
+    primary, standby = primary_and_standby
+
+    async def streaming_as(expected: str) -> bool:
+        return await replication_state(primary) == expected
+
+    await wait_until(lambda: streaming_as("streaming/async"))
+    await make_synchronous(primary)
+    await wait_until(lambda: streaming_as("streaming/sync"))
+    waits = {"dsn": primary.dsn, "statementTimeout": 0.5, "schema": "waits"}
+    local = {"dsn": primary.dsn, "schema": "local_only", "synchronousCommit": "local"}
+    config = {
+        "stores": {
+            "waits": {"backend": "postgres", "postgres": waits},
+            "local": {"backend": "postgres", "postgres": local},
+        }
+    }
+    migrate(config)
+    proc = sidecar_process(config)
+    proc.start()
+    await asyncio.to_thread(standby.stop)
+
+    fast = SidecarSession("s", "local", url=proc.url, retries=0)
+    await fast.add_items([{"n": 1}])
+    assert await fast.get_items() == [{"n": 1}]
+    with pytest.raises(StoreUnavailableError):
+        await SidecarSession("s", "waits", url=proc.url, retries=0).add_items([{"n": 1}])

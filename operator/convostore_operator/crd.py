@@ -136,6 +136,12 @@ POSTGRES: dict[str, Any] = {
         ),
         "schema": {"type": "string", "pattern": r"^[a-z_][a-z0-9_]{0,62}$"},
         "poolMax": _int(1, 1000, "Connections per sidecar."),
+        "synchronousCommit": {
+            "type": "string",
+            "enum": ["remote_apply", "on", "remote_write", "local", "off"],
+            "description": "The sessions' synchronous_commit; unset, the server's. With a "
+            "synchronous standby, on waits for it and local does not.",
+        },
     },
 }
 

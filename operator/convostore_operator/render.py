@@ -117,7 +117,7 @@ def _database(
                 rendered[key] = section[key]
     else:
         rendered["dsn"] = secrets[f"{prefix}dsnSecretRef"].strip()
-        for key in ("schema", "poolMax"):
+        for key in ("schema", "poolMax", "synchronousCommit"):
             if key in section:
                 rendered[key] = section[key]
     if f"{prefix}passwordSecretRef" in secrets:

@@ -75,6 +75,11 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
         ({"backend": "postgres"}, "spec.postgres.dsnSecretRef", "needs postgres.dsnSecretRef"),
         ({"backend": "postgres", "postgres": {}}, "spec.postgres.dsnSecretRef", "dsnSecretRef"),
         ({"backend": "redis"}, "spec.redis.url", "needs redis.url, redis.urlSecretRef or"),
+        (
+            {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "synchronousCommit": "ON"}},
+            "spec.postgres.synchronousCommit",
+            "must be one of remote_apply, on, remote_write, local, off",
+        ),
         *(
             ({"backend": "redis", "redis": {"sentinel": sentinel}}, field, message)
             for sentinel, field, message in (

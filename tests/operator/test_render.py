@@ -90,6 +90,21 @@ def test_wait_replicas_reaches_the_sidecars_redis_settings(tmp_path: Path) -> No
     assert (settings.wait_replicas, settings.wait_timeout) == (2, 1.0)
 
 
+def test_synchronous_commit_reaches_the_sidecars_postgres_settings(tmp_path: Path) -> None:
+    ref = {"name": "db", "key": "dsn"}
+    spec = validate(
+        {"backend": "postgres", "postgres": {"dsnSecretRef": ref, "synchronousCommit": "local"}}
+    )
+    rendered = render(
+        "chat", spec, {"dsnSecretRef": "postgresql://app@db/chat"}, stores_root=str(tmp_path)
+    )
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for name, data in rendered.secret_data().items():
+        (folder / name).write_bytes(data)
+    assert load_config(folder / "config.yaml").stores["chat"].settings.synchronous_commit == "local"
+
+
 def test_a_sentinel_watched_primary_reaches_the_sidecar_with_its_own_password(
     tmp_path: Path,
 ) -> None:

@@ -126,6 +126,9 @@ class Settings:
     pool_max: int = 10
     connect_timeout: float = 2.0
     statement_timeout: float = 5.0
+    synchronous_commit: str | None = None
+    """The sessions' `synchronous_commit`; unset, the server's (`on`: with a synchronous
+    standby configured, a commit returns once the standby has it)."""
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
@@ -147,6 +150,11 @@ class Settings:
             connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.1, high=60),
             statement_timeout=s.duration(
                 "statementTimeout", cls.statement_timeout, low=0.01, high=3600
+            ),
+            synchronous_commit=(
+                s.choice("synchronousCommit", SYNCHRONOUS_COMMIT)
+                if s.has("synchronousCommit")
+                else None
             ),
         )
         tls.done()
@@ -205,6 +213,7 @@ def loopback_only(dsn: str) -> bool:
 
 
 WRITABLE_TARGETS = ("read-write", "primary")
+SYNCHRONOUS_COMMIT = ("remote_apply", "on", "remote_write", "local", "off")
 
 
 def open_driver(store: StoreConfig) -> PostgresDriver:
@@ -243,13 +252,19 @@ class PostgresDriver(KeepsStructure):
                     max_size=self.settings.pool_max,
                     timeout=self.settings.connect_timeout,
                     command_timeout=self.settings.statement_timeout + 1,
-                    server_settings={
-                        "statement_timeout": str(int(self.settings.statement_timeout * 1000)),
-                        "application_name": "convostore-sidecar",
-                    },
+                    server_settings=self._server_settings(),
                 )
                 self._pool = pool
         return self._pool
+
+    def _server_settings(self) -> dict[str, str]:
+        settings = {
+            "statement_timeout": str(int(self.settings.statement_timeout * 1000)),
+            "application_name": "convostore-sidecar",
+        }
+        if self.settings.synchronous_commit is not None:
+            settings["synchronous_commit"] = self.settings.synchronous_commit
+        return settings
 
     async def _run(
         self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, migrated: bool = True
