@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from convostore import SidecarSession, StoreUnavailableError
 
+ANSWER_WITHIN = 60.0
+"""Seconds an append may go unanswered, retries included, before its writer fails."""
+
 
 @dataclass
 class Tally:
@@ -59,15 +62,16 @@ class Writers:
 
     async def _write(self, session_id: str) -> None:
         session = SidecarSession(session_id, self.store, url=self.url, retries=1, timeout=5)
-        n = 0
+        n, loop = 0, asyncio.get_running_loop()
         while not self._stop.is_set():
-            key = uuid.uuid4().hex
+            key, deadline = uuid.uuid4().hex, loop.time() + ANSWER_WITHIN
             while True:
                 try:
                     await session.add_items([{"n": n}], idempotency_key=key)
                     break
                 except StoreUnavailableError:
                     self.refused += 1
+                    assert loop.time() < deadline, f"append {n} unanswered for {ANSWER_WITHIN}s"
                     await asyncio.sleep(0.05)  # a pause before the agent's retry
             self.acknowledged[session_id].append(n)
             n += 1
