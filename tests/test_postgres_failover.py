@@ -50,13 +50,27 @@ async def replication_state(primary: PostgresServer) -> str | None:
         await conn.close()
 
 
-async def make_synchronous(primary: PostgresServer) -> None:
-    conn = await asyncpg.connect(primary.dsn)
+async def alter_system(server: PostgresServer, setting: str) -> None:
+    """`ALTER SYSTEM SET <setting>` and a reload, which sessions take up as they go."""
+    conn = await asyncpg.connect(server.dsn)
     try:
-        await conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        await conn.execute(f"ALTER SYSTEM SET {setting}")
         await conn.execute("SELECT pg_reload_conf()")
     finally:
         await conn.close()
+
+
+async def streaming(primary: PostgresServer, *, synchronous: bool) -> None:
+    """Wait until the standby streams from the primary, its commits waiting for the
+    standby when `synchronous` (the primary is told so first)."""
+    if synchronous:
+        await alter_system(primary, "synchronous_standby_names = '*'")
+    expected = "streaming/sync" if synchronous else "streaming/async"
+
+    async def streaming_as_expected() -> bool:
+        return await replication_state(primary) == expected
+
+    await wait_until(streaming_as_expected)
 
 
 @pytest.mark.parametrize("replication", ["synchronous", "asynchronous"])
@@ -68,13 +82,7 @@ async def test_appends_survive_the_primary_dying_and_the_standby_taking_over(
 ) -> None:
     primary, standby = primary_and_standby
 
-    async def streaming_as(expected: str) -> bool:
-        return await replication_state(primary) == expected
-
-    await wait_until(lambda: streaming_as("streaming/async"))
-    if replication == "synchronous":
-        await make_synchronous(primary)
-        await wait_until(lambda: streaming_as("streaming/sync"))
+    await streaming(primary, synchronous=replication == "synchronous")
     dsn = (
         f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres"
         "?target_session_attrs=read-write"
@@ -110,12 +118,7 @@ async def test_an_append_is_never_acknowledged_before_the_synchronous_standby_ha
     wait again rather than be answered from the primary's copy as a replay."""
     primary, standby = primary_and_standby
 
-    async def streaming_as(expected: str) -> bool:
-        return await replication_state(primary) == expected
-
-    await wait_until(lambda: streaming_as("streaming/async"))
-    await make_synchronous(primary)
-    await wait_until(lambda: streaming_as("streaming/sync"))
+    await streaming(primary, synchronous=True)
     postgres = {"dsn": primary.dsn, "statementTimeout": 0.5}
     config = {"stores": {"chat": {"backend": "postgres", "postgres": postgres}}}
     migrate(config)
@@ -137,7 +140,7 @@ async def test_an_append_is_never_acknowledged_before_the_synchronous_standby_ha
         await conn.close()
     assert held == 2
     await asyncio.to_thread(standby.start)
-    await wait_until(lambda: streaming_as("streaming/sync"))
+    await streaming(primary, synchronous=True)
     await session.add_items([{"n": 1}], idempotency_key="kept")
     assert [item["n"] for item in await session.get_items()] == [0, 1]
 
@@ -166,12 +169,7 @@ async def test_connections_to_a_primary_that_stops_taking_writes_are_replaced(
         session = SidecarSession("moved", "chat", url=proc.url)
         await session.add_items([{"n": 0}])
 
-        conn = await asyncpg.connect(old.dsn)
-        try:
-            await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-            await conn.execute("SELECT pg_reload_conf()")
-        finally:
-            await conn.close()
+        await alter_system(old, "default_transaction_read_only = on")
         await session.add_items([{"n": 1}])  # refused once as read-only, then retried
 
         counts = []
@@ -196,12 +194,7 @@ async def test_a_store_may_choose_not_to_wait_for_the_synchronous_standby(
     not; a store left at the server's setting waits for the standby."""
     primary, standby = primary_and_standby
 
-    async def streaming_as(expected: str) -> bool:
-        return await replication_state(primary) == expected
-
-    await wait_until(lambda: streaming_as("streaming/async"))
-    await make_synchronous(primary)
-    await wait_until(lambda: streaming_as("streaming/sync"))
+    await streaming(primary, synchronous=True)
     waits = {"dsn": primary.dsn, "statementTimeout": 0.5, "schema": "waits"}
     local = {"dsn": primary.dsn, "schema": "local_only", "synchronousCommit": "local"}
     config = {
