@@ -29,15 +29,18 @@ def primary_and_replica() -> Iterator[tuple[RedisServer, RedisServer]]:
         primary.destroy()
 
 
-async def wait_until_in_sync(primary: RedisServer) -> None:
+async def wait_until_in_sync(primary: RedisServer, replicas: int = 1) -> None:
+    """Until that many replicas hold the primary's data and follow its stream (before
+    this, a replica that is promoted starts empty: nothing it would keep was copied)."""
     client = aioredis.Redis.from_url(primary.url)
 
-    async def replica_online() -> bool:
+    async def replicas_online() -> bool:
         info = await client.info("replication")
-        return bool(info.get("slave0", {}).get("state") == "online")
+        states = [info.get(f"slave{n}", {}).get("state") for n in range(replicas)]
+        return states == ["online"] * replicas
 
     try:
-        await wait_until(replica_online)
+        await wait_until(replicas_online)
     finally:
         await client.aclose()
 

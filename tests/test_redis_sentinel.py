@@ -22,6 +22,7 @@ from tests.failover import Writers
 from tests.servers import RedisSentinel, RedisServer
 from tests.support import SidecarProcess
 from tests.test_outages import wait_until
+from tests.test_redis_replicated import wait_until_in_sync
 
 SERVICE = "convo"
 
@@ -42,17 +43,6 @@ def watched_primary() -> Iterator[tuple[RedisServer, list[RedisSentinel]]]:
             sentinel.destroy()
         for server in (*replicas, primary):
             server.destroy()
-
-
-async def replicas_in_sync(primary: RedisServer) -> bool:
-    """Both replicas hold the primary's data and follow its stream (before this, a
-    replica that is promoted starts empty: nothing it would keep was copied yet)."""
-    client = aioredis.Redis.from_url(primary.url)
-    try:
-        info = await client.info("replication")
-    finally:
-        await client.aclose()
-    return [info.get(f"slave{n}", {}).get("state") for n in range(2)] == ["online"] * 2
 
 
 async def sentinels_agree(sentinels: list[RedisSentinel]) -> bool:
@@ -77,7 +67,7 @@ async def test_appends_survive_the_primary_dying_and_a_replica_taking_over(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     primary, sentinels = watched_primary
-    await wait_until(lambda: replicas_in_sync(primary))
+    await wait_until_in_sync(primary, replicas=2)
     await wait_until(lambda: sentinels_agree(sentinels))
     redis = {
         "sentinel": {"hosts": [s.address for s in sentinels], "serviceName": SERVICE},
