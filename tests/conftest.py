@@ -15,8 +15,15 @@ from convostore_sidecar.config import parse_config
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
-from tests.servers import PostgresServer, RedisServer, free_port
-from tests.support import RunningSidecar, SidecarProcess, StartSidecar, migrate, unique
+from tests.servers import PostgresServer, RedisClusterNodes, RedisServer, free_port
+from tests.support import (
+    REDIS_CLUSTER,
+    RunningSidecar,
+    SidecarProcess,
+    StartSidecar,
+    migrate,
+    unique,
+)
 
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
@@ -30,6 +37,16 @@ def redis_url() -> Iterator[str]:
     server.start()
     yield server.url
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    cluster = RedisClusterNodes()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +95,12 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
         elif backend == "redis":
             config["redis"] = {
                 "url": request.getfixturevalue("redis_url"),
+                "keyPrefix": unique("test"),
+            }
+        elif backend == REDIS_CLUSTER:
+            config["backend"] = "redis"
+            config["redis"] = {
+                "cluster": {"nodes": request.getfixturevalue("redis_cluster").addresses[:2]},
                 "keyPrefix": unique("test"),
             }
         elif backend == "dapr":
@@ -143,4 +166,4 @@ def sidecar_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Sidec
         if proc.process is not None:
             proc.process.kill()
             proc.process.wait()
-            proc.close_pipes()
+            proc.close_log()

@@ -54,6 +54,13 @@ def redis_binary() -> str:
     return str(binary)
 
 
+def redis_cli() -> str:
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        require("redis-cli")
+    return str(binary)
+
+
 class RedisServer:
     def __init__(self, *extra: str) -> None:
         self.extra = extra
@@ -132,6 +139,57 @@ class RedisSentinel(RedisServer):
             [self.binary, str(self.config), "--sentinel"], stdout=subprocess.DEVNULL
         )
         _wait_for_port(self.port)
+
+
+class RedisClusterNodes:
+    """A Redis Cluster on loopback ports: `primaries` primaries, one replica each, made
+    by `redis-cli --cluster create`. A node that stops answering for `node_timeout_ms`
+    is failed over to its replica."""
+
+    def __init__(self, primaries: int = 3, node_timeout_ms: int = 2000) -> None:
+        options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        timeout = ("--cluster-node-timeout", str(node_timeout_ms), "--appendfsync", "no")
+        self.nodes = [
+            # the bus port is named: by default it is port + 10000, past 65535 for some
+            RedisServer(*options, *timeout, "--cluster-port", str(free_port()))
+            for _ in range(primaries * 2)
+        ]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        create = [redis_cli(), "--cluster", "create", *self.addresses, "--cluster-replicas", "1"]
+        subprocess.run([*create, "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all(self._ready(node.port) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster's nodes did not agree within 30 s")
+            time.sleep(0.1)
+
+    def _ready(self, port: int) -> bool:
+        """The node sees the cluster whole and, if it is a replica, has its primary's
+        data (a replica that never synced is not allowed to take over)."""
+        fields = {}
+        for section in (("cluster", "info"), ("info", "replication")):
+            info = subprocess.run(
+                [redis_cli(), "-p", str(port), *section], capture_output=True, text=True, timeout=10
+            ).stdout
+            for line in info.splitlines():
+                name, _, value = line.strip().partition(":")
+                fields[name] = value
+        synced = fields.get("role") == "master" or fields.get("master_link_status") == "up"
+        return fields.get("cluster_state") == "ok" and synced
+
+    def destroy(self) -> None:
+        for node in self.nodes:
+            node.destroy()
 
 
 class PostgresServer:

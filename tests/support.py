@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from agents import function_tool
@@ -27,6 +27,8 @@ from convostore_sidecar.migrate import migrate_store
 from tests.servers import free_port
 
 BACKENDS = ("sqlite", "redis", "postgres", "dapr", "openai")
+REDIS_CLUSTER = "redis-cluster"
+"""The Redis driver on a Redis Cluster: the conformance suite runs it as a backend."""
 # What a backend cannot do, by the conformance marker (or `encryption`) that needs it.
 LACKS = {"openai": frozenset({"retention", "any_json", "encryption"})}
 
@@ -105,17 +107,22 @@ class Subject:
 
 
 class SidecarProcess:
-    """`convostore sidecar` run as a real process, as in a pod."""
+    """`convostore sidecar` run as a real process, as in a pod. Its log goes to a file:
+    a pipe nobody reads fills up, and the sidecar would then stop in mid-write."""
 
     def __init__(self, config: dict[str, Any], workdir: Path) -> None:
-        self.config_path = workdir / f"sidecar-{uuid.uuid4().hex[:6]}.yaml"
+        name = f"sidecar-{uuid.uuid4().hex[:6]}"
+        self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"{name}.log"
+        self._log: TextIO | None = None
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[str] | None = None
 
     def start(self, *extra: str) -> None:
+        self._log = self.log_path.open("a")
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -129,14 +136,13 @@ class SidecarProcess:
                 *extra,
             ],
             cwd=self.workdir,
-            stderr=subprocess.PIPE,
+            stderr=self._log,
             text=True,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                assert self.process.stderr is not None
-                raise RuntimeError(f"sidecar exited: {self.process.stderr.read()}")
+                raise RuntimeError(f"sidecar exited: {self.log_path.read_text()}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=0.5):
                     return
@@ -148,11 +154,11 @@ class SidecarProcess:
         assert self.process is not None
         self.process.send_signal(sig)
         code = self.process.wait(timeout=30)
-        self.close_pipes()
+        self.close_log()
         self.process = None
         return code
 
-    def close_pipes(self) -> None:
-        assert self.process is not None
-        if self.process.stderr is not None:
-            self.process.stderr.close()
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 import yarl
 
-from tests.support import RunningSidecar, StartSidecar, unique
+from tests.support import REDIS_CLUSTER, RunningSidecar, StartSidecar, unique
 
-STRUCTURED = ("sqlite", "postgres", "redis")
+STRUCTURED = ("sqlite", "postgres", "redis", REDIS_CLUSTER)
 StoreConfig = Callable[..., dict[str, Any]]
 
 

@@ -78,6 +78,23 @@ def test_failover_forms_name_every_server() -> None:
     assert config.stores["audit"].settings.dsn == dsn
 
 
+def test_a_cluster_is_named_by_seed_nodes_with_tls_and_user_as_for_one_server() -> None:
+    redis = {
+        "cluster": {"nodes": ["redis-0.redis:6379", "[fd00::2]:7000"], "tls": True},
+        "username": "agent",
+        "passwordFile": "/secrets/redis",
+        "tls": {"caFile": "/ca.pem"},
+        "waitReplicas": 1,
+    }
+    config = parse_config({"stores": {"chat": {"backend": "redis", "redis": redis}}})
+    settings = config.stores["chat"].settings
+    assert settings.cluster.nodes == (("redis-0.redis", 6379), ("fd00::2", 7000))
+    assert settings.tls
+    assert settings.ca_file == "/ca.pem"
+    assert (settings.username, settings.password_file) == ("agent", "/secrets/redis")
+    assert settings.wait_replicas == 1
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -159,6 +176,36 @@ def test_failover_forms_name_every_server() -> None:
                     "field 'redis.tls': TLS to Sentinel-watched servers is not supported",
                 ),
                 ({"sentinel": ["a:1"]}, "field 'redis.sentinel': must be a mapping"),
+                (
+                    {"cluster": {"nodes": ["a:1"]}, "url": "redis://x"},
+                    "field 'redis.cluster': give one of url, sentinel and cluster",
+                ),
+                (
+                    {
+                        "cluster": {"nodes": ["a:1"]},
+                        "sentinel": {"hosts": ["a:1"], "serviceName": "m"},
+                    },
+                    "field 'redis.cluster': give one of url, sentinel and cluster",
+                ),
+                ({"cluster": {}}, "field 'redis.cluster.nodes': must list 1 to 16 seed nodes"),
+                ({"cluster": {"nodes": "a:1"}}, "field 'redis.cluster.nodes': must list"),
+                ({"cluster": {"nodes": ["a:1"] * 17}}, "'redis.cluster.nodes': must list 1 to 16"),
+                *(
+                    (
+                        {"cluster": {"nodes": [node]}},
+                        "'redis.cluster.nodes': each must be host:port",
+                    )
+                    for node in ("a", "a:0", "a:65536", "redis://a:1", "a;b:1", "[::1:1", None)
+                ),
+                ({"cluster": {"nodes": ["a:1"], "tls": "yes"}}, "field 'redis.cluster.tls'"),
+                (
+                    {"cluster": {"nodes": ["a:1"], "database": 1}},
+                    "field 'redis.cluster': unknown field(s) 'database'",
+                ),
+                (
+                    {"cluster": {"nodes": ["a:1"]}, "tls": {"caFile": "/c"}},
+                    "field 'redis.tls': TLS files need a rediss:// url (or cluster.tls: true)",
+                ),
             )
         ),
         *(

@@ -69,7 +69,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_zero(
 
     assert asyncio.run(append_slowly()) == 200
     assert proc.process.wait(timeout=30) == 0
-    proc.close_pipes()
+    proc.close_log()
     proc.process = None
     proc.start()
     assert len(asyncio.run(SidecarSession("slow", url=proc.url).get_items())) == 200

@@ -76,3 +76,34 @@ async def test_appends_wait_for_the_replica_and_fail_honestly_without_it(
         assert history == [*range(20), "unreplicated"], "stored once, never doubled"
     finally:
         await replica_client.aclose()
+
+
+async def test_a_replayed_append_waits_for_the_replica_like_the_original(
+    primary_and_replica: tuple[RedisServer, RedisServer],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """An append that reached the primary alone was refused; its retry, by a sidecar that
+    has not written anything since (restarted here), finds it stored and replays it. The
+    replay must wait for the replica just the same: the item is still on the primary
+    alone, and acknowledging it would let a failover lose an acknowledged append."""
+    primary, replica = primary_and_replica
+    await wait_until_in_sync(primary)
+    redis_settings = {"url": primary.url, "waitReplicas": 1, "waitTimeout": 0.3}
+    proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis_settings}}})
+    proc.start()
+    assert replica.process is not None
+    replica.process.send_signal(signal.SIGSTOP)
+    try:
+        for attempt in ("original", "replay by a fresh sidecar"):
+            session = SidecarSession("replayed", "chat", url=proc.url, retries=1)
+            with pytest.raises(StoreUnavailableError) as error:
+                await session.add_items([{"n": 1}], idempotency_key="turn-1")
+            assert error.value.code == "backend_unavailable", attempt
+            proc.stop()
+            proc.start()
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+    await wait_until_in_sync(primary)
+    session = SidecarSession("replayed", "chat", url=proc.url, retries=0)
+    await session.add_items([{"n": 1}], idempotency_key="turn-1")
+    assert await session.get_items() == [{"n": 1}], "stored once, then replayed"

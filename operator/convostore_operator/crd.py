@@ -59,6 +59,21 @@ SQLITE: dict[str, Any] = {
     },
 }
 
+
+def _host_ports(what: str) -> dict[str, Any]:
+    return {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 16,
+        "items": {
+            "type": "string",
+            "maxLength": 262,
+            "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$",
+        },
+        "description": f"{what}, as host:port.",
+    }
+
+
 REDIS: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -86,17 +101,7 @@ REDIS: dict[str, Any] = {
             "the sidecar follows a failover to the replica the Sentinels promote.",
             "required": ["hosts", "serviceName"],
             "properties": {
-                "hosts": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": 16,
-                    "items": {
-                        "type": "string",
-                        "maxLength": 262,
-                        "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$",
-                    },
-                    "description": "The Sentinels, as host:port.",
-                },
+                "hosts": _host_ports("The Sentinels"),
                 "serviceName": {
                     "type": "string",
                     "pattern": r"^[A-Za-z0-9._-]{1,128}$",
@@ -111,6 +116,19 @@ REDIS: dict[str, Any] = {
                 "passwordSecretRef": _secret_ref("the Sentinels' password"),
             },
         },
+        "cluster": {
+            "type": "object",
+            "description": "A Redis Cluster, instead of url: the sidecar learns the other "
+            "nodes from these and follows slot moves and failovers.",
+            "required": ["nodes"],
+            "properties": {
+                "nodes": _host_ports("Seed nodes (one is enough; more, in case it is down)"),
+                "tls": {
+                    "type": "boolean",
+                    "description": "TLS to every node (caSecretRef: the CA that signed them).",
+                },
+            },
+        },
     },
     "x-kubernetes-validations": [
         {
@@ -119,7 +137,20 @@ REDIS: dict[str, Any] = {
             "message": "redis.sentinel names the primary itself: give it without url, "
             "urlSecretRef or caSecretRef",
             "fieldPath": ".sentinel",
-        }
+        },
+        {
+            "rule": "!has(self.cluster) || "
+            "!(has(self.url) || has(self.urlSecretRef) || has(self.sentinel))",
+            "message": "redis.cluster names the nodes itself: give it without url, "
+            "urlSecretRef or sentinel",
+            "fieldPath": ".cluster",
+        },
+        {
+            "rule": "!has(self.cluster) || !has(self.caSecretRef) || "
+            "(has(self.cluster.tls) && self.cluster.tls)",
+            "message": "a CA is for TLS: set redis.cluster.tls: true",
+            "fieldPath": ".caSecretRef",
+        },
     ],
 }
 
@@ -157,8 +188,8 @@ def _backend_rules(backends: list[str], where: str = "") -> list[dict[str, Any]]
         ),
         "redis": (
             "has(self.redis) && (has(self.redis.url) || has(self.redis.urlSecretRef)"
-            " || has(self.redis.sentinel))",
-            "redis.url, {w}redis.urlSecretRef or {w}redis.sentinel",
+            " || has(self.redis.sentinel) || has(self.redis.cluster))",
+            "redis.url, {w}redis.urlSecretRef, {w}redis.sentinel or {w}redis.cluster",
             "redis.url",
         ),
         "dapr": ("has(self.dapr)", "dapr.stateStore", "dapr.stateStore"),

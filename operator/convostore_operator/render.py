@@ -108,6 +108,8 @@ def _database(
     if backend == "redis":
         if "sentinel" in section:
             rendered["sentinel"] = _sentinel(section["sentinel"], secrets, files, here, prefix)
+        elif "cluster" in section:
+            rendered["cluster"] = dict(section["cluster"])
         else:
             rendered["url"] = secrets.get(f"{prefix}urlSecretRef") or section["url"]
         if "username" in section:

@@ -10,7 +10,9 @@ itself (`redis.url`, `openai.baseURL`) can receive a Secret's credentials only i
 Secret lists it in `convostore.dev/allowed-endpoints` (comma list of `scheme://host:port`
 origins). OpenAI's own API needs no listing. Sentinels (`redis.sentinel.hosts`) count as
 `redis://host:port` endpoints for both passwords: they name the primary the data nodes'
-password goes to, so whoever picks the Sentinels picks that server too.
+password goes to, so whoever picks the Sentinels picks that server too. A cluster's seed
+nodes (`redis.cluster.nodes`) count the same way, as `rediss://` with `tls`: they name
+the other nodes.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ def _redis_endpoints(
     if "url" in section:
         refs = [f"{prefix}passwordSecretRef", f"{prefix}caSecretRef"]
         return [(f"{where}.url", section["url"], refs)]
+    if "cluster" in section:
+        refs = [f"{prefix}passwordSecretRef", f"{prefix}caSecretRef"]
+        scheme = "rediss" if section["cluster"].get("tls") else "redis"
+        nodes = section["cluster"]["nodes"]
+        return [
+            (f"{where}.cluster.nodes[{n}]", f"{scheme}://{node}", refs)
+            for n, node in enumerate(nodes)
+        ]
     refs = [f"{prefix}passwordSecretRef", f"{prefix}sentinel.passwordSecretRef"]
     hosts = section.get("sentinel", {}).get("hosts", [])
     return [

@@ -20,7 +20,7 @@ from convostore_sidecar.drivers import sqlite as sqlite_driver
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
-from tests.support import Subject, unique
+from tests.support import REDIS_CLUSTER, Subject, unique
 
 LONG, SHORT, LIMIT = 10_000, 20, 20
 
@@ -47,7 +47,12 @@ async def test_latest_20_of_10000_reads_about_20_items(
         long_cost = await openai_reads(subject, long_id, api)
         short_cost = await openai_reads(subject, short_id, api)
     else:
-        inspect = {"sqlite": sqlite_reads, "postgres": postgres_reads, "redis": redis_reads}
+        inspect = {
+            "sqlite": sqlite_reads,
+            "postgres": postgres_reads,
+            "redis": redis_reads,
+            REDIS_CLUSTER: redis_reads,
+        }
         long_cost = await inspect[subject.backend](subject, long_id)
         short_cost = await inspect[subject.backend](subject, short_id)
     assert long_cost <= 2 * short_cost, (long_cost, short_cost)
@@ -101,10 +106,24 @@ def _plan_nodes(node: dict[str, Any]) -> Any:
         yield from _plan_nodes(child)
 
 
+async def _server_of(subject: Subject, session_id: str) -> aioredis.Redis:
+    """A client of the Redis server holding the session: on a cluster, its slot's."""
+    settings = subject.store_config["redis"]
+    if "url" in settings:
+        return aioredis.Redis.from_url(settings["url"])
+    host, port = settings["cluster"]["nodes"][0].split(":")
+    cluster = aioredis.RedisCluster(host=host, port=int(port))
+    try:
+        await cluster.initialize()
+        node = cluster.get_node_from_key(f"{{{session_id}}}")
+    finally:
+        await cluster.aclose()
+    return aioredis.Redis(host=node.host, port=node.port)
+
+
 async def redis_reads(subject: Subject, session_id: str) -> int:
     """Elements the commands Redis received for one read could return."""
-    url = subject.store_config["redis"]["url"]
-    monitor_client = aioredis.Redis.from_url(url)
+    monitor_client = await _server_of(subject, session_id)
     seen: list[str] = []
     async with monitor_client.monitor() as monitor:
         listener = asyncio.create_task(_collect(monitor, seen))

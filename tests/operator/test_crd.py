@@ -74,7 +74,11 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
         ({"backend": 7}, "spec.backend", "7 is not of type 'string'"),
         ({"backend": "postgres"}, "spec.postgres.dsnSecretRef", "needs postgres.dsnSecretRef"),
         ({"backend": "postgres", "postgres": {}}, "spec.postgres.dsnSecretRef", "dsnSecretRef"),
-        ({"backend": "redis"}, "spec.redis.url", "needs redis.url, redis.urlSecretRef or"),
+        (
+            {"backend": "redis"},
+            "spec.redis.url",
+            "needs redis.url, redis.urlSecretRef, redis.sentinel or",
+        ),
         (
             {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "synchronousCommit": "ON"}},
             "spec.postgres.synchronousCommit",
@@ -154,6 +158,52 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             },
             "spec.redis.sentinel",
             "redis.sentinel names the primary itself",
+        ),
+        *(
+            ({"backend": "redis", "redis": redis}, field, message)
+            for redis, field, message in (
+                ({"cluster": {}}, "spec.redis.cluster", "'nodes' is a required property"),
+                ({"cluster": {"nodes": []}}, "spec.redis.cluster.nodes", "should be non-empty"),
+                ({"cluster": {"nodes": ["a:1"] * 17}}, "spec.redis.cluster.nodes", "is too long"),
+                *(
+                    ({"cluster": {"nodes": [node]}}, "spec.redis.cluster.nodes.0", "does not match")
+                    for node in ("a", "redis://a:1", "a:1\nb:2", "a;rm:1", "[zz]:1", "a:123456")
+                ),
+                (
+                    {"cluster": {"nodes": ["a" * 300 + ":1"]}},
+                    "spec.redis.cluster.nodes.0",
+                    "is too long",
+                ),
+                ({"cluster": {"nodes": "a:1"}}, "spec.redis.cluster.nodes", "is not of type"),
+                (
+                    {"cluster": {"nodes": ["a:1"], "tls": "yes"}},
+                    "spec.redis.cluster.tls",
+                    "is not of type 'boolean'",
+                ),
+                (
+                    {"cluster": {"nodes": ["a:1"]}, "url": "redis://x"},
+                    "spec.redis.cluster",
+                    "redis.cluster names the nodes itself",
+                ),
+                (
+                    {"cluster": {"nodes": ["a:1"]}, "urlSecretRef": KEY},
+                    "spec.redis.cluster",
+                    "redis.cluster names the nodes itself",
+                ),
+                (
+                    {
+                        "cluster": {"nodes": ["a:1"]},
+                        "sentinel": {"hosts": ["a:1"], "serviceName": "m"},
+                    },
+                    "spec.redis.cluster",
+                    "redis.cluster names the nodes itself",
+                ),
+                (
+                    {"cluster": {"nodes": ["a:1"]}, "caSecretRef": KEY},
+                    "spec.redis.caSecretRef",
+                    "a CA is for TLS: set redis.cluster.tls: true",
+                ),
+            )
         ),
         ({"backend": "redis", "redis": {"url": "http://x"}}, "spec.redis.url", "does not match"),
         (
@@ -352,7 +402,8 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
                 "openai": {"apiKeySecretRef": KEY, "mapping": {"backend": "redis"}},
             },
             "spec.openai.mapping.redis.url",
-            "needs mapping.redis.url, mapping.redis.urlSecretRef or mapping.redis.sentinel",
+            "needs mapping.redis.url, mapping.redis.urlSecretRef, mapping.redis.sentinel or "
+            "mapping.redis.cluster",
         ),
         (
             {

@@ -37,7 +37,7 @@ from tests.operator.conftest import (
     store_object,
 )
 from tests.operator.emulator import STORES, RealisticEmulator
-from tests.servers import RedisSentinel, RedisServer, free_port
+from tests.servers import RedisClusterNodes, RedisSentinel, RedisServer, free_port
 from tests.support import unique
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
@@ -152,6 +152,40 @@ async def test_a_store_found_through_sentinels_gets_a_password_only_they_are_len
     finally:
         sentinel.destroy()
         primary.destroy()
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["seeds-listed", "seeds-unlisted"])
+async def test_a_store_on_a_redis_cluster_gets_a_password_only_its_seed_nodes_are_lent(
+    cluster: Any, operator: Operator, redis_cluster: RedisClusterNodes, listed: bool
+) -> None:
+    """The seed nodes name every other node of the cluster: the password goes there only
+    if its Secret lists them as endpoints. Once lent, the store is rendered and found
+    reachable through the cluster."""
+    seeds = redis_cluster.addresses[:2]
+    lent = {"convostore.dev/allowed-stores": "sharded"}
+    if listed:
+        lent["convostore.dev/allowed-endpoints"] = ",".join(f"redis://{s}" for s in seeds)
+    await create_secret(cluster, "cluster-auth", {"password": ""}, lent)
+    await operator()
+    password = {"name": "cluster-auth", "key": "password"}
+    redis = {"cluster": {"nodes": seeds}, "passwordSecretRef": password}
+    await create_store(cluster, "sharded", {"backend": "redis", "redis": redis})
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "sharded")) and o.get("status", {}).get("phase") and o
+    )
+    if not listed:
+        assert obj["status"]["phase"] == "Failed"
+        refusal = condition(obj, "ConfigRendered")
+        assert refusal["reason"] == "SecretNotAllowed"
+        assert "spec.redis.cluster.nodes[0]" in refusal["message"]
+        assert secret_data(cluster, "sharded-convostore") is None
+        return
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "sharded")) and condition(o, "BackendReachable") and o
+    )
+    assert condition(obj, "BackendReachable")["status"] == "True"
+    config = yaml.safe_load(rendered(cluster, "sharded")["config.yaml"])
+    assert config["stores"]["sharded"]["redis"]["cluster"] == {"nodes": seeds}
 
 
 def with_a_dead_host_first(dsn: str) -> str:

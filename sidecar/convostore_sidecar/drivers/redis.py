@@ -36,11 +36,22 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError, WatchError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
+    ConnectionError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+    WatchError,
+)
 
 from .base import (
     MAIN,
@@ -114,6 +125,17 @@ local function turn_start(sfx, turn)
   local found = redis.call('ZRANGEBYSCORE', turns, turn, turn)
   return found[1] and tonumber(found[1]) or false
 end
+-- every key a script may touch is declared, each branch's too, so that during a slot
+-- migration Redis sees them all (TRYAGAIN while they are split, never a write beside
+-- keys still on the other node); a branch the caller did not know of: it asks again
+local function undeclared()
+  local declared = {}
+  for _, key in ipairs(KEYS) do declared[key] = true end
+  for _, b in ipairs(redis.call('HKEYS', base .. ':branches')) do
+    if not declared[base .. ':items@' .. b] then return true end
+  end
+  return false
+end
 local function forget(users, turns, shapes)
   for _, entry in ipairs(shapes) do
     local id = id_of(entry)
@@ -126,6 +148,7 @@ end
 APPEND = (
     COMMON
     + """
+if undeclared() then return {5} end
 local sfx, use_idem, fingerprint = ARGV[1], ARGV[2] == '1', ARGV[3]
 local idem_ms, ttl_ms, max_items = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now, n = ARGV[7], tonumber(ARGV[8])
@@ -176,9 +199,16 @@ return {1, total == n and 1 or 0, turn, anchor}
 POP = (
     COMMON
     + """
-local sfx, ttl_ms = ARGV[1], tonumber(ARGV[2])
+if undeclared() then return {5} end
+local sfx, ttl_ms, expect, expected = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 if not live(sfx) then return {2} end
 local items, meta, users, turns = keys_of(sfx)
+if expect ~= 'any' then
+  local newest = redis.call('LINDEX', items, -1)
+  if (expect == 'none') ~= (newest == false) or (newest and newest ~= expected) then
+    return {6}
+  end
+end
 local data = redis.call('RPOP', items)
 if not data then return {1} end
 local entry = redis.call('RPOP', meta)
@@ -195,6 +225,7 @@ return {1, data}
 CREATE_BRANCH = (
     COMMON
     + """
+if undeclared() then return {5} end
 local source, new, turn = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now, ttl_ms = ARGV[4], tonumber(ARGV[5])
 if not live(source) then return {2} end
@@ -233,6 +264,7 @@ return {1}
 DELETE_BRANCH = (
     COMMON
     + """
+if undeclared() then return {5} end
 local sfx = ARGV[1]
 if not live(sfx) then return {2} end
 redis.call('DEL', keys_of(sfx))
@@ -248,18 +280,20 @@ return {1}
 CLEAR = (
     COMMON
     + """
+if undeclared() then return {5} end
 redis.call('DEL', base .. ':seq', usage, keys_of(''))
 for _, b in ipairs(redis.call('HKEYS', base .. ':branches')) do
   redis.call('DEL', keys_of('@' .. b))
   redis.call('HSET', base .. ':branches', b, '0')
 end
-return 1
+return {1}
 """
 )
 
 RECORD_USAGE = (
     COMMON
     + """
+if undeclared() then return {5} end
 local sfx, turn, anchor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local usage_json, ttl_ms = ARGV[4], tonumber(ARGV[5])
 if not live(sfx) then return {2} end
@@ -282,7 +316,16 @@ return {1, turn}
 )
 
 _UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
+_RESHAPING = (ClusterError, TryAgainError, AskError, SlotNotCoveredError)
+"""A cluster failing over or moving slots, for longer than the client follows it."""
 OPTIMISTIC_ATTEMPTS = 50
+UNDECLARED = 5
+"""What a script answers when the session has a branch whose keys were not declared."""
+NEWER_ARRIVED = 6
+"""What the pop script answers when the newest item is no longer the one checked."""
+KNOWN_BRANCHES_KEPT = 4096
+SESSION_KEYS = ("seq", "ids", "branches", "usage")
+BRANCH_KEYS = ("items", "meta", "users", "turns", "trim")
 
 
 @dataclass(frozen=True)
@@ -302,6 +345,8 @@ class Settings:
     wait_timeout: float = 1.0
     sentinel: SentinelSettings | None = None
     """Where the primary is found when Sentinels watch it (instead of `url`)."""
+    cluster: ClusterSettings | None = None
+    """The seed nodes of a Redis Cluster (instead of `url`)."""
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
@@ -312,13 +357,17 @@ class Settings:
         if prefix is not None and ("{" in prefix or "}" in prefix):
             s.fail("keyPrefix", "must not contain { or }: they would break the hash tags")
         sentinel = SentinelSettings.parse(s.section("sentinel")) if s.has("sentinel") else None
+        cluster = ClusterSettings.parse(s.section("cluster")) if s.has("cluster") else None
         if sentinel is not None and s.has("url"):
             s.fail("sentinel", "give either url or sentinel: the Sentinels name the primary")
         if sentinel is not None and s.has("tls"):
             s.fail("tls", "TLS to Sentinel-watched servers is not supported yet")
+        if cluster is not None and (s.has("url") or sentinel is not None):
+            s.fail("cluster", "give one of url, sentinel and cluster")
         tls = s.section("tls")
         settings = cls(
             sentinel=sentinel,
+            cluster=cluster,
             url=url,
             username=s.string("username"),
             password_file=s.string("passwordFile"),
@@ -335,9 +384,15 @@ class Settings:
         tls.done()
         if settings.wait_replicas and settings.wait_timeout >= settings.timeout:
             s.fail("waitTimeout", f"must be shorter than timeout ({settings.timeout:g}s)")
-        if (settings.ca_file or settings.cert_file) and not url.startswith("rediss://"):
-            s.fail("tls", "TLS files need a rediss:// url")
+        if (settings.ca_file or settings.cert_file) and not settings.tls:
+            s.fail("tls", "TLS files need a rediss:// url (or cluster.tls: true)")
         return settings
+
+    @property
+    def tls(self) -> bool:
+        if self.cluster is not None:
+            return self.cluster.tls
+        return self.url.startswith("rediss://")
 
 
 HOST_PORT = re.compile(
@@ -358,22 +413,12 @@ class SentinelSettings:
 
     @classmethod
     def parse(cls, s: Section) -> SentinelSettings:
-        hosts = s.raw("hosts")
-        if not isinstance(hosts, list) or not 1 <= len(hosts) <= 16:
-            s.fail("hosts", f"must list 1 to 16 Sentinels as host:port, got {hosts!r}")
-        parsed = []
-        for entry in hosts:
-            match = HOST_PORT.fullmatch(entry) if isinstance(entry, str) else None
-            if match is None or not 0 < int(match["port"]) < 65536:
-                s.fail(
-                    "hosts", f"each must be host:port (a name, an IPv4 or [IPv6]), got {entry!r}"
-                )
-            parsed.append((match["v6"] or match["host"], int(match["port"])))
+        parsed = _host_ports(s, "hosts", "Sentinels")
         service = s.string("serviceName", pattern=SERVICE_NAME)
         if service is None:
             s.fail("serviceName", "is required: the name the Sentinels monitor the primary by")
         settings = cls(
-            hosts=tuple(parsed),
+            hosts=parsed,
             service_name=service,
             database=s.integer("database", 0, low=0, high=10_000),
             username=s.string("username"),
@@ -381,6 +426,46 @@ class SentinelSettings:
         )
         s.done()
         return settings
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    nodes: tuple[tuple[str, int], ...]
+    """Where the client first asks for the cluster's layout; it learns the rest."""
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, s: Section) -> ClusterSettings:
+        settings = cls(nodes=_host_ports(s, "nodes", "seed nodes"), tls=s.boolean("tls", False))
+        s.done()
+        return settings
+
+
+def _host_ports(s: Section, name: str, what: str) -> tuple[tuple[str, int], ...]:
+    entries = s.raw(name)
+    if not isinstance(entries, list) or not 1 <= len(entries) <= 16:
+        s.fail(name, f"must list 1 to 16 {what} as host:port, got {entries!r}")
+    parsed = []
+    for entry in entries:
+        match = HOST_PORT.fullmatch(entry) if isinstance(entry, str) else None
+        if match is None or not 0 < int(match["port"]) < 65536:
+            s.fail(name, f"each must be host:port (a name, an IPv4 or [IPv6]), got {entry!r}")
+        parsed.append((match["v6"] or match["host"], int(match["port"])))
+    return tuple(parsed)
+
+
+def _cluster(cluster: ClusterSettings, options: dict[str, Any]) -> RedisCluster:
+    """redis-py's cluster client: it follows MOVED and ASK, waits out TRYAGAIN, and after
+    a node fails asks the others for the layout again. A MOVED only moves its slot
+    (`reinitialize_steps=0`): the default relearns the whole layout every fifth MOVED by
+    closing every connection, those of calls still in flight included, and concurrent
+    writers then fail with broken connections (seen with 16 of them)."""
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster.nodes],
+        ssl=cluster.tls,
+        reinitialize_steps=0,
+        **{**options, "retry": Retry(NoBackoff(), 1)},
+    )
 
 
 def open_driver(store: StoreConfig) -> RedisDriver:
@@ -401,18 +486,24 @@ class RedisDriver(KeepsStructure):
         }
         if settings.password_file:
             options["password"] = Path(settings.password_file).read_text("utf-8").strip()
-        if settings.url.startswith("rediss://"):
+        if settings.tls:
             options.update(
                 ssl_ca_certs=settings.ca_file,
                 ssl_certfile=settings.cert_file,
                 ssl_keyfile=settings.key_file,
             )
         self._sentinels: list[aioredis.Redis] = []
-        if settings.sentinel is None:
-            self.client: aioredis.Redis = aioredis.Redis.from_url(settings.url, **options)
-        else:
+        self._cluster = None if settings.cluster is None else _cluster(settings.cluster, options)
+        if self._cluster is not None:
+            # the cluster client speaks the same commands as a plain one to this driver
+            self.client: aioredis.Redis = cast(aioredis.Redis, self._cluster)
+        elif settings.sentinel is not None:
             self.client = self._watched_primary(settings.sentinel, options)
+        else:
+            self.client = aioredis.Redis.from_url(settings.url, **options)
+        self._known_branches: dict[str, tuple[str, ...]] = {}
         self._wait = (settings.wait_replicas, settings.wait_timeout)
+        self._timeout = settings.timeout
         self._append = self.client.register_script(APPEND)
         self._pop = self.client.register_script(POP)
         self._create_branch = self.client.register_script(CREATE_BRANCH)
@@ -438,6 +529,41 @@ class RedisDriver(KeepsStructure):
         self._sentinels = manager.sentinels
         return cast(aioredis.Redis, manager.master_for(sentinel.service_name, db=sentinel.database))
 
+    def _declared(
+        self, session_id: str, branches: Sequence[str], extra: Sequence[str]
+    ) -> list[str]:
+        """A script's KEYS: the session's name, then `extra`, then every key of the
+        session, each branch's included (see `undeclared` in the scripts)."""
+        base = self._base(session_id)
+        keys = [base, *extra, *(f"{base}:{kind}" for kind in SESSION_KEYS)]
+        for sfx in ("", *(f"@{name}" for name in branches)):
+            keys.extend(f"{base}:{kind}{sfx}" for kind in BRANCH_KEYS)
+        return keys
+
+    async def _session_script(
+        self,
+        script: AsyncScript,
+        session_id: str,
+        args: Sequence[Any],
+        *,
+        extra: Sequence[str] = (),
+    ) -> Any:
+        """Runs a session's script with its keys declared for the branches this driver
+        last saw there; when a branch it did not know has appeared, with them all."""
+        branches = self._known_branches.get(session_id, ())
+        for _ in range(OPTIMISTIC_ATTEMPTS):
+            keys = self._declared(session_id, branches, extra)
+            call = functools.partial(script, keys=keys, args=list(args), client=self.client)
+            outcome = await self._through_migration(call)
+            if outcome[0] != UNDECLARED:
+                return outcome
+            names = await self.client.hkeys(f"{self._base(session_id)}:branches")
+            branches = tuple(sorted(name.decode() for name in cast(list[bytes], names)))
+            if len(self._known_branches) >= KNOWN_BRANCHES_KEPT:
+                self._known_branches.clear()
+            self._known_branches[session_id] = branches
+        raise BackendUnavailable(f"redis: session {session_id!r} changed too often to write")
+
     def keys(self, session_id: str) -> tuple[str, str]:
         base = f"{self.prefix}:{{{session_id}}}"
         return f"{base}:items", f"{base}:seq"
@@ -451,6 +577,8 @@ class RedisDriver(KeepsStructure):
             return await fn()
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(f"redis: {exc}") from exc
+        except _RESHAPING as exc:
+            raise BackendUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
 
     async def open(self) -> None:
         """Nothing to prepare: the client connects on first use."""
@@ -461,35 +589,79 @@ class RedisDriver(KeepsStructure):
             await sentinel.aclose()
 
     async def ping(self) -> None:
-        await self._call(self.client.ping)
+        cluster = self._cluster
+        if cluster is None:
+            await self._call(self.client.ping)
+            return
+        info = await self._call(lambda: cluster.cluster_info(target_nodes=RedisCluster.RANDOM))
+        if info.get("cluster_state") != "ok":
+            raise BackendUnavailable(f"redis cluster: state is {info.get('cluster_state')!r}")
 
     def _base(self, session_id: str) -> str:
         return f"{self.prefix}:{{{session_id}}}"
 
-    async def _replicated(self, write: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
-        """Runs `write`; with `waitReplicas`, on one connection and followed by WAIT on
-        it (WAIT covers the writes of its own connection), so the write is answered
-        only once that many replicas hold it. Fewer in time: BackendUnavailable, and the
-        client's retry, carrying the same Idempotency-Key, is a replay that waits again."""
+    async def _through_migration(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Asks again, for up to `timeout`, while Redis refuses a call because its slot is
+        moving: TRYAGAIN while the keys are split between two nodes, or redirections
+        beyond redis-py's own limit. A refused call did not run, so asking again cannot
+        apply a write twice. A slot moves in moments, but may hold more keys than
+        redis-py's 0.4 s of asking covers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        while True:
+            try:
+                return await call()
+            except (TryAgainError, ClusterError) as exc:
+                if isinstance(exc, ClusterDownError) or loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def _replicated(self, session_id: str, write: Callable[[], Awaitable[T]]) -> T:
+        """Runs `write`; with `waitReplicas`, answers only once that many replicas hold
+        it. Fewer in time: BackendUnavailable, and the client's retry, carrying the same
+        Idempotency-Key, is a replay that waits again."""
         replicas, timeout = self._wait
-        if not replicas:
-            return await write(self.client)
-        async with aioredis.Redis(
-            connection_pool=self.client.connection_pool,
-            single_connection_client=True,
-            retry=Retry(NoBackoff(), 0),
-        ) as conn:
-            result = await write(conn)
-            acknowledged = await conn.wait(replicas, int(timeout * 1000))
-        if acknowledged < replicas:
-            raise BackendUnavailable(
-                f"redis: the write reached {acknowledged} of {replicas} replica(s) "
-                f"within waitTimeout ({timeout:g}s)"
-            )
+        result = await write()
+        if replicas:
+            acknowledged = await self._replicas_holding(session_id)
+            if acknowledged < replicas:
+                raise BackendUnavailable(
+                    f"redis: the write reached {acknowledged} of {replicas} replica(s) "
+                    f"within waitTimeout ({timeout:g}s)"
+                )
         return result
 
+    async def _replicas_holding(self, session_id: str) -> int:
+        """How many replicas hold the session's last write. WAIT counts only the writes
+        of its own connection, and the write may have run on another one, or written
+        nothing (the replay of an append, which must wait for the original all the
+        same). So a marker is written in the session's slot and WAIT sent after it, on
+        one connection to that slot's primary: the marker follows every earlier write
+        of the session in the primary's replication stream."""
+        replicas, timeout = self._wait
+        marker, ms = f"{self._base(session_id)}:replicated", int(timeout * 1000)
+        if self._cluster is None:
+            async with self.client.pipeline(transaction=False) as pipe:  # one connection
+                pipe.set(marker, b"", px=ms + 1000)
+                pipe.wait(replicas, ms)
+                return cast(int, (await pipe.execute())[1])
+        sent = [
+            PipelineCommand(0, "SET", marker, b"", "PX", ms + 1000),
+            PipelineCommand(1, "WAIT", replicas, ms),
+        ]
+        primary = self._cluster.get_node_from_key(marker)
+        if primary is None:
+            raise BackendUnavailable("redis cluster: no primary serves the session's slot")
+        await primary.execute_pipeline(sent)
+        for command in sent:
+            if isinstance(command.result, Exception):
+                raise BackendUnavailable(
+                    f"redis cluster: cannot wait for replicas: {command.result}"
+                )
+        return cast(int, sent[1].result)
+
     async def _script(self, script: AsyncScript, session_id: str, *args: Any) -> Any:
-        return await self._call(lambda: script(keys=[self._base(session_id)], args=list(args)))
+        return await self._call(lambda: self._session_script(script, session_id, args))
 
     async def append_to(
         self,
@@ -513,9 +685,8 @@ class RedisDriver(KeepsStructure):
             len(items),
         ]
         shapes = [f"{_clean(m.kind)}\t{_clean(m.tool or '')}" for m in meta]
-        keys = [self._base(session_id), idem_key]
 
-        async def run(client: aioredis.Redis) -> Any:
+        async def run() -> Any:
             """Sealed items are bound to their ids: read the id counter, seal, and append
             only if no other append took those ids meanwhile (else again)."""
             for attempt in range(OPTIMISTIC_ATTEMPTS):
@@ -523,9 +694,11 @@ class RedisDriver(KeepsStructure):
                 if isinstance(items, Sealed):
                     if attempt:
                         await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
-                    expected = int(await client.get(f"{self._base(session_id)}:ids") or 0)
+                    expected = int(await self.client.get(f"{self._base(session_id)}:ids") or 0)
                 args = [*head, *stored(items, expected + 1), *shapes, expected]
-                outcome = await self._append(keys=keys, args=args, client=client)
+                outcome = await self._session_script(
+                    self._append, session_id, args, extra=[idem_key]
+                )
                 if outcome[0] != 3:
                     break
             else:
@@ -533,10 +706,11 @@ class RedisDriver(KeepsStructure):
                     f"redis: session {session_id!r} changed too often to append"
                 )
             if outcome[0] == 1 and outcome[1] == 1:
-                await client.zadd(self._index, {session_id: 0})
+                index = {session_id: 0}
+                await self._through_migration(lambda: self.client.zadd(self._index, index))
             return outcome
 
-        outcome = await self._call(lambda: self._replicated(run))
+        outcome = await self._call(lambda: self._replicated(session_id, run))
         if outcome[0] == 2:
             raise BranchNotFound(branch)
         if outcome[0] == 0:
@@ -567,38 +741,33 @@ class RedisDriver(KeepsStructure):
         return await self._call(functools.partial(self._checked_pop, session_id, branch, check))
 
     async def _checked_pop(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
-        """Look at the newest item first (a WATCH transaction, retried on contention), then
-        pop it with the script, which keeps the branch's structure in step."""
+        """Without a check one script pops. With one, the newest item is read and checked
+        first, then popped by the script only if it is still the newest (else again)."""
         items_key = f"{self._base(session_id)}:items{_suffix(branch)}"
         for attempt in range(OPTIMISTIC_ATTEMPTS):
             if attempt:  # poppers that lost the race spread out instead of colliding again
                 await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
-            async with self.client.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(items_key)
-                    newest = await pipe.lindex(items_key, -1)
-                    if newest is not None and check is not None:
-                        check(cast(bytes, newest))
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    await self._pop(
-                        keys=[self._base(session_id)],
-                        args=[_suffix(branch), self._ttl_ms()],
-                        client=pipe,
-                    )
-                    outcome = (await pipe.execute())[0]
-                except WatchError:
-                    continue
+            expect: list[Any] = ["any", ""]
+            if check is not None:
+                newest = cast(bytes | None, await self.client.lindex(items_key, -1))
+                if newest is not None:
+                    check(newest)
+                expect = ["none", ""] if newest is None else ["item", newest]
+            args = [_suffix(branch), self._ttl_ms(), *expect]
+            outcome = await self._session_script(self._pop, session_id, args)
+            if outcome[0] == NEWER_ARRIVED:
+                continue
             if outcome[0] == 2:
                 raise BranchNotFound(branch)
             return cast(bytes, outcome[1]) if len(outcome) > 1 else None
         raise BackendUnavailable(f"redis: session {session_id!r} changed too often to pop")
 
     async def clear(self, session_id: str) -> None:
-        async def run(client: aioredis.Redis) -> None:
-            await self._clear(keys=[self._base(session_id)], args=[], client=client)
-            await client.zrem(self._index, session_id)
+        async def run() -> None:
+            await self._session_script(self._clear, session_id, [])
+            await self.client.zrem(self._index, session_id)
 
-        await self._call(lambda: self._replicated(run))
+        await self._call(lambda: self._replicated(session_id, run))
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
         base = self._base(session_id)
@@ -627,14 +796,10 @@ class RedisDriver(KeepsStructure):
         return [MAIN, *_live(cast(dict[bytes, bytes], registry))]
 
     async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
-        outcome = await self._script(
-            self._create_branch,
-            session_id,
-            _suffix(source),
-            new,
-            turn,
-            f"{time.time():.6f}",
-            self._ttl_ms(),
+        args = [_suffix(source), new, turn, f"{time.time():.6f}", self._ttl_ms()]
+        new_keys = self._declared(session_id, [new], [])[-5:]
+        outcome = await self._call(
+            lambda: self._session_script(self._create_branch, session_id, args, extra=new_keys)
         )
         if outcome[0] == 2:
             raise BranchNotFound(source)
