@@ -76,16 +76,18 @@ SMOKE = Sizes(
 )
 
 
-async def replication_cost(servers: Servers, sizes: Sizes) -> dict[tuple[str, int], Figures]:
-    """Agent turns through the sidecar on one Redis, answered at once and answered once a
-    replica holds each append (`redis.waitReplicas: 1`): both sidecars run side by side
-    and take turns, in rounds, so the machine's noise falls on both; medians per mode."""
-    modes = ("redis", "redis-replicated")
+async def redis_modes_cost(servers: Servers, sizes: Sizes) -> dict[tuple[str, int], Figures]:
+    """Agent turns through the sidecar on one Redis and on a Redis Cluster (3 primaries,
+    3 replicas, the same persistence), each answered at once and answered once a replica
+    holds each append (`redis.waitReplicas: 1`): the four sidecars run side by side and
+    take turns, in rounds, so the machine's noise falls on all; medians per mode."""
+    modes = ("redis", "redis-replicated", "redis-cluster", "redis-cluster-replicated")
+    servers.cluster.start()
     sidecars = {mode: Sidecar(servers.store(mode), servers.workdir) for mode in modes}
     rounds: dict[tuple[str, int], list[Figures]] = {}
-    for sidecar in sidecars.values():
-        sidecar.start()
     try:
+        for sidecar in sidecars.values():
+            sidecar.start()
         for tasks in (1, 8):
             for sidecar in sidecars.values():  # warm-up
                 await agent_turns(sidecar_factory(sidecar.url), tasks, max(10, sizes.turns // 10))
@@ -369,7 +371,9 @@ def render(
             f"Two sidecars side by side, taking turns over {REPLICATION_ROUNDS} rounds; "
             "medians of the rounds.",
             "",
-            *_durability_table(replication, "redis", "answered at once", "after WAIT"),
+            *_side_by_side(
+                replication, ("redis", "answered at once"), ("redis-replicated", "after WAIT")
+            ),
         ]
     if ("postgres", 1) in replication:
         out += [
@@ -381,7 +385,26 @@ def render(
             "`synchronous_standby_names` switched between rounds "
             f"({REPLICATION_ROUNDS}, taking turns); medians of the rounds.",
             "",
-            *_durability_table(replication, "postgres", "asynchronous", "synchronous"),
+            *_side_by_side(
+                replication, ("postgres", "asynchronous"), ("postgres-sync", "synchronous")
+            ),
+        ]
+    if ("redis-cluster", 1) in replication:
+        out += [
+            "",
+            "## (j) Redis Cluster beside one Redis",
+            "",
+            "The same four sidecars as in (g), taking turns: one Redis, and a Redis "
+            "Cluster of 3 primaries and 3 replicas on this machine (every node with the "
+            "same `appendfsync always`), each answered at once and after WAIT.",
+            "",
+            *_side_by_side(replication, ("redis", "one Redis"), ("redis-cluster", "cluster")),
+            "",
+            *_side_by_side(
+                replication,
+                ("redis-cluster", "cluster, answered at once"),
+                ("redis-cluster-replicated", "cluster, after WAIT"),
+            ),
         ]
     out += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     rows_met = targets(results, floor)
@@ -392,17 +415,18 @@ def render(
     return "\n".join(out) + "\n"
 
 
-def _durability_table(
-    figures: dict[tuple[str, int], Figures], base: str, fast: str, safe: str
+def _side_by_side(
+    figures: dict[tuple[str, int], Figures], base: tuple[str, str], other: tuple[str, str]
 ) -> list[str]:
-    """Turns in a backend's default mode against its replicated one, by task count."""
+    """Turns in one mode (its key and label) against another, by task count."""
+    (a_mode, a_label), (b_mode, b_label) = base, other
     out = [
-        f"| tasks | {fast} turns/s | {safe} turns/s | ratio | {fast} p50 ms | {safe} p50 ms |",
+        f"| tasks | {a_label} turns/s | {b_label} turns/s | ratio | {a_label} p50 ms | "
+        f"{b_label} p50 ms |",
         "|---|---|---|---|---|---|",
     ]
-    replicated = "redis-replicated" if base == "redis" else f"{base}-sync"
     for tasks in (1, 8):
-        a, b = figures[(base, tasks)], figures[(replicated, tasks)]
+        a, b = figures[(a_mode, tasks)], figures[(b_mode, tasks)]
         out.append(
             f"| {tasks} | {a.ops_per_second:.0f} | {b.ops_per_second:.0f} | "
             f"{ratio(b.ops_per_second, a.ops_per_second)} | {a.p50_ms:.2f} | {b.p50_ms:.2f} |"
@@ -496,7 +520,7 @@ async def run(
             results = {b: await measure(b, servers, sdk, sizes) for b in backends}
         finally:
             await sdk.close()
-        replication = await replication_cost(servers, sizes) if "redis" in backends else {}
+        replication = await redis_modes_cost(servers, sizes) if "redis" in backends else {}
         if "postgres" in backends:
             replication.update(await standby_cost(servers, sizes))
     return results, floor, replication

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.servers import PostgresServer, RedisServer, free_port
+from tests.servers import PostgresServer, RedisClusterNodes, RedisServer, free_port
 
 SessionFactory = Callable[[str], Any]
 
@@ -129,6 +129,8 @@ class Servers:
         self.workdir = Path(tempfile.mkdtemp(prefix="convostore-bench-"))
         self.redis = RedisServer()
         self.replica = RedisServer("--replicaof", "127.0.0.1", str(self.redis.port))
+        self.cluster = RedisClusterNodes(appendfsync="always")
+        """Started only by the section that compares it with one Redis."""
         self.postgres = PostgresServer()
 
     def __enter__(self) -> Servers:
@@ -139,6 +141,7 @@ class Servers:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.cluster.destroy()
         self.replica.destroy()
         self.redis.destroy()
         self.postgres.destroy()
@@ -154,8 +157,14 @@ class Servers:
             return {"backend": "sqlite", "sqlite": {"path": str(self.workdir / f"cs-{run}.db")}}
         if backend == "redis":
             return {"backend": "redis", "redis": {"url": self.redis.url, "keyPrefix": f"b{run}"}}
-        if backend == "redis-replicated":
-            redis = {"url": self.redis.url, "keyPrefix": f"b{run}", "waitReplicas": 1}
+        if backend.startswith("redis-"):
+            where = (
+                {"cluster": {"nodes": self.cluster.addresses[:2]}}
+                if backend.startswith("redis-cluster")
+                else {"url": self.redis.url}
+            )
+            replicas = 1 if backend.endswith("-replicated") else 0
+            redis = {**where, "keyPrefix": f"b{run}", "waitReplicas": replicas}
             return {"backend": "redis", "redis": redis}
         return {
             "backend": "postgres",

@@ -146,9 +146,11 @@ class RedisClusterNodes:
     by `redis-cli --cluster create`. A node that stops answering for `node_timeout_ms`
     is failed over to its replica."""
 
-    def __init__(self, primaries: int = 3, node_timeout_ms: int = 2000) -> None:
+    def __init__(
+        self, primaries: int = 3, node_timeout_ms: int = 2000, appendfsync: str = "no"
+    ) -> None:
         options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-        timeout = ("--cluster-node-timeout", str(node_timeout_ms), "--appendfsync", "no")
+        timeout = ("--cluster-node-timeout", str(node_timeout_ms), "--appendfsync", appendfsync)
         self.nodes = [
             # the bus port is named: by default it is port + 10000, past 65535 for some
             RedisServer(*options, *timeout, "--cluster-port", str(free_port()))

@@ -28,6 +28,7 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
         "(g) Redis: what waiting for a replica",
         "(h) The sidecar's",
         "(i) PostgreSQL: what a synchronous standby costs",
+        "(j) Redis Cluster beside one Redis",
     )
     for heading in (*headings, *later):
         assert heading in report
@@ -35,6 +36,8 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
         assert f"| {backend} (" in report
         assert f"{backend}: cold start ≤ 1.5 s" in report
         assert f"{backend}: sidecar ≤ " in report
+    assert "| tasks | one Redis turns/s | cluster turns/s |" in report
+    assert "| tasks | cluster, answered at once turns/s | cluster, after WAIT turns/s |" in report
     assert "| hop floor (bench/floor.py) |" in report
     assert "(hop floor " in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" in line]
