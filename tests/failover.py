@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pytest
 from convostore import SidecarSession, StoreUnavailableError
 
 ANSWER_WITHIN = 60.0
@@ -32,6 +33,20 @@ class Tally:
             f"{self.acknowledged} appends acknowledged, {self.lost} lost, "
             f"{self.doubled} doubled ({self.refused} attempts refused during the failover)"
         )
+
+
+def judge(
+    tally: Tally, failover: str, wait_replicas: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Print the figures, then hold the failover to what it must keep: never an append
+    stored twice; with `waitReplicas`, never one lost; and the agents did see it."""
+    mode = f"replicated (waitReplicas: {wait_replicas})" if wait_replicas else "answered at once"
+    with capsys.disabled():
+        print(f"\n{failover}, {mode}: {tally}")
+    assert tally.doubled == 0
+    if wait_replicas:
+        assert tally.lost == 0
+    assert tally.refused > 0, f"{failover} under load, yet no append was refused"
 
 
 @dataclass

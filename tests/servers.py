@@ -9,16 +9,24 @@ a binary is missing the tests that need it skip, unless CONVOSTORE_REQUIRE_SERVI
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
 
@@ -141,25 +149,102 @@ class RedisSentinel(RedisServer):
         _wait_for_port(self.port)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and a certificate for 127.0.0.1 signed by it, good for both ends of a
+    connection: Redis nodes present theirs to each other on the cluster bus."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def issue(cls, directory: Path) -> TlsFiles:
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key, key = (
+            ec.generate_private_key(ec.SECP256R1()),
+            ec.generate_private_key(ec.SECP256R1()),
+        )
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "convostore test CA")])
+        ca = (
+            _certificate(ca_name, ca_name, ca_key.public_key(), now)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        cert = (
+            _certificate(name, ca_name, key.public_key(), now)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(LOOPBACK)]), False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        files = cls(directory / "ca.crt", directory / "node.crt", directory / "node.key")
+        files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return files
+
+
+def _certificate(
+    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePublicKey, now: datetime.datetime
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
 class RedisClusterNodes:
     """A Redis Cluster on loopback ports: `primaries` primaries, one replica each, made
     by `redis-cli --cluster create`. A node that stops answering for `node_timeout_ms`
-    is failed over to its replica."""
+    is failed over to its replica.
+
+    With `tls`, every node speaks only TLS (clients, replication and the cluster bus);
+    `extra` goes to every node (an ACL `--user`, say)."""
 
     def __init__(
-        self, primaries: int = 3, node_timeout_ms: int = 2000, appendfsync: str = "no"
+        self,
+        primaries: int = 3,
+        node_timeout_ms: int = 2000,
+        appendfsync: str = "no",
+        tls: TlsFiles | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
         timeout = ("--cluster-node-timeout", str(node_timeout_ms), "--appendfsync", appendfsync)
+        self.tls = tls
         self.nodes = [
             # the bus port is named: by default it is port + 10000, past 65535 for some
-            RedisServer(*options, *timeout, "--cluster-port", str(free_port()))
+            RedisServer(*options, *timeout, "--cluster-port", str(free_port()), *extra)
             for _ in range(primaries * 2)
         ]
+        if tls is not None:
+            for node in self.nodes:
+                node.extra = (*node.extra, "--port", "0", "--tls-port", str(node.port))
+                node.extra += ("--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key))
+                node.extra += ("--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no")
+                node.extra += ("--tls-replication", "yes", "--tls-cluster", "yes")
 
     @property
     def addresses(self) -> list[str]:
         return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    def cli(self, port: int, *args: str) -> list[str]:
+        """`redis-cli` with `args`, for the node at `port`."""
+        tls = () if self.tls is None else ("--tls", "--cacert", str(self.tls.ca))
+        return [redis_cli(), *tls, "-p", str(port), *args]
 
     def node(self, port: int) -> RedisServer:
         return next(node for node in self.nodes if node.port == port)
@@ -167,8 +252,13 @@ class RedisClusterNodes:
     def start(self) -> None:
         for node in self.nodes:
             node.start()
-        create = [redis_cli(), "--cluster", "create", *self.addresses, "--cluster-replicas", "1"]
-        subprocess.run([*create, "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        create = self.cli(self.nodes[0].port, "--cluster", "create", *self.addresses)
+        subprocess.run(
+            [*create, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         deadline = time.monotonic() + 30
         while not all(self._ready(node.port) for node in self.nodes):
             if time.monotonic() > deadline:
@@ -181,7 +271,7 @@ class RedisClusterNodes:
         fields = {}
         for section in (("cluster", "info"), ("info", "replication")):
             info = subprocess.run(
-                [redis_cli(), "-p", str(port), *section], capture_output=True, text=True, timeout=10
+                self.cli(port, *section), capture_output=True, text=True, timeout=10
             ).stdout
             for line in info.splitlines():
                 name, _, value = line.strip().partition(":")

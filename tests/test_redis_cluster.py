@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from convostore import SidecarSession, StoreUnavailableError
 from redis.crc import key_slot
 
-from tests.failover import Writers
-from tests.servers import RedisClusterNodes
+from tests.failover import Writers, judge
+from tests.servers import RedisClusterNodes, TlsFiles, free_port
 from tests.support import SidecarProcess
 from tests.test_outages import wait_until
 
@@ -110,11 +113,12 @@ async def migrate_slot(slot: int, source: int, target: int, primaries: list[int]
         await command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
 
-def start_sidecar(
+async def writing(
     cluster: RedisClusterNodes,
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
     wait_replicas: int = 0,
-) -> SidecarProcess:
+) -> Writers:
+    """Agents appending through a sidecar that knows two seed nodes, 40 appends in."""
     redis = {
         "cluster": {"nodes": cluster.addresses[:2]},
         "waitReplicas": wait_replicas,
@@ -122,7 +126,10 @@ def start_sidecar(
     }
     proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis}}})
     proc.start()
-    return proc
+    writers = Writers(proc.url, "chat")
+    writers.start()
+    await wait_until(lambda: writers.at_least(40))
+    return writers
 
 
 def slot_of(session_id: str) -> int:
@@ -134,10 +141,7 @@ async def test_sessions_move_between_primaries_under_load_without_an_error_or_a_
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    proc = start_sidecar(cluster, sidecar_process)
-    writers = Writers(proc.url, "chat")
-    writers.start()
-    await wait_until(lambda: writers.at_least(20))
+    writers = await writing(cluster, sidecar_process)
     everyone = sorted({await primary_of(cluster, slot) for slot in (0, 8000, 16383)})
     redirected_before = sum([await errors_answered(p, "ASK", "TRYAGAIN") for p in everyone])
     for session_id in writers.acknowledged:
@@ -162,10 +166,7 @@ async def test_a_replica_taking_over_on_request_loses_nothing(
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    proc = start_sidecar(cluster, sidecar_process)
-    writers = Writers(proc.url, "chat")
-    writers.start()
-    await wait_until(lambda: writers.at_least(20))
+    writers = await writing(cluster, sidecar_process)
     primary = await primary_of(cluster, slot_of(next(iter(writers.acknowledged))))
     replica = await replica_of(cluster, primary)
     await command(replica, "CLUSTER", "FAILOVER")
@@ -192,10 +193,7 @@ async def test_appends_go_on_after_a_primary_dies_and_its_replica_is_promoted(
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    proc = start_sidecar(cluster, sidecar_process, wait_replicas)
-    writers = Writers(proc.url, "chat")
-    writers.start()
-    await wait_until(lambda: writers.at_least(40))
+    writers = await writing(cluster, sidecar_process, wait_replicas)
     primary = await primary_of(cluster, slot_of(next(iter(writers.acknowledged))))
     replica = await replica_of(cluster, primary)
     cluster.node(primary).kill()
@@ -206,12 +204,78 @@ async def test_appends_go_on_after_a_primary_dies_and_its_replica_is_promoted(
     await wait_until(lambda: replicates(primary, replica))
     after = writers.total
     await wait_until(lambda: writers.at_least(after + 40))
-    tally = await writers.stop()
+    judge(await writers.stop(), "redis cluster, primary killed", wait_replicas, capsys)
 
-    with capsys.disabled():
-        mode = "replicated (waitReplicas: 1)" if wait_replicas else "answered at once"
-        print(f"\nredis cluster, primary killed, {mode}: {tally}")
-    assert tally.doubled == 0
-    if wait_replicas:
-        assert tally.lost == 0
-    assert tally.refused > 0, "a primary died under load, yet no append was refused"
+
+async def test_a_cluster_over_tls_with_an_acl_user_serves_sessions_on_every_shard(
+    tmp_path: Path, sidecar_process: Callable[[dict[str, Any]], SidecarProcess]
+) -> None:
+    """TLS and the ACL user reach every node the client learns of, not only the seed:
+    sessions land on all three shards, each through its own primary."""
+    tls_files = TlsFiles.issue(tmp_path)
+    user = ("--user", "agent", "on", ">s3cret", "~*", "&*", "+@all")
+    cluster = RedisClusterNodes(tls=tls_files, extra=user)
+    try:
+        cluster.start()
+        password = tmp_path / "redis-password"
+        password.write_text("s3cret\n")
+        redis = {
+            "cluster": {"nodes": cluster.addresses[:1], "tls": True},
+            "username": "agent",
+            "passwordFile": str(password),
+            "tls": {"caFile": str(tls_files.ca)},
+        }
+        proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis}}})
+        proc.start()
+        ids = [f"tls-{n}" for n in range(12)]
+        for session_id in ids:
+            await SidecarSession(session_id, "chat", url=proc.url).add_items([{"s": session_id}])
+
+        host, port = cluster.addresses[0].split(":")
+        direct = aioredis.RedisCluster(
+            host=host,
+            port=int(port),
+            ssl=True,
+            ssl_ca_certs=str(tls_files.ca),
+            username="agent",
+            password="s3cret",
+        )
+        try:
+            await direct.initialize()
+            shards = set()
+            for session_id in ids:
+                key = f"convostore:chat:{{{session_id}}}:items"
+                assert await direct.lrange(key, 0, -1) == [f'{{"s":"{session_id}"}}'.encode()]
+                shard = direct.get_node_from_key(key)
+                assert shard is not None
+                shards.add(shard.name)
+        finally:
+            await direct.aclose()
+        assert len(shards) == 3
+
+        password.write_text("wrong\n")
+        refused = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis}}})
+        refused.start()
+        with pytest.raises(StoreUnavailableError) as error:
+            await SidecarSession("tls-0", "chat", url=refused.url, retries=0).get_items()
+        assert error.value.code == "backend_unavailable"
+    finally:
+        cluster.destroy()
+
+
+async def test_seed_nodes_that_do_not_answer_make_the_store_unavailable_not_broken(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """No seed node reachable (the cluster down, a wrong port): the sidecar starts,
+    answers 503 `backend_unavailable` and says so on /readyz."""
+    redis = {"cluster": {"nodes": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}}
+    proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis}}})
+    proc.start()
+    session = SidecarSession("s", "chat", url=proc.url, retries=0)
+    for call in (session.add_items([{"n": 1}]), session.get_items(), session.pop_item()):
+        with pytest.raises(StoreUnavailableError) as refused:
+            await call
+        assert refused.value.code == "backend_unavailable"
+    async with aiohttp.ClientSession() as http, http.get(proc.url + "/readyz") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["stores"]["chat"] == "unavailable"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import yaml
 from convostore_operator.render import render
 from convostore_operator.spec import SecretRef, secret_refs, validate
+from convostore_operator.trust import spec_endpoints
 from convostore_sidecar.config import load_config, parse_config
 from convostore_sidecar.encryption import generate_key
 
@@ -134,6 +136,39 @@ def test_a_sentinel_watched_primary_reaches_the_sidecar_with_its_own_password(
     assert (watched.service_name, watched.database, watched.username) == ("convo", 3, "watcher")
     assert watched.password_file == f"{tmp_path}/chat/redis-sentinel-password"
     assert settings.password_file == f"{tmp_path}/chat/redis-password"
+
+
+def test_a_cluster_over_tls_reaches_the_sidecar_with_its_ca_and_password(tmp_path: Path) -> None:
+    cluster = {"nodes": ["redis-0.data:6379", "[fd00::3]:6379"], "tls": True}
+    ca = {"name": "redis-auth", "key": "ca.crt"}
+    section = {"cluster": cluster, "passwordSecretRef": KEY, "caSecretRef": ca, "username": "a"}
+    spec = validate({"backend": "redis", "redis": section})
+    secrets = {"passwordSecretRef": "hunter2", "caSecretRef": "-----BEGIN CERTIFICATE-----\n"}
+    rendered = render("chat", spec, secrets, stores_root=str(tmp_path))
+    assert "hunter2" not in str(rendered.config)
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for name, data in rendered.secret_data().items():
+        (folder / name).write_bytes(data)
+    settings = load_config(folder / "config.yaml").stores["chat"].settings
+    assert settings.cluster is not None
+    assert settings.cluster.nodes == (("redis-0.data", 6379), ("fd00::3", 6379))
+    assert settings.tls
+    assert settings.ca_file == f"{tmp_path}/chat/redis-ca.crt"
+    assert settings.password_file == f"{tmp_path}/chat/redis-password"
+    assert settings.username == "a"
+
+
+@pytest.mark.parametrize(("tls", "scheme"), [(True, "rediss"), (False, "redis")])
+def test_a_clusters_seed_nodes_are_endpoints_its_secrets_must_name(tls: bool, scheme: str) -> None:
+    """They name every other node, so the password and the CA go wherever they say."""
+    cluster = {"nodes": ["redis-0.data:6379", "10.1.2.3:7000"], "tls": tls}
+    spec = validate({"backend": "redis", "redis": {"cluster": cluster, "passwordSecretRef": KEY}})
+    refs = ["passwordSecretRef", "caSecretRef"]
+    assert spec_endpoints(spec) == [
+        ("spec.redis.cluster.nodes[0]", f"{scheme}://redis-0.data:6379", refs),
+        ("spec.redis.cluster.nodes[1]", f"{scheme}://10.1.2.3:7000", refs),
+    ]
 
 
 def test_hidden_tool_names_reach_the_sidecars_keyring(tmp_path: Path) -> None:

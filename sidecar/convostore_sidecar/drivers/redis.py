@@ -13,7 +13,10 @@ per item), the user messages by position in a hash with their turns in a sorted 
 one hash per session (`<branch><TAB><turn>`, so a session's usage is one read), and
 the count of items trimmed from the head (a position minus it is a list index). The
 `branches` hash reserves every branch id ever used. The scripts build these key names
-from the session's base key, so they all stay in the session's slot.
+from the session's base key, so they all stay in the session's slot, and are given
+every one of them as KEYS: on a Redis Cluster, a slot in migration is then refused
+(TRYAGAIN) while a session's keys are split between two nodes, instead of written on
+one of them beside keys still on the other.
 
 Session ids are also kept in one sorted set per store (all scores 0, so ordered by
 bytes) for paged listing. It lives outside the session's slot, so it is updated after
@@ -47,7 +50,7 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     ConnectionError,
-    SlotNotCoveredError,
+    RedisClusterException,
     TimeoutError,
     TryAgainError,
     WatchError,
@@ -316,8 +319,9 @@ return {1, turn}
 )
 
 _UNAVAILABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
-_RESHAPING = (ClusterError, TryAgainError, AskError, SlotNotCoveredError)
-"""A cluster failing over or moving slots, for longer than the client follows it."""
+_RESHAPING = (ClusterError, TryAgainError, AskError, RedisClusterException)
+"""A cluster failing over or moving slots, for longer than the client follows it, or
+none of its nodes reachable (redis-py's own exception, not a RedisError)."""
 OPTIMISTIC_ATTEMPTS = 50
 UNDECLARED = 5
 """What a script answers when the session has a branch whose keys were not declared."""
