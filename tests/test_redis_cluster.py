@@ -10,6 +10,8 @@ requested failover loses nothing either (the replica takes over once it has caug
 up). A killed primary takes with it what its replica had not received yet: with
 `waitReplicas: 1` nothing acknowledged, which is asserted; answered at once, the figure
 is reported.
+
+Besides: a TLS-only cluster reached as an ACL user, and seed nodes that do not answer.
 """
 
 from __future__ import annotations
