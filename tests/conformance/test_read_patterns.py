@@ -118,7 +118,8 @@ async def _server_of(subject: Subject, session_id: str) -> aioredis.Redis:
         node = cluster.get_node_from_key(f"{{{session_id}}}")
     finally:
         await cluster.aclose()
-    return aioredis.Redis(host=node.host, port=node.port)
+    assert node is not None, f"no node serves session {session_id!r}"
+    return aioredis.Redis(host=node.host, port=int(node.port))
 
 
 async def redis_reads(subject: Subject, session_id: str) -> int:
