@@ -11,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from convostore import SidecarSession, StoreUnavailableError
+
+from tests.support import SidecarProcess
+from tests.test_outages import wait_until
 
 ANSWER_WITHIN = 60.0
 """Seconds an append may go unanswered, retries included, before its writer fails."""
@@ -33,6 +38,19 @@ class Tally:
             f"{self.acknowledged} appends acknowledged, {self.lost} lost, "
             f"{self.doubled} doubled ({self.refused} attempts refused during the failover)"
         )
+
+
+async def writing(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], store: dict[str, Any]
+) -> Writers:
+    """Agents appending to the store `chat` (configured by `store`) through a sidecar
+    process, 40 appends in."""
+    proc = sidecar_process({"stores": {"chat": store}})
+    proc.start()
+    writers = Writers(proc.url, "chat")
+    writers.start()
+    await wait_until(lambda: writers.at_least(40))
+    return writers
 
 
 def judge(

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 from convostore import SidecarSession, StoreUnavailableError
 
-from tests.failover import Writers
+from tests.failover import writing
 from tests.servers import PostgresServer
 from tests.support import SidecarProcess, migrate
 from tests.test_outages import wait_until
@@ -89,12 +89,7 @@ async def test_appends_survive_the_primary_dying_and_the_standby_taking_over(
     )
     config = {"stores": {"chat": {"backend": "postgres", "postgres": {"dsn": dsn}}}}
     migrate(config)
-    proc = sidecar_process(config)
-    proc.start()
-
-    writers = Writers(proc.url, "chat")
-    writers.start()
-    await wait_until(lambda: writers.at_least(40))
+    writers = await writing(sidecar_process, config["stores"]["chat"])
     await asyncio.to_thread(primary.stop, "immediate")
     await asyncio.to_thread(standby.promote)
     after = writers.total

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from convostore import SidecarSession, StoreUnavailableError
 from redis.crc import key_slot
 
-from tests.failover import Writers, judge
+from tests.failover import Writers, judge, writing
 from tests.servers import RedisClusterNodes, TlsFiles, free_port
 from tests.support import SidecarProcess
 from tests.test_outages import wait_until
@@ -115,23 +115,14 @@ async def migrate_slot(slot: int, source: int, target: int, primaries: list[int]
         await command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
 
-async def writing(
-    cluster: RedisClusterNodes,
-    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
-    wait_replicas: int = 0,
-) -> Writers:
-    """Agents appending through a sidecar that knows two seed nodes, 40 appends in."""
+def cluster_store(cluster: RedisClusterNodes, wait_replicas: int = 0) -> dict[str, Any]:
+    """A store on the cluster, known to the sidecar by two seed nodes."""
     redis = {
         "cluster": {"nodes": cluster.addresses[:2]},
         "waitReplicas": wait_replicas,
         "waitTimeout": 0.5,
     }
-    proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis}}})
-    proc.start()
-    writers = Writers(proc.url, "chat")
-    writers.start()
-    await wait_until(lambda: writers.at_least(40))
-    return writers
+    return {"backend": "redis", "redis": redis}
 
 
 def slot_of(session_id: str) -> int:
@@ -143,7 +134,7 @@ async def test_sessions_move_between_primaries_under_load_without_an_error_or_a_
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    writers = await writing(cluster, sidecar_process)
+    writers = await writing(sidecar_process, cluster_store(cluster))
     everyone = sorted({await primary_of(cluster, slot) for slot in (0, 8000, 16383)})
     redirected_before = sum([await errors_answered(p, "ASK", "TRYAGAIN") for p in everyone])
     for session_id in writers.acknowledged:
@@ -168,7 +159,7 @@ async def test_a_replica_taking_over_on_request_loses_nothing(
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    writers = await writing(cluster, sidecar_process)
+    writers = await writing(sidecar_process, cluster_store(cluster))
     primary = await primary_of(cluster, slot_of(next(iter(writers.acknowledged))))
     replica = await replica_of(cluster, primary)
     await command(replica, "CLUSTER", "FAILOVER")
@@ -195,7 +186,7 @@ async def test_appends_go_on_after_a_primary_dies_and_its_replica_is_promoted(
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    writers = await writing(cluster, sidecar_process, wait_replicas)
+    writers = await writing(sidecar_process, cluster_store(cluster, wait_replicas))
     primary = await primary_of(cluster, slot_of(next(iter(writers.acknowledged))))
     replica = await replica_of(cluster, primary)
     cluster.node(primary).kill()

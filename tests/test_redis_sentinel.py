@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from convostore import SidecarSession, StoreUnavailableError
 
-from tests.failover import Writers, judge
+from tests.failover import judge, writing
 from tests.servers import RedisSentinel, RedisServer
 from tests.support import SidecarProcess
 from tests.test_outages import wait_until
@@ -74,12 +74,7 @@ async def test_appends_survive_the_primary_dying_and_a_replica_taking_over(
         "waitReplicas": wait_replicas,
         "waitTimeout": 0.5,
     }
-    proc = sidecar_process({"stores": {"chat": {"backend": "redis", "redis": redis}}})
-    proc.start()
-
-    writers = Writers(proc.url, "chat")
-    writers.start()
-    await wait_until(lambda: writers.at_least(40))
+    writers = await writing(sidecar_process, {"backend": "redis", "redis": redis})
     primary.kill()
     after = writers.total
     await wait_until(lambda: writers.at_least(after + 40))
