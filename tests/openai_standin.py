@@ -12,6 +12,15 @@ delete its items) with the behaviour the API documents:
 - unknown ids give 404, a wrong bearer token 401 with the key masked as OpenAI masks
   it, malformed bodies 400, all as `{"error": {"message", "type", "param", "code"}}`.
 
+It also serves `responses.compact` (`POST /v1/responses/compact`) deterministically, so
+two runs that send the same request get the same answer: like the API, the output is
+every user message of the `input` followed by one `compaction` item, whose content and
+ids are digests of the request (with `previous_response_id`, the compaction item
+alone), and `usage` counts 4 bytes of request or output per token. `compact_bodies`
+records the requests; `hold_compactions()` makes them wait until
+`release_compactions()` (`compactions_waiting` counts them), and `compact_delay` adds
+latency.
+
 It runs on its own thread and event loop, so synchronous fixtures can start it and a
 sidecar process can reach it while a test awaits. `fail(status, times, after)` answers
 requests with an error (with a short `retry-after-ms`, which the client honours),
@@ -22,7 +31,9 @@ requests with an error (with a short `retry-after-ms`, which the client honours)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import json
 import threading
 import time
 import uuid
@@ -95,6 +106,11 @@ class OpenAIStandIn:
         self._failures: list[int | None] = []
         self._counter = itertools.count()
         self.port = free_port()
+        self.compact_bodies: list[dict[str, Any]] = []
+        self.compact_delay = 0.0
+        self.compactions_waiting = 0
+        self._released = asyncio.Event()
+        self._released.set()
         self._server: TestServer | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -125,6 +141,7 @@ class OpenAIStandIn:
         app.router.add_get("/v1/conversations/{cid}/items", self._list_items)
         app.router.add_get("/v1/conversations/{cid}/items/{iid}", self._get_item)
         app.router.add_delete("/v1/conversations/{cid}/items/{iid}", self._delete_item)
+        app.router.add_post("/v1/responses/compact", self._compact)
         self._server = TestServer(app, host="127.0.0.1", port=self.port)
         await self._server.start_server()
 
@@ -136,6 +153,18 @@ class OpenAIStandIn:
     def fail(self, status: int, times: int = 1, after: int = 0) -> None:
         """Serve `after` more requests, then answer `times` with `status`."""
         self._failures.extend([None] * after + [status] * times)
+
+    def hold_compactions(self) -> None:
+        self._on_loop(self._released.clear)
+
+    def release_compactions(self) -> None:
+        self._on_loop(self._released.set)
+
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        async def run() -> None:
+            action()
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
 
     def items_of(self, conversation_id: str) -> list[dict[str, Any]]:
         return self.conversations[conversation_id].items
@@ -275,6 +304,68 @@ class OpenAIStandIn:
         conversation, item = self._item(request)
         conversation.items.remove(item)
         return web.json_response(conversation.document())
+
+    async def _compact(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self.compact_bodies.append(body)
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise ApiFailure(400, "Missing required parameter: 'model'.")
+        source = body.get("input")
+        if source is None and not body.get("previous_response_id"):
+            raise ApiFailure(400, "Provide either 'input' or 'previous_response_id'.")
+        if isinstance(source, str):
+            source = [{"role": "user", "content": source}]
+        if source is not None and not isinstance(source, list):
+            raise ApiFailure(400, "Invalid type for 'input': expected a string or an array.")
+        self.compactions_waiting += 1
+        try:
+            await self._released.wait()
+            await asyncio.sleep(self.compact_delay)
+        finally:
+            self.compactions_waiting -= 1
+        request_bytes = json.dumps(body, sort_keys=True).encode()
+        digest = hashlib.sha256(request_bytes).hexdigest()
+        output = [_kept_user_message(item) for item in source or [] if _is_user(item)]
+        output.append(
+            {"id": f"cmp_{digest[:24]}", "type": "compaction", "encrypted_content": digest}
+        )
+        tokens_in = len(request_bytes) // 4
+        tokens_out = len(json.dumps(output).encode()) // 4
+        return web.json_response(
+            {
+                "id": f"resp_{digest[:24]}",
+                "object": "response.compaction",
+                "created_at": int(time.time()),
+                "output": output,
+                "usage": {
+                    "input_tokens": tokens_in,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": tokens_out,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": tokens_in + tokens_out,
+                },
+            }
+        )
+
+
+def _is_user(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("role") == "user"
+
+
+def _kept_user_message(item: dict[str, Any]) -> dict[str, Any]:
+    """A user message as the API returns it from a compaction: an output message with
+    input content parts, its id a digest of the message."""
+    content = item.get("content")
+    if isinstance(content, str):
+        content = [{"type": "input_text", "text": content}]
+    digest = hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()
+    return {
+        "id": f"msg_{digest[:24]}",
+        "type": "message",
+        "role": "user",
+        "status": "completed",
+        "content": content,
+    }
 
 
 def _page(items: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:

@@ -124,6 +124,9 @@ class AdvancedSidecarSession(SidecarSession):
         if opens_turn and answer.get("turn") is not None:
             self._last_turn[branch] = (answer["turn"], answer["anchor"])
 
+    def _compaction_target(self) -> dict[str, str]:
+        return {"branch": self._current_branch_id}
+
     async def pop_item(self) -> Item | None:
         """Remove and return the newest item of the current branch."""
         branch = self._current_branch_id

@@ -8,6 +8,11 @@ relies on when it compares what it wrote with what it reads back.
 
 Every append carries a fresh `Idempotency-Key`, so a retry after a lost response
 appends once: the sidecar remembers the key with the batch, atomically.
+
+It is also a compaction-aware session in the SDK's sense (`run_compaction`): the Runner
+asks it to compact after each turn, and the sidecar, when its store has a `compaction`
+section, decides as the SDK's `OpenAIResponsesCompactionSession` would, calls the model
+with the key it holds and replaces the history in one atomic step.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ import json
 import logging
 import types
 import uuid
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from typing import Any
 from urllib.parse import quote
 
+from .errors import ConvostoreError
 from .transport import BearerToken, Endpoint, Transport
 
 Item = Any
 log = logging.getLogger("convostore")
+COMPACTION_TIMEOUT = 180.0
+"""A compaction waits for a model call (the sidecar's own timeout and retries bound it)."""
+COMPACTION_OFF = frozenset({"compaction_not_configured", "not_supported"})
 
 
 def coerce_settings(value: Any) -> Any:
@@ -49,6 +58,26 @@ def encode_items(items: list[Item]) -> bytes:
         return json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(document, allow_nan=False).encode("ascii")
+
+
+def _run_usage(usage: dict[str, Any]) -> Any:
+    """The compaction call's usage as the SDK adds a model call's to a run: its details
+    taken as the `openai` client takes them, unvalidated."""
+    from agents.usage import Usage
+    from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
+
+    def details(kind: Any, key: str) -> Any:
+        value = usage.get(key)
+        return kind.model_construct(**value) if isinstance(value, dict) else None
+
+    return Usage(
+        requests=1,
+        input_tokens=usage.get("input_tokens") or 0,
+        output_tokens=usage.get("output_tokens") or 0,
+        total_tokens=usage.get("total_tokens") or 0,
+        input_tokens_details=details(InputTokensDetails, "input_tokens_details"),
+        output_tokens_details=details(OutputTokensDetails, "output_tokens_details"),
+    )
 
 
 class Closed:
@@ -98,6 +127,12 @@ class SidecarSession:
             Endpoint.parse(url), BearerToken(token, token_file), timeout=timeout, retries=retries
         )
         self._path = f"{store_path(store)}/sessions/{quote(session_id, safe='')}"
+        self._response_id: str | None = None
+        self._unstored_response_id: str | None = None
+        self._compaction_off = False
+        self.last_compaction: dict[str, Any] | None = None
+        """The sidecar's answer to the latest `run_compaction`: whether it compacted,
+        why not, what it replaced and the model call's usage."""
 
     async def get_items(self, limit: int | None = None) -> list[Item]:
         """The latest `limit` items, oldest first; `session_settings.limit` when not given.
@@ -159,11 +194,75 @@ class SidecarSession:
         body = await self._transport.call(
             "POST", self._path + "/items:pop", params=where, idempotent=False
         )
+        if body["item"] is not None:
+            self._forget_responses()
         return body["item"]
 
     async def clear_session(self) -> None:
         """Remove every item of this session."""
         await self._transport.call("DELETE", self._path, idempotent=True)
+        self._forget_responses()
+
+    def _forget_responses(self) -> None:
+        """A pop or a clear ends the response chain compaction would summarise (as in
+        the SDK's compaction session)."""
+        self._response_id = self._unstored_response_id = None
+
+    async def run_compaction(
+        self, args: Mapping[str, Any] | None = None, *, wrapper: Any = None
+    ) -> None:
+        """Compact the history if the store's trigger says so (always with `force`).
+
+        `args` is the SDK's `OpenAIResponsesCompactionArgs` (`response_id`, `store`,
+        `compaction_mode`, `force`); the Runner passes its `wrapper`, to which the
+        compaction call's usage is added. When the Runner calls it, a failure is logged
+        and the run goes on with its history as it was; on a store without compaction it
+        stops asking after the first answer. Called directly, failures raise.
+        """
+        automatic = bool(getattr(wrapper, "_session_compaction_is_automatic", False))
+        if automatic and self._compaction_off:
+            return
+        try:
+            answer = await self._transport.call(
+                "POST",
+                self._path + "/items:compact",
+                params=self._compaction_target(),
+                body=json.dumps(self._compaction_request(dict(args or {}))).encode(),
+                idempotent=False,
+                answer_within=COMPACTION_TIMEOUT,
+            )
+        except ConvostoreError as exc:
+            self._compaction_off = exc.code in COMPACTION_OFF
+            if not automatic:
+                raise
+            if not self._compaction_off:
+                log.warning("session %r: not compacted, history kept: %s", self.session_id, exc)
+            return
+        self.last_compaction = answer
+        if wrapper is not None and answer.get("usage"):
+            wrapper.usage.add(_run_usage(answer["usage"]))
+
+    def _compaction_target(self) -> dict[str, str]:
+        return {}
+
+    def _compaction_request(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The request as the SDK's session would resolve it: the latest response id is
+        remembered, and one answered with `store=False` is never chained from."""
+        if args.get("response_id"):
+            self._response_id = args["response_id"]
+        store = args.get("store")
+        if store is False and self._response_id:
+            self._unstored_response_id = self._response_id
+        elif store is True and self._response_id == self._unstored_response_id:
+            self._unstored_response_id = None
+        if store is None and self._response_id and self._response_id == self._unstored_response_id:
+            store = False
+        return {
+            "response_id": self._response_id,
+            "store": store,
+            "compaction_mode": args.get("compaction_mode"),
+            "force": bool(args.get("force", False)),
+        }
 
     async def reencrypt(self) -> int:
         """Re-encrypt this session's items under the store's primary key (key rotation)."""

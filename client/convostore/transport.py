@@ -230,7 +230,10 @@ class Transport:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool,
+        answer_within: float | None = None,
     ) -> Any:
+        """`answer_within` (seconds) replaces the transport's own timeout for a call known
+        to take longer."""
         if self.closed:
             raise SessionClosedError("session_closed", "this session was closed")
         url = URL(self.endpoint.base_url + path, encoded=True)
@@ -249,7 +252,13 @@ class Transport:
                 async with (
                     Lease(self.endpoint) as http,
                     http.request(
-                        method, url, data=_payload(body), headers=all_headers, timeout=self._timeout
+                        method,
+                        url,
+                        data=_payload(body),
+                        headers=all_headers,
+                        timeout=self._timeout
+                        if answer_within is None
+                        else aiohttp.ClientTimeout(total=answer_within),
                     ) as resp,
                 ):
                     raw = await resp.read()

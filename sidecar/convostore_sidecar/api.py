@@ -56,7 +56,15 @@ async def get_items(request: web.Request) -> web.Response:
         whole into memory; the extra item tells that there was more."""
         return await store.latest(session_id, branch, min(count or most + 1, most + 1))
 
-    if turns is not None:
+    if query.get("view", "live") not in ("live", "full"):
+        raise ApiError(400, "invalid_view", "view must be live or full")
+    if query.get("view") == "full":
+        if turns is not None or whole_turns:
+            raise ApiError(400, "invalid_view", "view=full reads by limit, not by turns")
+        items = await store.compacting.full_history(
+            session_id, branch, min(limit if limit is not None else most + 1, most + 1)
+        )
+    elif turns is not None:
         items = await latest_turns(read, turns)
     elif limit is not None and whole_turns:
         items = await widened_to_turns(read, limit)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import branches
 from .api import routes
+from .compaction import api as compaction
 from .config import SidecarConfig
 from .jsonbody import dumps
 from .metrics import Metrics
@@ -68,6 +69,7 @@ def build_app(config: SidecarConfig) -> web.Application:
     app.cleanup_ctx.append(_stores_lifecycle)
     app.add_routes(routes)
     app.add_routes(branches.routes)
+    app.add_routes(compaction.routes)
     return app
 
 

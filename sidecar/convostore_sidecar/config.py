@@ -14,6 +14,7 @@ stores:
     redis: {url: "redis://redis:6379/0"}
     ttl: 24h                  # idle time after which a session expires
     maxItems: 500             # older items are trimmed on append
+    compaction: {apiKeyFile: /etc/keys/openai, trigger: {items: 10}, keepRecentTurns: 2}
     limits: {maxItemBytes: 1048576, maxRequestBytes: 8388608, maxItemsPerRequest: 1000}
 ```
 """
@@ -27,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, overload
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -137,6 +139,21 @@ class Section:
             )
         return seconds
 
+    def api_url(self, key: str) -> str | None:
+        """The base URL of an API that gets a key with every request: https://, or
+        http:// to a loopback address only."""
+        url = self.string(key)
+        if url is not None:
+            parts = urlsplit(url)
+            plain_local = parts.scheme == "http" and is_loopback_host(parts.hostname or "")
+            if not (parts.scheme == "https" and parts.hostname) and not plain_local:
+                self.fail(
+                    key,
+                    "must be https:// (http:// only to a loopback address): the API key "
+                    "goes with every request",
+                )
+        return url
+
     def section(self, key: str, *, store: str | None = None) -> Section:
         """The mapping under `key`; naming a `store` starts a store's own field paths."""
         value = self._get(key)
@@ -190,6 +207,70 @@ class Limits:
         return limits
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+COMPACTION_MODES = ("auto", "input", "previous_response_id")
+SDK_COMPACTION_THRESHOLD = 10
+"""The Agents SDK's default: compact once 10 items other than user messages are stored."""
+
+
+def is_openai_model(name: str) -> bool:
+    """The models `responses.compact` serves, by the Agents SDK's rule: `gpt-*`, `o<digit>*`
+    and their fine-tunes (`ft:gpt-...`), optionally after a `provider/` prefix."""
+    root = name.rsplit("/", 1)[-1].removeprefix("ft:").split(":", 1)[0]
+    return root.startswith("gpt-") or (root[:1] == "o" and root[1:2].isdigit())
+
+
+@dataclass(frozen=True)
+class CompactionSettings:
+    """When a store compacts a session and with which model; the key stays in the sidecar."""
+
+    api_key_file: str
+    model: str = "gpt-4.1"
+    base_url: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    timeout: float = 60.0
+    max_retries: int = 2
+    trigger_items: int | None = SDK_COMPACTION_THRESHOLD
+    """Compact once this many items other than user messages and earlier summaries..."""
+    trigger_tokens: int | None = None
+    """...or once the history is estimated at this many tokens (4 bytes each)."""
+    keep_recent_turns: int = 0
+    """The latest user turns that always stay verbatim, after the summary."""
+    mode: str = "auto"
+    """How the model gets the history when the caller does not say (as the SDK's)."""
+
+    @classmethod
+    def parse(cls, s: Section) -> CompactionSettings:
+        api_key_file = s.string("apiKeyFile")
+        if api_key_file is None:
+            s.fail("apiKeyFile", "is required: the file that holds the OpenAI API key")
+        model = s.string("model", cls.model, pattern=MODEL_NAME)
+        if not is_openai_model(model):
+            s.fail("model", f"must be an OpenAI model that compacts (gpt-*, o*), got {model!r}")
+        trigger = s.section("trigger")
+        items = trigger.integer("items", None, low=1, high=1_000_000)
+        tokens = trigger.integer("tokens", None, low=1, high=100_000_000)
+        if items is not None and tokens is not None:
+            trigger.fail(None, "give either items or tokens, not both")
+        trigger.done()
+        settings = cls(
+            api_key_file=api_key_file,
+            model=model,
+            base_url=s.api_url("baseURL"),
+            organization=s.string("organization"),
+            project=s.string("project"),
+            timeout=s.duration("timeout", cls.timeout, low=0.1, high=600),
+            max_retries=s.integer("maxRetries", cls.max_retries, low=0, high=10),
+            trigger_items=items if items is not None or tokens is not None else cls.trigger_items,
+            trigger_tokens=tokens,
+            keep_recent_turns=s.integer("keepRecentTurns", 0, low=0, high=10_000),
+            mode=s.choice("mode", COMPACTION_MODES, default="auto"),
+        )
+        s.done()
+        return settings
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     name: str
@@ -202,6 +283,7 @@ class StoreConfig:
     encryption: Keyring | None = None
     scope: str | None = None
     """The namespace the operator rendered the store for; part of its identity."""
+    compaction: CompactionSettings | None = None
 
     @property
     def identity(self) -> str:
@@ -385,6 +467,9 @@ def parse_store(name: Any, stores: Section) -> StoreConfig:
         sweep_interval=s.duration("sweepInterval", 60.0, low=0.1, high=86400),
         encryption=_keyring(s),
         scope=s.string("scope", None, pattern=STORE_NAME),
+        compaction=(
+            CompactionSettings.parse(s.section("compaction")) if s.has("compaction") else None
+        ),
     )
     s.done()
     return store

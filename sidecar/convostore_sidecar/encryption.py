@@ -42,12 +42,14 @@ from .drivers.base import (
     BranchInfo,
     Branching,
     Check,
+    Compacting,
     Driver,
     Idempotency,
     Items,
     ItemShape,
     Meta,
     Sealed,
+    Snapshot,
     Transform,
     TurnUsage,
     Usage,
@@ -314,10 +316,10 @@ class EncryptedDriver:
             raise TypeError("items reach the keyring once, as plaintext")
         plain = list(items)
 
-        def seal(first: int) -> list[bytes]:
+        def seal(positions: Sequence[int]) -> list[bytes]:
             return [
-                self.keyring.encrypt(self.store, session_id, item, first + offset)
-                for offset, item in enumerate(plain)
+                self.keyring.encrypt(self.store, session_id, item, position)
+                for item, position in zip(plain, positions, strict=True)
             ]
 
         return Sealed(len(plain), seal)
@@ -401,6 +403,21 @@ class EncryptedDriver:
             lambda verify: self._structured.pop_from(session_id, branch, verify),
             check,
         )
+
+    async def snapshot(self, session_id: str, branch: str, limit: int) -> Snapshot:
+        """The items to summarise in plaintext, and as stored, for the replacement."""
+        stored = await self._structured.latest_in(session_id, branch, limit)
+        return Snapshot(self._open_in_order(session_id, stored), stored)
+
+    async def compact(
+        self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
+    ) -> bool:
+        sealed = self._sealed(session_id, replacement)
+        return await cast(Compacting, self.inner).compact(session_id, branch, expected, sealed)
+
+    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
+        items = await cast(Compacting, self.inner).full_history(session_id, branch, limit)
+        return self._open_in_order(session_id, items)
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
         return await self._structured.branches(session_id)

@@ -42,6 +42,12 @@ class Metrics:
         self.items_popped = Counter(
             "convostore_items_popped", "Items removed by pops.", ["store"], registry=self.registry
         )
+        self.compactions = Counter(
+            "convostore_compactions",
+            "Compaction requests, by store and outcome (`compacted` or why not).",
+            ["store", "outcome"],
+            registry=self.registry,
+        )
         self.sessions_expired = Counter(
             "convostore_sessions_expired",
             "Sessions deleted by the retention sweep.",

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from .compaction.compactor import Compactor
 from .config import SidecarConfig, StoreConfig
 from .drivers import open_driver
 from .drivers.base import (
@@ -26,6 +27,7 @@ from .drivers.base import (
     BackendUnavailable,
     Branching,
     Check,
+    Compacting,
     Driver,
     Idempotency,
     Meta,
@@ -41,13 +43,24 @@ log = logging.getLogger("convostore.sidecar")
 class Store:
     config: StoreConfig
     driver: Driver
+    _compactor: Compactor | None = None
 
     @classmethod
     def open(cls, config: StoreConfig) -> Store:
         driver = open_driver(config)
         if config.encryption is not None:
             driver = EncryptedDriver(driver, config.encryption, config.identity)
-        return cls(config, driver)
+        store = cls(config, driver)
+        if config.compaction is not None:
+            store._compactor = Compactor(
+                config.compaction, config.limits, store.compacting, config.name
+            )
+        return store
+
+    async def close(self) -> None:
+        if self._compactor is not None:
+            await self._compactor.close()
+        await self.driver.close()
 
     @property
     def name(self) -> str:
@@ -69,6 +82,31 @@ class Store:
                 " turns or usage; only the main branch's items",
             )
         return cast(Branching, self.driver)
+
+    @property
+    def compacting(self) -> Compacting:
+        """Compaction and its archive, or 501 naming the backend when it keeps none."""
+        if not self.structured:
+            raise ApiError(
+                501,
+                "not_supported",
+                f"store {self.name!r}: the {self.config.backend} backend cannot compact"
+                " histories (it keeps no structure to replace items in one step)",
+            )
+        return cast(Compacting, self.driver)
+
+    @property
+    def compactor(self) -> Compactor:
+        """501 from a backend that cannot compact, else 409 for a store whose config
+        has no `compaction` section."""
+        if self._compactor is None and self.compacting:
+            raise ApiError(
+                409,
+                "compaction_not_configured",
+                f"store {self.name!r} has no compaction section in its config",
+            )
+        assert self._compactor is not None
+        return self._compactor
 
     async def append(
         self,
@@ -122,7 +160,7 @@ class Stores:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for store in self._stores.values():
-            await store.driver.close()
+            await store.close()
 
 
 async def _sweep_forever(store: Store, metrics: Metrics) -> None:

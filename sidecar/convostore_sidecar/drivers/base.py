@@ -30,6 +30,12 @@ atomic step, and token usage is kept per branch and turn. Ids of branches, once 
 stay reserved for the session, even after a delete or a clear (until the session
 expires: then it is gone whole). The others answer the
 structure calls with 501 `not_supported`.
+
+Drivers that keep structure also compact (`Compacting`): the first items of a branch,
+exactly as read before the model summarised them, are replaced by the summary in one
+atomic step, unless any of them changed meanwhile; items appended since stay after the
+summary. The replaced items move to the branch's archive (`archive_of`), except those an
+earlier compaction wrote (kind `compacted`), so the archive holds each original once.
 """
 
 from __future__ import annotations
@@ -48,12 +54,12 @@ Transform = Callable[[bytes], bytes | None]
 @dataclass(frozen=True)
 class Sealed:
     """An append whose stored bytes depend on where its items land: encryption at rest
-    binds each item to its position. A driver calls `seal(first)` with the position it
-    gives the first item, inside the step that makes that position theirs, and stores
+    binds each item to its position. A driver calls `seal(positions)` with the position
+    it gives each item, inside the step that makes those positions theirs, and stores
     what it returns; positions only grow along a branch."""
 
     count: int
-    seal: Callable[[int], list[bytes]]
+    seal: Callable[[Sequence[int]], list[bytes]]
 
     def __len__(self) -> int:
         return self.count
@@ -64,7 +70,12 @@ Items = Sequence[bytes] | Sealed
 
 def stored(items: Items, first: int) -> list[bytes]:
     """What to store for `items` when the first lands at position `first`."""
-    return items.seal(first) if isinstance(items, Sealed) else list(items)
+    return stored_at(items, range(first, first + len(items)))
+
+
+def stored_at(items: Items, positions: Sequence[int]) -> list[bytes]:
+    """What to store for `items` landing at `positions`, one each, growing."""
+    return items.seal(positions) if isinstance(items, Sealed) else list(items)
 
 
 class BackendUnavailable(Exception):
@@ -102,6 +113,18 @@ class TurnNotFound(Exception):
 
 
 MAIN = "main"
+COMPACTED = "compacted"
+"""The kind of the items a compaction wrote; they are no user turns and are not archived."""
+
+
+def archive_of(branch: str) -> str:
+    """Where a branch keeps the items compaction replaced: a name with `/`, which no branch
+    id may hold, so no API call can write or list it."""
+    return f"{branch}/archive"
+
+
+def is_archive(branch: str) -> bool:
+    return "/" in branch
 
 
 @dataclass(frozen=True)
@@ -249,6 +272,33 @@ class Branching(Protocol):
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]: ...
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A branch as read before a compaction: the items to summarise (`items`, readable)
+    and the same items as stored (`stored`), which the replacement expects to find."""
+
+    items: list[bytes]
+    stored: list[bytes]
+
+
+class Compacting(Protocol):
+    """Compaction of a branch's history, atomic in the backend."""
+
+    async def snapshot(self, session_id: str, branch: str, limit: int) -> Snapshot:
+        """The branch's latest `limit` items."""
+
+    async def compact(
+        self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
+    ) -> bool:
+        """If the branch still starts with `expected`, put `replacement` (at most as many
+        items, of kind `compacted`, in the turn of the last one replaced) in their place
+        and archive them; False, changing nothing, if it does not."""
+
+    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
+        """The latest `limit` of: the archived items, then the live ones that no
+        compaction wrote."""
+
+
 class KeepsStructure:
     """Base of the drivers that implement `Branching`: their plain item calls are the
     `main` branch's, for items whose kind nobody told them (the API always says)."""
@@ -265,6 +315,10 @@ class KeepsStructure:
 
     async def pop(self: Branching, session_id: str, check: Check | None = None) -> bytes | None:
         return await self.pop_from(session_id, MAIN, check)
+
+    async def snapshot(self: Branching, session_id: str, branch: str, limit: int) -> Snapshot:
+        items = await self.latest_in(session_id, branch, limit)
+        return Snapshot(items, items)
 
 
 def scoped_prefix(key_prefix: str | None, store: StoreConfig, separator: str, default: str) -> str:

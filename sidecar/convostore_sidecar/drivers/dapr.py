@@ -56,6 +56,10 @@ if TYPE_CHECKING:
     from ..config import Section, StoreConfig
 
 T = TypeVar("T")
+UNSUPPORTED = {
+    "compaction": "compaction replaces a session's first items in one step, and this driver "
+    "keeps no structure to do it with (as for branches and turns)",
+}
 UPSERT, DELETE = TransactionOperationType.upsert, TransactionOperationType.delete
 
 

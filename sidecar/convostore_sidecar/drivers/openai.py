@@ -30,13 +30,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import openai
 import orjson
 from openai import AsyncOpenAI
 
-from ..config import is_loopback_host
 from ..errors import ApiError
 from . import open_driver as open_backend
 from . import parse_backend_settings
@@ -66,6 +64,7 @@ UNSUPPORTED = {
     "ttl": "the OpenAI Conversations API keeps items until they are deleted",
     "maxItems": "the OpenAI Conversations API keeps items until they are deleted",
     "encryption": "the OpenAI Conversations API must read the items it stores",
+    "compaction": "the OpenAI Conversations API manages its own history",
 }
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_*\-]+")
 # The item types whose `id` names a server-side object, which the API's create-item schema
@@ -110,16 +109,7 @@ class Settings:
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
-        base_url = s.string("baseURL")
-        if base_url is not None:
-            parts = urlsplit(base_url)
-            plain_local = parts.scheme == "http" and is_loopback_host(parts.hostname or "")
-            if not (parts.scheme == "https" and parts.hostname) and not plain_local:
-                s.fail(
-                    "baseURL",
-                    "must be https:// (http:// only to a loopback address): the API key "
-                    "goes with every request",
-                )
+        base_url = s.api_url("baseURL")
         api_key_file = s.string("apiKeyFile")
         if api_key_file is None:
             s.fail("apiKeyFile", "is required: the file that holds the OpenAI API key")
@@ -142,7 +132,7 @@ def open_driver(store: StoreConfig) -> OpenAIDriver:
     return OpenAIDriver(store)
 
 
-def _read_key(path: str, store: str) -> str:
+def read_key(path: str, store: str) -> str:
     try:
         key = Path(path).read_text("utf-8").strip()
     except OSError as exc:
@@ -159,7 +149,7 @@ class OpenAIDriver:
         settings: Settings = store.settings
         self.name = store.name
         self.identity = store.identity
-        self._key = _read_key(settings.api_key_file, store.name)
+        self._key = read_key(settings.api_key_file, store.name)
         self.api = AsyncOpenAI(
             api_key=self._key,
             base_url=settings.base_url,
@@ -366,7 +356,12 @@ class OpenAIDriver:
         return f"{exc.status_code} {self._redact(message)}"
 
     def _redact(self, text: str) -> str:
-        return _KEY_LIKE.sub("sk-[redacted]", text.replace(self._key, "[redacted]"))
+        return redact(text, self._key)
+
+
+def redact(text: str, key: str) -> str:
+    """`text` without the key, or anything shaped like one (as OpenAI echoes them masked)."""
+    return _KEY_LIKE.sub("sk-[redacted]", text.replace(key, "[redacted]"))
 
 
 def _for_api(item: dict[str, Any]) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ import asyncpg
 
 from ..config import is_loopback_host
 from .base import (
+    COMPACTED,
     MAIN,
     AppendResult,
     BackendMisconfigured,
@@ -55,8 +56,10 @@ from .base import (
     TurnUsage,
     Usage,
     UserTurn,
+    archive_of,
     replay_of,
     stored,
+    stored_at,
 )
 from .postgres_schema import (
     NO_BRANCH,
@@ -490,6 +493,7 @@ class PostgresDriver(KeepsStructure):
                 f"  USING (store, session_id)"
                 f" WHERE i.store = $1 AND i.session_id = $2 AND ($3::float8 IS NULL"
                 f"  OR s.updated_at > now() - make_interval(secs => $3::float8))"
+                f" AND strpos(i.branch, '/') = 0"
                 f" GROUP BY i.branch"
                 f' ORDER BY min(i.created_at), i.branch COLLATE "C"',
                 self.store,
@@ -567,8 +571,9 @@ class PostgresDriver(KeepsStructure):
                 for table in ("items", "usage"):
                     await conn.execute(
                         f"DELETE FROM {s}.{table} WHERE store = $1 AND session_id = $2"
-                        f" AND branch = $3",
+                        f" AND branch IN ($3, $4)",
                         *key,
+                        archive_of(branch),
                     )
                 await conn.execute(
                     f"UPDATE {s}.branches SET live = false"
@@ -577,6 +582,88 @@ class PostgresDriver(KeepsStructure):
                 )
 
         await self._run(delete)
+
+    async def compact(
+        self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
+    ) -> bool:
+        s, key = self._s, (self.store, session_id)
+
+        async def replace(conn: asyncpg.Connection) -> bool:
+            async with conn.transaction():
+                alive = await self._lock(conn, session_id)
+                await self._require_branch(conn, session_id, branch)
+                rows = await conn.fetch(
+                    f"SELECT seq, data, turn, kind FROM {s}.items WHERE store = $1"
+                    f" AND session_id = $2 AND branch = $3 ORDER BY seq LIMIT $4",
+                    *key,
+                    branch,
+                    len(expected),
+                )
+                if not alive or not rows or [row["data"] for row in rows] != list(expected):
+                    return False
+                if len(replacement) > len(rows):
+                    raise ValueError("a compaction's summary may not outnumber what it replaces")
+                head = next(
+                    (i for i, row in enumerate(rows) if row["kind"] != COMPACTED), len(rows)
+                )
+                seqs = [row["seq"] for row in rows]
+                first = await conn.fetchval(
+                    f"UPDATE {s}.sessions SET next_seq = next_seq + $3, updated_at = now()"
+                    f" WHERE store = $1 AND session_id = $2 RETURNING next_seq - $3",
+                    *key,
+                    len(rows) - head,
+                )
+                await conn.execute(
+                    f"DELETE FROM {s}.items WHERE store = $1 AND session_id = $2"
+                    f" AND seq = ANY($3::bigint[])",
+                    *key,
+                    seqs[:head],
+                )
+                await conn.execute(
+                    f"UPDATE {s}.items AS i SET seq = m.new, branch = $3"
+                    f" FROM unnest($4::bigint[], $5::bigint[]) AS m(old, new)"
+                    f" WHERE i.store = $1 AND i.session_id = $2 AND i.seq = m.old",
+                    *key,
+                    archive_of(branch),
+                    seqs[head:],
+                    list(range(first, first + len(rows) - head)),
+                )
+                placed = seqs[: len(replacement)]
+                await conn.execute(
+                    f"INSERT INTO {s}.items (store, session_id, seq, data, branch, turn, kind)"
+                    f" SELECT $1, $2, m.seq, m.data, $3, $4, $5"
+                    f" FROM unnest($6::bigint[], $7::bytea[]) AS m(seq, data)",
+                    *key,
+                    branch,
+                    rows[-1]["turn"],
+                    COMPACTED,
+                    placed,
+                    stored_at(replacement, placed),
+                )
+                return True
+
+        return await self._run(replace)
+
+    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
+        async def read(conn: asyncpg.Connection) -> list[bytes]:
+            await self._require_branch(conn, session_id, branch)
+            if not await self._alive(conn, session_id):
+                return []
+            archive = archive_of(branch)
+            rows = await conn.fetch(
+                f"SELECT data FROM {self._s}.items WHERE store = $1 AND session_id = $2"
+                f" AND branch IN ($3, $4) AND kind <> $5 ORDER BY branch = $4, seq DESC"
+                f" LIMIT $6",
+                self.store,
+                session_id,
+                branch,
+                archive,
+                COMPACTED,
+                limit,
+            )
+            return [row[0] for row in reversed(rows)]
+
+        return await self._run(read)
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         async def read(conn: asyncpg.Connection) -> list[UserTurn]:

@@ -11,7 +11,10 @@ Items live in a table keyed by (store, session, seq), each with its branch, user
 kind and tool: the latest N of a branch are read backwards along (branch, seq), and a
 branch's user turns along (branch, kind, turn), so a long session is never read whole
 to return a few items or its turns. Branch ids (reserved forever, live or not) and
-token usage per (branch, turn) have tables of their own. A file of schema version 1
+token usage per (branch, turn) have tables of their own. A compaction moves the items
+it replaces to the branch's archive (a branch name with `/`) under fresh sequence
+numbers, and gives their old numbers to the summary, which keeps the branch in order.
+A file of schema version 1
 gains the structure columns on first open; its items count as turn 0 of `main`.
 """
 
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 from ..config import ConfigError
 from .base import (
+    COMPACTED,
     MAIN,
     AppendResult,
     BackendUnavailable,
@@ -46,8 +50,10 @@ from .base import (
     TurnUsage,
     Usage,
     UserTurn,
+    archive_of,
     replay_of,
     stored,
+    stored_at,
 )
 
 if TYPE_CHECKING:
@@ -572,6 +578,7 @@ class SqliteDriver(KeepsStructure):
                 " FROM convostore_items AS i JOIN convostore_sessions AS s"
                 "  ON s.store = i.store AND s.session_id = i.session_id"
                 " WHERE i.store = ? AND i.session_id = ? AND s.updated_at > ?"
+                "  AND instr(i.branch, '/') = 0"
                 " GROUP BY i.branch ORDER BY min(i.created_at), i.branch",
                 params,
             ).fetchall()
@@ -631,7 +638,8 @@ class SqliteDriver(KeepsStructure):
             self._require_branch(conn, session_id, branch, time.time())
             for table in ("convostore_items", "convostore_usage"):
                 conn.execute(
-                    f"DELETE FROM {table} WHERE store = ? AND session_id = ? AND branch = ?", key
+                    f"DELETE FROM {table} WHERE store = ? AND session_id = ? AND branch IN (?, ?)",
+                    (*key, archive_of(branch)),
                 )
             conn.execute(
                 "UPDATE convostore_branches SET live = 0"
@@ -640,6 +648,77 @@ class SqliteDriver(KeepsStructure):
             )
 
         await self._writer.transact(delete)
+
+    async def compact(
+        self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
+    ) -> bool:
+        store, now = self.store, time.time()
+
+        def replace(conn: sqlite3.Connection) -> bool:
+            self._require_branch(conn, session_id, branch, now)
+            if not self._alive(conn, session_id, now):
+                return False
+            rows = conn.execute(
+                "SELECT seq, data, turn, kind FROM convostore_items"
+                " WHERE store = ? AND session_id = ? AND branch = ? ORDER BY seq LIMIT ?",
+                (store, session_id, branch, len(expected)),
+            ).fetchall()
+            if not rows or [row[1] for row in rows] != list(expected):
+                return False
+            if len(replacement) > len(rows):
+                raise ValueError("a compaction's summary may not outnumber what it replaces")
+            head = next((i for i, row in enumerate(rows) if row[3] != COMPACTED), len(rows))
+            first = conn.execute(
+                "SELECT next_seq FROM convostore_sessions WHERE store = ? AND session_id = ?",
+                (store, session_id),
+            ).fetchone()[0]
+            key = (store, session_id)
+            conn.executemany(
+                "DELETE FROM convostore_items WHERE store = ? AND session_id = ? AND seq = ?",
+                [(*key, row[0]) for row in rows[:head]],
+            )
+            conn.executemany(
+                "UPDATE convostore_items SET seq = ?, branch = ?"
+                " WHERE store = ? AND session_id = ? AND seq = ?",
+                [
+                    (first + offset, archive_of(branch), *key, row[0])
+                    for offset, row in enumerate(rows[head:])
+                ],
+            )
+            seqs = [row[0] for row in rows[: len(replacement)]]
+            turn = rows[-1][2]
+            conn.executemany(
+                "INSERT INTO convostore_items VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (*key, seq, data, branch, turn, COMPACTED, None, now)
+                    for seq, data in zip(seqs, stored_at(replacement, seqs), strict=True)
+                ],
+            )
+            conn.execute(
+                "UPDATE convostore_sessions SET next_seq = ?, updated_at = ?"
+                " WHERE store = ? AND session_id = ?",
+                (first + len(rows) - head, now, *key),
+            )
+            return True
+
+        return await self._writer.transact(replace)
+
+    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
+        now = time.time()
+        archive = archive_of(branch)
+
+        def read(conn: sqlite3.Connection) -> list[bytes]:
+            self._require_branch(conn, session_id, branch, now)
+            if not self._alive(conn, session_id, now):
+                return []
+            rows = conn.execute(
+                "SELECT data FROM convostore_items WHERE store = ? AND session_id = ?"
+                " AND branch IN (?, ?) AND kind <> ? ORDER BY branch = ?, seq DESC LIMIT ?",
+                (self.store, session_id, branch, archive, COMPACTED, archive, limit),
+            ).fetchall()
+            return [row[0] for row in reversed(rows)]
+
+        return await self._reader.run(read)
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         now = time.time()

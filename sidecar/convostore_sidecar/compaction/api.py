@@ -1,0 +1,78 @@
+"""`POST .../items:compact`: what the client's `run_compaction` calls after each turn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .. import validation
+from ..config import COMPACTION_MODES
+from ..errors import ApiError
+from ..jsonbody import dumps, loads
+from ..middleware import read_body
+from ..state import METRICS, STORES
+from . import policy
+
+routes = web.RouteTableDef()
+MAX_BODY = 4 << 10
+MAX_RESPONSE_ID = 256
+FIELDS = {"response_id", "store", "compaction_mode", "force"}
+
+
+@routes.post("/v1/stores/{store}/sessions/{session_id}/items:compact")
+async def compact_items(request: web.Request) -> web.Response:
+    store = request.app[STORES].get(request.match_info["store"])
+    session_id = validation.session_id(request.match_info["session_id"], store.config.limits)
+    branch = validation.branch_id(request.query.get("branch"))
+    asked = _request(await _body(request))
+    compactor = store.compactor
+    outcome = await compactor.run(session_id, branch, asked)
+    result = "compacted" if outcome["compacted"] else outcome["reason"]
+    request.app[METRICS].compactions.labels(store.name, result).inc()
+    return web.Response(body=dumps(outcome), content_type="application/json")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """An object, or nothing at all (`run_compaction()` without arguments)."""
+    if request.content_length == 0 or (request.content_length is None and not request.body_exists):
+        return {}
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    raw = await read_body(request, MAX_BODY)
+    try:
+        body = loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    return body
+
+
+def _request(body: dict[str, Any]) -> policy.Request:
+    unknown = set(body) - FIELDS
+    if unknown:
+        raise ApiError(400, "invalid_body", f"unknown field(s) {sorted(unknown)}")
+    response_id = body.get("response_id")
+    if response_id is not None and (
+        not isinstance(response_id, str)
+        or not 1 <= len(response_id) <= MAX_RESPONSE_ID
+        or not response_id.isprintable()
+    ):
+        raise ApiError(
+            400,
+            "invalid_body",
+            f"'response_id' must be 1 to {MAX_RESPONSE_ID} printable characters",
+        )
+    store = body.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise ApiError(400, "invalid_body", "'store' must be true, false or null")
+    mode = body.get("compaction_mode")
+    if mode is not None and mode not in COMPACTION_MODES:
+        raise ApiError(
+            400, "invalid_body", f"'compaction_mode' must be one of {', '.join(COMPACTION_MODES)}"
+        )
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise ApiError(400, "invalid_body", "'force' must be true or false")
+    return policy.Request(response_id, store, mode, force)

@@ -1,0 +1,103 @@
+"""One store's compactions: read the branch, decide, call the model, replace atomically.
+
+Compactions of one session in one sidecar take turns, so a burst of turns makes one
+model call, not many; another sidecar's compaction of the same session is settled by
+the driver, whose replacement expects exactly the items this one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import CompactionSettings, Limits
+from ..drivers.base import Compacting
+from ..errors import ApiError
+from ..jsonbody import dumps, loads
+from . import policy
+from .model import CompactionModel
+
+
+class Compactor:
+    def __init__(
+        self, settings: CompactionSettings, limits: Limits, driver: Compacting, store: str
+    ) -> None:
+        self.settings, self.limits, self.driver = settings, limits, driver
+        self.model = CompactionModel(settings, store)
+        self._turns: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    async def close(self) -> None:
+        await self.model.close()
+
+    async def run(self, session_id: str, branch: str, request: policy.Request) -> dict[str, Any]:
+        """What happened, as the API answers it: `compacted`, and why not when it did not."""
+        lock = self._turns.setdefault((session_id, branch), asyncio.Lock())
+        async with lock:
+            return await self._compact(session_id, branch, request)
+
+    async def _compact(
+        self, session_id: str, branch: str, request: policy.Request
+    ) -> dict[str, Any]:
+        most = self.limits.max_read_items
+        snapshot = await self.driver.snapshot(session_id, branch, most + 1)
+        if len(snapshot.items) > most:
+            return _skipped(
+                "history_too_long",
+                f"the session holds more than limits.maxReadItems ({most}) items",
+            )
+        items = [loads(data) for data in snapshot.items]
+        count = policy.covered(items, self.settings.keep_recent_turns)
+        part = items[:count]
+        if not part:
+            return _skipped("nothing_to_compact", "no items before the turns kept verbatim")
+        sizes = [len(data) for data in snapshot.items]
+        if not request.force and not policy.triggered(self.settings, part, sizes):
+            return _skipped("below_threshold", "the history is below the store's trigger")
+        mode = policy.mode(request, self.settings.mode, partial=count < len(items))
+        if mode is None:
+            return _skipped(
+                "partial_needs_input",
+                "previous_response_id mode would also summarise the turns kept verbatim",
+            )
+        if mode == "previous_response_id" and not request.response_id:
+            raise ApiError(
+                400, "response_id_required", "previous_response_id mode needs a response_id"
+            )
+        if not policy.tool_groups_whole(part):
+            return _skipped("tool_call_pending", "a tool call has no output yet")
+        compacted = await self.model.compact(
+            mode, request.response_id, policy.for_model(part) if mode == "input" else None
+        )
+        try:
+            output = policy.from_model(compacted.output)
+        except policy.UnusableOutput as exc:
+            raise ApiError(
+                502, "compaction_failed", f"the model's output cannot be stored: {exc}"
+            ) from exc
+        outcome: dict[str, Any] = {"mode": mode, "usage": compacted.usage}
+        if len(output) > count:
+            return _skipped("not_smaller", "the summary holds more items than it replaces", outcome)
+        replaced = await self.driver.compact(
+            session_id, branch, snapshot.stored[:count], _encoded(output)
+        )
+        if not replaced:
+            return _skipped("history_changed", "the items read were changed meanwhile", outcome)
+        return {
+            "compacted": True,
+            **outcome,
+            "replaced": count,
+            "items": len(output),
+            "kept": len(items) - count,
+        }
+
+
+def _encoded(items: Sequence[Any]) -> list[bytes]:
+    return [dumps(item) for item in items]
+
+
+def _skipped(reason: str, message: str, outcome: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"compacted": False, "reason": reason, "message": message, **(outcome or {})}

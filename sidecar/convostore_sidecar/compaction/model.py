@@ -1,0 +1,65 @@
+"""The one model call compaction makes: `responses.compact`, with the official `openai`
+client and the key only the sidecar holds. Its failures become 502 `compaction_failed`
+(504 `compaction_timeout`), with the API's message and anything like a key removed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI
+
+from ..config import CompactionSettings
+from ..drivers.openai import read_key, redact
+from ..errors import ApiError
+
+
+@dataclass(frozen=True)
+class Compacted:
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+
+
+class CompactionModel:
+    def __init__(self, settings: CompactionSettings, store: str) -> None:
+        self.model, self.store = settings.model, store
+        self._key = read_key(settings.api_key_file, store)
+        self.api = AsyncOpenAI(
+            api_key=self._key,
+            base_url=settings.base_url,
+            organization=settings.organization,
+            project=settings.project,
+            timeout=settings.timeout,
+            max_retries=settings.max_retries,
+        )
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def compact(
+        self, mode: str, response_id: str | None, items: list[Any] | None
+    ) -> Compacted:
+        source: dict[str, Any] = (
+            {"previous_response_id": response_id} if mode == "previous_response_id" else {}
+        )
+        if items is not None:
+            source["input"] = items
+        try:
+            answer = await self.api.responses.compact(model=self.model, **source)
+        except openai.APITimeoutError as exc:
+            raise self._failure(504, "compaction_timeout", "did not answer in time") from exc
+        except openai.APIStatusError as exc:
+            detail = exc.body.get("message", exc.message) if isinstance(exc.body, dict) else None
+            raise self._failure(
+                502, "compaction_failed", f"answered {exc.status_code}: {detail or exc.message}"
+            ) from exc
+        except openai.APIError as exc:
+            raise self._failure(502, "compaction_failed", f"failed: {exc}") from exc
+        output = [item.model_dump(exclude_unset=True, warnings=False) for item in answer.output]
+        usage = None if answer.usage is None else answer.usage.model_dump(exclude_unset=True)
+        return Compacted(output, usage)
+
+    def _failure(self, status: int, code: str, what: str) -> ApiError:
+        message = f"store {self.store!r}: the compaction model call {what}; history unchanged"
+        return ApiError(status, code, redact(message, self._key), {"Retry-After": "1"})
