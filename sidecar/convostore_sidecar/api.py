@@ -51,20 +51,18 @@ async def get_items(request: web.Request) -> web.Response:
     branch = validation.branch_id(query.get("branch"))
     most = store.config.limits.max_read_items
 
+    view = query.get("view", "live")
+    if view not in ("live", "full"):
+        raise ApiError(400, "invalid_view", "view must be live or full")
+    history = store.compacting.full_history if view == "full" else store.latest
+
     async def read(count: int | None) -> list[bytes]:
         """Never more than one item past the read cap, so a long session is not read
-        whole into memory; the extra item tells that there was more."""
-        return await store.latest(session_id, branch, min(count or most + 1, most + 1))
+        whole into memory; the extra item tells that there was more. The full view is
+        what compaction archived, then the live items no compaction wrote."""
+        return await history(session_id, branch, min(count or most + 1, most + 1))
 
-    if query.get("view", "live") not in ("live", "full"):
-        raise ApiError(400, "invalid_view", "view must be live or full")
-    if query.get("view") == "full":
-        if turns is not None or whole_turns:
-            raise ApiError(400, "invalid_view", "view=full reads by limit, not by turns")
-        items = await store.compacting.full_history(
-            session_id, branch, min(limit if limit is not None else most + 1, most + 1)
-        )
-    elif turns is not None:
+    if turns is not None:
         items = await latest_turns(read, turns)
     elif limit is not None and whole_turns:
         items = await widened_to_turns(read, limit)

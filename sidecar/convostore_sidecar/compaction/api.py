@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from . import policy
 
 routes = web.RouteTableDef()
 MAX_BODY = 4 << 10
-MAX_RESPONSE_ID = 256
+RESPONSE_ID = re.compile(r"[\x21-\x7e]{1,256}")
 FIELDS = {"response_id", "store", "compaction_mode", "force"}
 
 
@@ -55,14 +56,10 @@ def _request(body: dict[str, Any]) -> policy.Request:
         raise ApiError(400, "invalid_body", f"unknown field(s) {sorted(unknown)}")
     response_id = body.get("response_id")
     if response_id is not None and (
-        not isinstance(response_id, str)
-        or not 1 <= len(response_id) <= MAX_RESPONSE_ID
-        or not response_id.isprintable()
+        not isinstance(response_id, str) or not RESPONSE_ID.fullmatch(response_id)
     ):
         raise ApiError(
-            400,
-            "invalid_body",
-            f"'response_id' must be 1 to {MAX_RESPONSE_ID} printable characters",
+            400, "invalid_body", "'response_id' must be 1 to 256 printable ASCII characters"
         )
     store = body.get("store")
     if store is not None and not isinstance(store, bool):

@@ -11,7 +11,10 @@ others), under the same hash tag: a parallel `meta` list (`turn<TAB>kind<TAB>too
 per item), the user messages by position in a hash with their turns in a sorted set
 (so a branch's turns are read without its other items), usage per branch and turn in
 one hash per session (`<branch><TAB><turn>`, so a session's usage is one read), and
-the count of items trimmed from the head (a position minus it is a list index). The
+the count of items trimmed from the head (a position minus it is a list index), and
+the items compaction replaced (`archive`). A compaction's summary takes the ids of the
+first items it replaces and the trimmed count grows by what it saved, so every other
+item keeps its position. The
 `branches` hash reserves every branch id ever used. The scripts build these key names
 from the session's base key, so they all stay in the session's slot, and are given
 every one of them as KEYS: on a Redis Cluster, a slot in migration is then refused
@@ -57,6 +60,7 @@ from redis.exceptions import (
 )
 
 from .base import (
+    COMPACTED,
     MAIN,
     AppendResult,
     BackendUnavailable,
@@ -78,6 +82,7 @@ from .base import (
     replay_of,
     scoped_prefix,
     stored,
+    stored_at,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +95,7 @@ local base = KEYS[1]
 local usage = base .. ':usage'
 local function keys_of(sfx)
   return base .. ':items' .. sfx, base .. ':meta' .. sfx, base .. ':users' .. sfx,
-         base .. ':turns' .. sfx, base .. ':trim' .. sfx
+         base .. ':turns' .. sfx, base .. ':trim' .. sfx, base .. ':archive' .. sfx
 end
 local function usage_field(sfx, turn)
   return (sfx == '' and 'main' or string.sub(sfx, 2)) .. '\t' .. turn
@@ -293,6 +298,40 @@ return {1}
 """
 )
 
+COMPACT = (
+    COMMON
+    + """
+if undeclared() then return {5} end
+local sfx, ttl_ms, now = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local n, k = tonumber(ARGV[4]), tonumber(ARGV[5])
+if not live(sfx) then return {2} end
+local items, meta, users, turns, trim, archive = keys_of(sfx)
+local current = redis.call('LRANGE', items, 0, n - 1)
+local shapes = redis.call('LRANGE', meta, 0, n - 1)
+if #current ~= n then return {3} end
+for i = 1, n do
+  if current[i] ~= ARGV[5 + i] then return {3} end
+end
+for i = 1, k do
+  if tostring(id_of(shapes[i])) ~= ARGV[5 + n + k + i] then return {3} end
+end
+local head = 0
+while head < n and field(shapes[head + 1], 2) == 'compacted' do head = head + 1 end
+for i = head + 1, n do redis.call('RPUSH', archive, current[i]) end
+forget(users, turns, shapes)
+redis.call('LTRIM', items, n, -1)
+redis.call('LTRIM', meta, n, -1)
+redis.call('INCRBY', trim, n - k)
+local turn = turn_of(shapes[n])
+for i = k, 1, -1 do
+  redis.call('LPUSH', items, ARGV[5 + n + i])
+  redis.call('LPUSH', meta, turn .. '\tcompacted\t\t' .. now .. '\t' .. id_of(shapes[i]))
+end
+touch(ttl_ms)
+return {1}
+"""
+)
+
 RECORD_USAGE = (
     COMMON
     + """
@@ -329,7 +368,7 @@ NEWER_ARRIVED = 6
 """What the pop script answers when the newest item is no longer the one checked."""
 KNOWN_BRANCHES_KEPT = 4096
 SESSION_KEYS = ("seq", "ids", "branches", "usage")
-BRANCH_KEYS = ("items", "meta", "users", "turns", "trim")
+BRANCH_KEYS = ("items", "meta", "users", "turns", "trim", "archive")
 
 
 @dataclass(frozen=True)
@@ -514,6 +553,7 @@ class RedisDriver(KeepsStructure):
         self._delete_branch = self.client.register_script(DELETE_BRANCH)
         self._clear = self.client.register_script(CLEAR)
         self._record_usage = self.client.register_script(RECORD_USAGE)
+        self._compact = self.client.register_script(COMPACT)
         self._index = f"{self.prefix}:sessions"
 
     def _watched_primary(
@@ -801,7 +841,7 @@ class RedisDriver(KeepsStructure):
 
     async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
         args = [_suffix(source), new, turn, f"{time.time():.6f}", self._ttl_ms()]
-        new_keys = self._declared(session_id, [new], [])[-5:]
+        new_keys = self._declared(session_id, [new], [])[-len(BRANCH_KEYS) :]
         outcome = await self._call(
             lambda: self._session_script(self._create_branch, session_id, args, extra=new_keys)
         )
@@ -816,6 +856,51 @@ class RedisDriver(KeepsStructure):
         outcome = await self._script(self._delete_branch, session_id, _suffix(branch))
         if outcome[0] == 2:
             raise BranchNotFound(branch)
+
+    async def compact(
+        self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
+    ) -> bool:
+        """The summary takes the ids (positions) of the first items it replaces: read
+        first, to seal it, and checked by the script with the items themselves."""
+        n, k = len(expected), len(replacement)
+        if k > n:
+            raise ValueError("a compaction's summary may not outnumber what it replaces")
+        meta_key = f"{self._base(session_id)}:meta{_suffix(branch)}"
+
+        async def run() -> Any:
+            shapes = cast(list[bytes], await self.client.lrange(meta_key, 0, k - 1))
+            ids = [int(entry.rsplit(b"\t", 1)[1]) for entry in shapes]
+            if len(ids) < k:
+                return [3]
+            head = [_suffix(branch), self._ttl_ms(), f"{time.time():.6f}", n, k]
+            args = [*head, *expected, *stored_at(replacement, ids), *ids]
+            return await self._session_script(self._compact, session_id, args)
+
+        outcome = await self._call(lambda: self._replicated(session_id, run))
+        if outcome[0] == 2:
+            raise BranchNotFound(branch)
+        return bool(outcome[0] == 1)
+
+    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
+        """Bounded: the latest `limit` archived items and live ones, of which those a
+        compaction wrote (only ever at the front) are left out."""
+        await self._require_branch(session_id, branch)
+        base, sfx = self._base(session_id), _suffix(branch)
+
+        async def read() -> list[Any]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.lrange(f"{base}:archive{sfx}", -limit, -1)
+                pipe.lrange(f"{base}:items{sfx}", -limit, -1)
+                pipe.lrange(f"{base}:meta{sfx}", -limit, -1)
+                return await pipe.execute()
+
+        archived, items, shapes = await self._call(read)
+        live = [
+            data
+            for data, entry in zip(items, shapes, strict=True)
+            if entry.split(b"\t")[1] != COMPACTED.encode()
+        ]
+        return cast(list[bytes], (archived + live)[-limit:])
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         await self._require_branch(session_id, branch)
@@ -910,7 +995,8 @@ class RedisDriver(KeepsStructure):
         return await self._call(functools.partial(self._rewrite, session_id, transform))
 
     async def _rewrite(self, session_id: str, transform: Transform) -> int:
-        """Every branch's items and the copies of user messages, in one transaction."""
+        """Every branch's items, archived ones included, and the copies of user messages,
+        in one transaction."""
         base = self._base(session_id)
         for _ in range(OPTIMISTIC_ATTEMPTS):
             async with self.client.pipeline(transaction=True) as pipe:
@@ -918,16 +1004,18 @@ class RedisDriver(KeepsStructure):
                     await pipe.watch(f"{base}:branches")
                     registry = cast(dict[bytes, bytes], await pipe.hgetall(f"{base}:branches"))
                     sfxs = ["", *(_suffix(name) for name in _live(registry))]
-                    keys = [f"{base}:{kind}{sfx}" for sfx in sfxs for kind in ("items", "users")]
+                    lists = [f"{base}:{kind}{sfx}" for sfx in sfxs for kind in ("items", "archive")]
+                    keys = [*lists, *(f"{base}:users{sfx}" for sfx in sfxs)]
                     await pipe.watch(*keys)
                     changed = 0
                     writes: list[tuple[str, Any, bytes]] = []
-                    for sfx in sfxs:
-                        items = await pipe.lrange(f"{base}:items{sfx}", 0, -1)
+                    for key in lists:
+                        items = await pipe.lrange(key, 0, -1)
                         for index, item in enumerate(cast(list[bytes], items)):
                             if (new := transform(item)) is not None:
-                                writes.append((f"{base}:items{sfx}", index, new))
+                                writes.append((key, index, new))
                                 changed += 1
+                    for sfx in sfxs:
                         users = await pipe.hgetall(f"{base}:users{sfx}")
                         for user_id, user in cast(dict[bytes, bytes], users).items():
                             position, created, data = user.split(b"\t", 2)
@@ -936,7 +1024,7 @@ class RedisDriver(KeepsStructure):
                                 writes.append((f"{base}:users{sfx}", user_id, value))
                     pipe.multi()  # type: ignore[no-untyped-call]
                     for key, where, value in writes:
-                        if key.rsplit(":", 1)[-1].startswith("items"):
+                        if key.rsplit(":", 1)[-1].startswith(("items", "archive")):
                             pipe.lset(key, where, cast(str, value))
                         else:
                             pipe.hset(key, where, value)
