@@ -3,6 +3,8 @@ the Agents SDK's real Runner, and a store config whose compaction calls the stan
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,3 +54,26 @@ async def converse(session: Session, *, store: bool | None, turns: int = TURNS) 
 
 def compaction_config(api: OpenAIStandIn, key_file: Path, **extra: Any) -> dict[str, Any]:
     return {"apiKeyFile": str(key_file), "baseURL": api.base_url, "maxRetries": 0, **extra}
+
+
+def history(turns: int, *, tools: bool = True) -> list[dict[str, Any]]:
+    """Items as the Runner stores them: per turn a user message, a tool call with its
+    output when `tools`, and the answer; 3 items other than user messages per turn."""
+    items: list[dict[str, Any]] = []
+    for turn in range(turns):
+        items.append({"role": "user", "content": f"question {turn}"})
+        if tools:
+            items.append(
+                {"type": "function_call", "call_id": f"c{turn}", "name": "f", "arguments": "{}"}
+            )
+            items.append({"type": "function_call_output", "call_id": f"c{turn}", "output": "ok"})
+        items.append({"role": "assistant", "content": f"answer {turn}"})
+    return items
+
+
+async def eventually(check: Callable[[], Any], within: float = 20.0) -> None:
+    """Wait for `check()` to be true, failing after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

@@ -5,6 +5,7 @@ compacting through the `responses.compact` stand-in with the real `openai` clien
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,13 @@ from typing import Any
 import pytest
 from agents.memory import OpenAIResponsesCompactionSession, SQLiteSession
 from convostore import SidecarSession
+from convostore_sidecar.encryption import generate_key
 from openai import AsyncOpenAI
 
-from tests.compaction_support import compaction_config, converse
+from tests.compaction_support import compaction_config, converse, history
 from tests.openai_standin import OpenAIStandIn
 from tests.support import SidecarProcess, unique
+from tests.test_process import run_cli
 
 COMPACTING = ("sqlite", "postgres", "redis")
 
@@ -52,3 +55,129 @@ async def test_the_model_sees_what_it_sees_with_the_sdks_compaction_session(
     assert ours.inputs == theirs.inputs
     assert ours.usage.requests == theirs.usage.requests
     assert ours.usage.total_tokens == theirs.usage.total_tokens > 0
+
+
+@pytest.fixture
+def compacting_store(
+    store_config: Callable[..., dict[str, Any]], openai_api: OpenAIStandIn, openai_key_file: Path
+) -> Callable[..., dict[str, Any]]:
+    """A sidecar config whose one store compacts through the stand-in."""
+
+    def make(
+        backend: str, *, compaction: dict[str, Any] | None = None, **store: Any
+    ) -> dict[str, Any]:
+        settings = compaction_config(openai_api, openai_key_file, **(compaction or {}))
+        return {"stores": {"default": store_config(backend, compaction=settings, **store)}}
+
+    return make
+
+
+@pytest.fixture
+def compacting_sidecar(
+    compacting_store: Callable[..., dict[str, Any]],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> Callable[..., SidecarProcess]:
+    """A started `convostore sidecar` serving `compacting_store(...)`, or a given config."""
+
+    def start(backend: str | dict[str, Any], **options: Any) -> SidecarProcess:
+        config = backend if isinstance(backend, dict) else compacting_store(backend, **options)
+        process = sidecar_process(config)
+        process.start()
+        return process
+
+    return start
+
+
+@pytest.mark.parametrize("backend", COMPACTING)
+async def test_nothing_is_thrown_away_and_export_writes_it_all(
+    backend: str, compacting_sidecar: Callable[..., SidecarProcess], tmp_path: Path
+) -> None:
+    sidecar = compacting_sidecar(backend)
+    session = SidecarSession(unique(), url=sidecar.url)
+    await converse(session, store=None)
+    plain = SQLiteSession("plain", str(tmp_path / "plain.db"))
+    await converse(plain, store=None)
+    said = await plain.get_items()
+    live = await session.get_items()
+    assert len(live) < len(said)
+    assert live[0]["type"] == "compaction"
+    assert await session.get_full_items() == said
+    assert await session.get_full_items(limit=3) == said[-3:]
+
+    for view, expected in (("full", said), ("live", live)):
+        exported = tmp_path / f"{view}.jsonl"
+        command = ["sessions", "--url", sidecar.url, "export", "--view", view, "-o", str(exported)]
+        assert run_cli(*command).returncode == 0
+        records = [json.loads(line) for line in exported.read_text().splitlines()]
+        assert [r["item"] for r in records] == expected
+        assert {r["session_id"] for r in records} == {session.session_id}
+
+
+@pytest.mark.parametrize("backend", COMPACTING)
+async def test_recent_user_turns_stay_verbatim_after_the_summary(
+    backend: str, compacting_sidecar: Callable[..., SidecarProcess], openai_api: OpenAIStandIn
+) -> None:
+    sidecar = compacting_sidecar(backend, compaction={"keepRecentTurns": 2})
+    session = SidecarSession(unique(), url=sidecar.url)
+    await session.add_items(history(6))
+    await session.run_compaction({"response_id": "resp_1"})
+
+    assert session.last_compaction is not None
+    assert session.last_compaction["mode"] == "input"  # a response chain would cover the kept turns
+    assert (session.last_compaction["replaced"], session.last_compaction["kept"]) == (16, 8)
+    assert openai_api.compact_bodies[-1]["input"] == history(6)[:16]
+    live = await session.get_items()
+    assert live[-8:] == history(6)[-8:]
+    assert [item.get("role") or item["type"] for item in live[:-8]] == ["user"] * 4 + ["compaction"]
+
+    await session.run_compaction({"compaction_mode": "previous_response_id", "force": True})
+    assert session.last_compaction["reason"] == "partial_needs_input"
+
+
+@pytest.mark.parametrize("backend", COMPACTING)
+async def test_a_tool_call_is_never_separated_from_its_output(
+    backend: str, compacting_sidecar: Callable[..., SidecarProcess], openai_api: OpenAIStandIn
+) -> None:
+    sidecar = compacting_sidecar(backend)
+    session = SidecarSession(unique(), url=sidecar.url)
+    pending = [
+        *history(4),
+        {"type": "function_call", "call_id": "late", "name": "f", "arguments": "{}"},
+    ]
+    await session.add_items(pending)
+    await session.run_compaction({"force": True})
+    assert session.last_compaction is not None
+    assert session.last_compaction["reason"] == "tool_call_pending"
+    assert await session.get_items() == pending
+    assert openai_api.compact_bodies == []
+
+    await session.add_items([{"type": "function_call_output", "call_id": "late", "output": "ok"}])
+    await session.run_compaction({"force": True})
+    assert session.last_compaction["compacted"]
+
+
+@pytest.mark.parametrize("backend", COMPACTING)
+async def test_compacted_and_archived_items_stay_encrypted_through_a_key_rotation(
+    backend: str,
+    compacting_store: Callable[..., dict[str, Any]],
+    compacting_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    old, new = {"id": "old", "value": generate_key()}, {"id": "new", "value": generate_key()}
+    config = compacting_store(backend, encryption={"keys": [old]})
+    sidecar = compacting_sidecar(config)
+    session_id = unique()
+    await converse(SidecarSession(session_id, url=sidecar.url), store=False)
+    live = await SidecarSession(session_id, url=sidecar.url).get_items()
+    full = await SidecarSession(session_id, url=sidecar.url).get_full_items()
+    summary = 1 + max(i for i, item in enumerate(live) if item.get("type") == "compaction")
+    sidecar.stop()
+
+    config["stores"]["default"]["encryption"] = {"keys": [new, old], "primary": "new"}
+    rotating = compacting_sidecar(config)
+    assert await SidecarSession(session_id, url=rotating.url).reencrypt() == summary + len(full)
+    rotating.stop()
+
+    config["stores"]["default"]["encryption"] = {"keys": [new]}
+    reread = SidecarSession(session_id, url=compacting_sidecar(config).url)
+    assert await reread.get_items() == live
+    assert await reread.get_full_items() == full

@@ -1,7 +1,9 @@
 """The `convostore` command: run the sidecar, and inspect or move a store's sessions.
 
 `convostore sessions export` writes JSON Lines, one `{"session_id", "item"}` object per
-item in conversation order; `import` reads the same format back. Each imported batch
+item in conversation order: by default the conversation as it was said (on a store that
+compacts, the original items that compaction archived included, its summaries not),
+with `--view live` what agents read now; `import` reads the same format back. Each imported batch
 carries an idempotency key derived from the file's content and the batch's position,
 so an interrupted import can simply be run again without duplicating items.
 """
@@ -102,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     export = actions.add_parser("export", help="write sessions as JSON Lines")
     export.add_argument("--prefix", default="")
     export.add_argument("-o", "--output", default="-", help="file (default: stdout)")
+    export.add_argument(
+        "--view",
+        choices=("full", "live"),
+        default="full",
+        help="full: every original item, compacted ones included (default); live: what agents"
+        " read now, summaries included",
+    )
     export.set_defaults(run=_run_export)
     imp = actions.add_parser("import", help="append sessions from JSON Lines")
     imp.add_argument("file", help="file written by export ('-' for stdin)")
@@ -348,8 +357,17 @@ def _run_export(args: argparse.Namespace) -> int:
 
 async def _export(args: argparse.Namespace, out: TextIO) -> int:
     store = _store(args)
+    full = args.view == "full"
     async for session_id in store.session_ids(args.prefix):
-        for item in await store.session(session_id).get_items():
+        session = store.session(session_id)
+        try:
+            items = await (session.get_full_items() if full else session.get_items())
+        except ConvostoreError as exc:
+            if exc.code != "not_supported":
+                raise
+            full = False  # a backend that keeps no archive: its live items are all there is
+            items = await session.get_items()
+        for item in items:
             line = {"session_id": session_id, "item": item}
             out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n")
     return 0

@@ -143,6 +143,11 @@ class SidecarSession:
         """
         return await self._read(limit, {})
 
+    async def get_full_items(self, limit: int | None = None) -> list[Item]:
+        """The conversation as it was said: the items compaction replaced (kept in the
+        store's archive), then the live items no compaction wrote; the latest `limit`."""
+        return await self._read(limit, {**self._compaction_target(), "view": "full"})
+
     async def _read(self, limit: int | None, where: dict[str, str]) -> list[Item]:
         if limit is None and self.session_settings is not None:
             limit = getattr(self.session_settings, "limit", None)
