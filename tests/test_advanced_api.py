@@ -260,6 +260,8 @@ async def test_backends_without_structure_answer_501_naming_the_backend(
             ("POST", "/branches"),
             ("GET", "/branches/main/turns"),
             ("GET", "/usage"),
+            ("POST", "/items:compact"),
+            ("GET", "/items?view=full"),
         ]:
             body = {"turn": 1} if method == "POST" and path == "/branches" else None
             async with http.request(method, url + path, json=body) as resp:

@@ -14,6 +14,41 @@ def store(**fields: Any) -> dict[str, Any]:
     return {"stores": {"chat": {"backend": "sqlite", **fields}}}
 
 
+def compacting(**fields: Any) -> dict[str, Any]:
+    return store(compaction={"apiKeyFile": "/keys/openai", **fields})
+
+
+def test_compaction_defaults_to_the_sdks_trigger_and_takes_a_token_trigger() -> None:
+    defaults = parse_config(compacting()).stores["chat"].compaction
+    assert defaults is not None
+    assert (defaults.model, defaults.trigger_items, defaults.trigger_tokens) == (
+        "gpt-4.1",
+        10,
+        None,
+    )
+    assert (defaults.keep_recent_turns, defaults.mode) == (0, "auto")
+    tuned = (
+        parse_config(
+            compacting(
+                model="ft:gpt-4.1-mini:org::abc",
+                trigger={"tokens": 50_000},
+                keepRecentTurns=3,
+                mode="input",
+                timeout="2m",
+            )
+        )
+        .stores["chat"]
+        .compaction
+    )
+    assert tuned is not None
+    assert (tuned.trigger_items, tuned.trigger_tokens, tuned.timeout) == (None, 50_000, 120)
+    assert (tuned.model, tuned.keep_recent_turns, tuned.mode) == (
+        "ft:gpt-4.1-mini:org::abc",
+        3,
+        "input",
+    )
+
+
 def test_no_config_means_one_sqlite_store_in_the_working_directory() -> None:
     config = default_config()
     assert list(config.stores) == ["default"]
@@ -273,6 +308,36 @@ def test_a_cluster_is_named_by_seed_nodes_with_tls_and_user_as_for_one_server() 
         ({"requests": {"maxBufferedBytes": 10}, **store()}, "'requests.maxBufferedBytes'"),
         ({"stores": store()["stores"], "extra": 1}, "unknown field(s) 'extra'"),
         ("just text", "must be a mapping"),
+        (store(compaction={}), "field 'compaction.apiKeyFile': is required"),
+        (store(compaction=[]), "field 'compaction': must be a mapping"),
+        (compacting(model="claude-3"), "field 'compaction.model': must be an OpenAI model"),
+        (compacting(model="gpt 4"), "field 'compaction.model': must match"),
+        (compacting(model="x" * 200), "field 'compaction.model': must match"),
+        (compacting(trigger={"items": 5, "tokens": 9}), "'compaction.trigger': give either"),
+        (compacting(trigger={"items": 0}), "'compaction.trigger.items': must be an integer"),
+        (compacting(trigger={"turns": 3}), "'compaction.trigger': unknown field(s) 'turns'"),
+        (compacting(keepRecentTurns=-1), "'compaction.keepRecentTurns': must be an integer"),
+        (compacting(mode="chain"), "'compaction.mode': must be one of auto, input,"),
+        (compacting(baseURL="http://api.example"), "'compaction.baseURL': must be https://"),
+        (compacting(timeout="forever"), "'compaction.timeout': must be a duration"),
+        (compacting(apiKey="sk-x"), "'compaction': unknown field(s) 'apiKey'"),
+        (
+            {"stores": {"c": {"backend": "dapr", "dapr": {"stateStore": "s"}, "compaction": {}}}},
+            "store 'c': field 'compaction': the dapr backend cannot honour it",
+        ),
+        (
+            {
+                "stores": {
+                    "c": {
+                        "backend": "openai",
+                        "openai": {"apiKeyFile": "/k"},
+                        "compaction": {"apiKeyFile": "/k"},
+                    }
+                }
+            },
+            "field 'compaction': the openai backend cannot honour it: the OpenAI Conversations"
+            " API manages its own history",
+        ),
     ],
 )
 def test_bad_settings_name_the_store_and_the_field(data: Any, message: str) -> None:
