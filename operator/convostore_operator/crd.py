@@ -217,23 +217,71 @@ def _backend_rules(backends: list[str], where: str = "") -> list[dict[str, Any]]
 
 MAPPING_BACKENDS = ["sqlite", "redis", "postgres"]
 
+OPENAI_CLIENT: dict[str, Any] = {
+    "baseURL": {
+        "type": "string",
+        "pattern": r"^(https://[^\s/]+|http://(localhost|127\.[0-9.]+|\[::1\]))(:[0-9]+)?(/[^\s]*)?$",
+        "maxLength": 2048,
+        "description": "https:// (http:// only to a loopback address): the key goes "
+        "with every request.",
+    },
+    "organization": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"},
+    "project": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"},
+    "timeout": {"type": "string", "pattern": DURATION, "maxLength": 32},
+    "maxRetries": _int(0, 10, "Retries of rate-limited and failed calls, with backoff."),
+}
+"""How the sidecar reaches OpenAI's API, for the openai backend and for compaction."""
+
+COMPACTION: dict[str, Any] = {
+    "type": "object",
+    "description": "Compact long histories with the Responses API's responses.compact, "
+    "atomically in the backend; the originals stay in the session's archive. The sidecar "
+    "holds the key.",
+    "required": ["apiKeySecretRef"],
+    "properties": {
+        "apiKeySecretRef": _secret_ref("the OpenAI API key compaction calls the model with"),
+        "model": {
+            "type": "string",
+            "default": "gpt-4.1",
+            "pattern": r"^([A-Za-z0-9._-]+/)?(ft:)?(gpt-|o[0-9])[A-Za-z0-9._:-]*$",
+            "maxLength": 128,
+            "description": "An OpenAI model that compacts (gpt-*, o*, their fine-tunes).",
+        },
+        **OPENAI_CLIENT,
+        "trigger": {
+            "type": "object",
+            "description": "When to compact: once this many items other than user messages "
+            "and summaries are stored (items; 10 by default, as the Agents SDK), or once the "
+            "history is estimated at this many tokens (4 bytes each).",
+            "properties": {
+                "items": _int(1, 1_000_000, "Items other than user messages and summaries."),
+                "tokens": _int(1, 100_000_000, "Estimated tokens of the whole history."),
+            },
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.items) && has(self.tokens))",
+                    "message": "give either items or tokens",
+                }
+            ],
+        },
+        "keepRecentTurns": _int(0, 10_000, "The latest user turns that always stay verbatim."),
+        "mode": {
+            "type": "string",
+            "enum": ["auto", "input", "previous_response_id"],
+            "default": "auto",
+            "description": "How the model gets the history when the agent does not say: "
+            "auto chains from the last stored response, else sends the items.",
+        },
+    },
+}
+
 OPENAI: dict[str, Any] = {
     "type": "object",
     "description": "OpenAI's Conversations API; the sidecar holds the key.",
     "required": ["apiKeySecretRef"],
     "properties": {
         "apiKeySecretRef": _secret_ref("the OpenAI API key"),
-        "baseURL": {
-            "type": "string",
-            "pattern": r"^(https://[^\s/]+|http://(localhost|127\.[0-9.]+|\[::1\]))(:[0-9]+)?(/[^\s]*)?$",
-            "maxLength": 2048,
-            "description": "https:// (http:// only to a loopback address): the key goes "
-            "with every request.",
-        },
-        "organization": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"},
-        "project": {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,128}$"},
-        "timeout": {"type": "string", "pattern": DURATION, "maxLength": 32},
-        "maxRetries": _int(0, 10, "Retries of rate-limited and failed calls, with backoff."),
+        **OPENAI_CLIENT,
         "mapping": {
             "type": "object",
             "description": "Where the session to conversation map lives: sqlite (one per "
@@ -294,6 +342,7 @@ SPEC: dict[str, Any] = {
                 },
             },
         },
+        "compaction": COMPACTION,
         "retention": {
             "type": "object",
             "properties": {
@@ -369,6 +418,18 @@ SPEC: dict[str, Any] = {
             "message": "the openai backend cannot encrypt at rest: the Conversations API "
             "must read the items it stores",
             "fieldPath": ".encryption.enabled",
+        },
+        {
+            "rule": "self.backend != 'openai' || !has(self.compaction)",
+            "message": "the openai backend cannot compact: the Conversations API manages "
+            "its own history",
+            "fieldPath": ".compaction",
+        },
+        {
+            "rule": "self.backend != 'dapr' || !has(self.compaction)",
+            "message": "the dapr backend cannot compact: it keeps no structure to replace a "
+            "session's items in one step",
+            "fieldPath": ".compaction",
         },
     ],
 }

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .crd import DATA_DIR
+from .crd import DATA_DIR, OPENAI_CLIENT
 
 STORES_ROOT = "/etc/convostore/stores"
 KEYS_ROOT = "/etc/convostore/keys"
@@ -87,7 +87,22 @@ def render(
         if spec["encryption"].get("hideToolNames"):
             encryption["hideToolNames"] = True
         store["encryption"] = encryption
+    if "compaction" in spec:
+        store["compaction"] = _compaction(spec["compaction"], secrets, files, here)
     return Rendered(config={"stores": {name: store}}, files=files)
+
+
+def _compaction(
+    section: dict[str, Any], secrets: dict[str, str], files: dict[str, bytes], here: str
+) -> dict[str, Any]:
+    files["compaction-api-key"] = secrets["compaction.apiKeySecretRef"].strip().encode()
+    rendered: dict[str, Any] = {"apiKeyFile": f"{here}/compaction-api-key"}
+    for key in ("model", *OPENAI_CLIENT, "keepRecentTurns", "mode"):
+        if key in section:
+            rendered[key] = section[key]
+    if section.get("trigger"):
+        rendered["trigger"] = dict(section["trigger"])
+    return rendered
 
 
 def _database(

@@ -95,7 +95,8 @@ def _short(error: jsonschema.ValidationError) -> str:
 
 def secret_refs(spec: dict[str, Any]) -> dict[str, SecretRef]:
     """Every Secret value the spec refers to, by a name the renderer uses; the openai
-    backend's map store adds its own under `mapping.`."""
+    backend's map store adds its own under `mapping.`, compaction its key under
+    `compaction.`."""
     section = spec.get(spec["backend"], {})
     refs = _section_refs(section)
     mapping = section.get("mapping", {})
@@ -106,6 +107,9 @@ def secret_refs(spec: dict[str, Any]) -> dict[str, SecretRef]:
         if "secretKeyRef" in item:
             ref = item["secretKeyRef"]
             refs[f"component.{index}"] = SecretRef(ref["name"], ref["key"])
+    if "compaction" in spec:
+        ref = spec["compaction"]["apiKeySecretRef"]
+        refs["compaction.apiKeySecretRef"] = SecretRef(ref["name"], ref["key"])
     return refs
 
 

@@ -3,16 +3,16 @@
 Whoever may create a ConversationStore in a namespace is not, for that alone, trusted
 with the namespace's Secrets: the operator reads them with its own, wider rights. So a
 Secret lends its values to a store only when it says so, by the annotation
-`convostore.dev/allowed-stores` (a comma list of store names, or `*`), and its values
-go only to the endpoints it names. An endpoint that comes from a Secret (a DSN, a
+`convostore.dev/allowed-stores` (a comma list of store names, or `*`), and its values go
+only to the endpoints it names. An endpoint that comes from a Secret (a DSN, a
 `urlSecretRef`) was chosen by whoever wrote that Secret; an endpoint written in the spec
-itself (`redis.url`, `openai.baseURL`) can receive a Secret's credentials only if that
-Secret lists it in `convostore.dev/allowed-endpoints` (comma list of `scheme://host:port`
-origins). OpenAI's own API needs no listing. Sentinels (`redis.sentinel.hosts`) count as
-`redis://host:port` endpoints for both passwords: they name the primary the data nodes'
-password goes to, so whoever picks the Sentinels picks that server too. A cluster's seed
-nodes (`redis.cluster.nodes`) count the same way, as `rediss://` with `tls`: they name
-the other nodes.
+itself (`redis.url`, `openai.baseURL`, `compaction.baseURL`) can receive a Secret's
+credentials only if that Secret lists it in `convostore.dev/allowed-endpoints` (comma
+list of `scheme://host:port` origins). OpenAI's own API needs no listing. Sentinels
+(`redis.sentinel.hosts`) count as `redis://host:port` endpoints for both passwords: they
+name the primary the data nodes' password goes to, so whoever picks the Sentinels picks
+that server too. A cluster's seed nodes (`redis.cluster.nodes`) count the same way, as
+`rediss://` with `tls`: they name the other nodes.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def spec_endpoints(spec: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
             found += _redis_endpoints(
                 mapping.get("redis", {}), "spec.openai.mapping.redis", "mapping."
             )
+    base = spec.get("compaction", {}).get("baseURL")
+    if base and origin(base) != origin(OPENAI_API):
+        found.append(("spec.compaction.baseURL", base, ["compaction.apiKeySecretRef"]))
     return found
 
 

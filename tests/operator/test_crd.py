@@ -15,6 +15,7 @@ from convostore_sidecar.config import STORE_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = {"name": "openai", "key": "api-key"}
+COMPACT = {"apiKeySecretRef": KEY}
 EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("store-*.yaml"))
 
 
@@ -64,6 +65,7 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
     specs = [yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES]
     assert {s["backend"] for s in specs} == {"sqlite", "redis", "postgres", "dapr", "openai"}
     assert any(s.get("encryption", {}).get("enabled") for s in specs)
+    assert any("compaction" in s for s in specs)
 
 
 @pytest.mark.parametrize(
@@ -337,6 +339,42 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
                 "dapr": {"stateStore": "s", "component": {"type": "bindings.kafka"}},
             },
             "spec.dapr.component.type",
+            "does not match",
+        ),
+        (
+            {"backend": "openai", "openai": {"apiKeySecretRef": KEY}, "compaction": COMPACT},
+            "spec.compaction",
+            "the openai backend cannot compact",
+        ),
+        (
+            {"backend": "dapr", "dapr": {"stateStore": "s"}, "compaction": COMPACT},
+            "spec.compaction",
+            "the dapr backend cannot compact",
+        ),
+        ({"backend": "sqlite", "compaction": {}}, "spec.compaction", "'apiKeySecretRef' is a"),
+        (
+            {"backend": "sqlite", "compaction": {**COMPACT, "trigger": {"items": 5, "tokens": 5}}},
+            "spec.compaction.trigger",
+            "give either items or tokens",
+        ),
+        (
+            {"backend": "sqlite", "compaction": {**COMPACT, "model": "claude-3-opus"}},
+            "spec.compaction.model",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "compaction": {**COMPACT, "keepRecentTurns": -1}},
+            "spec.compaction.keepRecentTurns",
+            "minimum",
+        ),
+        (
+            {"backend": "sqlite", "compaction": {**COMPACT, "mode": "chain"}},
+            "spec.compaction.mode",
+            "must be one of",
+        ),
+        (
+            {"backend": "sqlite", "compaction": {**COMPACT, "baseURL": "http://evil.example/v1"}},
+            "spec.compaction.baseURL",
             "does not match",
         ),
         ({"backend": "openai"}, "spec.openai.apiKeySecretRef", "needs openai.apiKeySecretRef"),

@@ -42,6 +42,39 @@ def test_openai_store_renders_its_key_and_its_map_stores_password(tmp_path: Path
     assert settings.timeout == 30.0
 
 
+def test_compaction_renders_its_key_as_a_file_and_its_settings_as_the_sidecar_reads_them(
+    tmp_path: Path,
+) -> None:
+    document = yaml.safe_load((ROOT / "manifests/examples/store-compacting.yaml").read_text())
+    spec = validate(document["spec"])
+    assert secret_refs(spec) == {"compaction.apiKeySecretRef": SecretRef("openai", "api-key")}
+    assert [e for e in spec_endpoints(spec) if "compaction" in e[0]] == []  # OpenAI's own API
+    rendered = render(
+        "long-chat", spec, {"compaction.apiKeySecretRef": "sk-c\n"}, stores_root=str(tmp_path)
+    )
+    assert rendered.files == {"compaction-api-key": b"sk-c"}
+    folder = tmp_path / "long-chat"
+    folder.mkdir()
+    for name, data in rendered.secret_data().items():
+        (folder / name).write_bytes(data)
+    compaction = load_config(folder / "config.yaml").stores["long-chat"].compaction
+    assert compaction is not None
+    assert Path(compaction.api_key_file).read_text() == "sk-c"
+    assert (compaction.model, compaction.trigger_items, compaction.keep_recent_turns) == (
+        "gpt-4.1-mini",
+        10,
+        2,
+    )
+    elsewhere = validate(
+        {**spec, "compaction": {**spec["compaction"], "baseURL": "https://llm.corp:8443/v1"}}
+    )
+    assert spec_endpoints(elsewhere)[-1] == (
+        "spec.compaction.baseURL",
+        "https://llm.corp:8443/v1",
+        ["compaction.apiKeySecretRef"],
+    )
+
+
 def test_a_ca_named_by_the_spec_is_rendered_as_a_file_the_sidecar_verifies_with(
     tmp_path: Path,
 ) -> None:
