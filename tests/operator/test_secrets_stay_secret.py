@@ -102,6 +102,10 @@ async def test_marker_secrets_never_show(
             "backend": "openai",
             "openai": {"apiKeySecretRef": ref("creds", "key"), "baseURL": openai_api.base_url},
         },
+        "compacting": {
+            "backend": "sqlite",
+            "compaction": {"apiKeySecretRef": ref("creds", "key"), "baseURL": openai_api.base_url},
+        },
     }
     for name, spec in stores.items():
         await create_store(cluster, name, spec)
@@ -109,6 +113,9 @@ async def test_marker_secrets_never_show(
     await eventually(functools.partial(phase_is, cluster, "dead", "Degraded"))
     await eventually(functools.partial(phase_is, cluster, "pg", "Ready"))
     await eventually(functools.partial(phase_is, cluster, "wrongkey", "Degraded"))
+    await eventually(functools.partial(phase_is, cluster, "compacting", "Ready"))
+    compacting = secret_data(cluster, "compacting-convostore") or {}
+    assert compacting["compaction-api-key"] == MARKERS["key"].encode(), "rendered for the sidecar"
     assert secret_data(cluster, "refused-convostore") is None, "nothing written for it"
 
     # a sidecar serving the unreachable store, with the config the operator rendered
