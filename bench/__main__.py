@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.compaction import CompactionFigures, compaction_cost, render_compaction
 from bench.harness import (
     Floor,
     SdkSessions,
@@ -50,6 +51,7 @@ class Sizes:
     per_turn: int
     paced_rate: float
     paced_seconds: float
+    long_turns: int
 
 
 FULL = Sizes(
@@ -62,6 +64,7 @@ FULL = Sizes(
     per_turn=10,
     paced_rate=1000,
     paced_seconds=10,
+    long_turns=200,
 )
 SMOKE = Sizes(
     turns=40,
@@ -73,6 +76,7 @@ SMOKE = Sizes(
     per_turn=3,
     paced_rate=200,
     paced_seconds=1,
+    long_turns=24,
 )
 
 
@@ -246,6 +250,7 @@ def render(
     results: dict[str, BackendResult],
     floor: FloorResult,
     replication: dict[tuple[str, int], Figures],
+    compaction: dict[str, CompactionFigures],
     sizes: Sizes,
     command: str,
 ) -> str:
@@ -406,6 +411,8 @@ def render(
                 ("redis-cluster-replicated", "cluster, after WAIT"),
             ),
         ]
+    if compaction:
+        out += render_compaction(compaction, sizes.long_turns)
     out += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     rows_met = targets(results, floor)
     out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows_met]
@@ -512,7 +519,12 @@ def _cpu_model() -> str:
 
 async def run(
     sizes: Sizes, backends: tuple[str, ...]
-) -> tuple[dict[str, BackendResult], FloorResult, dict[tuple[str, int], Figures]]:
+) -> tuple[
+    dict[str, BackendResult],
+    FloorResult,
+    dict[tuple[str, int], Figures],
+    dict[str, CompactionFigures],
+]:
     with Servers() as servers:
         sdk = SdkSessions(servers)
         try:
@@ -523,7 +535,10 @@ async def run(
         replication = await redis_modes_cost(servers, sizes) if "redis" in backends else {}
         if "postgres" in backends:
             replication.update(await standby_cost(servers, sizes))
-    return results, floor, replication
+        compaction = {
+            b: await compaction_cost(servers, b, sizes.long_turns, sizes.repeat) for b in backends
+        }
+    return results, floor, replication, compaction
 
 
 def main() -> int:
@@ -534,9 +549,11 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
     sizes = SMOKE if args.smoke else FULL
-    results, floor, replication = asyncio.run(run(sizes, tuple(args.backends.split(","))))
+    results, floor, replication, compaction = asyncio.run(
+        run(sizes, tuple(args.backends.split(",")))
+    )
     command = "python -m bench " + " ".join(sys.argv[1:])
-    report = render(results, floor, replication, sizes, command)
+    report = render(results, floor, replication, compaction, sizes, command)
     print(report)
     Path(args.output).write_text(report)
     return 0

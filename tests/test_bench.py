@@ -29,6 +29,7 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
         "(h) The sidecar's",
         "(i) PostgreSQL: what a synchronous standby costs",
         "(j) Redis Cluster beside one Redis",
+        "(k) Compaction on a 24-turn conversation",
     )
     for heading in (*headings, *later):
         assert heading in report
@@ -39,6 +40,8 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
     assert "| tasks | one Redis turns/s | cluster turns/s |" in report
     assert "| tasks | cluster, answered at once turns/s | cluster, after WAIT turns/s |" in report
     assert "| hop floor (bench/floor.py) |" in report
+    for backend in ("sqlite", "redis", "postgres"):
+        assert f"| {backend} | 61, " in report  # 24 turns plain: 3 items a turn, 4 on even ones
     assert "(hop floor " in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" in line]
     assert rows
