@@ -104,7 +104,7 @@ async def driver_of(config: StoreConfig) -> AsyncIterator[Driver]:
     try:
         yield store.driver
     finally:
-        await store.driver.close()
+        await store.close()
 
 
 async def check(

@@ -123,10 +123,6 @@ def archive_of(branch: str) -> str:
     return f"{branch}/archive"
 
 
-def is_archive(branch: str) -> bool:
-    return "/" in branch
-
-
 @dataclass(frozen=True)
 class Meta:
     """What the structure calls need to know of an item without reading it: its kind
