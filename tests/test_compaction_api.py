@@ -217,3 +217,26 @@ async def test_the_archive_ages_out_with_the_session(
         assert asyncio.get_running_loop().time() < deadline, "the archive outlived the session"
         await asyncio.sleep(0.1)
     assert await session.get_items() == []
+
+
+async def test_a_model_that_does_not_answer_in_time_changes_nothing(
+    start_sidecar: StartSidecar,
+    store_config: StoreConfig,
+    openai_api: OpenAIStandIn,
+    openai_key_file: Path,
+) -> None:
+    compaction = compaction_config(openai_api, openai_key_file, timeout=0.3)
+    sidecar = await start_sidecar(
+        {"stores": {"chat": store_config("sqlite", compaction=compaction)}}
+    )
+    session = SidecarSession(unique(), "chat", url=sidecar.url)
+    await session.add_items(history(4))
+    openai_api.compact_delay = 2.0
+    with pytest.raises(StoreUnavailableError) as late:
+        await session.run_compaction({"force": True})
+    assert (late.value.status, late.value.code) == (504, "compaction_timeout")
+    assert await session.get_items() == history(4)
+    openai_api.compact_delay = 0.0
+    await session.run_compaction({"force": True})
+    assert session.last_compaction is not None
+    assert session.last_compaction["compacted"]

@@ -7,6 +7,7 @@ was or the summary followed by everything appended since."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -146,6 +147,9 @@ async def test_a_sidecar_killed_during_compaction_loses_nothing(
     compacting: Callable[[str], tuple[dict[str, Any], Start]],
     openai_api: OpenAIStandIn,
 ) -> None:
+    """Killed while the model works, the history is as it was; killed the moment the
+    model answers (before, during or after the replacement: the race decides), it is
+    either as it was or compacted, never in between, and the originals are all kept."""
     _, start = compacting(backend)
     sidecar = start()
     session = SidecarSession(unique(), url=sidecar.url, retries=0)
@@ -157,11 +161,21 @@ async def test_a_sidecar_killed_during_compaction_loses_nothing(
     with pytest.raises(StoreUnavailableError):
         await compaction
     openai_api.release_compactions()
+    sidecar = start()
+    assert await SidecarSession(session.session_id, url=sidecar.url).get_items() == history(4)
 
-    again = start()
-    after = SidecarSession(session.session_id, url=again.url)
-    assert await after.get_items() == history(4)
-    await after.run_compaction({"force": True})
-    assert after.last_compaction is not None
-    assert after.last_compaction["compacted"]
-    assert await after.get_full_items() == history(4)
+    for _ in range(3):
+        before = await SidecarSession(session.session_id, url=sidecar.url).get_items()
+        session = SidecarSession(session.session_id, url=sidecar.url, retries=0)
+        openai_api.hold_compactions()
+        compaction = asyncio.create_task(session.run_compaction({"force": True}))
+        await eventually(lambda: openai_api.compactions_waiting == 1)
+        openai_api.release_compactions()
+        sidecar.stop(signal.SIGKILL)
+        with contextlib.suppress(StoreUnavailableError):
+            await compaction
+        sidecar = start()
+        after = SidecarSession(session.session_id, url=sidecar.url)
+        live = await after.get_items()
+        assert live == before or summary_of(live)
+        assert await after.get_full_items() == history(4)

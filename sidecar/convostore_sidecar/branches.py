@@ -16,7 +16,7 @@ from . import validation
 from .drivers.base import MAIN, BranchIdUsed, Usage
 from .errors import ApiError
 from .jsonbody import dumps, loads
-from .middleware import read_body
+from .middleware import read_object
 from .state import STORES
 from .stores import Store
 from .structure import mentions
@@ -44,16 +44,7 @@ def _json(value: Any, status: int = 200) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    raw = await read_body(request, MAX_BODY)
-    try:
-        body = loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "the body must be a JSON object")
-    return body
+    return await read_object(request, MAX_BODY)
 
 
 def _count(body: dict[str, Any], key: str, *, required: bool = True) -> int | None:

@@ -7,6 +7,7 @@ import hmac
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -21,6 +22,7 @@ from .drivers.base import (
 )
 from .encryption import DecryptionFailed
 from .errors import ApiError, error_response
+from .jsonbody import loads
 from .state import BODY_BUDGET, IN_FLIGHT, METRICS, REQUEST_LIMITS, STORES, TOKEN
 
 log = logging.getLogger("convostore.sidecar")
@@ -259,6 +261,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     except TimeoutError:
         raise ApiError(408, "body_timeout", "the request body did not arrive in time") from None
     return bytes(body)
+
+
+async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
+    """A JSON object sent as application/json, within `limit` bytes."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    raw = await read_body(request, limit)
+    try:
+        body = loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    return body
 
 
 @web.middleware

@@ -16,9 +16,8 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from .compaction.compactor import Compactor
 from .config import SidecarConfig, StoreConfig
 from .drivers import open_driver
 from .drivers.base import (
@@ -36,6 +35,9 @@ from .encryption import EncryptedDriver
 from .errors import ApiError
 from .metrics import Metrics
 
+if TYPE_CHECKING:
+    from .compaction.compactor import Compactor
+
 log = logging.getLogger("convostore.sidecar")
 
 
@@ -51,7 +53,9 @@ class Store:
         if config.encryption is not None:
             driver = EncryptedDriver(driver, config.encryption, config.identity)
         store = cls(config, driver)
-        if config.compaction is not None:
+        if config.compaction is not None:  # only then is the openai client loaded
+            from .compaction.compactor import Compactor
+
             store._compactor = Compactor(
                 config.compaction, config.limits, store.compacting, config.name
             )
@@ -75,11 +79,8 @@ class Store:
     def branching(self) -> Branching:
         """The driver's structure calls, or 501 naming the backend when it has none."""
         if not self.structured:
-            raise ApiError(
-                501,
-                "not_supported",
-                f"store {self.name!r}: the {self.config.backend} backend keeps no branches,"
-                " turns or usage; only the main branch's items",
+            raise self._unsupported(
+                "keeps no branches, turns or usage; only the main branch's items"
             )
         return cast(Branching, self.driver)
 
@@ -87,13 +88,14 @@ class Store:
     def compacting(self) -> Compacting:
         """Compaction and its archive, or 501 naming the backend when it keeps none."""
         if not self.structured:
-            raise ApiError(
-                501,
-                "not_supported",
-                f"store {self.name!r}: the {self.config.backend} backend cannot compact"
-                " histories (it keeps no structure to replace items in one step)",
+            raise self._unsupported(
+                "cannot compact histories (it keeps no structure to replace items in one step)"
             )
         return cast(Compacting, self.driver)
+
+    def _unsupported(self, what: str) -> ApiError:
+        backend = self.config.backend
+        return ApiError(501, "not_supported", f"store {self.name!r}: the {backend} backend {what}")
 
     @property
     def compactor(self) -> Compactor:

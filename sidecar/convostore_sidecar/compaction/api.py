@@ -10,8 +10,8 @@ from aiohttp import web
 from .. import validation
 from ..config import COMPACTION_MODES
 from ..errors import ApiError
-from ..jsonbody import dumps, loads
-from ..middleware import read_body
+from ..jsonbody import dumps
+from ..middleware import read_object
 from ..state import METRICS, STORES
 from . import policy
 
@@ -38,16 +38,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     """An object, or nothing at all (`run_compaction()` without arguments)."""
     if request.content_length == 0 or (request.content_length is None and not request.body_exists):
         return {}
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    raw = await read_body(request, MAX_BODY)
-    try:
-        body = loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "the body must be a JSON object")
-    return body
+    return await read_object(request, MAX_BODY)
 
 
 def _request(body: dict[str, Any]) -> policy.Request:

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
-from openai import AsyncOpenAI
 
 from ..config import CompactionSettings
-from ..drivers.openai import read_key, redact
+from ..drivers.openai import api_client, read_key, redact
 from ..errors import ApiError
 
 
@@ -25,14 +24,7 @@ class CompactionModel:
     def __init__(self, settings: CompactionSettings, store: str) -> None:
         self.model, self.store = settings.model, store
         self._key = read_key(settings.api_key_file, store)
-        self.api = AsyncOpenAI(
-            api_key=self._key,
-            base_url=settings.base_url,
-            organization=settings.organization,
-            project=settings.project,
-            timeout=settings.timeout,
-            max_retries=settings.max_retries,
-        )
+        self.api = api_client(self._key, settings)
 
     async def close(self) -> None:
         await self.api.close()

@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import openai
 import orjson
@@ -132,6 +132,32 @@ def open_driver(store: StoreConfig) -> OpenAIDriver:
     return OpenAIDriver(store)
 
 
+class ClientSettings(Protocol):
+    """How the sidecar reaches OpenAI's API (the openai backend's, compaction's)."""
+
+    @property
+    def base_url(self) -> str | None: ...
+    @property
+    def organization(self) -> str | None: ...
+    @property
+    def project(self) -> str | None: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def max_retries(self) -> int: ...
+
+
+def api_client(key: str, settings: ClientSettings) -> AsyncOpenAI:
+    return AsyncOpenAI(
+        api_key=key,
+        base_url=settings.base_url,
+        organization=settings.organization,
+        project=settings.project,
+        timeout=settings.timeout,
+        max_retries=settings.max_retries,
+    )
+
+
 def read_key(path: str, store: str) -> str:
     try:
         key = Path(path).read_text("utf-8").strip()
@@ -150,14 +176,7 @@ class OpenAIDriver:
         self.name = store.name
         self.identity = store.identity
         self._key = read_key(settings.api_key_file, store.name)
-        self.api = AsyncOpenAI(
-            api_key=self._key,
-            base_url=settings.base_url,
-            organization=settings.organization,
-            project=settings.project,
-            timeout=settings.timeout,
-            max_retries=settings.max_retries,
-        )
+        self.api = api_client(self._key, settings)
         self.conversations = _mapping_driver(store, "conversations", Retention())
         self._verified: set[str] = set()
         self.idempotency = _mapping_driver(
