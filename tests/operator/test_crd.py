@@ -368,6 +368,26 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "minimum",
         ),
         (
+            {"backend": "sqlite", "compaction": {**COMPACT, "model": "gpt-" + "4" * 200}},
+            "spec.compaction.model",
+            "too long",
+        ),
+        (
+            {"backend": "sqlite", "compaction": {**COMPACT, "trigger": {"items": 0}}},
+            "spec.compaction.trigger.items",
+            "minimum",
+        ),
+        (
+            {"backend": "sqlite", "compaction": {**COMPACT, "timeout": "forever"}},
+            "spec.compaction.timeout",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "compaction": {"apiKeySecretRef": {"name": "../x", "key": "k"}}},
+            "spec.compaction.apiKeySecretRef.name",
+            "does not match",
+        ),
+        (
             {"backend": "sqlite", "compaction": {**COMPACT, "mode": "chain"}},
             "spec.compaction.mode",
             "must be one of",
