@@ -5,6 +5,7 @@ compacting through the `responses.compact` stand-in with the real `openai` clien
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -181,3 +182,15 @@ async def test_compacted_and_archived_items_stay_encrypted_through_a_key_rotatio
     reread = SidecarSession(session_id, url=compacting_sidecar(config).url)
     assert await reread.get_items() == live
     assert await reread.get_full_items() == full
+
+
+def test_export_from_a_store_that_keeps_no_archive_writes_its_live_items(
+    store_config: Callable[..., dict[str, Any]],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    sidecar = sidecar_process({"stores": {"default": store_config("dapr")}})
+    sidecar.start()
+    asyncio.run(SidecarSession("s1", url=sidecar.url).add_items(history(2)))
+    exported = run_cli("sessions", "--url", sidecar.url, "export")
+    assert exported.returncode == 0, exported.stderr
+    assert [json.loads(line)["item"] for line in exported.stdout.splitlines()] == history(2)
