@@ -107,18 +107,20 @@ async def test_the_archive_is_no_branch_a_client_can_name(sidecar: RunningSideca
 async def test_a_store_without_compaction_answers_409_and_the_runner_asks_once(
     sidecar: RunningSidecar,
 ) -> None:
-    session = SidecarSession(unique(), "plain", url=sidecar.url)
-    with pytest.raises(RequestRejectedError) as refused:
-        await session.run_compaction()
-    assert (refused.value.status, refused.value.code) == (409, "compaction_not_configured")
-
-    runner_session = SidecarSession(unique(), "plain", url=sidecar.url)
+    """The Runner asks after every turn, and agents often make a session per request:
+    a store that said it does not compact is not asked again for a minute."""
     model = ScriptedModel([[assistant_message(f"a{n}")] for n in range(3)])
+    session_id = unique()
     for n in range(3):
-        await Runner.run(Agent(name="a", model=model), f"q{n}", session=runner_session)
-    assert len(await runner_session.get_items()) == 6
-    asked = sidecar_requests(await metrics(sidecar), "/items:compact", "409")
-    assert asked == 2  # the direct call above, then the Runner's first only
+        per_request = SidecarSession(session_id, "plain", url=sidecar.url)
+        await Runner.run(Agent(name="a", model=model), f"q{n}", session=per_request)
+    assert len(await per_request.get_items()) == 6
+    assert sidecar_requests(await metrics(sidecar), "/items:compact", "409") == 1
+
+    with pytest.raises(RequestRejectedError) as refused:
+        await per_request.run_compaction()  # called directly, it asks, and says why not
+    assert (refused.value.status, refused.value.code) == (409, "compaction_not_configured")
+    assert sidecar_requests(await metrics(sidecar), "/items:compact", "409") == 2
 
 
 async def metrics(sidecar: RunningSidecar) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import types
 import uuid
 from collections.abc import Generator, Mapping
@@ -33,6 +34,10 @@ log = logging.getLogger("convostore")
 COMPACTION_TIMEOUT = 180.0
 """A compaction waits for a model call (the sidecar's own timeout and retries bound it)."""
 COMPACTION_OFF = frozenset({"compaction_not_configured", "not_supported"})
+ASK_AGAIN_AFTER = 60.0
+_not_compacting: dict[tuple[str, str | None, str], float] = {}
+"""Stores that said they do not compact, by sidecar and store, with when to ask again:
+the Runner asks after every turn, and agents often make a session per request."""
 
 
 def coerce_settings(value: Any) -> Any:
@@ -129,7 +134,6 @@ class SidecarSession:
         self._path = f"{store_path(store)}/sessions/{quote(session_id, safe='')}"
         self._response_id: str | None = None
         self._unstored_response_id: str | None = None
-        self._compaction_off = False
         self.last_compaction: dict[str, Any] | None = None
         """The sidecar's answer to the latest `run_compaction`: whether it compacted,
         why not, what it replaced and the model call's usage."""
@@ -221,11 +225,13 @@ class SidecarSession:
         `args` is the SDK's `OpenAIResponsesCompactionArgs` (`response_id`, `store`,
         `compaction_mode`, `force`); the Runner passes its `wrapper`, to which the
         compaction call's usage is added. When the Runner calls it, a failure is logged
-        and the run goes on with its history as it was; on a store without compaction it
-        stops asking after the first answer. Called directly, failures raise.
+        and the run goes on with its history as it was; a store without compaction is
+        asked again only a minute after it said so. Called directly, failures raise.
         """
         automatic = bool(getattr(wrapper, "_session_compaction_is_automatic", False))
-        if automatic and self._compaction_off:
+        endpoint = self._transport.endpoint
+        where = (endpoint.base_url, endpoint.socket_path, self.store)
+        if automatic and time.monotonic() < _not_compacting.get(where, 0.0):
             return
         try:
             answer = await self._transport.call(
@@ -237,11 +243,12 @@ class SidecarSession:
                 answer_within=COMPACTION_TIMEOUT,
             )
         except ConvostoreError as exc:
-            self._compaction_off = exc.code in COMPACTION_OFF
+            if exc.code in COMPACTION_OFF:
+                _not_compacting[where] = time.monotonic() + ASK_AGAIN_AFTER
+            elif automatic:
+                log.warning("session %r: not compacted, history kept: %s", self.session_id, exc)
             if not automatic:
                 raise
-            if not self._compaction_off:
-                log.warning("session %r: not compacted, history kept: %s", self.session_id, exc)
             return
         self.last_compaction = answer
         if wrapper is not None and answer.get("usage"):
