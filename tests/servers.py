@@ -37,6 +37,9 @@ def require(what: str) -> None:
     pytest.skip(message)
 
 
+PORT_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,6 +55,24 @@ def _wait_for_port(port: int, timeout: float = 20.0) -> None:
                 return
         except OSError:
             time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def _serving(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:
+    """True once `port` accepts connections; False if the process exited first (it could
+    not bind: a port that `free_port` handed out was taken before the server bound it,
+    by another server or by a client connection's ephemeral port)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    process.wait()
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
 
 
@@ -76,32 +97,53 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="convostore-redis-")
         self.process: subprocess.Popen[bytes] | None = None
+        self.started = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                self.dir,
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        _wait_for_port(self.port)
+        """A first start whose ports were taken meanwhile tries fresh ones; a restart
+        keeps its port (a cluster knows its nodes by it)."""
+        for _ in range(PORT_ATTEMPTS):
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    self.dir,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    *self.extra,
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            if _serving(self.port, self.process):
+                self.started = True
+                return
+            if self.started:
+                break
+            self._renumber()
+        raise RuntimeError(f"redis-server exited instead of listening on port {self.port}")
+
+    def _renumber(self) -> None:
+        """New ports: its own (also as `--tls-port`) and its cluster bus port."""
+        old, self.port = self.port, free_port()
+        extra = list(self.extra)
+        for index, flag in enumerate(extra[:-1]):
+            if flag == "--tls-port" and extra[index + 1] == str(old):
+                extra[index + 1] = str(self.port)
+            elif flag == "--cluster-port":
+                extra[index + 1] = str(free_port())
+        self.extra = tuple(extra)
 
     def stop(self) -> None:
         if self.process is not None:
