@@ -101,14 +101,14 @@ class Store:
     def compactor(self) -> Compactor:
         """501 from a backend that cannot compact, else 409 for a store whose config
         has no `compaction` section."""
-        if self._compactor is None and self.compacting:
-            raise ApiError(
-                409,
-                "compaction_not_configured",
-                f"store {self.name!r} has no compaction section in its config",
-            )
-        assert self._compactor is not None
-        return self._compactor
+        if self._compactor is not None:
+            return self._compactor
+        _ = self.compacting  # a backend that cannot compact answers 501 first
+        raise ApiError(
+            409,
+            "compaction_not_configured",
+            f"store {self.name!r} has no compaction section in its config",
+        )
 
     async def append(
         self,

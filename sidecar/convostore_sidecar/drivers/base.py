@@ -288,7 +288,8 @@ class Compacting(Protocol):
     ) -> bool:
         """If the branch still starts with `expected`, put `replacement` (at most as many
         items, of kind `compacted`, in the turn of the last one replaced) in their place
-        and archive them; False, changing nothing, if it does not."""
+        and archive them; False, changing nothing, if it does not. The caller keeps the
+        replacement within that count (it takes the replaced items' positions)."""
 
     async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
         """The latest `limit` of: the archived items, then the live ones that no
