@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -162,3 +163,31 @@ class SidecarProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class Lure:
+    """A TCP listener standing in for an attacker's server: it counts who connects and
+    keeps every byte they send, answering nothing."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.connections = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Lure:
+        self.server = await asyncio.start_server(self._caught, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _caught(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(4096):
+                self.received += chunk
+        writer.close()
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()

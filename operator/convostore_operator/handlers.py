@@ -30,7 +30,7 @@ from .kube import Kube, MissingSecret, NotOurs, StoredSecret, connection_info
 from .redact import Redactor
 from .render import dapr_component, render
 from .spec import InvalidSpec, keys_secret_name, secret_refs, validate, validate_name
-from .trust import NotAllowed, check_endpoint, check_lent, spec_endpoints
+from .trust import NotAllowed, check_flows, check_lent
 
 FIRST_KEY_ID = "k1"
 HASH_KEY = "hash-key"  # in the config Secret: keys the config hash (render.Rendered)
@@ -89,9 +89,7 @@ def prepare(kube: Kube, name: str, namespace: str, raw_spec: Any) -> Prepared:
         if ref.key not in lent[ref.name].data:
             raise MissingSecret(ref.name, ref.key)
         secrets[key] = lent[ref.name].data[ref.key].decode()
-    for field, endpoint, fields in spec_endpoints(spec):
-        for ref in (refs[f] for f in fields if f in refs):
-            check_endpoint(ref.name, lent[ref.name], field, endpoint)
+    check_flows(spec, refs, lent, secrets)
     keys_secret = keys_secret_name(name, spec)
     keys: dict[str, bytes] = {}
     encryption = spec.get("encryption", {})

@@ -38,7 +38,7 @@ from tests.operator.conftest import (
 )
 from tests.operator.emulator import STORES, RealisticEmulator
 from tests.servers import RedisClusterNodes, RedisSentinel, RedisServer, free_port
-from tests.support import unique
+from tests.support import Lure, unique
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 
@@ -400,7 +400,11 @@ async def test_encryption_key_is_generated_once_and_kept(
 
 
 async def test_dapr_store_creates_and_owns_its_component(cluster: Any, operator: Operator) -> None:
-    await create_secret(cluster, "redis-auth", {"password": "pw"})
+    lent = {
+        "convostore.dev/allowed-stores": "*",
+        "convostore.dev/allowed-endpoints": "redis://redis:6379",
+    }
+    await create_secret(cluster, "redis-auth", {"password": "pw"}, lent)
     await operator()
     await create_store(
         cluster,
@@ -712,6 +716,78 @@ async def test_credentials_go_only_to_endpoints_their_secret_names(
         assert secret_data(cluster, "lure-convostore") is None
     finally:
         await runner.cleanup()
+
+
+VICTIM_PASSWORD = "victim-password-0451"
+
+
+def mixed_spec(backend: str, lure_port: int, victim: str) -> dict[str, Any]:
+    """A store that takes its endpoint from the author's own Secret (`planted`) and its
+    password from someone else's (`victim`)."""
+    password = {"name": victim, "key": "password"}
+    if backend == "redis":
+        planted = {"urlSecretRef": {"name": "planted", "key": "endpoint"}}
+        return {"backend": "redis", "redis": {**planted, "passwordSecretRef": password}}
+    if backend == "postgres":
+        planted = {"dsnSecretRef": {"name": "planted", "key": "endpoint"}}
+        return {"backend": "postgres", "postgres": {**planted, "passwordSecretRef": password}}
+    metadata = [
+        {"name": "redisHost", "value": f"127.0.0.1:{lure_port}"},
+        {"name": "redisPassword", "secretKeyRef": password},
+    ]
+    component = {"type": "state.redis", "metadata": metadata}
+    return {"backend": "dapr", "dapr": {"stateStore": "lured", "component": component}}
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres", "dapr"])
+async def test_a_password_never_goes_where_another_secret_points_it(
+    cluster: Any, operator: Operator, backend: str
+) -> None:
+    """The author lends an endpoint to themselves (a Secret of their own, or one lent to
+    every store) and takes the password from a Secret that lends itself only to its own
+    server: the operator neither connects to the author's server nor writes the password
+    anywhere, and says which Secret refused."""
+    async with Lure() as lure:
+        endpoint = {
+            "redis": f"redis://127.0.0.1:{lure.port}",
+            "postgres": f"postgresql://app@127.0.0.1:{lure.port}/chat",
+            "dapr": "",
+        }[backend]
+        await create_secret(cluster, "planted", {"endpoint": endpoint})
+        victim_rules = {
+            "convostore.dev/allowed-stores": "*",
+            "convostore.dev/allowed-endpoints": "redis://10.20.30.40:6379,"
+            "postgresql://10.20.30.40:5432",
+        }
+        await create_secret(cluster, "victim", {"password": VICTIM_PASSWORD}, victim_rules)
+        await operator()
+        await create_store(cluster, "lure", mixed_spec(backend, lure.port, "victim"))
+        obj = await eventually(
+            lambda: (o := store_object(cluster, "lure")) and o.get("status", {}).get("phase") and o
+        )
+        assert obj["status"]["phase"] == "Failed"
+        refusal = condition(obj, "ConfigRendered")
+        assert refusal["reason"] == "SecretNotAllowed"
+        assert "Secret 'victim' does not let its values go to" in refusal["message"]
+        assert str(lure.port) not in refusal["message"] or backend == "dapr"
+        assert lure.connections == 0
+        assert secret_data(cluster, "lure-convostore") is None
+        assert ("dapr.io/v1alpha1/components", NAMESPACE, "lured") not in cluster.objects
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_password_goes_where_its_own_secret_lists(
+    cluster: Any, operator: Operator, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The same mix is fine once the password's Secret lists the endpoint."""
+    endpoint = request.getfixturevalue("redis_url" if backend == "redis" else "postgres_dsn")
+    listed = endpoint.replace("postgresql://postgres@", "postgresql://")
+    await create_secret(cluster, "planted", {"endpoint": endpoint})
+    rules = {"convostore.dev/allowed-stores": "*", "convostore.dev/allowed-endpoints": listed}
+    await create_secret(cluster, "victim", {"password": ""}, rules)
+    await operator()
+    await create_store(cluster, "mixed", mixed_spec(backend, 0, "victim"))
+    await eventually(functools.partial(phase_is, cluster, "mixed", "Ready"))
 
 
 async def create_store_in(cluster: Any, namespace: str, name: str, spec: dict[str, Any]) -> None:

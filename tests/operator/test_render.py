@@ -10,7 +10,7 @@ import pytest
 import yaml
 from convostore_operator.render import render
 from convostore_operator.spec import SecretRef, secret_refs, validate
-from convostore_operator.trust import spec_endpoints
+from convostore_operator.trust import OPENAI_API, Endpoint, Flow, flows
 from convostore_sidecar.config import load_config, parse_config
 from convostore_sidecar.encryption import generate_key
 
@@ -48,7 +48,9 @@ def test_compaction_renders_its_key_as_a_file_and_its_settings_as_the_sidecar_re
     document = yaml.safe_load((ROOT / "manifests/examples/store-compacting.yaml").read_text())
     spec = validate(document["spec"])
     assert secret_refs(spec) == {"compaction.apiKeySecretRef": SecretRef("openai", "api-key")}
-    assert [e for e in spec_endpoints(spec) if "compaction" in e[0]] == []  # OpenAI's own API
+    assert flows(spec, {})[-1] == Flow(
+        "compaction.apiKeySecretRef", (Endpoint("OpenAI's API", OPENAI_API + ":443"),), True
+    )
     rendered = render(
         "long-chat", spec, {"compaction.apiKeySecretRef": "sk-c\n"}, stores_root=str(tmp_path)
     )
@@ -68,10 +70,10 @@ def test_compaction_renders_its_key_as_a_file_and_its_settings_as_the_sidecar_re
     elsewhere = validate(
         {**spec, "compaction": {**spec["compaction"], "baseURL": "https://llm.corp:8443/v1"}}
     )
-    assert spec_endpoints(elsewhere)[-1] == (
-        "spec.compaction.baseURL",
-        "https://llm.corp:8443/v1",
-        ["compaction.apiKeySecretRef"],
+    assert flows(elsewhere, {})[-1] == Flow(
+        "compaction.apiKeySecretRef",
+        (Endpoint("spec.compaction.baseURL", "https://llm.corp:8443"),),
+        openai_key=True,
     )
 
 
@@ -197,11 +199,12 @@ def test_a_clusters_seed_nodes_are_endpoints_its_secrets_must_name(tls: bool, sc
     """They name every other node, so the password and the CA go wherever they say."""
     cluster = {"nodes": ["redis-0.data:6379", "10.1.2.3:7000"], "tls": tls}
     spec = validate({"backend": "redis", "redis": {"cluster": cluster, "passwordSecretRef": KEY}})
-    refs = ["passwordSecretRef", "caSecretRef"]
-    assert spec_endpoints(spec) == [
-        ("spec.redis.cluster.nodes[0]", f"{scheme}://redis-0.data:6379", refs),
-        ("spec.redis.cluster.nodes[1]", f"{scheme}://10.1.2.3:7000", refs),
-    ]
+    nodes = (
+        Endpoint("spec.redis.cluster.nodes[0]", f"{scheme}://redis-0.data:6379"),
+        Endpoint("spec.redis.cluster.nodes[1]", f"{scheme}://10.1.2.3:7000"),
+    )
+    found = {flow.ref: flow.endpoints for flow in flows(spec, {})}
+    assert found["passwordSecretRef"] == found["caSecretRef"] == nodes
 
 
 def test_hidden_tool_names_reach_the_sidecars_keyring(tmp_path: Path) -> None:
