@@ -166,10 +166,12 @@ class SidecarProcess:
 
 
 class Lure:
-    """A TCP listener standing in for an attacker's server: it counts who connects and
-    keeps every byte they send, answering nothing."""
+    """A TCP listener standing in for an attacker's server, or an internal service an
+    attacker points the operator at: it counts who connects and keeps every byte they
+    send, answering `reply` to each chunk (nothing by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply: bytes = b"") -> None:
+        self.reply = reply
         self.received = bytearray()
         self.connections = 0
         self.server: asyncio.base_events.Server | None = None
@@ -185,6 +187,7 @@ class Lure:
         with contextlib.suppress(ConnectionError):
             while chunk := await reader.read(4096):
                 self.received += chunk
+                writer.write(self.reply)
         writer.close()
 
     async def __aexit__(self, *_: object) -> None:

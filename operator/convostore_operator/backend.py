@@ -37,6 +37,8 @@ class Reachability:
     status: str  # "True", "False" or "Unknown"
     reason: str
     message: str
+    detail: str = ""
+    """For the operator's log only (redacted there): what an unexpected failure said."""
 
 
 @contextlib.contextmanager
@@ -125,6 +127,16 @@ async def check(
         return Reachability("False", "Unreachable", str(exc))
     except BackendMisconfigured as exc:
         return Reachability("False", "Misconfigured", str(exc))
+    except Exception as exc:
+        # whatever else the far end made the client raise may quote its answer: the
+        # store's author reads status, so it says only what kind of failure it was
+        return Reachability(
+            "False",
+            "CheckFailed",
+            f"the {spec['backend']} backend gave an answer its client did not expect "
+            f"({type(exc).__name__}); the operator's log has the detail",
+            detail=f"{type(exc).__name__}: {exc}",
+        )
     return Reachability("True", "Reachable", f"the {spec['backend']} backend answered")
 
 

@@ -5,11 +5,13 @@ and the API server trusts it through the `caBundle` of the webhook configuration
 are made on first start and remade when the serving certificate has less than a third
 of its life left; the CA changes only when it nears its own end, and then the bundle
 keeps trusting the previous CA too, for replicas that still serve a certificate it signed.
+The same Secret keeps the webhook's path token, made once and kept across renewals.
 """
 
 from __future__ import annotations
 
 import datetime
+import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -27,6 +29,9 @@ class WebhookTLS:
     cert: bytes
     key: bytes
     previous_ca: bytes = b""
+    token: bytes = b""
+    """The shared secret in the webhook configuration's path: only the API server, which
+    reads that configuration, knows where to send admissions."""
 
     @property
     def ca_bundle(self) -> bytes:
@@ -42,6 +47,8 @@ class WebhookTLS:
         }
         if self.previous_ca:
             data["ca-previous.crt"] = self.previous_ca
+        if self.token:
+            data["path-token"] = self.token
         return data
 
     @classmethod
@@ -53,6 +60,7 @@ class WebhookTLS:
                 data["tls.crt"],
                 data["tls.key"],
                 data.get("ca-previous.crt", b""),
+                data.get("path-token", b""),
             )
         except KeyError:
             return None
@@ -61,6 +69,8 @@ class WebhookTLS:
         cert = x509.load_pem_x509_certificate(self.cert)
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if not self.token:
+            return True
         return cert.not_valid_after_utc - now < life / 3 or sorted(
             names.get_values_for_type(x509.DNSName)
         ) != sorted(hostnames)
@@ -84,6 +94,7 @@ def issue(
     """A serving certificate for `hostnames`, signed by the current CA when it still has
     more than a year to live, else by a new CA."""
     previous_ca = b""
+    token = (current.token if current else b"") or secrets.token_urlsafe(32).encode()
     if current is not None:
         ca = x509.load_pem_x509_certificate(current.ca_cert)
         ca_key = serialization.load_pem_private_key(current.ca_key, password=None)
@@ -131,4 +142,5 @@ def issue(
         cert=cert.public_bytes(serialization.Encoding.PEM),
         key=_pem_key(key),
         previous_ca=current.previous_ca if current else previous_ca,
+        token=token,
     )

@@ -15,7 +15,10 @@ import asyncio
 import base64
 import dataclasses
 import datetime
+import functools
+import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -32,6 +35,7 @@ from .render import dapr_component, render
 from .spec import InvalidSpec, keys_secret_name, secret_refs, validate, validate_name
 from .trust import NotAllowed, check_flows, check_lent
 
+log = logging.getLogger("convostore.operator")
 FIRST_KEY_ID = "k1"
 HASH_KEY = "hash-key"  # in the config Secret: keys the config hash (render.Rendered)
 REASONS = {
@@ -317,7 +321,9 @@ async def converge(
                 message=f"config changed; restarted {', '.join(rolled)}",
             )
     reach = await backend.check(name, spec_, prepared.secrets, prepared.keys, scope)
-    reach = dataclasses.replace(reach, message=redact(reach.message))
+    if reach.detail:
+        log.warning("store %s/%s: backend check failed: %s", namespace, name, redact(reach.detail))
+    reach = dataclasses.replace(reach, message=redact(reach.message), detail="")
     phase, reachability = reachability_conditions(reach, generation, previous)
     rendered_condition = condition(
         "ConfigRendered",
@@ -347,9 +353,32 @@ async def _conflict(
     raise kopf.TemporaryError(str(exc), delay=retry_delay)
 
 
+def contained(
+    handler: Callable[..., Awaitable[None]], retry_delay: float
+) -> Callable[..., Awaitable[None]]:
+    """Kopf writes a failed handler's message into an annotation on the store, which its
+    author reads: an error this module did not word itself (it may quote a server's
+    answer or a Secret-held DSN) becomes one that names only its kind."""
+
+    @functools.wraps(handler)
+    async def run(**kwargs: Any) -> None:
+        try:
+            await handler(**kwargs)
+        except (kopf.PermanentError, kopf.TemporaryError):
+            raise
+        except Exception as exc:
+            kind = type(exc).__name__
+            where = f"{kwargs.get('namespace')}/{kwargs.get('name')}"
+            log.warning("store %s: %s failed: unexpected %s", where, handler.__name__, kind)
+            raise kopf.TemporaryError(f"unexpected {kind}; retrying", delay=retry_delay) from None
+
+    return run
+
+
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     """Register every handler on `registry` (tests give each operator a fresh one)."""
     resource = (GROUP, VERSION, PLURAL)
+    guarded = functools.partial(contained, retry_delay=config.retry_delay)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -365,6 +394,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
     @kopf.on.create(*resource, registry=registry)
     @kopf.on.update(*resource, registry=registry)
     @kopf.on.resume(*resource, registry=registry)
+    @guarded
     async def reconcile(
         body: kopf.Body,
         name: str,
@@ -383,6 +413,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         initial_delay=config.check_interval,
         registry=registry,
     )
+    @guarded
     async def recheck(
         body: kopf.Body,
         name: str,
@@ -403,6 +434,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             return  # reported in status; the reconcile handler retries
 
     @kopf.on.delete(*resource, registry=registry)
+    @guarded
     async def delete(
         body: kopf.Body,
         name: str,

@@ -257,10 +257,11 @@ class Kube:
 
     # admission
 
-    def set_webhook_ca(self, name: str, ca_bundle: bytes) -> bool:
-        """Put the CA into every webhook of the configuration; False if it does not exist.
-        Replicas starting together race here: a write guarded by a resourceVersion that
-        another replica changed meanwhile is read and checked again."""
+    def set_webhook_client(self, name: str, ca_bundle: bytes, path: str) -> bool:
+        """Put the CA and the path (which carries the webhook's token) into every webhook
+        of the configuration; False if it does not exist. Replicas starting together race
+        here: a write guarded by a resourceVersion that another replica changed meanwhile
+        is read and checked again."""
         encoded = base64.b64encode(ca_bundle).decode()
         for _ in range(5):
             try:
@@ -270,16 +271,17 @@ class Kube:
                     return False
                 raise
             hooks = current.webhooks or []
-            if all(h.client_config and h.client_config.ca_bundle == encoded for h in hooks):
+            if all(_client_is(h.client_config, encoded, path) for h in hooks):
                 return True
             version = current.metadata.resource_version if current.metadata else None
             ops: list[dict[str, Any]] = [
                 {"op": "test", "path": "/metadata/resourceVersion", "value": version}
             ]
-            ops += [
-                {"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": encoded}
-                for index in range(len(hooks))
-            ]
+            for index, hook in enumerate(hooks):
+                where = f"/webhooks/{index}/clientConfig"
+                ops.append({"op": "add", "path": f"{where}/caBundle", "value": encoded})
+                if hook.client_config and hook.client_config.service:
+                    ops.append({"op": "add", "path": f"{where}/service/path", "value": path})
             try:
                 self.admission.patch_mutating_webhook_configuration(name, ops)
             except ApiException as exc:
@@ -323,3 +325,9 @@ def _owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
         "uid": owner["metadata"]["uid"],
         "controller": True,
     }
+
+
+def _client_is(client: Any, ca_bundle: str, path: str) -> bool:
+    if client is None or client.ca_bundle != ca_bundle:
+        return False
+    return client.service is None or client.service.path == path

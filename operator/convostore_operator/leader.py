@@ -13,6 +13,10 @@ controllers (client-go's `leaderelection`), so a cluster operator reads them the
 - a holder that stops on purpose first stops reconciling, then releases the Lease (empty
   holder), so a candidate takes over at its next poll instead of waiting out the lease.
 
+The Lease is read and written on a thread of its own, with a timeout per call, so that
+nothing else the replica does (a burst of admissions, a slow API read elsewhere) delays
+a renewal, and a renewal the API server leaves unanswered still ends in a step-down.
+
 Kopf's own peering is not used: it pauses operators of equal priority and lets a new,
 higher-priority operator start before the old one has paused, while a Lease with an
 explicit release gives one reconciler at a time and a take-over bounded by its timings.
@@ -27,13 +31,16 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger("convostore.operator")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,13 @@ class Election:
         self.settings = settings
         self.observed: Observed | None = None
         self.last_renewed = 0.0
+        self.executor = ThreadPoolExecutor(1, "lease")
+
+    async def _call(self, call: Callable[[], T]) -> T:
+        """`call` on the Lease's own thread, given up after the renew deadline."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, call)
+        return await asyncio.wait_for(future, self.settings.renew_deadline)
 
     @property
     def identity(self) -> str:
@@ -103,7 +117,11 @@ class Election:
 
     def _read(self) -> Observed | None:
         try:
-            lease = self.api.read_namespaced_lease(self.settings.name, self.settings.namespace)
+            lease = self.api.read_namespaced_lease(
+                self.settings.name,
+                self.settings.namespace,
+                _request_timeout=self.settings.renew_deadline,
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -131,6 +149,7 @@ class Election:
                 self.api.create_namespaced_lease(
                     self.settings.namespace,
                     self._body(self.identity, 0, None),  # type: ignore[arg-type]
+                    _request_timeout=self.settings.renew_deadline,
                 )
             except ApiException as exc:
                 if exc.status == 409:
@@ -158,6 +177,7 @@ class Election:
                 self.settings.name,
                 self.settings.namespace,
                 body,  # type: ignore[arg-type]
+                _request_timeout=self.settings.renew_deadline,
             )
         except ApiException as exc:
             if exc.status in (409, 422):
@@ -165,8 +185,11 @@ class Election:
             raise
         return True
 
-    def release(self) -> None:
-        """Give the Lease up at once (blocking), if this replica still holds it."""
+    async def release(self) -> None:
+        """Give the Lease up at once, if this replica still holds it."""
+        await self._call(self._release)
+
+    def _release(self) -> None:
         seen = self._read()
         if seen is not None and seen.holder == self.identity:
             self._replace(self._body(None, seen.transitions, seen.resource_version))
@@ -175,7 +198,7 @@ class Election:
         """Wait until this replica holds the Lease (True) or `stop` is set (False)."""
         while not stop.is_set():
             try:
-                if await asyncio.to_thread(self.try_acquire_or_renew):
+                if await self._call(self.try_acquire_or_renew):
                     log.info("leader election: %s now leads", self.identity)
                     return True
             except Exception as exc:  # an unreachable API server: keep trying
@@ -191,7 +214,7 @@ class Election:
             if stop.is_set():
                 return
             try:
-                renewed = await asyncio.to_thread(self.try_acquire_or_renew)
+                renewed = await self._call(self.try_acquire_or_renew)
             except Exception as exc:
                 log.warning("leader election: renewal failed: %s", exc)
                 renewed = False

@@ -178,10 +178,10 @@ async def lead_while_running(
         await _first(election.hold(stop), reconciler.ended())
         await reconciler.stop()
         if reconciler.failed:
-            await asyncio.to_thread(election.release)
+            await election.release()
             return 1
         if stop.is_set():
-            await asyncio.to_thread(election.release)
+            await election.release()
             log.info("leader election: %s released the lease", election.identity)
     return 0
 

@@ -8,6 +8,18 @@ changed certificate into its running server without a restart, and keeps the web
 configuration's `caBundle` equal to the Secret's bundle, so whichever replica renewed,
 all of them serve a certificate the API server trusts.
 
+Who may call. The webhook port is reachable from any pod, so the webhook answers only
+callers that know its token: a random secret kept in the same Secret and written into
+the webhook configuration's path (`/inject-sidecar/<token>`), which only the API server
+(and whoever may read that configuration) sees. A request to any other path is refused
+before its body is read. This is the shared-secret form of webhook authentication that
+works on every cluster; client certificates need the API server's own admission config.
+
+Bounds. A body is at most `MAX_BODY` (a Pod fits: the API server stores no object over
+1.5 MiB), at most `CONCURRENT_ADMISSIONS` bodies are read and answered at once, and a pod
+may name at most `MAX_STORES` stores. Admissions read the API server on threads of their
+own, so a burst of them never waits for, or delays, the leader's Lease renewals.
+
 Admission. A pod that asks for convostore gets the sidecar patch, or a denial that says
 which stores are missing. Stores are read from the API server on each admission rather
 than from an in-memory index: every replica, leader or not, answers alike, and a store
@@ -19,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import hmac
 import json
 import logging
 import re
 import ssl
 import tempfile
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +58,9 @@ from .kube import Kube
 
 log = logging.getLogger("convostore.operator")
 INJECT_PATH = "/inject-sidecar"
+MAX_BODY = 2 * 1024 * 1024
+CONCURRENT_ADMISSIONS = 4
+MAX_STORES = 16
 # what Kubernetes accepts as an object name; anything else cannot name a store
 OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -98,6 +115,14 @@ class AdmissionServer:
         self.tls: WebhookTLS | None = None
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.runner: web.AppRunner | None = None
+        self.executor = ThreadPoolExecutor(CONCURRENT_ADMISSIONS, "admission")
+        self.admitting = asyncio.Semaphore(CONCURRENT_ADMISSIONS)
+
+    @property
+    def path(self) -> str:
+        """Where the API server sends admissions: the path with the webhook's token."""
+        assert self.tls is not None, "start() first"
+        return f"{INJECT_PATH}/{self.tls.token.decode()}"
 
     def load(self, tls: WebhookTLS) -> None:
         """Serve `tls` from the next handshake on (an SSLContext takes a new chain in place)."""
@@ -115,16 +140,16 @@ class AdmissionServer:
         """Blocking: agree on the certificate with the other replicas and publish its CA."""
         tls = ensure_tls(self.kube, self.webhook)
         self.load(tls)
-        if not self.kube.set_webhook_ca(self.webhook.configuration, tls.ca_bundle):
+        if not self.kube.set_webhook_client(self.webhook.configuration, tls.ca_bundle, self.path):
             log.warning(
                 "webhook configuration %r not found; pods will not be injected",
                 self.webhook.configuration,
             )
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.sync)
-        app = web.Application(client_max_size=4 * 1024 * 1024)
-        app.router.add_post(INJECT_PATH, self.handle)
+        await self._blocking(self.sync)
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_post(INJECT_PATH + "/{token}", self.handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(
@@ -141,22 +166,37 @@ class AdmissionServer:
             except TimeoutError:
                 pass
             try:
-                await asyncio.to_thread(self.sync)
+                await self._blocking(self.sync)
             except Exception as exc:
                 log.warning("webhook certificate check failed: %s", exc)
+
+    async def _blocking(self, call: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, request: web.Request) -> web.Response:
+        assert self.tls is not None
+        if not hmac.compare_digest(request.match_info["token"].encode(), self.tls.token):
+            return web.json_response({"error": "not found"}, status=404)
+        if (request.content_length or 0) > MAX_BODY:
+            return web.json_response({"error": "an AdmissionReview is smaller"}, status=413)
+        async with self.admitting:
+            return await self._review(request)
+
+    async def _review(self, request: web.Request) -> web.Response:
         try:
             review = await request.json()
             uid = review["request"]["uid"]
             assert isinstance(uid, str)
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": "an AdmissionReview is smaller"}, status=413)
         except (ValueError, KeyError, TypeError, AssertionError):
             return web.json_response({"error": "expected an AdmissionReview"}, status=400)
-        response = await admit(review["request"], self.kube, self.sidecar_image)
+        response = await admit(review["request"], self.kube, self.sidecar_image, self.executor)
         return web.json_response(
             {
                 "apiVersion": "admission.k8s.io/v1",
@@ -170,19 +210,29 @@ def _deny(message: str, code: int = 400) -> dict[str, Any]:
     return {"allowed": False, "status": {"code": code, "message": message}}
 
 
-async def admit(request: dict[str, Any], kube: Kube, image: str) -> dict[str, Any]:
-    """The `response` of an AdmissionReview for one pod (without its uid)."""
+async def admit(
+    request: dict[str, Any], kube: Kube, image: str, executor: Executor | None = None
+) -> dict[str, Any]:
+    """The `response` of an AdmissionReview for one pod (without its uid); API reads run
+    on `executor` (the event loop's default without one)."""
     pod = request.get("object")
     if not isinstance(pod, dict):
         return {"allowed": True}
     names = requested_stores(pod)
     if names is None or already_injected(pod):
         return {"allowed": True}
+    if len(names) > MAX_STORES:
+        return _deny(
+            f"convostore: the pod names {len(names)} stores in its {GROUP}/stores "
+            f"annotation; at most {MAX_STORES} are served by one sidecar"
+        )
     namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
     if not isinstance(namespace, str) or not namespace:
         return _deny("convostore: the pod's namespace is unknown")
     try:
-        found = await asyncio.to_thread(_read_stores, kube, namespace, names)
+        found = await asyncio.get_running_loop().run_in_executor(
+            executor, _read_stores, kube, namespace, names
+        )
     except Exception as exc:
         log.warning("admission: cannot read ConversationStores in %r: %s", namespace, exc)
         return _deny(

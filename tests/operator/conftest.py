@@ -6,6 +6,8 @@ import asyncio
 import base64
 import dataclasses
 import inspect
+import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.servers import free_port
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 NAMESPACE = "agents"
+CPUS = os.cpu_count() or 1
 
 
 @pytest.fixture
@@ -58,6 +61,7 @@ class WebhookEndpoint:
     url: str
     ca: bytes
     hostname: str
+    path: str
 
 
 @pytest.fixture
@@ -97,7 +101,7 @@ async def operator(cluster: Any, kube: Kube) -> AsyncIterator[Operator]:
             assert server.tls is not None
             admission.append(server)
             start.webhook = WebhookEndpoint(  # type: ignore[attr-defined]
-                f"https://127.0.0.1:{port}", server.tls.ca_bundle, WEBHOOK.hostnames[0]
+                f"https://127.0.0.1:{port}", server.tls.ca_bundle, WEBHOOK.hostnames[0], server.path
             )
         stop = asyncio.Event()
         spare = set(asyncio.all_tasks()) | set(runners)
@@ -243,3 +247,15 @@ async def create_secret(
             "data": encoded,
         },
     )
+
+
+@pytest.fixture
+async def full_default_pool() -> AsyncIterator[None]:
+    """Every thread of the event loop's default executor busy until the test ends (its
+    size is asyncio's: the CPU count plus 4, at most 32)."""
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    busy = [loop.run_in_executor(None, release.wait) for _ in range(min(32, CPUS + 4))]
+    yield
+    release.set()
+    await asyncio.gather(*busy)

@@ -191,13 +191,14 @@ class WebhookTarget:
 
 
 def webhook_target(docs: list[dict[str, Any]], stored: dict[str, Any]) -> WebhookTarget:
-    """Where the API server would send admissions, and the CA it would trust: the path
-    and Service from the rendered configuration, the caBundle as the operator set it."""
+    """Where the API server would send admissions, and the CA it would trust: the Service
+    from the rendered configuration, the path (with its token) and the caBundle as the
+    operator set them."""
     [hook] = only(docs, "MutatingWebhookConfiguration")["webhooks"]
     service = hook["clientConfig"]["service"]
     [live] = stored["webhooks"]
     return WebhookTarget(
-        path=service["path"],
+        path=live["clientConfig"]["service"]["path"],
         hostname=f"{service['name']}.{service['namespace']}.svc",
         ca_bundle=base64.b64decode(live["clientConfig"]["caBundle"]),
     )

@@ -12,6 +12,7 @@ import pytest
 from convostore_operator.kube import api_client, configuration
 from convostore_operator.leader import Election, LeaseSettings
 
+from tests.operator.conftest import eventually
 from tests.operator.emulator import LEASES, RealisticEmulator
 from tests.servers import free_port
 
@@ -44,7 +45,7 @@ async def test_one_candidate_holds_until_it_releases(cluster: Any) -> None:
     assert not await asyncio.to_thread(second.try_acquire_or_renew)
     assert holder(cluster) == "pod-a"
 
-    await asyncio.to_thread(first.release)
+    await first.release()
     assert holder(cluster) is None
     assert await asyncio.to_thread(second.try_acquire_or_renew), "no wait after a release"
     assert holder(cluster) == "pod-b"
@@ -91,3 +92,25 @@ async def test_a_holder_whose_lease_was_taken_steps_down_at_its_next_renewal(
     assert lease["spec"]["holderIdentity"] == "pod-b"
     await asyncio.wait_for(holding, LEASE_SECONDS)
     assert not await asyncio.to_thread(first.try_acquire_or_renew)
+
+
+async def test_a_full_shared_thread_pool_does_not_hold_renewals_back(
+    cluster: Any, full_default_pool: None
+) -> None:
+    """A burst elsewhere in the replica (admissions once filled this pool) must not keep
+    the leader from renewing, or another replica takes the Lease while it still leads."""
+    election = candidate("pod-a")
+    assert await asyncio.wait_for(election.acquire(asyncio.Event()), 5)
+
+    def renewed() -> Any:
+        return cluster.objects[LEASES, "convostore-system", "convostore-operator"]["spec"][
+            "renewTime"
+        ]
+
+    first = renewed()
+    stop = asyncio.Event()
+    holding = asyncio.create_task(election.hold(stop))
+    await eventually(lambda: renewed() != first, within=LEASE_SECONDS * 2)
+    assert not holding.done(), "the holder stepped down"
+    stop.set()
+    await holding

@@ -94,7 +94,7 @@ async def test_the_charts_rbac_allows_every_call_and_nothing_unused(
     election = Election(api_client(), lease)
     for _ in range(2):  # takes the Lease, then renews it
         assert await asyncio.to_thread(election.try_acquire_or_renew)
-    await asyncio.to_thread(election.release)
+    await election.release()
     assert WEBHOOK.configuration == env["CONVOSTORE_WEBHOOK_CONFIGURATION"]
     assert WEBHOOK.tls_secret == env["CONVOSTORE_WEBHOOK_TLS_SECRET"]
     await operator(clusterwide=not values)  # its webhook makes the certificate

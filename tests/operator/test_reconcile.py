@@ -790,6 +790,28 @@ async def test_a_password_goes_where_its_own_secret_lists(
     await eventually(functools.partial(phase_is, cluster, "mixed", "Ready"))
 
 
+async def test_what_a_pointed_at_service_answers_never_reaches_the_store_object(
+    cluster: Any, operator: Operator
+) -> None:
+    """An author points a store at an internal service that answers in a way the client
+    does not expect: the store says only that, not what the service said, in its status,
+    its annotations (where Kopf keeps a failed handler's message) or its Events."""
+    marker = "internal-reply-7781"
+    async with Lure(f"-ERR {marker}\r\n".encode()) as lure:
+        await operator()
+        url = f"redis://127.0.0.1:{lure.port}"
+        await create_store(cluster, "probe", {"backend": "redis", "redis": {"url": url}})
+        obj = await eventually(
+            lambda: (o := store_object(cluster, "probe")) and condition(o, "BackendReachable") and o
+        )
+        assert lure.connections > 0, "the check never ran"
+        reachable = condition(obj, "BackendReachable")
+        assert (reachable["status"], reachable["reason"]) == ("False", "CheckFailed")
+        await eventually(lambda: "CheckFailed" in reasons_of_events(cluster, "probe"))
+        seen = repr(dict(store_object(cluster, "probe"))) + repr(events_for(cluster, "probe"))
+        assert marker not in seen
+
+
 async def create_store_in(cluster: Any, namespace: str, name: str, spec: dict[str, Any]) -> None:
     await cluster.post(
         f"/apis/convostore.dev/v1alpha1/namespaces/{namespace}/conversationstores",

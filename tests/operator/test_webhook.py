@@ -50,7 +50,7 @@ def agent_pod(annotations: dict[str, str] | None = None) -> dict[str, Any]:
 async def review(operator: Operator, pod: dict[str, Any]) -> dict[str, Any]:
     """Send one AdmissionReview as the API server would; return its `response`."""
     endpoint = operator.webhook  # type: ignore[attr-defined]
-    target = WebhookTarget("/inject-sidecar", endpoint.hostname, endpoint.ca)
+    target = WebhookTarget(endpoint.path, endpoint.hostname, endpoint.ca)
     return await admission(endpoint.url.removeprefix("https://"), target, pod, NAMESPACE)
 
 
