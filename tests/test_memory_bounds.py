@@ -4,6 +4,7 @@ valid requests arrive at once (`requests.maxBufferedBytes`, items parsed one by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 
 import aiohttp
 from convostore_operator.inject import SIDECAR_MEMORY_LIMIT
-from convostore_sidecar.config import Limits
+from convostore_sidecar.config import Limits, RequestLimits
+from convostore_sidecar.serve import LONGEST_HEADER, MOST_HEADERS
 
 from tests.support import SidecarProcess
 
@@ -74,5 +76,55 @@ async def test_the_worst_valid_requests_at_once_stay_under_the_container_limit(
         for n in accepted:
             async with http.get(f"{proc.url}/v1/stores/default/sessions/s{n}/items") as resp:
                 assert (await resp.read()).count(b'"t":"') == body.count(b'"t":"')
+    peak, limit = peak_rss(proc.process.pid), mebibytes(SIDECAR_MEMORY_LIMIT)
+    assert peak < limit, f"peak RSS {peak >> 20} MiB, container limit {limit >> 20} MiB"
+
+
+CUT = b"(connection reset)"
+
+
+async def held_headers(port: int, count: int, size: int) -> bytes:
+    """Open a connection, send a request line and `count` headers of `size` bytes with
+    no token and never end them; what the sidecar answered (b"" while it waits)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = asyncio.create_task(reader.read(200))
+    try:
+        writer.write(b"POST /v1/stores/default/sessions/s/items HTTP/1.1\r\nHost: x\r\n")
+        for n in range(count):
+            writer.write(b"X-Pad-%d: " % n + b"a" * size + b"\r\n")
+            await writer.drain()
+    except ConnectionError:
+        pass  # answered and closed before every header was sent
+    try:
+        return await asyncio.wait_for(answer, 0.5)
+    except TimeoutError:
+        return b""
+    except ConnectionResetError:
+        return CUT  # the answer, if any, was lost with the reset
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_headers_before_the_token_cannot_take_the_sidecar_past_its_limit(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
+) -> None:
+    """Strangers (no token) holding as many connections as the sidecar accepts, each
+    with the most header bytes it allows; and connections that try more: answered 400
+    at the first header over the limit."""
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    store = {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "h.db")}}
+    proc = sidecar_process({"stores": {"default": store}})
+    proc.start("--token-file", str(token))
+    assert proc.process is not None
+    oversized = await asyncio.gather(*(held_headers(proc.port, 128, 64 << 10) for _ in range(20)))
+    assert all(a[:12] in (b"HTTP/1.0 400", b"HTTP/1.1 400") or a == CUT for a in oversized)
+    held = [
+        asyncio.create_task(held_headers(proc.port, MOST_HEADERS - 2, LONGEST_HEADER - 20))
+        for _ in range(RequestLimits.max_connections - 8)
+    ]
+    assert await asyncio.gather(*held) == [b""] * len(held), "a connection within bounds was cut"
     peak, limit = peak_rss(proc.process.pid), mebibytes(SIDECAR_MEMORY_LIMIT)
     assert peak < limit, f"peak RSS {peak >> 20} MiB, container limit {limit >> 20} MiB"

@@ -20,6 +20,7 @@ from typing import cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .app import build_app
 from .config import SidecarConfig
@@ -29,9 +30,14 @@ from .state import IN_FLIGHT
 log = logging.getLogger("convostore.sidecar")
 
 
-# a request line or header up to this long gets the API's own JSON error (a session id
-# or Idempotency-Key over its limit); aiohttp's default, 8190, answers in plain text
+# a request line up to this long gets the API's own JSON error (a session id over its
+# limit); aiohttp's default, 8190, answers in plain text
 LONGEST_LINE = 64 << 10
+# what a connection may make the sidecar hold before its token is checked: headers are
+# parsed whole first, so their count and size bound it (24 of up to 4 KiB: a bearer
+# token or an Idempotency-Key needs far less), and maxConnections bounds the connections
+LONGEST_HEADER = 4096
+MOST_HEADERS = 24
 
 
 class MalformedRequests(logging.Filter):
@@ -63,6 +69,22 @@ class Refused(asyncio.Protocol):
         transport.close()
 
 
+class StopsReadingAtABadRequest(RequestHandler):
+    """aiohttp's handler, but a connection whose request could not be parsed is read no
+    further: aiohttp would parse each later chunk again and queue up to 32 errors, each
+    keeping its 256 KiB chunk alive (8 MiB per connection, before any token is seen);
+    the first error is answered 400 and the connection closed all the same."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport is not None and any(
+            isinstance(message, _ErrInfo) for message, _ in self._messages
+        ):
+            self.transport.pause_reading()
+
+
 class ConnectionCap:
     """The listeners' protocol factory: aiohttp's handler while fewer than `limit`
     connections are open, so idle or slow clients cannot hold every file descriptor."""
@@ -73,7 +95,11 @@ class ConnectionCap:
 
     def __call__(self) -> asyncio.Protocol:
         if len(self._server.connections) < self._limit:
-            return self._server()
+            return StopsReadingAtABadRequest(
+                self._server,
+                loop=asyncio.get_running_loop(),
+                **self._server._kwargs,  # what AppRunner was given, as web.Server passes it
+            )
         self._refused += 1
         if time.monotonic() - self._reported >= REPORT_EVERY:
             log.warning(
@@ -94,7 +120,8 @@ async def serve(config: SidecarConfig) -> None:
         access_log=None,
         shutdown_timeout=config.shutdown_timeout,
         max_line_size=LONGEST_LINE,
-        max_field_size=LONGEST_LINE,
+        max_field_size=LONGEST_HEADER,
+        max_headers=MOST_HEADERS,
         keepalive_timeout=config.requests.idle_timeout,
     )
     await runner.setup()
