@@ -33,7 +33,7 @@ from .kube import Kube, MissingSecret, NotOurs, StoredSecret, connection_info
 from .redact import Redactor
 from .render import dapr_component, render
 from .spec import InvalidSpec, keys_secret_name, secret_refs, validate, validate_name
-from .trust import NotAllowed, check_flows, check_lent
+from .trust import ALLOWED_ENDPOINTS, Endpoint, NotAllowed, check_flows, check_lent, unvouched
 
 log = logging.getLogger("convostore.operator")
 FIRST_KEY_ID = "k1"
@@ -62,6 +62,8 @@ class Prepared:
     keys_secret: str | None
     keys: dict[str, bytes]
     primary: str | None
+    unvouched: list[Endpoint]
+    """Endpoints the operator will not connect to itself (`trust.unvouched`)."""
 
 
 def owner_of(body: kopf.Body) -> dict[str, Any]:
@@ -116,7 +118,7 @@ def prepare(kube: Kube, name: str, namespace: str, raw_spec: Any) -> Prepared:
             raise InvalidSpec(
                 "spec.encryption.primary", f"Secret {keys_secret!r} has no key {primary!r}"
             )
-    return Prepared(spec, secrets, keys_secret, keys, primary)
+    return Prepared(spec, secrets, keys_secret, keys, primary, unvouched(spec, refs, lent, secrets))
 
 
 def condition(
@@ -320,7 +322,10 @@ async def converge(
                 reason="Rolled",
                 message=f"config changed; restarted {', '.join(rolled)}",
             )
-    reach = await backend.check(name, spec_, prepared.secrets, prepared.keys, scope)
+    if prepared.unvouched:
+        reach = Reachability("Unknown", "NotChecked", not_connecting(prepared.unvouched))
+    else:
+        reach = await backend.check(name, spec_, prepared.secrets, prepared.keys, scope)
     if reach.detail:
         log.warning("store %s/%s: backend check failed: %s", namespace, name, redact(reach.detail))
     reach = dataclasses.replace(reach, message=redact(reach.message), detail="")
@@ -342,6 +347,15 @@ async def converge(
         configHash=config_hash,
         configSecret=config_secret,
         backendIdentity=f"{scope}/{name}" if scope else name,
+    )
+
+
+def not_connecting(endpoints: list[Endpoint]) -> str:
+    fields = ", ".join(sorted({e.field for e in endpoints}))
+    return (
+        f"the operator connects only to endpoints that a Secret the store uses names or "
+        f"lists in {ALLOWED_ENDPOINTS}, and {fields} is not one: each pod's sidecar checks "
+        "it (/readyz)"
     )
 
 
@@ -471,6 +485,14 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
                 reason="NotPurged",
                 message="the store's data is kept: its sessions are keyed by its name "
                 "alone and may be shared with a store of that name in another namespace",
+            )
+            return
+        if prepared.unvouched and prepared.spec["backend"] not in backend.LOCAL_BACKENDS:
+            kopf.event(
+                body,
+                type="Warning",
+                reason="NotPurged",
+                message=f"the store's data is kept: {not_connecting(prepared.unvouched)}",
             )
             return
         redact = Redactor([*prepared.secrets.values(), *prepared.keys.values()])

@@ -26,6 +26,10 @@ parameter hides where it connects, so it too has no listable origin). Sentinels 
 cluster's seed nodes are endpoints for both passwords: they name the servers the data
 password goes to. A Dapr Component is sent by Dapr, not the operator, but the rule is the
 same: its metadata fields that name a server (`DAPR_ENDPOINT_FIELDS`) are its endpoints.
+
+The operator itself connects (to check a store, bootstrap its schema or purge it) only
+to endpoints some Secret the store uses chose or lists (`unvouched`): a spec alone
+cannot aim it at a service, and a store with no such Secret is checked by its sidecars.
 """
 
 from __future__ import annotations
@@ -288,6 +292,28 @@ def check_flows(
                     f"Secret {secret!r} does not let its values go to {_shown(endpoint)} "
                     f"(from {endpoint.field}): add it to the Secret's {ALLOWED_ENDPOINTS}"
                 )
+
+
+def unvouched(
+    spec: dict[str, Any],
+    refs: dict[str, SecretRef],
+    lent: dict[str, StoredSecret],
+    secrets: dict[str, str],
+) -> list[Endpoint]:
+    """The endpoints the operator's own check or purge would connect to that no Secret
+    the store uses chose or lists. The operator does not connect to those: otherwise a
+    store's author could aim it at any service its network reaches."""
+    names = {ref.name for ref in refs.values()}
+    found = []
+    for flow in flows(spec, secrets):
+        for endpoint in flow.endpoints:
+            if endpoint.chosen_by is not None or endpoint in found:
+                continue
+            if flow.openai_key and endpoint.origin == origin(OPENAI_API):
+                continue
+            if not any(listed(lent[name], endpoint.origin) for name in names):
+                found.append(endpoint)
+    return found
 
 
 def _shown(endpoint: Endpoint) -> str:

@@ -231,7 +231,11 @@ def secret_data(cluster: Any, name: str) -> dict[str, bytes] | None:
 
 
 async def create_secret(
-    cluster: Any, name: str, data: dict[str, str], annotations: dict[str, str] | None = None
+    cluster: Any,
+    name: str,
+    data: dict[str, str],
+    annotations: dict[str, str] | None = None,
+    namespace: str = NAMESPACE,
 ) -> None:
     """A Secret that lends itself to every store (`convostore.dev/allowed-stores: "*"`)
     unless `annotations` says otherwise."""
@@ -239,14 +243,24 @@ async def create_secret(
     if annotations is None:
         annotations = {"convostore.dev/allowed-stores": "*"}
     await cluster.post(
-        f"/api/v1/namespaces/{NAMESPACE}/secrets",
+        f"/api/v1/namespaces/{namespace}/secrets",
         json={
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": name, "namespace": NAMESPACE, "annotations": annotations},
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
             "data": encoded,
         },
     )
+
+
+async def lend_url(
+    cluster: Any, url: str, name: str = "endpoint", namespace: str = NAMESPACE
+) -> dict[str, str]:
+    """The store author's own Secret holding `url`, as a `urlSecretRef`: an endpoint a
+    Secret names, which the operator connects to (one written in the spec alone it
+    leaves to the sidecars)."""
+    await create_secret(cluster, name, {"url": url}, namespace=namespace)
+    return {"name": name, "key": "url"}
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from tests.operator.conftest import (
     create_workload,
     eventually,
     is_gone,
+    lend_url,
     phase_is,
     store_object,
 )
@@ -125,7 +126,7 @@ async def test_the_charts_rbac_allows_every_call_and_nothing_unused(
         {
             "backend": "redis",
             "deletionPolicy": "Delete",
-            "redis": {"url": redis_url, "keyPrefix": "rbac"},
+            "redis": {"urlSecretRef": await lend_url(cluster, redis_url), "keyPrefix": "rbac"},
         },
     )
     for name in ("vault", "portable", "scratch"):

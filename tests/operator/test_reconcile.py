@@ -31,6 +31,7 @@ from tests.operator.conftest import (
     events_for,
     eventually,
     is_gone,
+    lend_url,
     phase_is,
     reasons_of_events,
     secret_data,
@@ -89,14 +90,16 @@ async def test_sqlite_store_renders_config_and_reports_ready(
 async def test_redis_store_with_a_password_secret_is_reachable(
     cluster: Any, operator: Operator, redis_url: str
 ) -> None:
-    await create_secret(cluster, "redis-auth", {"password": ""})
+    lent = {"convostore.dev/allowed-stores": "*", "convostore.dev/allowed-endpoints": redis_url}
+    await create_secret(cluster, "redis-auth", {"password": ""}, lent)
     await operator()
+    password = {"name": "redis-auth", "key": "password"}
     await create_store(
         cluster,
         "cache",
         {
             "backend": "redis",
-            "redis": {"url": redis_url, "keyPrefix": "op-test"},
+            "redis": {"url": redis_url, "keyPrefix": "op-test", "passwordSecretRef": password},
         },
     )
     obj = await eventually(
@@ -232,7 +235,7 @@ async def test_openai_store_renders_its_key_and_checks_the_api_with_it(
 ) -> None:
     lent = {
         "convostore.dev/allowed-stores": "*",
-        "convostore.dev/allowed-endpoints": openai_api.base_url,
+        "convostore.dev/allowed-endpoints": f"{openai_api.base_url},{redis_url}",
     }
     await create_secret(cluster, "openai", {"api-key": openai_api.api_key}, lent)
     await create_secret(cluster, "openai-old", {"api-key": "sk-revoked-key-4321"}, lent)
@@ -277,14 +280,8 @@ async def test_unreachable_backend_is_degraded_with_the_reason(
     cluster: Any, operator: Operator
 ) -> None:
     await operator()
-    await create_store(
-        cluster,
-        "down",
-        {
-            "backend": "redis",
-            "redis": {"url": "redis://127.0.0.1:1/0"},
-        },
-    )
+    url = await lend_url(cluster, "redis://127.0.0.1:1/0")
+    await create_store(cluster, "down", {"backend": "redis", "redis": {"urlSecretRef": url}})
     obj = await eventually(
         lambda: (o := store_object(cluster, "down")) and condition(o, "BackendReachable") and o
     )
@@ -472,6 +469,7 @@ async def test_retain_keeps_data_and_delete_purges_it(
 ) -> None:
     client = aioredis.Redis.from_url(redis_url)
     await operator()
+    url = await lend_url(cluster, redis_url)
     for name, policy in (("keep", "Retain"), ("purge", "Delete")):
         await create_store(
             cluster,
@@ -479,7 +477,7 @@ async def test_retain_keeps_data_and_delete_purges_it(
             {
                 "backend": "redis",
                 "deletionPolicy": policy,
-                "redis": {"url": redis_url, "keyPrefix": f"op-{name}"},
+                "redis": {"urlSecretRef": url, "keyPrefix": f"op-{name}"},
             },
         )
         await eventually(functools.partial(phase_is, cluster, name, "Ready"))
@@ -524,7 +522,8 @@ async def test_the_timer_follows_the_backend_going_and_coming_back(
     server.start()
     try:
         await operator(OperatorConfig(sidecar_image="convostore:test", check_interval=1.0))
-        await create_store(cluster, "flaky", {"backend": "redis", "redis": {"url": server.url}})
+        url = await lend_url(cluster, server.url)
+        await create_store(cluster, "flaky", {"backend": "redis", "redis": {"urlSecretRef": url}})
         await eventually(functools.partial(phase_is, cluster, "flaky", "Ready"))
         await asyncio.to_thread(server.stop)
         await eventually(functools.partial(phase_is, cluster, "flaky", "Degraded"))
@@ -799,8 +798,8 @@ async def test_what_a_pointed_at_service_answers_never_reaches_the_store_object(
     marker = "internal-reply-7781"
     async with Lure(f"-ERR {marker}\r\n".encode()) as lure:
         await operator()
-        url = f"redis://127.0.0.1:{lure.port}"
-        await create_store(cluster, "probe", {"backend": "redis", "redis": {"url": url}})
+        url = await lend_url(cluster, f"redis://127.0.0.1:{lure.port}")
+        await create_store(cluster, "probe", {"backend": "redis", "redis": {"urlSecretRef": url}})
         obj = await eventually(
             lambda: (o := store_object(cluster, "probe")) and condition(o, "BackendReachable") and o
         )
@@ -810,6 +809,30 @@ async def test_what_a_pointed_at_service_answers_never_reaches_the_store_object(
         await eventually(lambda: "CheckFailed" in reasons_of_events(cluster, "probe"))
         seen = repr(dict(store_object(cluster, "probe"))) + repr(events_for(cluster, "probe"))
         assert marker not in seen
+
+
+async def test_an_endpoint_written_in_the_spec_alone_is_never_connected_to(
+    cluster: Any, operator: Operator
+) -> None:
+    """A spec cannot aim the operator at a service: with no Secret that names or lists
+    the endpoint, the operator neither checks nor purges there, and says so."""
+    async with Lure(b"-ERR nothing here\r\n") as lure:
+        await operator()
+        url = f"redis://127.0.0.1:{lure.port}"
+        spec = {"backend": "redis", "deletionPolicy": "Delete", "redis": {"url": url}}
+        await create_store(cluster, "aimed", spec)
+        obj = await eventually(
+            lambda: (o := store_object(cluster, "aimed")) and condition(o, "BackendReachable") and o
+        )
+        reachable = condition(obj, "BackendReachable")
+        assert (reachable["status"], reachable["reason"]) == ("Unknown", "NotChecked")
+        assert "spec.redis.url" in reachable["message"]
+        await cluster.delete(
+            f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/aimed"
+        )
+        await eventually(functools.partial(is_gone, cluster, "aimed"))
+        await eventually(lambda: "NotPurged" in reasons_of_events(cluster, "aimed"))
+        assert lure.connections == 0
 
 
 async def create_store_in(cluster: Any, namespace: str, name: str, spec: dict[str, Any]) -> None:
@@ -830,13 +853,14 @@ async def test_one_store_name_in_two_namespaces_is_two_stores(
     """Same name, same Redis, same keyPrefix, two namespaces: deleting one (with
     deletionPolicy Delete) purges its own sessions and not the other's."""
     prefix = unique("shared")
-    spec = {
-        "backend": "redis",
-        "deletionPolicy": "Delete",
-        "redis": {"url": redis_url, "keyPrefix": prefix},
-    }
     await operator(clusterwide=True)
     for namespace in (NAMESPACE, "others"):
+        url = await lend_url(cluster, redis_url, namespace=namespace)
+        spec = {
+            "backend": "redis",
+            "deletionPolicy": "Delete",
+            "redis": {"urlSecretRef": url, "keyPrefix": prefix},
+        }
         await create_store_in(cluster, namespace, "chat", spec)
 
     def ready_in(namespace: str) -> bool:
@@ -880,13 +904,14 @@ async def test_a_store_from_an_older_operator_keeps_its_sessions_where_they_are(
     """Compatibility: a store an older operator rendered (status with a configHash, no
     backendIdentity) stays keyed by its name, says so, and is never purged."""
     prefix = unique("legacy")
+    url = await lend_url(cluster, redis_url)
     await create_store(
         cluster,
         "old",
         {
             "backend": "redis",
             "deletionPolicy": "Delete",
-            "redis": {"url": redis_url, "keyPrefix": prefix},
+            "redis": {"urlSecretRef": url, "keyPrefix": prefix},
         },
     )
     await cluster.patch(
