@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from convostore import SidecarSession
 from convostore.errors import UnauthorizedError
+from convostore_sidecar.main import write_new_token
 from convostore_sidecar.serve import LONGEST_HEADER
 
 from tests.chart.tools import ROOT
@@ -63,6 +65,24 @@ def test_the_images_default_command_listens_on_loopback_only() -> None:
     args = json.loads(cmd.removeprefix("CMD "))
     assert args[0] == "sidecar"
     assert "--host" not in args, f"the image's CMD must not widen the listener: {shlex.join(args)}"
+
+
+def test_issuing_a_token_follows_no_link_planted_beside_it(tmp_path: Path) -> None:
+    """Links planted where the token goes, at the token's own name and at the name its
+    partial file once had (`.token.<pid>`), point at a file the sidecar must not touch:
+    it stays as it was, and the token is a file of the sidecar's own."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    victim.chmod(0o600)
+    folder = tmp_path / "token"
+    folder.mkdir()
+    (folder / "token").symlink_to(victim)
+    (folder / f".token.{os.getpid()}").symlink_to(victim)
+    write_new_token(folder / "token")
+    assert victim.read_text() == "keep me\n"
+    assert victim.stat().st_mode & 0o777 == 0o600
+    assert not (folder / "token").is_symlink()
+    assert len((folder / "token").read_text().strip()) >= 32
 
 
 async def test_a_socket_only_sidecar_issues_its_own_token(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ connect, but not remove the socket or listen in its place), and the directory wh
 sidecar writes the token it makes at every start; they get `CONVOSTORE_URL` and
 `CONVOSTORE_TOKEN_FILE`. The sidecar serves no TCP port unless the pod asks with
 `convostore.dev/tcp: "true"` (the token still guards it). Pods on the host's network
-are refused: the sidecar's loopback would be the node's.
+are refused: the sidecar's loopback would be the node's; so are pods that share their
+process namespace: any container could read the sidecar's token through /proc.
 
 The change is computed on the pod manifest alone, so it is easy to test and
 idempotent: a pod that has the sidecar is left alone.
@@ -119,6 +120,11 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
         raise InjectionRefused(
             "convostore: a pod on the host's network cannot have the sidecar: its "
             "loopback is the node's, shared by every pod there"
+        )
+    if spec.get("shareProcessNamespace"):
+        raise InjectionRefused(
+            "convostore: a pod that shares its process namespace cannot have the sidecar: "
+            "every container there could read the sidecar's token and memory through /proc"
         )
     callers = allowed_containers(pod)
     annotations = pod.setdefault("metadata", {}).setdefault("annotations", {})

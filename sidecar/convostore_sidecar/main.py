@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -105,13 +106,16 @@ def check_exposure(config: SidecarConfig) -> None:
 
 def write_new_token(path: Path) -> str:
     """A fresh random token in `path`, replaced in one rename so a client never reads
-    half of it; returns the path, which the sidecar then reads as its token file."""
+    half of it; returns the path, which the sidecar then reads as its token file. The
+    partial file gets a name no one can guess and is made new (never opened through a
+    link planted there), and a link at `path` is replaced, not followed."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(secrets.token_urlsafe(32) + "\n")
-        partial.chmod(0o644)
-        partial.replace(path)
+        fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(fd, 0o644)
+            out.write(secrets.token_urlsafe(32) + "\n")
+        os.replace(partial, path)
     except OSError as exc:
         raise ConfigError(f"--issue-token: cannot write {str(path)!r}: {exc.strerror}") from exc
     return str(path)

@@ -145,6 +145,7 @@ async def test_only_the_containers_named_may_call_the_sidecar(cluster: Any, kube
         ({"metadata": {"annotations": {"convostore.dev/containers": "ghost"}}}, "'ghost'"),
         ({"metadata": {"annotations": {"convostore.dev/containers": " , "}}}, "no container"),
         ({"spec": {"hostNetwork": True}}, "host's network"),
+        ({"spec": {"shareProcessNamespace": True}}, "shares its process namespace"),
     ],
 )
 async def test_pods_that_cannot_have_the_sidecar_safely_are_denied_with_the_reason(
