@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import kopf
+import yaml
 from convostore_sidecar.config import ConfigError
 from convostore_sidecar.drivers.base import BackendUnavailable
 
@@ -37,6 +38,7 @@ from .trust import ALLOWED_ENDPOINTS, Endpoint, NotAllowed, check_flows, check_l
 
 log = logging.getLogger("convostore.operator")
 FIRST_KEY_ID = "k1"
+PURGE_ATTEMPTS = 10
 HASH_KEY = "hash-key"  # in the config Secret: keys the config hash (render.Rendered)
 REASONS = {
     InvalidSpec: "InvalidSpec",
@@ -193,15 +195,21 @@ def report_failure(
     report(body, patch, status, "Failed", failed)
 
 
-def keyed_by_name_alone(status: Any) -> bool:
+def keyed_by_name_alone(kube: Kube, namespace: str, name: str, uid: str) -> bool:
     """Whether the store keeps the identity of an operator older than namespaced
-    identities: its sessions are keyed by its name alone. A store first rendered by
-    this version is keyed `<namespace>/<name>`; an older store (rendered, no
-    `backendIdentity` recorded) keeps its name, so its sessions stay where they are."""
-    recorded = (status or {}).get("backendIdentity")
-    if recorded is None:
-        return bool((status or {}).get("configHash"))
-    return "/" not in str(recorded)
+    identities: its sessions are keyed by its name alone. Decided by the config Secret
+    this operator rendered for the store (owned by it): a store first rendered since is
+    keyed `<namespace>/<name>` and its config says `scope`; an older store's config has
+    none, so its sessions stay where they are. Status is only a report of it: whoever may
+    patch a store's status cannot make it share another namespace's sessions."""
+    stored = kube.read_secret_versioned(namespace, f"{name}-convostore")
+    if stored is None or not stored.made_for(name, uid) or "config.yaml" not in stored.data:
+        return False
+    try:
+        rendered = yaml.safe_load(stored.data["config.yaml"])
+        return "scope" not in rendered["stores"][name]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return False
 
 
 def isolation_condition(
@@ -253,7 +261,8 @@ async def converge(
 
     spec_ = prepared.spec
     owner = owner_of(body)
-    scope = None if keyed_by_name_alone(status) else namespace
+    legacy = await asyncio.to_thread(keyed_by_name_alone, kube, namespace, name, body.metadata.uid)
+    scope = None if legacy else namespace
     redact = Redactor([*prepared.secrets.values(), *prepared.keys.values()])
     generated = None
     if prepared.keys_secret and not prepared.keys:
@@ -347,6 +356,20 @@ async def converge(
         configHash=config_hash,
         configSecret=config_secret,
         backendIdentity=f"{scope}/{name}" if scope else name,
+    )
+
+
+def purge_later(body: kopf.Body, why: str, retry: int, retry_delay: float) -> None:
+    """Try the purge again later (raises), or after `PURGE_ATTEMPTS` tries let the store
+    go with its data kept: a Secret or backend gone for good must not keep the store's
+    finalizer, and so the store, for ever."""
+    if retry + 1 < PURGE_ATTEMPTS:
+        raise kopf.TemporaryError(why, delay=retry_delay)
+    kopf.event(
+        body,
+        type="Warning",
+        reason="NotPurged",
+        message=f"the store's data is kept after {PURGE_ATTEMPTS} attempts: {why}",
     )
 
 
@@ -456,6 +479,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         spec: Any,
         status: Any,
         memo: kopf.Memo,
+        retry: int,
         **_: Any,
     ) -> None:
         if spec.get("deletionPolicy", "Retain") != "Delete":
@@ -477,8 +501,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             )
             return
         except MissingSecret as exc:
-            raise kopf.TemporaryError(f"cannot purge: {exc}", delay=config.retry_delay) from exc
-        if keyed_by_name_alone(status):
+            purge_later(body, f"cannot purge: {exc}", retry, config.retry_delay)
+            return
+        uid = body.metadata.uid
+        if await asyncio.to_thread(keyed_by_name_alone, memo.kube, namespace, name, uid):
             kopf.event(
                 body,
                 type="Warning",
@@ -509,8 +535,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             )
             return
         except BackendUnavailable as exc:
-            message = redact(f"cannot purge yet: {exc}")
-            raise kopf.TemporaryError(message, delay=config.retry_delay) from None
+            purge_later(body, redact(f"cannot purge yet: {exc}"), retry, config.retry_delay)
+            return
         kopf.event(
             body,
             type="Normal",

@@ -89,7 +89,7 @@ class StoredSecret:
         if owner_uid is not None:
             return owner_uid in self.owners
         return self.labels.get("app.kubernetes.io/managed-by") == "convostore" and (
-            self.labels.get(f"{GROUP}/store", store) == store
+            self.labels.get(f"{GROUP}/store") == store
         )
 
 

@@ -236,6 +236,7 @@ async def create_secret(
     data: dict[str, str],
     annotations: dict[str, str] | None = None,
     namespace: str = NAMESPACE,
+    labels: dict[str, str] | None = None,
 ) -> None:
     """A Secret that lends itself to every store (`convostore.dev/allowed-stores: "*"`)
     unless `annotations` says otherwise."""
@@ -247,7 +248,12 @@ async def create_secret(
         json={
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "annotations": annotations,
+                "labels": labels or {},
+            },
             "data": encoded,
         },
     )

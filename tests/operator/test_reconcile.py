@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
-from convostore_operator.handlers import OperatorConfig
+from convostore_operator.handlers import PURGE_ATTEMPTS, OperatorConfig
 from convostore_sidecar.config import load_config, parse_config
 from convostore_sidecar.drivers.postgres_schema import SCHEMA_VERSION
 from convostore_sidecar.stores import Store
@@ -498,6 +498,26 @@ async def test_retain_keeps_data_and_delete_purges_it(
     await client.aclose()
 
 
+async def test_a_store_whose_secret_is_gone_is_deleted_after_its_purge_attempts(
+    cluster: Any, operator: Operator
+) -> None:
+    """deletionPolicy Delete, and the Secret it needs to reach its data deleted first: the
+    operator tries a bounded number of times, then lets the store go and says so."""
+    await create_secret(cluster, "dsn", {"dsn": "postgresql://app@127.0.0.1:1/chat"})
+    await operator(OperatorConfig(sidecar_image="convostore:test", retry_delay=0.1))
+    ref = {"name": "dsn", "key": "dsn"}
+    spec = {"backend": "postgres", "deletionPolicy": "Delete", "postgres": {"dsnSecretRef": ref}}
+    await create_store(cluster, "orphan", spec)
+    await eventually(lambda: store_object(cluster, "orphan")["status"].get("phase"))
+    await cluster.delete(f"/api/v1/namespaces/{NAMESPACE}/secrets/dsn")
+    await cluster.delete(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/orphan"
+    )
+    await eventually(functools.partial(is_gone, cluster, "orphan"), within=30)
+    warnings = [e for e in events_for(cluster, "orphan") if e["reason"] == "NotPurged"]
+    assert any(f"after {PURGE_ATTEMPTS} attempts" in e["message"] for e in warnings)
+
+
 async def test_reconcile_twice_changes_nothing(cluster: Any, operator: Operator) -> None:
     await operator()
     await create_store(cluster, "twice", {"backend": "sqlite", "encryption": {"enabled": True}})
@@ -635,6 +655,24 @@ async def test_an_object_made_by_someone_else_is_never_taken_over(
     after = cluster.objects[kind, NAMESPACE, taken]
     assert not after.deleted
     assert dict(after.raw) == before
+
+
+async def test_a_key_secret_planted_with_the_operators_label_is_not_adopted(
+    cluster: Any, operator: Operator
+) -> None:
+    """A Secret that merely says it is managed by convostore, planted under the name a
+    store's generated keys would take, does not become that store's keys."""
+    managed = {"app.kubernetes.io/managed-by": "convostore"}
+    planted = base64.b64encode(bytes(32)).decode()
+    await create_secret(cluster, "chat-convostore-keys", {"k1": planted}, {}, labels=managed)
+    await operator()
+    await create_store(cluster, "chat", {"backend": "sqlite", "encryption": {"enabled": True}})
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "chat")) and o.get("status", {}).get("phase") and o
+    )
+    assert obj["status"]["phase"] == "Failed"
+    assert condition(obj, "ConfigRendered")["reason"] == "ObjectConflict"
+    assert secret_data(cluster, "chat-convostore") is None
 
 
 @pytest.mark.parametrize(
@@ -898,11 +936,57 @@ async def test_one_store_name_in_two_namespaces_is_two_stores(
         await client.aclose()
 
 
+async def create_rendered_config(cluster: Any, name: str, config: dict[str, Any]) -> None:
+    """The store's config Secret as an operator rendered it: labelled and owned."""
+    uid = store_object(cluster, name)["metadata"]["uid"]
+    owner: dict[str, Any] = {"apiVersion": "convostore.dev/v1alpha1", "kind": "ConversationStore"}
+    owner |= {"name": name, "uid": uid, "controller": True}
+    labels = {"app.kubernetes.io/managed-by": "convostore", "convostore.dev/store": name}
+    data = {"config.yaml": base64.b64encode(yaml.safe_dump(config).encode()).decode()}
+    await cluster.post(
+        f"/api/v1/namespaces/{NAMESPACE}/secrets",
+        json={
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": f"{name}-convostore",
+                "namespace": NAMESPACE,
+                "labels": labels,
+                "ownerReferences": [owner],
+            },
+            "data": data,
+        },
+    )
+
+
+async def test_whoever_patches_status_cannot_drop_a_stores_namespace(
+    cluster: Any, operator: Operator
+) -> None:
+    """Status is a report: claiming an older operator's identity there changes nothing."""
+    await operator()
+    await create_store(cluster, "chat", {"backend": "sqlite"})
+    await eventually(functools.partial(phase_is, cluster, "chat", "Ready"))
+    await cluster.patch(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/chat/status",
+        json={"status": {"backendIdentity": "chat"}},
+    )
+    await cluster.patch(
+        f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/chat",
+        json={"spec": {"retention": {"ttl": "1h"}}},
+    )
+    await eventually(lambda: store_object(cluster, "chat")["status"]["observedGeneration"] == 2)
+    obj = store_object(cluster, "chat")
+    assert obj["status"]["backendIdentity"] == f"{NAMESPACE}/chat"
+    assert condition(obj, "NamespaceIsolated")["status"] == "True"
+    config = yaml.safe_load((secret_data(cluster, "chat-convostore") or {})["config.yaml"])
+    assert config["stores"]["chat"]["scope"] == NAMESPACE
+
+
 async def test_a_store_from_an_older_operator_keeps_its_sessions_where_they_are(
     cluster: Any, operator: Operator, redis_url: str
 ) -> None:
-    """Compatibility: a store an older operator rendered (status with a configHash, no
-    backendIdentity) stays keyed by its name, says so, and is never purged."""
+    """Compatibility: a store an older operator rendered (its config Secret names no
+    scope) stays keyed by its name, says so, and is never purged."""
     prefix = unique("legacy")
     url = await lend_url(cluster, redis_url)
     await create_store(
@@ -914,6 +998,8 @@ async def test_a_store_from_an_older_operator_keeps_its_sessions_where_they_are(
             "redis": {"urlSecretRef": url, "keyPrefix": prefix},
         },
     )
+    older = {"stores": {"old": {"backend": "redis", "redis": {"url": redis_url}}}}
+    await create_rendered_config(cluster, "old", older)
     await cluster.patch(
         f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores/old/status",
         json={"status": {"phase": "Ready", "configHash": "0123456789abcdef"}},
