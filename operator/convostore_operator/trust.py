@@ -52,9 +52,9 @@ OPENAI_API = "https://api.openai.com"
 DEFAULT_PORTS = {"https": 443, "http": 80, "redis": 6379, "rediss": 6379, "postgresql": 5432}
 UNLISTABLE = "unlistable://"
 """The origin of an endpoint that cannot be known before connecting: no Secret lists it."""
-REDIS_QUERY_KEPT = frozenset(
-    {"db", "protocol", "client_name", "socket_timeout", "socket_connect_timeout"}
-)
+REDIS_QUERY_KEPT = frozenset({"db", "client_name", "socket_timeout", "socket_connect_timeout"})
+"""Parameters that change neither where nor how securely redis-py connects. `protocol` is
+not one: RESP3 lets a server redirect clients elsewhere (MOVING notifications)."""
 POSTGRES_QUERY_HIDING = frozenset({"service", "servicefile", "hostaddr", "passfile"})
 DAPR_ENDPOINT_FIELDS = frozenset(
     name.lower()

@@ -46,6 +46,7 @@ def test_a_redis_url_is_read_as_redis_py_connects(url: str, expected: str) -> No
         "rediss://cache.data:6380?ssl_cert_reqs=none",
         "redis://?host=evil.example&port=7000",
         "redis://cache.data:6379?ssl_check_hostname=false",
+        "redis://cache.data:6379?protocol=3",
         "unix:///var/run/redis.sock",
         "http://cache.data:6379",
         "redis://cache.data:99999",
