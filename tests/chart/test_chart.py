@@ -149,7 +149,7 @@ def test_a_network_policy_and_spread_replicas_by_default(helm: Any) -> None:
 
 
 def test_store_rules_go_cluster_wide_or_into_each_watched_namespace(helm: Any) -> None:
-    cluster_wide = render(helm, None)
+    cluster_wide = render(helm, None, "--set", "operator.clusterWide=true")
     [cluster_role] = [
         o
         for o in cluster_wide
@@ -179,6 +179,22 @@ def test_store_rules_go_cluster_wide_or_into_each_watched_namespace(helm: Any) -
         "values": ["agents", "research"],
     }
     assert watched in hooks["webhooks"][0]["namespaceSelector"]["matchExpressions"]
+
+
+def test_the_default_install_has_rights_in_its_watched_namespaces_alone(helm: Any) -> None:
+    """Cluster-wide rights to Secrets are a choice a release makes, not a default."""
+    objects = render(helm, None)
+    roles = {o["metadata"].get("namespace") for o in objects if o["kind"] == "Role"}
+    assert roles == {"agents", "convostore-system"}
+    cluster_rules = [r for o in objects if o["kind"] == "ClusterRole" for r in o["rules"]]
+    assert all(rule.get("resourceNames") for rule in cluster_rules), cluster_rules
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    assert "--namespace=agents" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    result = helm(
+        "template", "x", str(CHART), "--set", "operator.watchNamespaces=null", check=False
+    )
+    assert result.returncode != 0
+    assert "operator.clusterWide=true" in result.stderr
 
 
 @pytest.mark.parametrize(
