@@ -133,7 +133,8 @@ class OpenAIStandIn:
         self._loop.close()
 
     async def _start(self) -> None:
-        app = web.Application(middlewares=[self._middleware])
+        # a compaction sends the history it summarises: as large as OpenAI's own API takes
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 << 20)
         app.router.add_post("/v1/conversations", self._create)
         app.router.add_get("/v1/conversations/{cid}", self._retrieve)
         app.router.add_delete("/v1/conversations/{cid}", self._delete)

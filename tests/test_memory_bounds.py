@@ -12,9 +12,12 @@ from typing import Any
 
 import aiohttp
 from convostore_operator.inject import SIDECAR_MEMORY_LIMIT
+from convostore_sidecar.compaction.compactor import MOST_PARSED_BYTES
 from convostore_sidecar.config import Limits, RequestLimits
 from convostore_sidecar.serve import LONGEST_HEADER, MOST_HEADERS
 
+from tests.compaction_support import compaction_config
+from tests.openai_standin import OpenAIStandIn
 from tests.support import SidecarProcess
 
 LIMITS = Limits()
@@ -126,5 +129,44 @@ async def test_headers_before_the_token_cannot_take_the_sidecar_past_its_limit(
         for _ in range(RequestLimits.max_connections - 8)
     ]
     assert await asyncio.gather(*held) == [b""] * len(held), "a connection within bounds was cut"
+    peak, limit = peak_rss(proc.process.pid), mebibytes(SIDECAR_MEMORY_LIMIT)
+    assert peak < limit, f"peak RSS {peak >> 20} MiB, container limit {limit >> 20} MiB"
+
+
+async def test_compacting_a_history_too_large_to_parse_is_refused_within_the_limit(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+    tmp_path: Path,
+    openai_api: OpenAIStandIn,
+    openai_key_file: Path,
+) -> None:
+    """A session of 21 items of the worst 1 MiB each (once 800 MiB when compacted, with
+    the sidecar deaf meanwhile) is answered `history_too_large` without being parsed; a
+    history within the bound still compacts, and the sidecar stays within its limit."""
+    compaction = compaction_config(openai_api, openai_key_file, keepRecentTurns=0)
+    store = {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "c.db")}}
+    proc = sidecar_process({"stores": {"default": {**store, "compaction": compaction}}})
+    proc.start()
+    assert proc.process is not None
+    item = worst_item()
+    sizes = {"large": MOST_PARSED_BYTES // len(item) + 5, "within": 2}
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        for session, count in sizes.items():
+            items = f"{proc.url}/v1/stores/default/sessions/{session}/items"
+            question = b'{"items":[{"role":"user","content":"q"}]}'
+            async with http.post(items, data=question, headers=headers) as resp:
+                assert resp.status == 200
+            for _ in range(count):
+                body = io.BytesIO(b'{"items":[' + item + b"]}")
+                async with http.post(items, data=body, headers=headers) as resp:
+                    assert resp.status == 200
+        outcomes = {}
+        for session in sizes:
+            url = f"{proc.url}/v1/stores/default/sessions/{session}/items:compact"
+            async with http.post(url, json={"force": True}) as resp:
+                assert resp.status == 200, await resp.text()
+                outcomes[session] = await resp.json()
+    assert outcomes["large"]["reason"] == "history_too_large"
+    assert outcomes["within"]["compacted"] is True, outcomes["within"]
     peak, limit = peak_rss(proc.process.pid), mebibytes(SIDECAR_MEMORY_LIMIT)
     assert peak < limit, f"peak RSS {peak >> 20} MiB, container limit {limit >> 20} MiB"

@@ -2,7 +2,9 @@
 
 Compactions of one session in one sidecar take turns, so a burst of turns makes one
 model call, not many; another sidecar's compaction of the same session is settled by
-the driver, whose replacement expects exactly the items this one read.
+the driver, whose replacement expects exactly the items this one read. What a
+compaction parses is bounded (`MOST_PARSED_BYTES`) and parsed on a worker thread, so a
+long history neither takes the sidecar past its memory limit nor stalls its other calls.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import CompactionSettings, Limits
@@ -18,6 +21,11 @@ from ..errors import ApiError
 from ..jsonbody import dumps, loads
 from . import policy
 from .model import CompactionModel
+
+MOST_PARSED_BYTES = 4 << 20
+"""The most live history a compaction parses (JSON of many small objects takes 10 to 18
+times its size once parsed, within the sidecar's 256 MiB): about a million tokens, more
+than a model's context window holds."""
 
 
 class Compactor:
@@ -49,50 +57,74 @@ class Compactor:
                 "history_too_long",
                 f"the session holds more than limits.maxReadItems ({most}) items",
             )
-        items = [loads(data) for data in snapshot.items]
-        count = policy.covered(items, self.settings.keep_recent_turns)
-        part = items[:count]
-        if not part:
-            return _skipped("nothing_to_compact", "no items before the turns kept verbatim")
-        sizes = [len(data) for data in snapshot.items]
-        if not request.force and not policy.triggered(self.settings, part, sizes):
-            return _skipped("below_threshold", "the history is below the store's trigger")
-        mode = policy.mode(request, self.settings.mode, partial=count < len(items))
-        if mode is None:
+        size = sum(len(data) for data in snapshot.items)
+        if size > MOST_PARSED_BYTES:
             return _skipped(
-                "partial_needs_input",
-                "previous_response_id mode would also summarise the turns kept verbatim",
+                "history_too_large",
+                f"the session's live history is {size >> 20} MiB; a compaction parses at "
+                f"most {MOST_PARSED_BYTES >> 20} MiB, more than a model's context holds",
             )
-        if mode == "previous_response_id" and not request.response_id:
-            raise ApiError(
-                400, "response_id_required", "previous_response_id mode needs a response_id"
-            )
-        if not policy.tool_groups_whole(part):
-            return _skipped("tool_call_pending", "a tool call has no output yet")
-        compacted = await self.model.compact(
-            mode, request.response_id, policy.for_model(part) if mode == "input" else None
-        )
+        # parsing and deciding take time in proportion to the history: off the loop
+        plan = await asyncio.to_thread(_plan, snapshot.items, self.settings, request)
+        if isinstance(plan, dict):
+            return plan
+        compacted = await self.model.compact(plan.mode, request.response_id, plan.for_model)
         try:
             output = policy.from_model(compacted.output)
         except policy.UnusableOutput as exc:
             raise ApiError(
                 502, "compaction_failed", f"the model's output cannot be stored: {exc}"
             ) from exc
-        outcome: dict[str, Any] = {"mode": mode, "usage": compacted.usage}
-        if len(output) > count:
+        outcome: dict[str, Any] = {"mode": plan.mode, "usage": compacted.usage}
+        if len(output) > plan.count:
             return _skipped("not_smaller", "the summary holds more items than it replaces", outcome)
         replaced = await self.driver.compact(
-            session_id, branch, snapshot.stored[:count], _encoded(output)
+            session_id, branch, snapshot.stored[: plan.count], _encoded(output)
         )
         if not replaced:
             return _skipped("history_changed", "the items read were changed meanwhile", outcome)
         return {
             "compacted": True,
             **outcome,
-            "replaced": count,
+            "replaced": plan.count,
             "items": len(output),
-            "kept": len(items) - count,
+            "kept": plan.total - plan.count,
         }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to send the model: the first `count` of `total` items, in `mode`."""
+
+    mode: str
+    count: int
+    total: int
+    for_model: list[Any] | None
+
+
+def _plan(
+    stored: Sequence[bytes], settings: CompactionSettings, request: policy.Request
+) -> Plan | dict[str, Any]:
+    """The compaction to make of these items, or why none (the API's answer)."""
+    items = [loads(data) for data in stored]
+    count = policy.covered(items, settings.keep_recent_turns)
+    part = items[:count]
+    if not part:
+        return _skipped("nothing_to_compact", "no items before the turns kept verbatim")
+    sizes = [len(data) for data in stored]
+    if not request.force and not policy.triggered(settings, part, sizes):
+        return _skipped("below_threshold", "the history is below the store's trigger")
+    mode = policy.mode(request, settings.mode, partial=count < len(items))
+    if mode is None:
+        return _skipped(
+            "partial_needs_input",
+            "previous_response_id mode would also summarise the turns kept verbatim",
+        )
+    if mode == "previous_response_id" and not request.response_id:
+        raise ApiError(400, "response_id_required", "previous_response_id mode needs a response_id")
+    if not policy.tool_groups_whole(part):
+        return _skipped("tool_call_pending", "a tool call has no output yet")
+    return Plan(mode, count, len(items), policy.for_model(part) if mode == "input" else None)
 
 
 def _encoded(items: Sequence[Any]) -> list[bytes]:
