@@ -51,9 +51,11 @@ def _steps(turns: int) -> list[ModelStep]:
     return steps
 
 
-async def _converse(url: str, turns: int, repeat: int) -> Side:
+async def _converse(url: str, turns: int, repeat: int, api: OpenAIStandIn) -> Side:
     session = SidecarSession("long", url=url)
-    model = ScriptedModel(_steps(turns + 1))
+    steps = _steps(turns + 1)
+    api.remember_responses(steps)  # compaction chains from them
+    model = ScriptedModel(steps)
     agent = Agent(name="assistant", model=model, tools=[lookup_weather])
     quiet: list[float] = []
     compacting: list[float] = []
@@ -86,8 +88,8 @@ async def compaction_cost(
     try:
         plain.start()
         compacting.start()
-        ours = await _converse(compacting.url, turns, repeat)
-        theirs = await _converse(plain.url, turns, repeat)
+        ours = await _converse(compacting.url, turns, repeat, api)
+        theirs = await _converse(plain.url, turns, repeat, api)
     finally:
         plain.stop()
         compacting.stop()

@@ -41,8 +41,15 @@ class Conversation:
     usage: Usage
 
 
-async def converse(session: Session, *, store: bool | None, turns: int = TURNS) -> Conversation:
-    model = ScriptedModel(weather_steps(turns))
+async def converse(
+    session: Session, *, store: bool | None, turns: int = TURNS, api: OpenAIStandIn | None = None
+) -> Conversation:
+    """`turns` turns through the Runner; `api` keeps the model's responses, so that a
+    compaction can chain from them (`previous_response_id`)."""
+    steps = weather_steps(turns)
+    if api is not None:
+        api.remember_responses(steps)
+    model = ScriptedModel(steps)
     agent = Agent(name="assistant", model=model, tools=[lookup_weather])
     config = RunConfig(model_settings=ModelSettings(store=store))
     usage = Usage()

@@ -19,7 +19,9 @@ ids are digests of the request (with `previous_response_id`, the compaction item
 alone), and `usage` counts 4 bytes of request or output per token. `compact_bodies`
 records the requests; `hold_compactions()` makes them wait until
 `release_compactions()` (`compactions_waiting` counts them), and `compact_delay` adds
-latency.
+latency. Responses the Runner's scripted model made are served by `responses.retrieve`
+(`GET /v1/responses/{id}`) once `remember_responses(steps)` has them, as OpenAI keeps
+stored responses; any other id is 404.
 
 It runs on its own thread and event loop, so synchronous fixtures can start it and a
 sidecar process can reach it while a test awaits. `fail(status, times, after)` answers
@@ -37,7 +39,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +109,7 @@ class OpenAIStandIn:
         self._counter = itertools.count()
         self.port = free_port()
         self.compact_bodies: list[dict[str, Any]] = []
+        self.responses: dict[str, list[dict[str, Any]]] = {}
         self.compact_delay = 0.0
         self.compactions_waiting = 0
         self._released = asyncio.Event()
@@ -115,6 +118,12 @@ class OpenAIStandIn:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
+
+    def remember_responses(self, steps: Iterable[Any]) -> None:
+        """Keep the output of each `agents.testing.ModelStep`, by its response id."""
+        for step in steps:
+            output = [item.model_dump(exclude_none=True) for item in step.output]
+            self.responses[step.response_id] = output
 
     @property
     def base_url(self) -> str:
@@ -143,6 +152,7 @@ class OpenAIStandIn:
         app.router.add_get("/v1/conversations/{cid}/items/{iid}", self._get_item)
         app.router.add_delete("/v1/conversations/{cid}/items/{iid}", self._delete_item)
         app.router.add_post("/v1/responses/compact", self._compact)
+        app.router.add_get("/v1/responses/{rid}", self._retrieve_response)
         self._server = TestServer(app, host="127.0.0.1", port=self.port)
         await self._server.start_server()
 
@@ -345,6 +355,24 @@ class OpenAIStandIn:
                     "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": tokens_in + tokens_out,
                 },
+            }
+        )
+
+    async def _retrieve_response(self, request: web.Request) -> web.Response:
+        rid = request.match_info["rid"]
+        if rid not in self.responses:
+            raise ApiFailure(404, f"Response with id '{rid}' not found.")
+        return web.json_response(
+            {
+                "id": rid,
+                "object": "response",
+                "created_at": 0,
+                "model": "scripted",
+                "status": "completed",
+                "output": self.responses[rid],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
             }
         )
 

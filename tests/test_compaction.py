@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from agents.memory import OpenAIResponsesCompactionSession, SQLiteSession
 from convostore import SidecarSession
+from convostore.errors import RequestRejectedError
 from convostore_sidecar.encryption import generate_key
 from openai import AsyncOpenAI
 
@@ -40,7 +41,7 @@ async def test_the_model_sees_what_it_sees_with_the_sdks_compaction_session(
     sdk_session = OpenAIResponsesCompactionSession(
         "sdk", SQLiteSession("sdk", str(tmp_path / "sdk.db")), client=client
     )
-    theirs = await converse(sdk_session, store=store)
+    theirs = await converse(sdk_session, store=store, api=openai_api)
     await client.close()
     their_requests = list(openai_api.compact_bodies)
     openai_api.compact_bodies.clear()
@@ -48,7 +49,7 @@ async def test_the_model_sees_what_it_sees_with_the_sdks_compaction_session(
     compaction = compaction_config(openai_api, openai_key_file)
     sidecar = sidecar_process({"stores": {"default": store_config(backend, compaction=compaction)}})
     sidecar.start()
-    ours = await converse(SidecarSession(unique(), url=sidecar.url), store=store)
+    ours = await converse(SidecarSession(unique(), url=sidecar.url), store=store, api=openai_api)
 
     assert len(their_requests) >= 2
     assert all(("input" in body) == (store is False) for body in their_requests)
@@ -91,11 +92,14 @@ def compacting_sidecar(
 
 @pytest.mark.parametrize("backend", COMPACTING)
 async def test_nothing_is_thrown_away_and_export_writes_it_all(
-    backend: str, compacting_sidecar: Callable[..., SidecarProcess], tmp_path: Path
+    backend: str,
+    compacting_sidecar: Callable[..., SidecarProcess],
+    openai_api: OpenAIStandIn,
+    tmp_path: Path,
 ) -> None:
     sidecar = compacting_sidecar(backend)
     session = SidecarSession(unique(), url=sidecar.url)
-    await converse(session, store=None)
+    await converse(session, store=None, api=openai_api)
     plain = SQLiteSession("plain", str(tmp_path / "plain.db"))
     await converse(plain, store=None)
     said = await plain.get_items()
@@ -112,6 +116,45 @@ async def test_nothing_is_thrown_away_and_export_writes_it_all(
         records = [json.loads(line) for line in exported.read_text().splitlines()]
         assert [r["item"] for r in records] == expected
         assert {r["session_id"] for r in records} == {session.session_id}
+
+
+def said(item_id: str) -> dict[str, Any]:
+    """An assistant message as a response's output holds it, and the Runner stores it."""
+    text = {"type": "output_text", "text": f"said as {item_id}", "annotations": []}
+    return {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [text],
+    }
+
+
+@pytest.mark.parametrize("backend", COMPACTING)
+async def test_a_compaction_chains_only_from_the_sessions_own_responses(
+    backend: str, compacting_sidecar: Callable[..., SidecarProcess], openai_api: OpenAIStandIn
+) -> None:
+    """A token holder naming another conversation's response would have the sidecar's key
+    summarise that chain into their session: refused unless the response's output is in
+    the session, and no compaction is asked of the model."""
+    openai_api.responses["resp_theirs"] = [said("msg_theirs")]
+    openai_api.responses["resp_mine"] = [said("msg_mine")]
+    sidecar = compacting_sidecar(backend)
+    session = SidecarSession(unique(), url=sidecar.url)
+    await session.add_items([*history(3), said("msg_mine")])
+    before = await session.get_items()
+    chain = {"compaction_mode": "previous_response_id", "force": True}
+    for foreign in ("resp_theirs", "resp_never_made"):
+        with pytest.raises(RequestRejectedError) as refused:
+            await session.run_compaction({**chain, "response_id": foreign})
+        assert refused.value.code == "response_not_in_session"
+    assert openai_api.compact_bodies == []
+    assert await session.get_items() == before
+
+    await session.run_compaction({**chain, "response_id": "resp_mine"})
+    assert session.last_compaction is not None
+    assert session.last_compaction["compacted"] is True
+    assert openai_api.compact_bodies[-1]["previous_response_id"] == "resp_mine"
 
 
 @pytest.mark.parametrize("backend", COMPACTING)

@@ -68,6 +68,8 @@ class Compactor:
         plan = await asyncio.to_thread(_plan, snapshot.items, self.settings, request)
         if isinstance(plan, dict):
             return plan
+        if plan.mode == "previous_response_id":
+            await self._check_chain(str(request.response_id), plan.item_ids)
         compacted = await self.model.compact(plan.mode, request.response_id, plan.for_model)
         try:
             output = policy.from_model(compacted.output)
@@ -91,15 +93,30 @@ class Compactor:
             "kept": plan.total - plan.count,
         }
 
+    async def _check_chain(self, response_id: str, item_ids: frozenset[str]) -> None:
+        """A token holder may name any response: the sidecar's key would summarise a chain
+        of another conversation into this session. So the response must be one whose
+        output this session holds (the Runner stores a turn's output with its ids)."""
+        output = await self.model.output_ids(response_id)
+        if not output or not output <= item_ids:
+            raise ApiError(
+                400,
+                "response_not_in_session",
+                f"response {response_id!r} is not one of this session's: its output is not "
+                "in the history; history unchanged",
+            )
+
 
 @dataclass(frozen=True)
 class Plan:
-    """What to send the model: the first `count` of `total` items, in `mode`."""
+    """What to send the model: the first `count` of `total` items, in `mode`; `item_ids`
+    are the ids the compacted items carry."""
 
     mode: str
     count: int
     total: int
     for_model: list[Any] | None
+    item_ids: frozenset[str]
 
 
 def _plan(
@@ -124,7 +141,8 @@ def _plan(
         raise ApiError(400, "response_id_required", "previous_response_id mode needs a response_id")
     if not policy.tool_groups_whole(part):
         return _skipped("tool_call_pending", "a tool call has no output yet")
-    return Plan(mode, count, len(items), policy.for_model(part) if mode == "input" else None)
+    ids = frozenset(str(i["id"]) for i in part if isinstance(i, dict) and i.get("id"))
+    return Plan(mode, count, len(items), policy.for_model(part) if mode == "input" else None, ids)
 
 
 def _encoded(items: Sequence[Any]) -> list[bytes]:

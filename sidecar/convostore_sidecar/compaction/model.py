@@ -1,9 +1,13 @@
-"""The one model call compaction makes: `responses.compact`, with the official `openai`
-client and the key only the sidecar holds. Its failures become 502 `compaction_failed`
-(504 `compaction_timeout`), with the API's message and anything like a key removed."""
+"""The model calls compaction makes, with the official `openai` client and the key only
+the sidecar holds: `responses.compact`, and `responses.retrieve` to check that a
+response chain is the session's own before compacting from it. Failures become 502
+`compaction_failed` (504 `compaction_timeout`), with the API's message and anything like
+a key removed."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,20 +41,43 @@ class CompactionModel:
         )
         if items is not None:
             source["input"] = items
-        try:
+        async with self._calling():
             answer = await self.api.responses.compact(model=self.model, **source)
-        except openai.APITimeoutError as exc:
-            raise self._failure(504, "compaction_timeout", "did not answer in time") from exc
-        except openai.APIStatusError as exc:
-            detail = exc.body.get("message", exc.message) if isinstance(exc.body, dict) else None
-            raise self._failure(
-                502, "compaction_failed", f"answered {exc.status_code}: {detail or exc.message}"
-            ) from exc
-        except openai.APIError as exc:
-            raise self._failure(502, "compaction_failed", f"failed: {exc}") from exc
         output = [item.model_dump(exclude_unset=True, warnings=False) for item in answer.output]
         usage = None if answer.usage is None else answer.usage.model_dump(exclude_unset=True)
         return Compacted(output, usage)
+
+    async def output_ids(self, response_id: str) -> set[str]:
+        """The ids of a stored response's output items, as the store's key reads it."""
+        unknown = ApiError(
+            400,
+            "response_not_in_session",
+            f"store {self.store!r}: no response {response_id!r} that the store's compaction "
+            "key can read; history unchanged",
+        )
+        async with self._calling(not_found=unknown):
+            answer = await self.api.responses.retrieve(response_id)
+        return {str(item.id) for item in answer.output if getattr(item, "id", None)}
+
+    @contextlib.asynccontextmanager
+    async def _calling(self, not_found: ApiError | None = None) -> AsyncIterator[None]:
+        try:
+            yield
+        except openai.APITimeoutError as exc:
+            raise self._failure(504, "compaction_timeout", "did not answer in time") from exc
+        except openai.NotFoundError as exc:
+            if not_found is None:
+                raise self._status_failure(exc) from exc
+            raise not_found from exc
+        except openai.APIStatusError as exc:
+            raise self._status_failure(exc) from exc
+        except openai.APIError as exc:
+            raise self._failure(502, "compaction_failed", f"failed: {exc}") from exc
+
+    def _status_failure(self, exc: openai.APIStatusError) -> ApiError:
+        detail = exc.body.get("message", exc.message) if isinstance(exc.body, dict) else None
+        what = f"answered {exc.status_code}: {detail or exc.message}"
+        return self._failure(502, "compaction_failed", what)
 
     def _failure(self, status: int, code: str, what: str) -> ApiError:
         message = f"store {self.store!r}: the compaction model call {what}; history unchanged"
