@@ -15,9 +15,12 @@ the webhook configuration's path (`/inject-sidecar/<token>`), which only the API
 before its body is read. This is the shared-secret form of webhook authentication that
 works on every cluster; client certificates need the API server's own admission config.
 
-Bounds. A body is at most `MAX_BODY` (a Pod fits: the API server stores no object over
-1.5 MiB), at most `CONCURRENT_ADMISSIONS` bodies are read and answered at once, and a pod
-may name at most `MAX_STORES` stores. Admissions read the API server on threads of their
+Bounds. Before the token is checked a connection holds at most the sidecar's header
+bounds, at most `MAX_CONNECTIONS` are open (more are answered 503) and an idle one is
+closed after `IDLE_SECONDS`; `networkPolicy.apiServerCIDRs` keeps strangers off the port
+altogether. A body is at most `MAX_BODY` (a Pod fits: the API server stores no object
+over 1.5 MiB), at most `CONCURRENT_ADMISSIONS` bodies are read and answered at once, and
+a pod may name at most `MAX_STORES` stores. Admissions read the API server on threads of their
 own, so a burst of them never waits for, or delays, the leader's Lease renewals.
 
 Admission. A pod that asks for convostore gets the sidecar patch, or a denial that says
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from convostore_sidecar.serve import LONGEST_HEADER, MOST_HEADERS, ConnectionCap
 
 from .certs import WebhookTLS, issue
 from .crd import GROUP
@@ -61,6 +65,8 @@ INJECT_PATH = "/inject-sidecar"
 MAX_BODY = 2 * 1024 * 1024
 CONCURRENT_ADMISSIONS = 4
 MAX_STORES = 16
+MAX_CONNECTIONS = 256
+IDLE_SECONDS = 15.0
 # what Kubernetes accepts as an object name; anything else cannot name a store
 OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -115,6 +121,7 @@ class AdmissionServer:
         self.tls: WebhookTLS | None = None
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.runner: web.AppRunner | None = None
+        self.listener: asyncio.Server | None = None
         self.executor = ThreadPoolExecutor(CONCURRENT_ADMISSIONS, "admission")
         self.admitting = asyncio.Semaphore(CONCURRENT_ADMISSIONS)
 
@@ -150,12 +157,19 @@ class AdmissionServer:
         await self._blocking(self.sync)
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post(INJECT_PATH + "/{token}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(
-            self.runner, self.webhook.address, self.webhook.port, ssl_context=self.context
+        self.runner = web.AppRunner(
+            app,
+            access_log=None,
+            keepalive_timeout=IDLE_SECONDS,
+            max_field_size=LONGEST_HEADER,
+            max_headers=MOST_HEADERS,
         )
-        await site.start()
+        await self.runner.setup()
+        assert self.runner.server is not None
+        accept = ConnectionCap(self.runner.server, MAX_CONNECTIONS)
+        self.listener = await asyncio.get_running_loop().create_server(
+            accept, self.webhook.address, self.webhook.port, ssl=self.context
+        )
         log.info("admission webhook serving on port %d", self.webhook.port)
 
     async def keep_in_sync(self, stop: asyncio.Event) -> None:
@@ -174,6 +188,8 @@ class AdmissionServer:
         await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         if self.runner is not None:
             await self.runner.cleanup()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -18,9 +18,15 @@ from typing import Any
 import aiohttp
 import pytest
 from convostore_operator.kube import Kube
-from convostore_operator.webhook import INJECT_PATH, MAX_BODY, MAX_STORES, AdmissionServer
+from convostore_operator.webhook import (
+    INJECT_PATH,
+    MAX_BODY,
+    MAX_CONNECTIONS,
+    MAX_STORES,
+    AdmissionServer,
+)
 
-from tests.operator.conftest import NAMESPACE, WEBHOOK
+from tests.operator.conftest import NAMESPACE, WEBHOOK, eventually
 from tests.operator.deployed import WebhookTarget, admission
 from tests.operator.emulator import RealisticEmulator
 from tests.operator.test_webhook_tls import HOOKS, create_configuration
@@ -113,5 +119,33 @@ async def test_admissions_are_answered_while_the_shared_thread_pool_is_full(
     origin = f"127.0.0.1:{webhook.webhook.port}"
     response = await asyncio.wait_for(
         admission(origin, target(webhook), asking_pod(), NAMESPACE), 10
+    )
+    assert "no ConversationStore named 'chat'" in response["status"]["message"]
+
+
+async def test_strangers_holding_connections_are_capped_and_dropped_when_idle(
+    webhook: AdmissionServer,
+) -> None:
+    """Connections past the cap are told to come back, and the API server's call gets
+    through once the strangers' idle connections are closed."""
+    assert webhook.tls is not None
+    tls = ssl.create_default_context(cadata=webhook.tls.ca_bundle.decode())
+    port = webhook.webhook.port
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(
+            "127.0.0.1", port, ssl=tls, server_hostname=WEBHOOK.hostnames[0]
+        )
+
+    held = [await connect() for _ in range(MAX_CONNECTIONS)]
+    reader, writer = await connect()
+    refused = await asyncio.wait_for(reader.read(200), 10)
+    writer.close()
+    assert refused.startswith(b"HTTP/1.1 503"), refused
+    for _, held_writer in held:
+        held_writer.close()
+    origin = f"127.0.0.1:{port}"
+    response = await eventually(
+        lambda: admission(origin, target(webhook), asking_pod(), NAMESPACE), within=10
     )
     assert "no ConversationStore named 'chat'" in response["status"]["message"]
