@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import kopf
 import kubernetes
 from aiohttp import web
+from convostore_sidecar.serve import LONGEST_HEADER, MOST_HEADERS
 
 from .crd import GROUP
 from .handlers import OperatorConfig, register
@@ -128,7 +129,9 @@ async def serve_health(address: tuple[str, int], healthy: Reconciler) -> web.App
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(
+        app, access_log=None, max_field_size=LONGEST_HEADER, max_headers=MOST_HEADERS
+    )
     await runner.setup()
     await web.TCPSite(runner, *address).start()
     return runner
