@@ -66,11 +66,11 @@ class WebhookTLS:
             return None
 
     def needs_renewal(self, hostnames: list[str], now: datetime.datetime) -> bool:
+        if not self.token:
+            return True  # made before the webhook had a token: renewing adds one
         cert = x509.load_pem_x509_certificate(self.cert)
         life = cert.not_valid_after_utc - cert.not_valid_before_utc
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if not self.token:
-            return True
         return cert.not_valid_after_utc - now < life / 3 or sorted(
             names.get_values_for_type(x509.DNSName)
         ) != sorted(hostnames)

@@ -69,7 +69,6 @@ DAPR_ENDPOINT_FIELDS = frozenset(
         "address",
         "addresses",
         "connectionString",
-        "sentinelMasterName",
         "accountName",
         "baseUrl",
         "brokers",
