@@ -56,3 +56,18 @@ def test_an_incomplete_secret_is_not_trusted() -> None:
     data = issue(NAMES, NOW).secret_data()
     del data["ca.key"]
     assert WebhookTLS.from_secret(data) is None
+
+
+def test_the_path_token_is_made_once_and_survives_every_renewal() -> None:
+    tls = issue(NAMES, NOW)
+    assert len(tls.token) >= 40
+    assert issue(NAMES, NOW, tls).token == tls.token
+    ca_renewal = NOW + datetime.timedelta(days=3650 - 300)
+    assert issue(NAMES, ca_renewal, tls).ca_cert != tls.ca_cert
+    assert issue(NAMES, ca_renewal, tls).token == tls.token
+    older = WebhookTLS.from_secret(
+        {k: v for k, v in tls.secret_data().items() if k != "path-token"}
+    )
+    assert older is not None
+    assert older.needs_renewal(NAMES, NOW), "a Secret from before tokens is renewed"
+    assert issue(NAMES, NOW, older).token not in (b"", tls.token)
