@@ -11,6 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 import yarl
+from convostore import AdvancedSidecarSession
+from convostore.errors import RequestRejectedError
 
 from tests.support import REDIS_CLUSTER, RunningSidecar, StartSidecar, unique
 
@@ -270,6 +272,10 @@ async def test_backends_without_structure_answer_501_naming_the_backend(
                 assert f"the {backend} backend" in answer["error"]["message"]
         async with http.get(url + "/items?turns=1") as resp:
             assert len((await resp.json())["items"]) == 1
+    advanced = AdvancedSidecarSession(url.rsplit("/", 1)[1], "chat", url=sidecar.url)
+    with pytest.raises(RequestRejectedError) as refused:
+        await advanced.list_branches()
+    assert (refused.value.status, refused.value.code) == (501, "not_supported")
 
 
 @pytest.mark.parametrize("backend", STRUCTURED)

@@ -309,6 +309,8 @@ def _error_from(status: int, raw: bytes) -> ConvostoreError:
         return UnauthorizedError(code, message, status)
     if status == 404:
         return NotFoundError(code, message, status)
+    if status == 501:  # the store's backend cannot do this: retrying never helps
+        return RequestRejectedError(code, message, status)
     if status >= 500:
         return StoreUnavailableError(code, message, status)
     return RequestRejectedError(code, message, status)
