@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from convostore import SidecarSession
 from convostore.errors import StoreUnavailableError
@@ -80,9 +81,16 @@ async def test_a_failed_model_call_leaves_the_history_as_it_was(
     with caplog.at_level(logging.WARNING, logger="convostore"):
         await converse(session, store=None, turns=1)  # the Runner's own call: logged, not raised
     assert "not compacted, history kept" in caplog.text
+    assert session.last_compaction is not None
+    assert session.last_compaction["reason"] == "compaction_failed"
     after = await session.get_items()
     assert after[: len(before)] == before
     assert len(after) == len(before) + 4
+    async with aiohttp.ClientSession() as http, http.get(f"{sidecar.url}/metrics") as resp:
+        metrics = await resp.text()
+    failures = 'convostore_compactions_total{outcome="compaction_failed",store="default"} 2.0'
+    assert failures in metrics
+    assert "a compaction failed: compaction_failed" in sidecar.log_path.read_text()
 
 
 @pytest.mark.parametrize("backend", COMPACTING)

@@ -243,6 +243,12 @@ class SidecarSession:
                 answer_within=COMPACTION_TIMEOUT,
             )
         except ConvostoreError as exc:
+            self.last_compaction = {
+                "compacted": False,
+                "reason": exc.code,
+                "message": exc.message,
+                "status": exc.status,
+            }
             if exc.code in COMPACTION_OFF:
                 _not_compacting[where] = time.monotonic() + ASK_AGAIN_AFTER
             elif automatic:

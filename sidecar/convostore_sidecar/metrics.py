@@ -44,7 +44,8 @@ class Metrics:
         )
         self.compactions = Counter(
             "convostore_compactions",
-            "Compaction requests, by store and outcome (`compacted` or why not).",
+            "Compaction requests, by store and outcome (`compacted`, why not, or the "
+            "failure's code).",
             ["store", "outcome"],
             registry=self.registry,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -9,12 +10,14 @@ from aiohttp import web
 
 from .. import validation
 from ..config import COMPACTION_MODES
+from ..drivers.base import BackendUnavailable
 from ..errors import ApiError
 from ..jsonbody import dumps
 from ..middleware import read_object
 from ..state import METRICS, STORES
 from . import policy
 
+log = logging.getLogger("convostore.sidecar")
 routes = web.RouteTableDef()
 MAX_BODY = 4 << 10
 RESPONSE_ID = re.compile(r"[\x21-\x7e]{1,256}")
@@ -28,9 +31,21 @@ async def compact_items(request: web.Request) -> web.Response:
     branch = validation.branch_id(request.query.get("branch"))
     asked = _request(await _body(request))
     compactor = store.compactor
-    outcome = await compactor.run(session_id, branch, asked)
+    counted = request.app[METRICS].compactions
+    try:
+        outcome = await compactor.run(session_id, branch, asked)
+    except ApiError as exc:
+        counted.labels(store.name, exc.code).inc()
+        log.warning("store %s: a compaction failed: %s: %s", store.name, exc.code, exc.message)
+        raise
+    except BackendUnavailable as exc:
+        counted.labels(store.name, "backend_unavailable").inc()
+        log.warning(
+            "store %s: a compaction failed: the backend is unavailable: %s", store.name, exc
+        )
+        raise
     result = "compacted" if outcome["compacted"] else outcome["reason"]
-    request.app[METRICS].compactions.labels(store.name, result).inc()
+    counted.labels(store.name, result).inc()
     return web.Response(body=dumps(outcome), content_type="application/json")
 
 
