@@ -102,8 +102,8 @@ async def held_headers(port: int, count: int, size: int) -> bytes:
         return await asyncio.wait_for(answer, 0.5)
     except TimeoutError:
         return b""
-    except ConnectionResetError:
-        return CUT  # the answer, if any, was lost with the reset
+    except ConnectionError:
+        return CUT  # reset or broken while sending: the answer, if any, was lost with it
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
