@@ -68,7 +68,7 @@ async def test_appends_wait_for_the_replica_and_fail_honestly_without_it(
         try:
             with pytest.raises(StoreUnavailableError) as error:
                 await session.add_items([{"n": "unreplicated"}])
-            assert error.value.code == "backend_unavailable"
+            assert error.value.code == "outcome_unknown"
         finally:
             replica.process.send_signal(signal.SIGCONT)
         await wait_until_in_sync(primary)
@@ -98,7 +98,7 @@ async def test_a_replayed_append_waits_for_the_replica_like_the_original(
             session = SidecarSession("replayed", "chat", url=proc.url, retries=1)
             with pytest.raises(StoreUnavailableError) as error:
                 await session.add_items([{"n": 1}], idempotency_key="turn-1")
-            assert error.value.code == "backend_unavailable", attempt
+            assert error.value.code == "outcome_unknown", attempt
             proc.stop()
             proc.start()
     finally:

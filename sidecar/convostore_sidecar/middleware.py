@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .drivers.base import (
+    CAUSES,
     BackendMisconfigured,
     BackendUnavailable,
     BranchIdUsed,
@@ -92,11 +93,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         _, store = _labels(request)
         backend = request.app[STORES].get(store).config.backend if store else ""
         request.app[METRICS].backend_errors.labels(store, backend).inc()
-        log.warning("store %s: backend unavailable: %s", store, exc)
+        log.warning("store %s: %s: %s", store, exc.cause, exc)
         return error_response(
             503,
-            "backend_unavailable",
-            f"the backend of store {store!r} is unavailable; retry later",
+            exc.cause,
+            f"the backend of store {store!r} {CAUSES[exc.cause]}; retry later",
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
     except DecryptionFailed as exc:

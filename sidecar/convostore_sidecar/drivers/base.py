@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -78,8 +79,40 @@ def stored_at(items: Items, positions: Sequence[int]) -> list[bytes]:
     return items.seal(positions) if isinstance(items, Sealed) else list(items)
 
 
+class Cause(StrEnum):
+    """Why a backend did not do what was asked, as the API's error code: each a 503 with
+    `Retry-After`, so agents retry, and a message that names it, so operators see it."""
+
+    UNAVAILABLE = "backend_unavailable"
+    OUT_OF_MEMORY = "backend_out_of_memory"
+    READ_ONLY = "backend_read_only"
+    LOCK_TIMEOUT = "backend_lock_timeout"
+    DISK_FULL = "backend_disk_full"
+    TOO_MANY_CONNECTIONS = "backend_too_many_connections"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+
+
+CAUSES = {
+    Cause.UNAVAILABLE: "is unavailable",
+    Cause.OUT_OF_MEMORY: "is out of memory and refuses writes",
+    Cause.READ_ONLY: "refuses writes: it is a read-only replica (failing over?)",
+    Cause.LOCK_TIMEOUT: "gave up waiting for a lock another writer held",
+    Cause.DISK_FULL: "is out of disk space and refuses writes",
+    Cause.TOO_MANY_CONNECTIONS: "has no connection to spare",
+    Cause.OUTCOME_UNKNOWN: (
+        "may or may not have stored the write: the same request with the same "
+        "Idempotency-Key is safe to retry and tells which"
+    ),
+}
+
+
 class BackendUnavailable(Exception):
-    """The backend could not be reached or did not answer in time; retrying may help."""
+    """The backend could not be reached, did not answer in time or refused for a cause
+    that may pass (`cause`); retrying may help."""
+
+    def __init__(self, message: str, cause: Cause = Cause.UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class BackendMisconfigured(BackendUnavailable):

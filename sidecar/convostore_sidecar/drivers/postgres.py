@@ -44,6 +44,7 @@ from .base import (
     BranchIdUsed,
     BranchInfo,
     BranchNotFound,
+    Cause,
     Check,
     Idempotency,
     Items,
@@ -107,6 +108,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.DiskFullError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.OutOfMemoryError,
+)
+# refusals that name their cause; a lock_timeout is a LockNotAvailableError
+_CAUSES: tuple[tuple[type[BaseException], Cause], ...] = (
+    (asyncpg.LockNotAvailableError, Cause.LOCK_TIMEOUT),
+    (asyncpg.DiskFullError, Cause.DISK_FULL),
+    (asyncpg.TooManyConnectionsError, Cause.TOO_MANY_CONNECTIONS),
+    (asyncpg.OutOfMemoryError, Cause.OUT_OF_MEMORY),
 )
 # what the server says of the store's own settings; retrying does not help
 _MISCONFIGURED: tuple[type[BaseException], ...] = (
@@ -292,10 +302,11 @@ class PostgresDriver(KeepsStructure):
             if self._pool is not None:
                 await self._pool.expire_connections()
             raise BackendUnavailable(
-                f"postgres: the server no longer accepts writes: {exc}"
+                f"postgres: the server no longer accepts writes: {exc}", Cause.READ_ONLY
             ) from exc
         except _UNAVAILABLE as exc:
-            raise BackendUnavailable(f"postgres: {exc!r}") from exc
+            cause = next((c for kind, c in _CAUSES if isinstance(exc, kind)), Cause.UNAVAILABLE)
+            raise BackendUnavailable(f"postgres: {exc!r}", cause) from exc
 
     def _ttl(self) -> float | None:
         return self.retention.ttl_seconds

@@ -53,6 +53,8 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     ConnectionError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     TimeoutError,
     TryAgainError,
@@ -67,6 +69,7 @@ from .base import (
     BranchIdUsed,
     BranchInfo,
     BranchNotFound,
+    Cause,
     Check,
     Idempotency,
     Items,
@@ -621,6 +624,10 @@ class RedisDriver(KeepsStructure):
             return await fn()
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(f"redis: {exc}") from exc
+        except ReadOnlyError as exc:
+            raise BackendUnavailable(f"redis: {exc}", Cause.READ_ONLY) from exc
+        except OutOfMemoryError as exc:
+            raise BackendUnavailable(f"redis: {exc}", Cause.OUT_OF_MEMORY) from exc
         except _RESHAPING as exc:
             raise BackendUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
 
@@ -671,7 +678,8 @@ class RedisDriver(KeepsStructure):
             if acknowledged < replicas:
                 raise BackendUnavailable(
                     f"redis: the write reached {acknowledged} of {replicas} replica(s) "
-                    f"within waitTimeout ({timeout:g}s)"
+                    f"within waitTimeout ({timeout:g}s)",
+                    Cause.OUTCOME_UNKNOWN,
                 )
         return result
 

@@ -39,6 +39,7 @@ from .base import (
     BranchIdUsed,
     BranchInfo,
     BranchNotFound,
+    Cause,
     Check,
     Idempotency,
     Items,
@@ -204,7 +205,17 @@ def _connect(settings: Settings, busy_timeout: float) -> sqlite3.Connection:
 
 
 def _unavailable(settings: Settings, exc: sqlite3.Error) -> BackendUnavailable:
-    return BackendUnavailable(f"sqlite {settings.path}: {exc}")
+    text = str(exc)
+    cause = next((c for words, c in _CAUSES if words in text), Cause.UNAVAILABLE)
+    return BackendUnavailable(f"sqlite {settings.path}: {exc}", cause)
+
+
+_CAUSES = (
+    ("database or disk is full", Cause.DISK_FULL),
+    ("readonly database", Cause.READ_ONLY),
+    ("database is locked", Cause.LOCK_TIMEOUT),
+)
+"""SQLite names a refusal's cause only in its message (its extended codes aside)."""
 
 
 _Work = tuple[Callable[[sqlite3.Connection], object], "asyncio.Future[object]"]
