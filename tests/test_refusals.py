@@ -59,11 +59,30 @@ async def test_a_redis_out_of_memory_answers_that_it_is(
             except aioredis.ResponseError:
                 break
         failure = await refused(process, {"role": "user", "content": "x" * 4096})
+        assert failure[:2] == (503, "backend_out_of_memory")
+        assert "out of memory" in failure[2]
+        assert "backend_out_of_memory" in process.log_path.read_text()
+        status, ready = await readiness(process)
+        assert (status, ready["stores"]["chat"]) == (503, "writes_failing")
+        assert "backend_out_of_memory" in ready["details"]["chat"]
+        assert 'convostore_store_writes_failing{store="chat"} 1.0' in await metrics(process)
+
+        await client.flushall()
+        await SidecarSession(unique(), "chat", url=process.url).add_items([{"n": 1}])
+        assert (await readiness(process))[0] == 200, "ready again once a write is done"
+        assert 'convostore_store_writes_failing{store="chat"} 0.0' in await metrics(process)
     finally:
         await client.aclose()
-    assert failure[:2] == (503, "backend_out_of_memory")
-    assert "out of memory" in failure[2]
-    assert "backend_out_of_memory" in process.log_path.read_text()
+
+
+async def readiness(process: SidecarProcess) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(f"{process.url}/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+async def metrics(process: SidecarProcess) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{process.url}/metrics") as resp:
+        return await resp.text()
 
 
 async def test_a_redis_demoted_to_a_replica_answers_that_it_is_read_only(

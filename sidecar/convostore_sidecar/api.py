@@ -178,19 +178,27 @@ async def readyz(request: web.Request) -> web.Response:
     registry = request.app[STORES]
     stores = list(registry)
     readiness = request.app[READINESS]
-    problems = await asyncio.gather(*(readiness.problem(store) for store in stores))
+    pinged = await asyncio.gather(*(readiness.problem(store) for store in stores))
+    failing = [readiness.failing_writes(store.name) for store in stores]
+    problems = [p or f for p, f in zip(pinged, failing, strict=True)]
     ready = not any(problems)
+    states = [
+        "unavailable" if p else "writes_failing" if f else "ok"
+        for p, f in zip(pinged, failing, strict=True)
+    ]
     document: dict[str, object] = {
         "ready": ready,
-        "stores": {
-            s.name: "unavailable" if p else "ok" for s, p in zip(stores, problems, strict=True)
-        },
+        "stores": {s.name: state for s, state in zip(stores, states, strict=True)},
     }
     if authorized(request):
         document["details"] = {
             s.name: p for s, p in zip(stores, problems, strict=True) if p is not None
         }
     return _json(dumps(document), status=200 if ready else 503)
+
+
+def _state(unreachable: str | None, refusing: str | None) -> str:
+    return "unavailable" if unreachable else "writes_failing" if refusing else "ok"
 
 
 @routes.get("/metrics")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -31,6 +31,13 @@ class Metrics:
             "convostore_backend_errors",
             "Backend calls that failed because the backend was unavailable.",
             ["store", "backend"],
+            registry=self.registry,
+        )
+        self.writes_failing = Gauge(
+            "convostore_store_writes_failing",
+            "1 while a store's backend refuses its writes (since the last refusal, with no "
+            "write done); the cause is in /readyz's details and the log.",
+            ["store"],
             registry=self.registry,
         )
         self.items_appended = Counter(

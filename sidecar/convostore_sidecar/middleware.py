@@ -24,11 +24,12 @@ from .drivers.base import (
 from .encryption import DecryptionFailed
 from .errors import ApiError, error_response
 from .jsonbody import loads
-from .state import BODY_BUDGET, IN_FLIGHT, METRICS, REQUEST_LIMITS, STORES, TOKEN
+from .state import BODY_BUDGET, IN_FLIGHT, METRICS, READINESS, REQUEST_LIMITS, STORES, TOKEN
 
 log = logging.getLogger("convostore.sidecar")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
 RETRY_AFTER_SECONDS = "1"
+WRITES = frozenset({"POST", "DELETE"})
 
 
 def _labels(request: web.Request) -> tuple[str, str]:
@@ -72,6 +73,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         in_flight.leave()
     route, store = _labels(request)
     app[METRICS].observe(route, store, request.method, response.status, started)
+    if store and request.method in WRITES and 200 <= response.status < 300:
+        app[READINESS].write_done(store)
+        app[METRICS].writes_failing.labels(store).set(0)
     return response
 
 
@@ -94,6 +98,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         backend = request.app[STORES].get(store).config.backend if store else ""
         request.app[METRICS].backend_errors.labels(store, backend).inc()
         log.warning("store %s: %s: %s", store, exc.cause, exc)
+        if store and request.method in WRITES:
+            request.app[READINESS].write_refused(store, f"{exc.cause}: {exc}")
+            request.app[METRICS].writes_failing.labels(store).set(1)
         return error_response(
             503,
             exc.cause,

@@ -3,9 +3,12 @@
 Kubelet probes, load balancers and curious neighbours may all call `/readyz`; none of
 them should cause a backend call each (for an `openai` store that is an authenticated
 API call), so one check per store runs at a time and its outcome is reused for
-`CACHE_SECONDS`. Strangers learn only ready or not per store; the reason (which may
-name hosts) is for callers holding the token, or every caller when the sidecar has no
-token (then it listens on loopback or a socket only).
+`CACHE_SECONDS`. A backend can answer pings and still refuse writes (out of memory,
+read-only, out of disk): a store whose last write was refused within
+`WRITES_FAILING_SECONDS`, with no write done since, is not ready either. Strangers learn
+only ready or not per store; the reason (which may name hosts) is for callers holding
+the token, or every caller when the sidecar has no token (then it listens on loopback
+or a socket only).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .stores import Store
 
 CACHE_SECONDS = 2.0
 TIMEOUT_SECONDS = 2.0
+WRITES_FAILING_SECONDS = 30.0
 
 
 @dataclass
@@ -26,6 +30,20 @@ class Readiness:
     cache_seconds: float = CACHE_SECONDS
     _checked: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     _running: dict[str, asyncio.Task[str | None]] = field(default_factory=dict)
+    _refused: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+    def write_refused(self, store: str, why: str) -> None:
+        self._refused[store] = (time.monotonic(), why)
+
+    def write_done(self, store: str) -> None:
+        self._refused.pop(store, None)
+
+    def failing_writes(self, store: str) -> str | None:
+        """Why the store's writes are being refused, while they are."""
+        refused = self._refused.get(store)
+        if refused is None or time.monotonic() - refused[0] > WRITES_FAILING_SECONDS:
+            return None
+        return f"writes refused: {refused[1]}"
 
     async def problem(self, store: Store) -> str | None:
         """None when the store's backend answered; else why not."""
