@@ -2,13 +2,17 @@
 
 Each refusal is provoked for real: a Redis at `maxmemory` with `noeviction`, a Redis
 turned into a replica (`REPLICAOF`), a PostgreSQL database whose `lock_timeout` runs out
-while another transaction holds the table. The sidecar runs as a process, as in a pod.
+while another transaction holds the table, a SQLite file deleted or replaced under the
+sidecar. The sidecar runs as a process, as in a pod.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -141,3 +145,29 @@ async def test_a_postgres_lock_timeout_answers_that_it_is(
     session = SidecarSession(unique(), "chat", url=process.url)
     await session.add_items([{"n": 2}])
     assert await session.get_items() == [{"n": 2}], "answers again once the lock is gone"
+
+
+def take_away(path: Path, *, replace: bool) -> None:
+    for file in path.parent.glob(path.name + "*"):
+        file.unlink()
+    if replace:
+        sqlite3.connect(path).close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_sqlite_file_taken_away_under_the_sidecar_refuses_every_later_write(
+    how: str, sidecar_process: Start, tmp_path: Path
+) -> None:
+    """SQLite would go on writing to the unlinked file, acknowledging appends that the
+    next start cannot find: the sidecar refuses them instead, and is not ready."""
+    path = tmp_path / "chat.db"
+    process = started(sidecar_process, {"backend": "sqlite", "sqlite": {"path": str(path)}})
+    session = SidecarSession(unique(), "chat", url=process.url)
+    await session.add_items([{"n": 1}])
+    await asyncio.to_thread(take_away, path, replace=how == "replaced")
+    failure = await refused(process, {"n": 2})
+    assert failure[:2] == (503, "backend_storage_gone")
+    assert "database file" in failure[2]
+    status, ready = await readiness(process)
+    assert (status, ready["stores"]["chat"]) == (503, "unavailable")
+    assert "deleted or replaced" in ready["details"]["chat"]

@@ -89,6 +89,7 @@ class Cause(StrEnum):
     LOCK_TIMEOUT = "backend_lock_timeout"
     DISK_FULL = "backend_disk_full"
     TOO_MANY_CONNECTIONS = "backend_too_many_connections"
+    STORAGE_GONE = "backend_storage_gone"
     OUTCOME_UNKNOWN = "outcome_unknown"
 
 
@@ -99,6 +100,7 @@ CAUSES = {
     Cause.LOCK_TIMEOUT: "gave up waiting for a lock another writer held",
     Cause.DISK_FULL: "is out of disk space and refuses writes",
     Cause.TOO_MANY_CONNECTIONS: "has no connection to spare",
+    Cause.STORAGE_GONE: "lost its database file (deleted or replaced) and refuses writes",
     Cause.OUTCOME_UNKNOWN: (
         "may or may not have stored the write: the same request with the same "
         "Idempotency-Key is safe to retry and tells which"

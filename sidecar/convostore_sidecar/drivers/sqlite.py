@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -236,6 +237,27 @@ class _Writer(_Connection):
         super().__init__(settings, "sqlite-writer")
         self._waiting: list[_Work] = []
         self._group: asyncio.Future[list[tuple[bool, object]]] | None = None
+        self._file: tuple[int, int] | None = None
+
+    def check_file(self) -> None:
+        """Raises while the database file is not the one first written: SQLite goes on
+        writing to a file deleted under it (to its unlinked inode, gone at the next
+        start), so every later append would be acknowledged and lost."""
+        try:
+            seen = os.stat(self._settings.path)
+        except FileNotFoundError:
+            now = None
+        else:
+            now = (seen.st_dev, seen.st_ino)
+        if self._file is None:
+            self._file = now
+        if now is None or now != self._file:
+            raise BackendUnavailable(
+                f"sqlite {self._settings.path}: the database file was deleted or replaced "
+                "while the sidecar used it; writes are refused (none would be kept) until "
+                "the sidecar restarts on a file that is there",
+                Cause.STORAGE_GONE,
+            )
 
     async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -254,6 +276,7 @@ class _Writer(_Connection):
         self, group: list[Callable[[sqlite3.Connection], object]]
     ) -> list[tuple[bool, object]]:
         conn = self._connect()
+        self.check_file()
         conn.execute("BEGIN IMMEDIATE")
         try:
             outcomes = [_attempt(conn, fn, alone=len(group) == 1) for fn in group]
@@ -400,6 +423,7 @@ class SqliteDriver(KeepsStructure):
 
     async def ping(self) -> None:
         await self._reader.run(lambda conn: conn.execute("SELECT 1").fetchone())
+        await self._writer.run(lambda _: self._writer.check_file())
 
     async def append_to(
         self,
