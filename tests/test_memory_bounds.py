@@ -14,6 +14,7 @@ import aiohttp
 from convostore_operator.inject import SIDECAR_MEMORY_LIMIT
 from convostore_sidecar.compaction.compactor import MOST_PARSED_BYTES
 from convostore_sidecar.config import Limits, RequestLimits
+from convostore_sidecar.middleware import SMALL_BODY
 from convostore_sidecar.serve import LONGEST_HEADER, MOST_HEADERS
 
 from tests.compaction_support import compaction_config
@@ -170,3 +171,42 @@ async def test_compacting_a_history_too_large_to_parse_is_refused_within_the_lim
     assert outcomes["within"]["compacted"] is True, outcomes["within"]
     peak, limit = peak_rss(proc.process.pid), mebibytes(SIDECAR_MEMORY_LIMIT)
     assert peak < limit, f"peak RSS {peak >> 20} MiB, container limit {limit >> 20} MiB"
+
+
+async def test_slow_large_uploads_never_starve_an_ordinary_turn(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
+) -> None:
+    """Three uploads declare the largest body a request may have and send a byte, taking
+    the whole body budget until their body timeout; a turn's append still gets in."""
+    store = {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "s.db")}}
+    proc = sidecar_process({"stores": {"default": store}})
+    proc.start()
+    size = LIMITS.max_request_bytes
+    assert 3 * size >= RequestLimits.max_buffered_bytes
+    stalled = []
+    for n in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+        writer.write(
+            b"POST /v1/stores/default/sessions/big%d/items HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % (n, size)
+        )
+        await writer.drain()
+        stalled.append((reader, writer))
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"{proc.url}/v1/stores/default/sessions/medium/items"
+            medium = {"items": [{"blob": "x" * (SMALL_BODY * 2)}]}
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:  # until the three are being read: a larger body is turned away
+                async with http.post(url, json=medium) as resp:
+                    if resp.status == 503:
+                        break
+                assert asyncio.get_running_loop().time() < deadline, "the budget was free"
+                await asyncio.sleep(0.05)
+            url = f"{proc.url}/v1/stores/default/sessions/turn/items"
+            turn = {"items": [{"role": "user", "content": "hello " * 1000}]}
+            async with http.post(url, json=turn) as resp:
+                assert resp.status == 200, await resp.text()
+    finally:
+        for _, writer in stalled:
+            writer.close()

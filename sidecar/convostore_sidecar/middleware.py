@@ -210,6 +210,9 @@ def _overloaded(message: str) -> ApiError:
 
 
 RESERVED: web.RequestKey[int] = web.RequestKey("reserved_body_bytes", int)
+POOL: web.RequestKey[str] = web.RequestKey("body_pool", str)
+SMALL_BODY = 64 << 10
+SMALL_POOL = 1 << 20
 
 
 class BodyBudget:
@@ -217,23 +220,34 @@ class BodyBudget:
 
     A body is held while it is read, parsed and written, at about three times its size
     (the bytes read, the text parsed, the items written), so this bound, not the number
-    of requests, is what keeps the sidecar within its container's memory limit."""
+    of requests, is what keeps the sidecar within its container's memory limit. A body
+    is reserved whole when it starts, so concurrent large bodies are admitted or turned
+    away at once rather than all failing half-read.
+
+    Large bodies, sent slowly or not, can take the whole budget; requests of at most
+    `SMALL_BODY` bytes (an ordinary turn) then have a pool of their own (`SMALL_POOL`),
+    so they are never starved by large ones."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.held = 0
+        self.held = {"main": 0, "small": 0}
 
     def reserve(self, request: web.Request, size: int) -> None:
-        if self.held + size > self.limit:
-            raise _overloaded(
-                f"{self.held} bytes of request bodies are in progress; {size} more would "
-                f"pass requests.maxBufferedBytes ({self.limit}); retry shortly"
-            )
-        self.held += size
-        request[RESERVED] = request.get(RESERVED, 0) + size
+        pool = "main"
+        if self.held["main"] + size > self.limit:
+            if size > SMALL_BODY or self.held["small"] + size > SMALL_POOL:
+                raise _overloaded(
+                    f"{self.held['main']} bytes of request bodies are in progress; {size} "
+                    f"more would pass requests.maxBufferedBytes ({self.limit}); retry shortly"
+                )
+            pool = "small"
+        self.held[pool] += size
+        request[POOL] = pool
+        request[RESERVED] = size
 
     def release(self, request: web.Request) -> None:
-        self.held -= request.get(RESERVED, 0)
+        if POOL in request:
+            self.held[request[POOL]] -= request.get(RESERVED, 0)
         request[RESERVED] = 0
 
 
