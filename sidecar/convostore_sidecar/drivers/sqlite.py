@@ -21,11 +21,12 @@ gains the structure columns on first open; its items count as turn 0 of `main`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -58,11 +59,14 @@ from .base import (
     stored_at,
 )
 
+DEADLINE_MARGIN = 5.0
+"""Seconds past `busyTimeout` (the longest SQLite itself waits for a lock) after which a
+call is answered without waiting for the disk."""
+
 if TYPE_CHECKING:
     from ..config import Section, StoreConfig
 
 T = TypeVar("T")
-INLINE_READ_ITEMS = 100
 """Reads of at most this many items run on the event loop (see `_LoopReader`)."""
 
 SCHEMA_VERSION = 2
@@ -178,7 +182,9 @@ class _Connection:
             return fn(self._connect())
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            ran = asyncio.get_running_loop().run_in_executor(self._executor, call)
+            async with _deadline(self._settings, Cause.UNAVAILABLE):
+                return await ran
         except sqlite3.OperationalError as exc:
             raise _unavailable(self._settings, exc) from exc
 
@@ -203,6 +209,21 @@ def _connect(settings: Settings, busy_timeout: float) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+@contextlib.asynccontextmanager
+async def _deadline(settings: Settings, cause: Cause) -> AsyncIterator[None]:
+    """A call that has not answered within `busyTimeout` and `DEADLINE_MARGIN` (a stalled
+    disk, say) is answered 503 meanwhile; its thread finishes when the disk does. A write
+    may then still be stored: `cause` says whether the caller must assume so."""
+    seconds = settings.busy_timeout + DEADLINE_MARGIN
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise BackendUnavailable(
+            f"sqlite {settings.path}: no answer within {seconds:g} s (a stalled disk?)", cause
+        ) from None
 
 
 def _unavailable(settings: Settings, exc: sqlite3.Error) -> BackendUnavailable:
@@ -265,7 +286,8 @@ class _Writer(_Connection):
         self._waiting.append((fn, done))
         if self._group is None:
             self._commit_next(loop)
-        return cast(T, await done)
+        async with _deadline(self._settings, Cause.OUTCOME_UNKNOWN):
+            return cast(T, await done)
 
     def _commit_next(self, loop: asyncio.AbstractEventLoop) -> None:
         group, self._waiting = self._waiting, []
@@ -335,36 +357,6 @@ def _attempt(
     return True, result
 
 
-class _LoopReader:
-    """Small reads on the event loop's own thread, without a thread hand-off each.
-
-    SQLite answers such a read in microseconds, and a WAL reader never waits for the
-    writer; it can wait for a lock only in rare moments (another process recovering
-    the WAL, say). This connection never waits (busy timeout 0): a read that finds the
-    database busy goes to the reader thread, which waits as long as `busyTimeout`."""
-
-    def __init__(self, settings: Settings, fallback: _Connection) -> None:
-        self._settings = settings
-        self._fallback = fallback
-        self.conn: sqlite3.Connection | None = None
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            if self.conn is None:
-                self.conn = _connect(self._settings, 0)
-            return fn(self.conn)
-        except sqlite3.OperationalError as exc:
-            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code
-            if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise _unavailable(self._settings, exc) from exc
-        return await self._fallback.run(fn)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-
 def unusable_path(store: str, path: str, why: str) -> ConfigError:
     """A path the sidecar cannot keep a database at: a start-up error naming the field."""
     return ConfigError(
@@ -384,7 +376,6 @@ class SqliteDriver(KeepsStructure):
             raise self._unusable(exc.strerror or str(exc)) from None
         self._writer = _Writer(settings)
         self._reader = _Connection(settings, "sqlite-reader")
-        self._inline = _LoopReader(settings, self._reader)
 
     def _live_after(self, now: float) -> float:
         """Sessions written after this moment have not expired."""
@@ -417,7 +408,6 @@ class SqliteDriver(KeepsStructure):
             raise self._unusable(str(exc.__cause__ or exc)) from None
 
     async def close(self) -> None:
-        self._inline.close()
         await self._writer.close()
         await self._reader.close()
 
@@ -551,8 +541,7 @@ class SqliteDriver(KeepsStructure):
             rows = conn.execute(LATEST_SQL, (*params, -1 if limit is None else limit)).fetchall()
             return [row[0] for row in reversed(rows)]
 
-        small = limit is not None and limit <= INLINE_READ_ITEMS
-        return await (self._inline if small else self._reader).run(read)
+        return await self._reader.run(read)
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         store, now = self.store, time.time()

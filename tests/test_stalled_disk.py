@@ -1,0 +1,96 @@
+"""A stalled disk under the SQLite store: the sidecar keeps answering.
+
+The store's file lives on an ext4 file system of its own (a loop-mounted image) that the
+test freezes with `fsfreeze`, as a hung volume would be: writes and even reads (SQLite
+takes its WAL read lock in shared memory on that file system) block in the kernel. The
+sidecar must go on answering `/healthz`, answer each call within its deadline, and store
+a write that was left hanging exactly once when retried after the thaw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.servers import require
+from tests.support import SidecarProcess
+
+TOOLS = ("mkfs.ext4", "fsfreeze", "mount", "umount")
+BUSY_TIMEOUT = 1.0
+DEADLINE = BUSY_TIMEOUT + 5.0  # the driver's DEADLINE_MARGIN
+ANSWERED_WITHIN = DEADLINE + 10.0  # generous: only a hang fails
+
+
+@pytest.fixture
+def freezable(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a file system of its own, thawed and unmounted afterwards."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in TOOLS):
+        require("root with mkfs.ext4, fsfreeze and mount")
+    image, mount = tmp_path / "disk.img", tmp_path / "mnt"
+    mount.mkdir()
+    with image.open("wb") as out:
+        out.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mount)], check=False, capture_output=True)
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str) -> int:
+    headers = {"Idempotency-Key": key}
+    async with http.post(url, json=body, headers=headers) as resp:
+        return resp.status
+
+
+async def freeze(path: Path, frozen: bool) -> None:
+    flag = "-f" if frozen else "-u"
+    await asyncio.to_thread(subprocess.run, ["fsfreeze", flag, str(path)], check=True)
+
+
+async def read_status(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url) as resp:
+        return resp.status
+
+
+async def test_a_frozen_disk_stalls_no_answer_and_loses_no_write(
+    freezable: Path, sidecar_process: Callable[[dict[str, Any]], SidecarProcess]
+) -> None:
+    store = {
+        "backend": "sqlite",
+        "sqlite": {"path": str(freezable / "chat.db"), "busyTimeout": f"{BUSY_TIMEOUT:g}s"},
+    }
+    process = sidecar_process({"stores": {"chat": store}})
+    process.start()
+    items = f"{process.url}/v1/stores/chat/sessions/s/items"
+    async with aiohttp.ClientSession() as http:
+        assert await post(http, items, {"items": [{"n": 1}]}, "k1") == 200
+        await freeze(freezable, True)
+        try:
+            hanging = asyncio.create_task(post(http, items, {"items": [{"n": 2}]}, "k2"))
+            reading = asyncio.create_task(read_status(http, items + "?limit=1"))
+            for _ in range(5):  # the loop is free while a read and a write wait on the disk
+                async with asyncio.timeout(5), http.get(f"{process.url}/healthz") as health:
+                    assert health.status == 200
+                await asyncio.sleep(0.2)
+            async with asyncio.timeout(ANSWERED_WITHIN):
+                assert await hanging == 503
+                assert await reading in (200, 503)
+        finally:
+            await freeze(freezable, False)
+        for _ in range(100):  # the writer first finishes the group the freeze held up
+            if await post(http, items, {"items": [{"n": 2}]}, "k2") == 200:
+                break
+            await asyncio.sleep(0.2)
+        async with http.get(items) as read:
+            assert [item["n"] for item in (await read.json())["items"]] == [1, 2]
