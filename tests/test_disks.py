@@ -1,10 +1,12 @@
-"""A stalled disk under the SQLite store: the sidecar keeps answering.
+"""A full or a stalled disk under the SQLite store: the sidecar keeps answering.
 
-The store's file lives on an ext4 file system of its own (a loop-mounted image) that the
-test freezes with `fsfreeze`, as a hung volume would be: writes and even reads (SQLite
-takes its WAL read lock in shared memory on that file system) block in the kernel. The
-sidecar must go on answering `/healthz`, answer each call within its deadline, and store
-a write that was left hanging exactly once when retried after the thaw.
+A full disk is a small tmpfs: appends are refused as `backend_disk_full`, and the store
+says so on `/readyz`. A stalled disk is an ext4 file system of its own (a loop-mounted
+image) that the test freezes with `fsfreeze`, as a hung volume would be: writes and even
+reads (SQLite takes its WAL read lock in shared memory on that file system) block in the
+kernel. The sidecar must go on answering `/healthz`, answer each call within its
+deadline, and store a write that was left hanging exactly once when retried after the
+thaw.
 """
 
 from __future__ import annotations
@@ -29,11 +31,28 @@ DEADLINE = BUSY_TIMEOUT + 5.0  # the driver's DEADLINE_MARGIN
 ANSWERED_WITHIN = DEADLINE + 10.0  # generous: only a hang fails
 
 
+def need_mounts() -> None:
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in TOOLS):
+        require("root with mkfs.ext4, fsfreeze and mount")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 2 MiB file system of its own."""
+    need_mounts()
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 @pytest.fixture
 def freezable(tmp_path: Path) -> Iterator[Path]:
     """A directory on a file system of its own, thawed and unmounted afterwards."""
-    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in TOOLS):
-        require("root with mkfs.ext4, fsfreeze and mount")
+    need_mounts()
     image, mount = tmp_path / "disk.img", tmp_path / "mnt"
     mount.mkdir()
     with image.open("wb") as out:
@@ -94,3 +113,32 @@ async def test_a_frozen_disk_stalls_no_answer_and_loses_no_write(
             await asyncio.sleep(0.2)
         async with http.get(items) as read:
             assert [item["n"] for item in (await read.json())["items"]] == [1, 2]
+
+
+async def test_a_full_disk_answers_that_it_is_and_keeps_what_it_acknowledged(
+    small_disk: Path, sidecar_process: Callable[[dict[str, Any]], SidecarProcess]
+) -> None:
+    store = {"backend": "sqlite", "sqlite": {"path": str(small_disk / "chat.db")}}
+    process = sidecar_process({"stores": {"chat": store}})
+    process.start()
+    items = f"{process.url}/v1/stores/chat/sessions/s/items"
+    acknowledged = 0
+    async with aiohttp.ClientSession() as http:
+        for n in range(200):
+            body = {"items": [{"n": n, "pad": "x" * (32 << 10)}]}
+            async with http.post(items, json=body, headers={"Idempotency-Key": f"k{n}"}) as resp:
+                if resp.status != 200:
+                    refusal = (resp.status, (await resp.json())["error"])
+                    break
+                acknowledged += 1
+        else:
+            pytest.fail("2 MiB never filled up")
+        assert refusal[0] == 503
+        assert refusal[1]["code"] == "backend_disk_full"
+        assert "out of disk space" in refusal[1]["message"]
+        async with http.get(f"{process.url}/readyz") as ready:
+            assert ready.status == 503
+            assert (await ready.json())["stores"]["chat"] == "writes_failing"
+        async with http.get(items) as read:
+            stored = [item["n"] for item in (await read.json())["items"]]
+    assert stored == list(range(acknowledged)), "every acknowledged append is there"
