@@ -15,7 +15,7 @@ import pytest
 import yaml
 import yarl
 from convostore import SidecarSession
-from convostore_sidecar.middleware import TokenCheck
+from convostore_sidecar.middleware import SMALL_BODY, TokenCheck
 from convostore_sidecar.state import IN_FLIGHT, STORES
 
 from tests.servers import free_port
@@ -558,33 +558,37 @@ async def test_past_its_capacity_a_sidecar_turns_calls_away_and_stalled_bodies_t
 async def test_bodies_past_the_buffer_budget_are_turned_away_until_it_frees(
     start_sidecar: StartSidecar, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
+    budget = 2 * SMALL_BODY
     sidecar = await start_sidecar(
         {
-            "requests": {"maxBufferedBytes": 1024, "bodyTimeout": 1},
+            "requests": {"maxBufferedBytes": budget, "bodyTimeout": 1},
             "stores": {
                 "default": {
                     "backend": "sqlite",
                     "sqlite": {"path": str(tmp_path / "c.db")},
-                    "limits": {"maxRequestBytes": 1000},
+                    "limits": {"maxRequestBytes": budget},
                 }
             },
         }
     )
     url = sidecar.url + ITEMS.format("budget")
-    reader, writer = await slow_upload(url, length=1000)
+    reader, writer = await slow_upload(url, length=budget)
     await wait_for_in_flight(sidecar, 1)
-    async with http.post(url, json={"items": [{"a": "x" * 30}]}) as resp:
+    larger = {"items": [{"a": "x" * SMALL_BODY}]}
+    async with http.post(url, json=larger) as resp:
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
         error = (await resp.json())["error"]
     assert error["code"] == "overloaded"
-    assert "requests.maxBufferedBytes (1024)" in error["message"]
+    assert f"requests.maxBufferedBytes ({budget})" in error["message"]
+    async with http.post(url, json={"items": [{"a": 0}]}) as resp:
+        assert resp.status == 200, "a small body has a pool of its own"
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 408")
     writer.close()
     async with http.post(url, json={"items": [{"a": 1}]}) as resp:
         assert resp.status == 200, "the stalled body's bytes were given back"
-    assert await stored_items(sidecar, "budget") == [b'{"a":1}']
+    assert await stored_items(sidecar, "budget") == [b'{"a":0}', b'{"a":1}']
 
 
 async def wait_for_in_flight(sidecar: RunningSidecar, count: int) -> None:

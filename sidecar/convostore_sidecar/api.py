@@ -182,10 +182,7 @@ async def readyz(request: web.Request) -> web.Response:
     failing = [readiness.failing_writes(store.name) for store in stores]
     problems = [p or f for p, f in zip(pinged, failing, strict=True)]
     ready = not any(problems)
-    states = [
-        "unavailable" if p else "writes_failing" if f else "ok"
-        for p, f in zip(pinged, failing, strict=True)
-    ]
+    states = [_state(p, f) for p, f in zip(pinged, failing, strict=True)]
     document: dict[str, object] = {
         "ready": ready,
         "stores": {s.name: state for s, state in zip(stores, states, strict=True)},

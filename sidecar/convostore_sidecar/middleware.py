@@ -233,17 +233,19 @@ class BodyBudget:
         self.held = {"main": 0, "small": 0}
 
     def reserve(self, request: web.Request, size: int) -> None:
-        pool = "main"
-        if self.held["main"] + size > self.limit:
-            if size > SMALL_BODY or self.held["small"] + size > SMALL_POOL:
-                raise _overloaded(
-                    f"{self.held['main']} bytes of request bodies are in progress; {size} "
-                    f"more would pass requests.maxBufferedBytes ({self.limit}); retry shortly"
-                )
+        total = request.get(RESERVED, 0) + size
+        pool = request.get(POOL, "main")
+        if pool == "main" and self.held["main"] + size > self.limit and POOL not in request:
             pool = "small"
+        room = self.limit if pool == "main" else SMALL_POOL
+        if self.held[pool] + size > room or (pool == "small" and total > SMALL_BODY):
+            raise _overloaded(
+                f"{self.held['main']} bytes of request bodies are in progress; {size} more "
+                f"would pass requests.maxBufferedBytes ({self.limit}); retry shortly"
+            )
         self.held[pool] += size
         request[POOL] = pool
-        request[RESERVED] = size
+        request[RESERVED] = total
 
     def release(self, request: web.Request) -> None:
         if POOL in request:
