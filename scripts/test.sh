@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the project with its dev extras into .venv (made if
-# missing), makes sure the database binaries the tests start are present, then runs
+# missing), makes sure the database and file-system tools the tests start are present, then runs
 # ruff, ruff format --check, mypy and pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"  # mkfs.ext4, fsfreeze: system tools, not always on a user's PATH
 
 need_packages=()
 command -v redis-server >/dev/null || need_packages+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null \
   || need_packages+=(postgresql)
+# the disk-fault tests make their own file systems (a loop-mounted ext4, a small tmpfs)
+command -v mkfs.ext4 >/dev/null || need_packages+=(e2fsprogs)
+command -v fsfreeze >/dev/null || need_packages+=(util-linux)
 if [ ${#need_packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${need_packages[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_packages[@]}"
