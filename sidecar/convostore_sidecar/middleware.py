@@ -73,8 +73,8 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         in_flight.leave()
     route, store = _labels(request)
     app[METRICS].observe(route, store, request.method, response.status, started)
-    if store and request.method in WRITES and 200 <= response.status < 300:
-        app[READINESS].write_done(store)
+    done = store and request.method in WRITES and 200 <= response.status < 300
+    if done and app[READINESS].write_done(store):  # the store's writes were failing
         app[METRICS].writes_failing.labels(store).set(0)
     return response
 

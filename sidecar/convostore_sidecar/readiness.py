@@ -35,8 +35,9 @@ class Readiness:
     def write_refused(self, store: str, why: str) -> None:
         self._refused[store] = (time.monotonic(), why)
 
-    def write_done(self, store: str) -> None:
-        self._refused.pop(store, None)
+    def write_done(self, store: str) -> bool:
+        """Forget a refusal; True when there was one (the hot path asks nothing more)."""
+        return self._refused.pop(store, None) is not None
 
     def failing_writes(self, store: str) -> str | None:
         """Why the store's writes are being refused, while they are."""
