@@ -2,10 +2,9 @@
 
 Each operation is one function run on a dedicated thread that owns its connection: one
 writer thread, whose transactions (`BEGIN IMMEDIATE`) make appends and pops atomic, and
-a few reader threads, so reads proceed side by side and while a write is in progress
-(WAL). Nothing touches the file on the event loop: a stalled disk stalls threads, not
-the sidecar. Running a whole operation per thread hop, rather than one hop per
-statement, keeps a turn's overhead small. Several sidecar processes may share one file: SQLite's file locks serialize their
+one reader thread, so reads proceed while a write is in progress (WAL). Running a whole
+operation per thread hop, rather than one hop per statement, keeps a turn's overhead
+small. Several sidecar processes may share one file: SQLite's file locks serialize their
 writers and `busy_timeout` makes them wait instead of failing.
 
 Items live in a table keyed by (store, session, seq), each with its branch, user turn,
@@ -26,7 +25,6 @@ import contextlib
 import functools
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +59,6 @@ from .base import (
     stored_at,
 )
 
-READER_THREADS = 4
 DEADLINE_MARGIN = 5.0
 """Seconds past `busyTimeout` (the longest SQLite itself waits for a lock) after which a
 call is answered without waiting for the disk."""
@@ -168,22 +165,17 @@ def open_driver(store: StoreConfig) -> SqliteDriver:
 
 
 class _Connection:
-    """Connections confined to threads of their own, one per thread; `run` executes one
-    function on one of them. The writer has one thread; readers have `READER_THREADS`,
-    as WAL readers wait neither for each other nor for the writer."""
+    """A connection confined to its own thread; `run` executes one function there."""
 
-    def __init__(self, settings: Settings, name: str, threads: int = 1) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    def __init__(self, settings: Settings, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._settings = settings
-        self._local = threading.local()
-        self._opened: list[sqlite3.Connection] = []
+        self.conn: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = _connect(self._settings, self._settings.busy_timeout)
-            self._opened.append(conn)  # list.append is atomic: threads may open at once
-        return conn
+        if self.conn is None:
+            self.conn = _connect(self._settings, self._settings.busy_timeout)
+        return self.conn
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -197,10 +189,13 @@ class _Connection:
             raise _unavailable(self._settings, exc) from exc
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
-        for conn in self._opened:
-            conn.close()
-        self._opened.clear()
+        def close() -> None:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
 
 
 def _connect(settings: Settings, busy_timeout: float) -> sqlite3.Connection:
@@ -380,7 +375,7 @@ class SqliteDriver(KeepsStructure):
         except OSError as exc:
             raise self._unusable(exc.strerror or str(exc)) from None
         self._writer = _Writer(settings)
-        self._reader = _Connection(settings, "sqlite-reader", READER_THREADS)
+        self._reader = _Connection(settings, "sqlite-reader")
 
     def _live_after(self, now: float) -> float:
         """Sessions written after this moment have not expired."""
