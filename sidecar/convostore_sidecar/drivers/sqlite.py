@@ -2,10 +2,11 @@
 
 Each operation is one function run on a dedicated thread that owns its connection: one
 writer thread, whose transactions (`BEGIN IMMEDIATE`) make appends and pops atomic, and
-one reader thread, so reads proceed while a write is in progress (WAL). Running a whole
-operation per thread hop, rather than one hop per statement, keeps a turn's overhead
-small. Several sidecar processes may share one file: SQLite's file locks serialize their
-writers and `busy_timeout` makes them wait instead of failing.
+one reader thread, so reads proceed while a write is in progress (WAL). Nothing touches
+the file on the event loop: a stalled disk stalls those threads, not the sidecar.
+Running a whole operation per thread hop, rather than one hop per statement, keeps a
+turn's overhead small. Several sidecar processes may share one file: SQLite's file
+locks serialize their writers and `busy_timeout` makes them wait instead of failing.
 
 Items live in a table keyed by (store, session, seq), each with its branch, user turn,
 kind and tool: the latest N of a branch are read backwards along (branch, seq), and a
