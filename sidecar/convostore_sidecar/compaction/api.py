@@ -39,11 +39,8 @@ async def compact_items(request: web.Request) -> web.Response:
         log.warning("store %s: a compaction failed: %s: %s", store.name, exc.code, exc.message)
         raise
     except BackendUnavailable as exc:
-        counted.labels(store.name, "backend_unavailable").inc()
-        log.warning(
-            "store %s: a compaction failed: the backend is unavailable: %s", store.name, exc
-        )
-        raise
+        counted.labels(store.name, exc.cause).inc()
+        raise  # logged with its cause where every backend failure is
     result = "compacted" if outcome["compacted"] else outcome["reason"]
     counted.labels(store.name, result).inc()
     return web.Response(body=dumps(outcome), content_type="application/json")
