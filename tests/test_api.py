@@ -613,9 +613,11 @@ async def test_reads_are_capped_at_max_read_items_and_say_so(
     asked: list[int | None] = []
     real_latest = sidecar.app[STORES].get("default").latest
 
-    async def counted(session_id: str, branch: str, limit: int | None) -> list[bytes]:
+    async def counted(
+        session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
         asked.append(limit)
-        return await real_latest(session_id, branch, limit)
+        return await real_latest(session_id, branch, limit, max_bytes)
 
     sidecar.app[STORES].get("default").latest = counted  # type: ignore[method-assign]
     url = sidecar.url + ITEMS.format("long")
@@ -636,3 +638,31 @@ async def test_reads_are_capped_at_max_read_items_and_say_so(
     with caplog.at_level(logging.WARNING, logger="convostore"):
         assert await session.get_items() == items[-5:]
     assert "only the latest 5 came back" in caplog.text
+
+
+async def test_reads_by_turns_cut_at_max_read_bytes_still_start_at_a_turn(
+    start_sidecar: StartSidecar, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The byte cap cuts a read by turns or widened to whole turns as the item cap does:
+    the newest items that fit, from the first user message among them, marked truncated."""
+    store = {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "b.db")}}
+    limits = {"maxReadBytes": 2048, "maxItemBytes": 1024}
+    sidecar = await start_sidecar({"stores": {"default": {**store, "limits": limits}}})
+    pad = "p" * 340  # a turn of 1,125 bytes: two pass the cap
+    items: list[dict[str, Any]] = []
+    for turn in range(4):
+        items.append({"role": "user", "content": f"q{turn}"})
+        items += [{"turn": turn, "n": n, "pad": pad} for n in range(3)]
+    await SidecarSession("bytes", url=sidecar.url).add_items(items)
+    url = sidecar.url + ITEMS.format("bytes")
+    last_turn = items[-4:]
+    for params, expected, truncated in [
+        ({"turns": "1"}, last_turn, False),
+        ({"turns": "3"}, last_turn, True),  # the cap cuts turn 2; the answer starts at turn 3
+        ({"limit": "6", "whole_turns": "true"}, last_turn, True),
+        ({}, items[-6:], True),  # a plain read is cut at the cap, wherever it falls
+    ]:
+        async with http.get(url, params=params) as resp:
+            document = await resp.json()
+        assert document["items"] == expected, params
+        assert document.get("truncated", False) is truncated, params

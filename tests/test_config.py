@@ -306,6 +306,22 @@ def test_a_cluster_is_named_by_seed_nodes_with_tls_and_user_as_for_one_server() 
             "field 'requests.maxBufferedBytes': is 4194304, less than store 'chat'",
         ),
         ({"requests": {"maxBufferedBytes": 10}, **store()}, "'requests.maxBufferedBytes'"),
+        (
+            {
+                "requests": {"maxBufferedReadBytes": 5 << 20},
+                **store(limits={"maxReadBytes": 8 << 20}),
+            },
+            "field 'requests.maxBufferedReadBytes': is 5242880, less than store 'chat'",
+        ),
+        (
+            {"requests": {"maxBufferedReadBytes": "lots"}, **store()},
+            "'requests.maxBufferedReadBytes'",
+        ),
+        (
+            store(limits={"maxReadBytes": 4096, "maxItemBytes": 8192}),
+            "field 'limits.maxReadBytes': is 4096, less than maxItemBytes (8192)",
+        ),
+        (store(limits={"maxReadBytes": 10}), "field 'limits.maxReadBytes': must be an integer"),
         ({"stores": store()["stores"], "extra": 1}, "unknown field(s) 'extra'"),
         ("just text", "must be a mapping"),
         (store(compaction={}), "field 'compaction.apiKeyFile': is required"),

@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
+import pytest
 from convostore_operator.inject import SIDECAR_MEMORY_LIMIT
 from convostore_sidecar.compaction.compactor import MOST_PARSED_BYTES
 from convostore_sidecar.config import Limits, RequestLimits
@@ -58,9 +62,12 @@ def peak_rss(pid: int) -> int:
 async def test_the_worst_valid_requests_at_once_stay_under_the_container_limit(
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
 ) -> None:
-    proc = sidecar_process(
-        {"stores": {"default": {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "m.db")}}}}
-    )
+    store = {
+        "backend": "sqlite",
+        "sqlite": {"path": str(tmp_path / "m.db")},
+        "limits": {"maxReadBytes": LIMITS.max_request_bytes},  # to read each body back whole
+    }
+    proc = sidecar_process({"stores": {"default": store}})
     proc.start()
     assert proc.process is not None
     body = worst_body()
@@ -210,3 +217,91 @@ async def test_slow_large_uploads_never_starve_an_ordinary_turn(
     finally:
         for _, writer in stalled:
             writer.close()
+
+
+def large_items(count: int) -> list[dict[str, str]]:
+    pad = LIMITS.max_item_bytes - 64
+    return [{"n": str(n), "pad": chr(ord("a") + n % 26) * pad} for n in range(count)]
+
+
+async def fill(http: aiohttp.ClientSession, url: str, items: list[dict[str, str]]) -> None:
+    for start in range(0, len(items), 7):  # 7 items of 1 MiB: within one request's 8 MiB
+        body = io.BytesIO(orjson.dumps({"items": items[start : start + 7]}))
+        headers = {"Content-Type": "application/json"}
+        async with http.post(url, data=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+async def test_concurrent_unbounded_reads_of_large_items_stay_under_the_container_limit(
+    backend: str,
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+    store_config: Callable[..., dict[str, Any]],
+) -> None:
+    """Sixteen reads at once, without `limit`, of a session of 56 items of 1 MiB: each
+    answer stops at `limits.maxReadBytes`, and the reads wait their turn for
+    `requests.maxBufferedReadBytes`, so none fails and the process stays within its
+    container's limit (2,194 MiB before reads had a byte cap and a budget)."""
+    proc = sidecar_process({"stores": {"default": store_config(backend)}})
+    proc.start()
+    assert proc.process is not None
+    url = f"{proc.url}/v1/stores/default/sessions/large/items"
+    items = large_items(56)
+    fits = LIMITS.max_read_bytes // len(orjson.dumps(items[0]))
+
+    async def read(http: aiohttp.ClientSession) -> tuple[int, list[str], bool]:
+        async with http.get(url) as resp:
+            document = orjson.loads(await resp.read())
+            return resp.status, [i["n"] for i in document["items"]], document["truncated"]
+
+    async with aiohttp.ClientSession() as http:
+        await fill(http, url, items)
+        answers = await asyncio.gather(*(read(http) for _ in range(16)))
+    newest = [item["n"] for item in items[-fits:]]
+    assert answers == [(200, newest, True)] * 16
+    peak, limit = peak_rss(proc.process.pid), mebibytes(SIDECAR_MEMORY_LIMIT)
+    assert peak < limit, f"peak RSS {peak >> 20} MiB, container limit {limit >> 20} MiB"
+
+
+async def test_an_answer_the_client_does_not_take_is_cut_and_frees_its_budget(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
+) -> None:
+    """A client that asks for a large answer and reads none of it: after `bodyTimeout`
+    its connection is cut, and the budget it held serves the next read (the budget here
+    holds one read at a time)."""
+    limits = {"maxReadBytes": 16 << 20}
+    store = {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "s.db")}, "limits": limits}
+    budget = (16 << 20) + LIMITS.max_item_bytes
+    requests = {"maxBufferedReadBytes": budget, "bodyTimeout": "2s"}
+    proc = sidecar_process({"stores": {"default": store}, "requests": requests})
+    proc.start()
+    path = "/v1/stores/default/sessions/large/items"
+    async with aiohttp.ClientSession() as http:
+        await fill(http, proc.url + path, large_items(16))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", proc.port))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        try:
+            deadline = time.monotonic() + 30
+            while "did not take its answer" not in proc.log_path.read_text():
+                assert time.monotonic() < deadline, "the stalled answer was never cut"
+                await asyncio.sleep(0.1)
+            async with http.get(proc.url + path, params={"limit": "1"}) as resp:
+                assert resp.status == 200
+                assert [i["n"] for i in (await resp.json())["items"]] == ["15"]
+            received = await asyncio.to_thread(drain, sock)
+        finally:
+            sock.close()
+    assert received < 16 << 20, "the stalled client was sent its whole answer"
+
+
+def drain(sock: socket.socket) -> int:
+    """Bytes readable from a socket the peer has cut, until it says so."""
+    sock.setblocking(True)
+    sock.settimeout(10)
+    total = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(1 << 16):
+            total += len(chunk)
+    return total

@@ -167,7 +167,7 @@ class SidecarSession:
         if body.get("truncated"):
             log.warning(
                 "session %r holds more items than its store returns in one read "
-                "(limits.maxReadItems): only the latest %d came back",
+                "(limits.maxReadItems, limits.maxReadBytes): only the latest %d came back",
                 self.session_id,
                 len(items),
             )

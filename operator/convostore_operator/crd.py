@@ -374,6 +374,13 @@ SPEC: dict[str, Any] = {
                 "maxReadItems": _int(
                     1, 1_000_000, "Most items one read returns (the latest; marked truncated)."
                 ),
+                "maxReadBytes": _int(
+                    1 << 10,
+                    8 << 20,
+                    "Most bytes of items one read returns (the latest; marked truncated); "
+                    "at least maxItemBytes, and with it within the sidecar's 16 MiB "
+                    "budget for answers in flight.",
+                ),
                 "maxBranches": _int(1, 100_000, "Branches holding items per session."),
             },
         },

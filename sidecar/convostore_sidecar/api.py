@@ -9,12 +9,13 @@ import binascii
 from aiohttp import web
 
 from . import validation
+from .answers import send
 from .drivers.base import MAIN, Idempotency
 from .encryption import EncryptedDriver, refuse_ciphertext
 from .errors import ApiError
 from .jsonbody import dumps, items_document
 from .middleware import authorized, read_body
-from .state import METRICS, OPENAPI, READINESS, STORES
+from .state import ANSWER_BUDGET, METRICS, OPENAPI, READINESS, REQUEST_LIMITS, STORES
 from .stores import Store
 from .turns import from_first_turn, latest_turns, widened_to_turns
 
@@ -37,7 +38,7 @@ def _json(body: bytes, status: int = 200) -> web.Response:
 
 
 @routes.get(SESSION + "/items")
-async def get_items(request: web.Request) -> web.Response:
+async def get_items(request: web.Request) -> web.StreamResponse:
     store = _store(request)
     session_id = _session(request, store)
     query = request.query
@@ -49,34 +50,48 @@ async def get_items(request: web.Request) -> web.Response:
     if turns is not None and limit is not None:
         raise ApiError(400, "invalid_limit", "give either limit or turns, not both")
     branch = validation.branch_id(query.get("branch"))
-    most = store.config.limits.max_read_items
-
     view = query.get("view", "live")
     if view not in ("live", "full"):
         raise ApiError(400, "invalid_view", "view must be live or full")
     history = store.compacting.full_history if view == "full" else store.latest
+    limits, timeout = store.config.limits, request.app[REQUEST_LIMITS].body_timeout
+    most, max_bytes = limits.max_read_items, limits.max_read_bytes
 
     async def read(count: int | None) -> list[bytes]:
-        """Never more than one item past the read cap, so a long session is not read
-        whole into memory; the extra item tells that there was more. The full view is
-        what compaction archived, then the live items no compaction wrote."""
-        return await history(session_id, branch, min(count or most + 1, most + 1))
+        """Never more than one item past either cap, so a long session is not read
+        whole into memory; what passes a cap tells that there was more. The full view
+        is what compaction archived, then the live items no compaction wrote."""
+        return await history(session_id, branch, min(count or most + 1, most + 1), max_bytes)
 
-    if turns is not None:
-        items = await latest_turns(read, turns)
-    elif limit is not None and whole_turns:
-        items = await widened_to_turns(read, limit)
-    else:
-        items = [] if limit == 0 else await read(limit)
-    truncated = len(items) > most
-    if truncated:
-        items = items[-most:]
-        if turns is not None or whole_turns:
+    async def answer() -> bytes:
+        if turns is not None:
+            items = await latest_turns(read, turns)
+        elif limit is not None and whole_turns:
+            items = await widened_to_turns(read, limit)
+        else:
+            items = [] if limit == 0 else await read(limit)
+        items, truncated = _within(items, most, max_bytes)
+        if truncated and (turns is not None or whole_turns):
             items = from_first_turn(items)
-    if store.config.encryption is None:
-        for item in items:
-            refuse_ciphertext(item)
-    return _json(items_document(items, truncated=truncated))
+        if store.config.encryption is None:
+            for item in items:
+                refuse_ciphertext(item)
+        return items_document(items, truncated=truncated)
+
+    async with request.app[ANSWER_BUDGET].hold(limits.most_read_bytes, timeout) as held:
+        document = await answer()
+        held.keep(len(document))
+        return await send(request, document, timeout)
+
+
+def _within(items: list[bytes], most: int, max_bytes: int) -> tuple[list[bytes], bool]:
+    """The newest of `items` within both read caps, and whether any were left out."""
+    kept, size = 0, 0
+    for item in reversed(items):
+        if kept == most or size + len(item) > max_bytes:
+            break
+        kept, size = kept + 1, size + len(item)
+    return items[len(items) - kept :], kept < len(items)
 
 
 @routes.post(SESSION + "/items")

@@ -9,6 +9,7 @@ import yaml
 from aiohttp import web
 
 from . import branches
+from .answers import AnswerBudget
 from .api import routes
 from .compaction import api as compaction
 from .config import SidecarConfig
@@ -26,6 +27,7 @@ from .middleware import (
 )
 from .readiness import Readiness
 from .state import (
+    ANSWER_BUDGET,
     BODY_BUDGET,
     IN_FLIGHT,
     METRICS,
@@ -66,6 +68,7 @@ def build_app(config: SidecarConfig) -> web.Application:
     app[READINESS] = Readiness()
     app[REQUEST_LIMITS] = config.requests
     app[BODY_BUDGET] = BodyBudget(config.requests.max_buffered_bytes)
+    app[ANSWER_BUDGET] = AnswerBudget(config.requests.max_buffered_read_bytes)
     app.cleanup_ctx.append(_stores_lifecycle)
     app.add_routes(routes)
     app.add_routes(branches.routes)

@@ -184,6 +184,9 @@ class Limits:
     max_read_items: int = 10_000
     """A read (without `limit`, by turns, or widened to whole turns) returns at most
     this many of the latest items, and says so with `"truncated": true`."""
+    max_read_bytes: int = 4 << 20
+    """...and at most this many bytes of them, the same way: more than a model's
+    context holds, and what keeps concurrent reads within the container's memory."""
     max_branches: int = 100
     """Branches holding items per session; each copies the history it starts from."""
 
@@ -201,10 +204,22 @@ class Limits:
                 "maxSessionIdLength", cls.max_session_id_length, low=1, high=1024
             ),
             max_read_items=s.integer("maxReadItems", cls.max_read_items, low=1, high=1_000_000),
+            max_read_bytes=s.integer("maxReadBytes", cls.max_read_bytes, low=1 << 10, high=1 << 30),
             max_branches=s.integer("maxBranches", cls.max_branches, low=1, high=100_000),
         )
+        if limits.max_read_bytes < limits.max_item_bytes:
+            s.fail(
+                "maxReadBytes",
+                f"is {limits.max_read_bytes}, less than maxItemBytes "
+                f"({limits.max_item_bytes}): the latest item could not always be read",
+            )
         s.done()
         return limits
+
+    @property
+    def most_read_bytes(self) -> int:
+        """The most a read holds before it knows its answer: the cap and one item past it."""
+        return self.max_read_bytes + self.max_item_bytes
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
@@ -305,14 +320,17 @@ class ListenConfig:
 @dataclass(frozen=True)
 class RequestLimits:
     """What one sidecar takes on at once, whatever its stores: API calls past
-    `max_concurrent`, or bodies past `max_buffered_bytes` all together, get 503;
-    connections past `max_connections` are answered 503 and closed; a request's headers
-    must arrive within `idle_timeout` of the connection opening or of the last answer on
-    it (which also closes idle connections), and its body within `body_timeout`."""
+    `max_concurrent`, or bodies past `max_buffered_bytes` all together, get 503; reads
+    wait while their answers would pass `max_buffered_read_bytes`; connections past
+    `max_connections` are answered 503 and closed; a request's headers must arrive
+    within `idle_timeout` of the connection opening or of the last answer on it (which
+    also closes idle connections), its body within `body_timeout`, and an answer must be
+    taken within `body_timeout` too."""
 
     max_concurrent: int = 64
     body_timeout: float = 30.0
     max_buffered_bytes: int = 24 << 20
+    max_buffered_read_bytes: int = 16 << 20
     max_connections: int = 256
     idle_timeout: float = 30.0
 
@@ -400,6 +418,12 @@ def parse_config(data: Any) -> SidecarConfig:
         max_buffered_bytes=requests_s.integer(
             "maxBufferedBytes", RequestLimits.max_buffered_bytes, low=1 << 10, high=4 << 30
         ),
+        max_buffered_read_bytes=requests_s.integer(
+            "maxBufferedReadBytes",
+            RequestLimits.max_buffered_read_bytes,
+            low=1 << 10,
+            high=4 << 30,
+        ),
         max_connections=requests_s.integer(
             "maxConnections", RequestLimits.max_connections, low=1, high=100_000
         ),
@@ -419,6 +443,13 @@ def parse_config(data: Any) -> SidecarConfig:
                 f"is {requests.max_buffered_bytes}, less than store {store.name!r}'s "
                 f"limits.maxRequestBytes ({store.limits.max_request_bytes}): "
                 "its largest request could never be taken",
+            )
+        if store.limits.most_read_bytes > requests.max_buffered_read_bytes:
+            requests_s.fail(
+                "maxBufferedReadBytes",
+                f"is {requests.max_buffered_read_bytes}, less than store {store.name!r}'s "
+                f"limits.maxReadBytes and maxItemBytes together "
+                f"({store.limits.most_read_bytes}): its largest read could never be taken",
             )
     requests_s.done()
     root.done()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import os
 import random
 import re
@@ -69,6 +70,8 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 KEY_BYTES = 32
 KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+Read = Callable[[int | None], Awaitable[list[bytes]]]
+"""A read of stored items within a byte cap."""
 
 
 class DecryptionFailed(Exception):
@@ -300,8 +303,11 @@ class EncryptedDriver:
     ) -> AppendResult:
         return await self.inner.append(session_id, self._sealed(session_id, items), idempotency)
 
-    async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
-        return self._open_in_order(session_id, await self.inner.latest(session_id, limit))
+    async def latest(
+        self, session_id: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
+        read = functools.partial(self.inner.latest, session_id, limit)
+        return (await self._within(session_id, read, max_bytes))[0]
 
     async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
         return await self._verified_pop(
@@ -323,6 +329,22 @@ class EncryptedDriver:
             ]
 
         return Sealed(len(plain), seal)
+
+    async def _within(
+        self, session_id: str, read: Read, max_bytes: int | None
+    ) -> tuple[list[bytes], list[bytes]]:
+        """A read within `max_bytes` of plaintext (see `latest`), opened and as stored.
+        The backend counts the bytes it stores, each item's header included: when it
+        stopped at the cap while the plaintext is within it, it reads again with room
+        for the headers it met, which takes in at least one more item each time."""
+        cap = max_bytes
+        while True:
+            stored = await read(cap)
+            opened = self._open_in_order(session_id, stored)
+            stored_size, opened_size = sum(map(len, stored)), sum(map(len, opened))
+            if max_bytes is None or cap is None or stored_size <= cap or opened_size > max_bytes:
+                return opened, stored
+            cap = max_bytes + stored_size - opened_size
 
     def _open_in_order(self, session_id: str, items: list[bytes]) -> list[bytes]:
         """Decrypt a window of a branch, oldest first, refusing it unless the positions
@@ -392,9 +414,11 @@ class EncryptedDriver:
         sealed = self._sealed(session_id, items)
         return await self._structured.append_to(session_id, branch, sealed, meta, idempotency)
 
-    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
-        items = await self._structured.latest_in(session_id, branch, limit)
-        return self._open_in_order(session_id, items)
+    async def latest_in(
+        self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
+        read = functools.partial(self._structured.latest_in, session_id, branch, limit)
+        return (await self._within(session_id, read, max_bytes))[0]
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         return await self._verified_pop(
@@ -404,10 +428,12 @@ class EncryptedDriver:
             check,
         )
 
-    async def snapshot(self, session_id: str, branch: str, limit: int) -> Snapshot:
+    async def snapshot(
+        self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> Snapshot:
         """The items to summarise in plaintext, and as stored, for the replacement."""
-        stored = await self._structured.latest_in(session_id, branch, limit)
-        return Snapshot(self._open_in_order(session_id, stored), stored)
+        read = functools.partial(self._structured.latest_in, session_id, branch, limit)
+        return Snapshot(*await self._within(session_id, read, max_bytes))
 
     async def compact(
         self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
@@ -415,9 +441,13 @@ class EncryptedDriver:
         sealed = self._sealed(session_id, replacement)
         return await cast(Compacting, self.inner).compact(session_id, branch, expected, sealed)
 
-    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
-        items = await cast(Compacting, self.inner).full_history(session_id, branch, limit)
-        return self._open_in_order(session_id, items)
+    async def full_history(
+        self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> list[bytes]:
+        read = functools.partial(
+            cast(Compacting, self.inner).full_history, session_id, branch, limit
+        )
+        return (await self._within(session_id, read, max_bytes))[0]
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
         return await self._structured.branches(session_id)

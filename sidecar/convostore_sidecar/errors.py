@@ -6,6 +6,8 @@ from aiohttp import web
 
 from .jsonbody import dumps
 
+RETRY_AFTER_SECONDS = "1"
+
 
 class ApiError(Exception):
     """A request the sidecar refuses, with the HTTP status and the code clients match on."""
@@ -31,3 +33,8 @@ def error_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+def overloaded(message: str) -> ApiError:
+    """503 `overloaded`: the sidecar has no room for the request now; clients retry it."""
+    return ApiError(503, "overloaded", message, headers={"Retry-After": RETRY_AFTER_SECONDS})

@@ -124,6 +124,7 @@ def dumps(value: Any) -> bytes:
 
 def items_document(items: list[bytes], *, truncated: bool = False) -> bytes:
     """`{"items": [...]}` built from stored item bytes without decoding them; with
-    `"truncated": true` when older items were left out (`limits.maxReadItems`)."""
+    `"truncated": true` when older items were left out (`limits.maxReadItems`,
+    `limits.maxReadBytes`)."""
     document = b'{"items":[' + b",".join(items) + b"]"
     return document + (b',"truncated":true}' if truncated else b"}")

@@ -22,13 +22,12 @@ from .drivers.base import (
     TurnNotFound,
 )
 from .encryption import DecryptionFailed
-from .errors import ApiError, error_response
+from .errors import RETRY_AFTER_SECONDS, ApiError, error_response, overloaded
 from .jsonbody import loads
 from .state import BODY_BUDGET, IN_FLIGHT, METRICS, READINESS, REQUEST_LIMITS, STORES, TOKEN
 
 log = logging.getLogger("convostore.sidecar")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
-RETRY_AFTER_SECONDS = "1"
 WRITES = frozenset({"POST", "DELETE"})
 
 
@@ -205,10 +204,6 @@ def authorized(request: web.Request) -> bool:
     return scheme.lower() == "bearer" and check.accepts(presented.strip().encode())
 
 
-def _overloaded(message: str) -> ApiError:
-    return ApiError(503, "overloaded", message, headers={"Retry-After": RETRY_AFTER_SECONDS})
-
-
 RESERVED: web.RequestKey[int] = web.RequestKey("reserved_body_bytes", int)
 POOL: web.RequestKey[str] = web.RequestKey("body_pool", str)
 SMALL_BODY = 64 << 10
@@ -239,7 +234,7 @@ class BodyBudget:
             pool = "small"
         room = self.limit if pool == "main" else SMALL_POOL
         if self.held[pool] + size > room or (pool == "small" and total > SMALL_BODY):
-            raise _overloaded(
+            raise overloaded(
                 f"{self.held['main']} bytes of request bodies are in progress; {size} more "
                 f"would pass requests.maxBufferedBytes ({self.limit}); retry shortly"
             )
@@ -260,7 +255,7 @@ async def capacity_middleware(request: web.Request, handler: Handler) -> web.Str
     probes always get in. Body bytes reserved by `read_body` are returned here."""
     limits = request.app[REQUEST_LIMITS]
     if request.path not in OPEN_PATHS and request.app[IN_FLIGHT].count > limits.max_concurrent:
-        raise _overloaded(f"{limits.max_concurrent} requests are in progress; retry shortly")
+        raise overloaded(f"{limits.max_concurrent} requests are in progress; retry shortly")
     try:
         return await handler(request)
     finally:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from .answers import AnswerBudget
     from .config import RequestLimits
     from .metrics import Metrics
     from .middleware import BodyBudget, InFlight, TokenCheck
@@ -21,3 +22,4 @@ IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 REQUEST_LIMITS: web.AppKey[RequestLimits] = web.AppKey("request_limits")
 BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget")
+ANSWER_BUDGET: web.AppKey[AnswerBudget] = web.AppKey("answer_budget")

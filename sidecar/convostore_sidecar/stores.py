@@ -122,10 +122,12 @@ class Store:
             return await self.driver.append(session_id, items, idempotency)
         return await self.branching.append_to(session_id, branch, items, meta, idempotency)
 
-    async def latest(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+    async def latest(
+        self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
         if branch == MAIN and not self.structured:
-            return await self.driver.latest(session_id, limit)
-        return await self.branching.latest_in(session_id, branch, limit)
+            return await self.driver.latest(session_id, limit, max_bytes)
+        return await self.branching.latest_in(session_id, branch, limit, max_bytes)
 
     async def pop(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         if branch == MAIN and not self.structured:

@@ -244,6 +244,11 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "less than the minimum",
         ),
         (
+            {"backend": "sqlite", "limits": {"maxReadBytes": 64 << 20}},
+            "spec.limits.maxReadBytes",
+            "greater than the maximum",
+        ),
+        (
             {"backend": "sqlite", "limits": {"maxBranches": "many"}},
             "spec.limits.maxBranches",
             "is not of type 'integer'",

@@ -51,7 +51,7 @@ class Compactor:
         self, session_id: str, branch: str, request: policy.Request
     ) -> dict[str, Any]:
         most = self.limits.max_read_items
-        snapshot = await self.driver.snapshot(session_id, branch, most + 1)
+        snapshot = await self.driver.snapshot(session_id, branch, most + 1, MOST_PARSED_BYTES)
         if len(snapshot.items) > most:
             return _skipped(
                 "history_too_long",
@@ -61,8 +61,8 @@ class Compactor:
         if size > MOST_PARSED_BYTES:
             return _skipped(
                 "history_too_large",
-                f"the session's live history is {size >> 20} MiB; a compaction parses at "
-                f"most {MOST_PARSED_BYTES >> 20} MiB, more than a model's context holds",
+                f"the session's live history holds more than {MOST_PARSED_BYTES >> 20} MiB, "
+                "what a compaction parses at most (more than a model's context holds)",
             )
         # parsing and deciding take time in proportion to the history: off the loop
         plan = await asyncio.to_thread(_plan, snapshot.items, self.settings, request)

@@ -10,7 +10,10 @@ the conformance suite in `tests/conformance/` checks against each of them:
   `Idempotency` token the driver records the key together with the batch, in the same
   atomic step, so a retried request is recognised even across sidecar restarts.
 - `latest(n)` returns the newest `n` items oldest first, reading about `n` items, never
-  the whole session; `latest(None)` returns everything.
+  the whole session; `latest(None)` returns everything. With `max_bytes` the items are
+  taken newest first and the read stops after the first one that takes their total past
+  it: an answer larger than `max_bytes` tells that older items were left out, and a
+  read of a session of large items holds at most `max_bytes` and one item.
 - `pop` removes and returns the newest item; two concurrent pops never get the same one.
   A `check` given to `pop` sees the item before it is removed, in the same atomic step;
   if it raises, nothing is removed (an item that cannot be decrypted stays stored).
@@ -77,6 +80,37 @@ def stored(items: Items, first: int) -> list[bytes]:
 def stored_at(items: Items, positions: Sequence[int]) -> list[bytes]:
     """What to store for `items` landing at `positions`, one each, growing."""
     return items.seal(positions) if isinstance(items, Sealed) else list(items)
+
+
+class Gathered:
+    """Items gathered newest first, up to the first that takes their total past
+    `max_bytes` (see `latest`): a driver reads no further once `take` says so."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+        self.total = 0
+        self._newest_first: list[bytes] = []
+
+    def take(self, item: bytes) -> bool:
+        """Keep `item`; whether to read on."""
+        self._newest_first.append(item)
+        self.total += len(item)
+        return self.max_bytes is None or self.total <= self.max_bytes
+
+    def __len__(self) -> int:
+        return len(self._newest_first)
+
+    def page(self, least: int, most: int) -> int:
+        """How many items to ask for next: as many more of the average size so far as
+        the byte cap leaves room for, between `least` and `most`, so that large items
+        never fill a page of their own."""
+        if self.max_bytes is None or not self.total:
+            return most if self.total else least
+        room = (self.max_bytes - self.total) * len(self) // self.total + 1
+        return max(least, min(most, room))
+
+    def oldest_first(self) -> list[bytes]:
+        return self._newest_first[::-1]
 
 
 class Cause(StrEnum):
@@ -235,7 +269,9 @@ class Driver(Protocol):
         self, session_id: str, items: Items, idempotency: Idempotency | None
     ) -> AppendResult: ...
 
-    async def latest(self, session_id: str, limit: int | None) -> list[bytes]: ...
+    async def latest(
+        self, session_id: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]: ...
 
     async def pop(self, session_id: str, check: Check | None = None) -> bytes | None: ...
 
@@ -274,7 +310,9 @@ class Branching(Protocol):
         """Append to a live branch; the result names the last item's turn and `anchor`,
         the sequence number of that turn's first item (what usage is recorded against)."""
 
-    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]: ...
+    async def latest_in(
+        self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]: ...
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         """As `pop`; a turn left without items on the branch loses its usage."""
@@ -315,8 +353,10 @@ class Snapshot:
 class Compacting(Protocol):
     """Compaction of a branch's history, atomic in the backend."""
 
-    async def snapshot(self, session_id: str, branch: str, limit: int) -> Snapshot:
-        """The branch's latest `limit` items."""
+    async def snapshot(
+        self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> Snapshot:
+        """The branch's latest `limit` items, within `max_bytes` as `latest` reads."""
 
     async def compact(
         self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
@@ -326,9 +366,11 @@ class Compacting(Protocol):
         and archive them; False, changing nothing, if it does not. The caller keeps the
         replacement within that count (it takes the replaced items' positions)."""
 
-    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
+    async def full_history(
+        self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> list[bytes]:
         """The latest `limit` of: the archived items, then the live ones that no
-        compaction wrote."""
+        compaction wrote; within `max_bytes` as `latest` reads."""
 
 
 class KeepsStructure:
@@ -342,14 +384,18 @@ class KeepsStructure:
     ) -> AppendResult:
         return await self.append_to(session_id, MAIN, items, [Meta()] * len(items), idempotency)
 
-    async def latest(self: Branching, session_id: str, limit: int | None) -> list[bytes]:
-        return await self.latest_in(session_id, MAIN, limit)
+    async def latest(
+        self: Branching, session_id: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
+        return await self.latest_in(session_id, MAIN, limit, max_bytes)
 
     async def pop(self: Branching, session_id: str, check: Check | None = None) -> bytes | None:
         return await self.pop_from(session_id, MAIN, check)
 
-    async def snapshot(self: Branching, session_id: str, branch: str, limit: int) -> Snapshot:
-        items = await self.latest_in(session_id, branch, limit)
+    async def snapshot(
+        self: Branching, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> Snapshot:
+        items = await self.latest_in(session_id, branch, limit, max_bytes)
         return Snapshot(items, items)
 
 

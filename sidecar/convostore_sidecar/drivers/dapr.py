@@ -44,6 +44,7 @@ from .base import (
     AppendResult,
     BackendUnavailable,
     Check,
+    Gathered,
     Idempotency,
     Items,
     Transform,
@@ -61,6 +62,8 @@ UNSUPPORTED = {
     "keeps no structure to do it with (as for branches and turns)",
 }
 UPSERT, DELETE = TransactionOperationType.upsert, TransactionOperationType.delete
+READ_PAGE = (16, 256)
+"""The fewest and most items a read asks the state store for at once (one bulk get)."""
 
 
 class Conflict(Exception):
@@ -335,12 +338,22 @@ class DaprDriver:
 
         return await self._retry(attempt, "an append")
 
-    async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
+    async def latest(
+        self, session_id: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
+        """In pages from the newest back, so that a byte cap stops the reading."""
         head, _ = await self._read_head(session_id)
         if head is None:
             return []
         start = head.first if limit is None else max(head.first, head.next - limit)
-        return [data for _, data in await self._items(session_id, range(start, head.next))]
+        gathered, stop = Gathered(max_bytes), head.next
+        while stop > start:
+            first = max(start, stop - gathered.page(*READ_PAGE))
+            page = await self._items(session_id, range(first, stop))
+            if not all(gathered.take(data) for _, data in reversed(page)):
+                break
+            stop = first
+        return gathered.oldest_first()
 
     async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
         async def attempt() -> bytes | None:

@@ -43,6 +43,7 @@ from .base import (
     BackendUnavailable,
     Check,
     Driver,
+    Gathered,
     Idempotency,
     Items,
     Migrates,
@@ -233,26 +234,26 @@ class OpenAIDriver:
                 await self._record_sent(session_id, idempotency, sent)
         return AppendResult(appended=len(items), replayed=False)
 
-    async def latest(self, session_id: str, limit: int | None) -> list[bytes]:
+    async def latest(
+        self, session_id: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
         conversation = await self._conversation(session_id, create=False)
-        return [] if conversation is None else await self._latest(conversation, limit)
+        return [] if conversation is None else await self._latest(conversation, limit, max_bytes)
 
-    async def _latest(self, conversation: str, limit: int | None) -> list[bytes]:
-        """Newest first from the API, stopping after `limit`, then put oldest first."""
-        items: list[bytes] = []
-        pages = (
-            self.api.conversations.items.list(conversation, order="asc", limit=MAX_PAGE)
-            if limit is None
-            else self.api.conversations.items.list(
-                conversation, order="desc", limit=min(limit, MAX_PAGE)
-            )
-        )
+    async def _latest(
+        self, conversation: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
+        """Newest first from the API, as far as `limit` and `max_bytes` let, then put
+        oldest first."""
+        gathered = Gathered(max_bytes)
+        page = MAX_PAGE if limit is None else min(limit, MAX_PAGE)
+        pages = self.api.conversations.items.list(conversation, order="desc", limit=page)
         with self._errors(), contextlib.suppress(openai.NotFoundError):
             async for item in pages:
-                items.append(orjson.dumps(item.model_dump(exclude_unset=True)))
-                if limit is not None and len(items) >= limit:
+                more = gathered.take(orjson.dumps(item.model_dump(exclude_unset=True)))
+                if not more or len(gathered) == limit:
                     break
-        return items if limit is None else items[::-1]
+        return gathered.oldest_first()
 
     async def pop(self, session_id: str, check: Check | None = None) -> bytes | None:
         """Read the newest item and delete it by id; a concurrent pop that deleted it

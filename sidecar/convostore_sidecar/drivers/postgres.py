@@ -79,11 +79,18 @@ SWEEP_BATCH = 500
 IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 LATEST_SQL = """
-SELECT i.data FROM {s}.items AS i JOIN {s}.sessions AS s USING (store, session_id)
-WHERE i.store = $1 AND i.session_id = $2 AND i.branch = $5 AND ($3::float8 IS NULL OR
-      s.updated_at > now() - make_interval(secs => $3::float8))
-ORDER BY i.seq DESC LIMIT $4
+SELECT data FROM (
+  SELECT i.data, i.seq, sum(octet_length(i.data)) OVER newest - octet_length(i.data) AS before
+  FROM {s}.items AS i JOIN {s}.sessions AS s USING (store, session_id)
+  WHERE i.store = $1 AND i.session_id = $2 AND i.branch = $5 AND ($3::float8 IS NULL OR
+        s.updated_at > now() - make_interval(secs => $3::float8))
+  WINDOW newest AS (ORDER BY i.seq DESC ROWS UNBOUNDED PRECEDING)
+  ORDER BY i.seq DESC LIMIT $4
+) AS w WHERE $6::int8 IS NULL OR before <= $6 ORDER BY seq DESC
 """
+"""The newest items while those before each fit `max_bytes` (see `latest`): a running sum
+of their sizes, which Postgres takes without reading a stored value (nor sends the rows
+it leaves out)."""
 USAGE_SQL = """
 SELECT branch, turn, requests, input_tokens, output_tokens, total_tokens, input_details,
        output_details
@@ -382,11 +389,13 @@ class PostgresDriver(KeepsStructure):
             return replay_of(idempotency, row["fingerprint"], row["appended"])
         return AppendResult(len(items), replayed=False, turn=row["turn"], anchor=row["anchor"])
 
-    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+    async def latest_in(
+        self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
         async def read(conn: asyncpg.Connection) -> list[bytes]:
             await self._require_branch(conn, session_id, branch)
             rows = await conn.fetch(
-                self.latest_sql, self.store, session_id, self._ttl(), limit, branch
+                self.latest_sql, self.store, session_id, self._ttl(), limit, branch, max_bytes
             )
             return [row[0] for row in reversed(rows)]
 
@@ -653,22 +662,29 @@ class PostgresDriver(KeepsStructure):
 
         return await self._run(replace)
 
-    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
+    async def full_history(
+        self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> list[bytes]:
         async def read(conn: asyncpg.Connection) -> list[bytes]:
             await self._require_branch(conn, session_id, branch)
             if not await self._alive(conn, session_id):
                 return []
             archive = archive_of(branch)
             rows = await conn.fetch(
-                f"SELECT data FROM {self._s}.items WHERE store = $1 AND session_id = $2"
-                f" AND branch IN ($3, $4) AND kind <> $5 ORDER BY branch = $4, seq DESC"
-                f" LIMIT $6",
+                "SELECT data FROM (SELECT data, branch, seq,"
+                "   sum(octet_length(data)) OVER newest - octet_length(data) AS before"
+                f" FROM {self._s}.items WHERE store = $1 AND session_id = $2"
+                "  AND branch IN ($3, $4) AND kind <> $5"
+                "  WINDOW newest AS (ORDER BY branch = $4, seq DESC ROWS UNBOUNDED PRECEDING)"
+                "  ORDER BY branch = $4, seq DESC LIMIT $6"
+                ") AS w WHERE $7::int8 IS NULL OR before <= $7 ORDER BY branch = $4, seq DESC",
                 self.store,
                 session_id,
                 branch,
                 archive,
                 COMPACTED,
                 limit,
+                max_bytes,
             )
             return [row[0] for row in reversed(rows)]
 

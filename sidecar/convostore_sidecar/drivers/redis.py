@@ -62,7 +62,6 @@ from redis.exceptions import (
 )
 
 from .base import (
-    COMPACTED,
     MAIN,
     AppendResult,
     BackendUnavailable,
@@ -335,6 +334,46 @@ return {1}
 """
 )
 
+READ = """
+local limit, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out, total = {}, 0
+local function full()
+  return (limit >= 0 and #out >= limit) or (most >= 0 and total > most)
+end
+local function take(key, meta)
+  local stop, size = -1, 16
+  if limit >= 0 then size = math.min(size, limit - #out) end
+  while not full() do
+    local first = stop - size + 1
+    local page = redis.call('LRANGE', key, first, stop)
+    local shapes = meta and redis.call('LRANGE', meta, first, stop)
+    for i = #page, 1, -1 do
+      if not (shapes and string.match(shapes[i], '^[^\t]*\t([^\t]*)') == 'compacted') then
+        out[#out + 1] = page[i]
+        total = total + #page[i]
+        if full() then return end
+      end
+    end
+    if #page < size then return end
+    stop = first - 1
+    size = 1024
+    if most >= 0 and total > 0 then
+      size = math.max(16, math.min(size, math.floor((most - total) * #out / total) + 1))
+    end
+    if limit >= 0 then size = math.min(size, limit - #out) end
+  end
+end
+take(KEYS[1], KEYS[2])
+if KEYS[3] then take(KEYS[3]) end
+local n = #out
+for i = 1, math.floor(n / 2) do out[i], out[n + 1 - i] = out[n + 1 - i], out[i] end
+return out
+"""
+"""Items newest first from a branch (KEYS[1], skipping those a compaction wrote when its
+meta is KEYS[2]) and then from its archive (KEYS[3]), up to ARGV[1] items (-1: all) and
+past ARGV[2] bytes (-1: no cap) by one item (see `latest`), returned oldest first. Pages
+grow to what the byte cap leaves, so large items never fill a page of their own."""
+
 RECORD_USAGE = (
     COMMON
     + """
@@ -557,6 +596,7 @@ class RedisDriver(KeepsStructure):
         self._clear = self.client.register_script(CLEAR)
         self._record_usage = self.client.register_script(RECORD_USAGE)
         self._compact = self.client.register_script(COMPACT)
+        self._read = self.client.register_script(READ)
         self._index = f"{self.prefix}:sessions"
 
     def _watched_primary(
@@ -771,12 +811,24 @@ class RedisDriver(KeepsStructure):
             return replay_of(idempotency, fingerprint, int(count))
         return AppendResult(len(items), replayed=False, turn=outcome[2], anchor=outcome[3])
 
-    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+    async def latest_in(
+        self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
         await self._require_branch(session_id, branch)
         items_key = f"{self._base(session_id)}:items{_suffix(branch)}"
-        start = 0 if limit is None else -limit
-        items = await self._call(lambda: self.client.lrange(items_key, start, -1))
-        return cast(list[bytes], items)
+        if max_bytes is None:
+            start = 0 if limit is None else -limit
+            return cast(
+                list[bytes], await self._call(lambda: self.client.lrange(items_key, start, -1))
+            )
+        return await self._read_newest([items_key], limit, max_bytes)
+
+    async def _read_newest(
+        self, keys: list[str], limit: int | None, max_bytes: int | None
+    ) -> list[bytes]:
+        args = [-1 if limit is None else limit, -1 if max_bytes is None else max_bytes]
+        read = functools.partial(self._read, keys=keys, args=args, client=self.client)
+        return cast(list[bytes], await self._call(read))
 
     async def _require_branch(self, session_id: str, branch: str) -> None:
         if not await self.branch_exists(session_id, branch):
@@ -887,26 +939,15 @@ class RedisDriver(KeepsStructure):
             raise BranchNotFound(branch)
         return bool(outcome[0] == 1)
 
-    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
-        """Bounded: the latest `limit` archived items and live ones, of which those a
-        compaction wrote (only ever at the front) are left out."""
+    async def full_history(
+        self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> list[bytes]:
+        """The live items from the newest back, of which those a compaction wrote (only
+        ever at the front) are left out, then the archived ones, in one script."""
         await self._require_branch(session_id, branch)
         base, sfx = self._base(session_id), _suffix(branch)
-
-        async def read() -> list[Any]:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.lrange(f"{base}:archive{sfx}", -limit, -1)
-                pipe.lrange(f"{base}:items{sfx}", -limit, -1)
-                pipe.lrange(f"{base}:meta{sfx}", -limit, -1)
-                return await pipe.execute()
-
-        archived, items, shapes = await self._call(read)
-        live = [
-            data
-            for data, entry in zip(items, shapes, strict=True)
-            if entry.split(b"\t")[1] != COMPACTED.encode()
-        ]
-        return cast(list[bytes], (archived + live)[-limit:])
+        keys = [f"{base}:items{sfx}", f"{base}:meta{sfx}", f"{base}:archive{sfx}"]
+        return await self._read_newest(keys, limit, max_bytes)
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         await self._require_branch(session_id, branch)

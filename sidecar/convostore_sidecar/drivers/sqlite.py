@@ -44,6 +44,7 @@ from .base import (
     BranchNotFound,
     Cause,
     Check,
+    Gathered,
     Idempotency,
     Items,
     ItemShape,
@@ -225,6 +226,19 @@ async def _deadline(settings: Settings, cause: Cause) -> AsyncIterator[None]:
         raise BackendUnavailable(
             f"sqlite {settings.path}: no answer within {seconds:g} s (a stalled disk?)", cause
         ) from None
+
+
+def _newest_within(rows: sqlite3.Cursor, max_bytes: int | None) -> list[bytes]:
+    """Rows of one item, newest first, read one by one only as far as `max_bytes` lets
+    them; then the statement is finished, so that it holds no read snapshot."""
+    gathered = Gathered(max_bytes)
+    try:
+        for (data,) in rows:
+            if not gathered.take(data):
+                break
+    finally:
+        rows.close()
+    return gathered.oldest_first()
 
 
 def _unavailable(settings: Settings, exc: sqlite3.Error) -> BackendUnavailable:
@@ -533,14 +547,16 @@ class SqliteDriver(KeepsStructure):
         )
         return None if row is None else int(row[0])
 
-    async def latest_in(self, session_id: str, branch: str, limit: int | None) -> list[bytes]:
+    async def latest_in(
+        self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
+    ) -> list[bytes]:
         now = time.time()
         params = (self.store, session_id, branch, self._live_after(now))
 
         def read(conn: sqlite3.Connection) -> list[bytes]:
             self._require_branch(conn, session_id, branch, now)
-            rows = conn.execute(LATEST_SQL, (*params, -1 if limit is None else limit)).fetchall()
-            return [row[0] for row in reversed(rows)]
+            rows = conn.execute(LATEST_SQL, (*params, -1 if limit is None else limit))
+            return _newest_within(rows, max_bytes)
 
         return await self._reader.run(read)
 
@@ -726,7 +742,9 @@ class SqliteDriver(KeepsStructure):
 
         return await self._writer.transact(replace)
 
-    async def full_history(self, session_id: str, branch: str, limit: int) -> list[bytes]:
+    async def full_history(
+        self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> list[bytes]:
         now = time.time()
         archive = archive_of(branch)
 
@@ -738,8 +756,8 @@ class SqliteDriver(KeepsStructure):
                 "SELECT data FROM convostore_items WHERE store = ? AND session_id = ?"
                 " AND branch IN (?, ?) AND kind <> ? ORDER BY branch = ?, seq DESC LIMIT ?",
                 (self.store, session_id, branch, archive, COMPACTED, archive, limit),
-            ).fetchall()
-            return [row[0] for row in reversed(rows)]
+            )
+            return _newest_within(rows, max_bytes)
 
         return await self._reader.run(read)
 
