@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the project with its dev extras into .venv (made if
-# missing), makes sure the database and file-system tools the tests start are present, then runs
+# missing), makes sure the database, pooler and file-system tools the tests start are present, then runs
 # ruff, ruff format --check, mypy and pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,8 @@ need_packages=()
 command -v redis-server >/dev/null || need_packages+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null \
   || need_packages+=(postgresql)
+# PostgreSQL through a pooler in transaction mode, as Kubernetes operators deploy it
+command -v pgbouncer >/dev/null || need_packages+=(pgbouncer)
 # the disk-fault tests make their own file systems (a loop-mounted ext4, a small tmpfs)
 command -v mkfs.ext4 >/dev/null || need_packages+=(e2fsprogs)
 command -v fsfreeze >/dev/null || need_packages+=(util-linux)

@@ -3,8 +3,6 @@ the Agents SDK's real Runner, and a store config whose compaction calls the stan
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,11 +74,3 @@ def history(turns: int, *, tools: bool = True) -> list[dict[str, Any]]:
             items.append({"type": "function_call_output", "call_id": f"c{turn}", "output": "ok"})
         items.append({"role": "assistant", "content": f"answer {turn}"})
     return items
-
-
-async def eventually(check: Callable[[], Any], within: float = 20.0) -> None:
-    """Wait for `check()` to be true, failing after `within` seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)

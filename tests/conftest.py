@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -15,8 +16,9 @@ from convostore_sidecar.config import parse_config
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
-from tests.servers import PostgresServer, RedisClusterNodes, RedisServer, free_port
+from tests.servers import PgBouncer, PostgresServer, RedisClusterNodes, RedisServer, free_port
 from tests.support import (
+    POSTGRES_POOLED,
     REDIS_CLUSTER,
     RunningSidecar,
     SidecarProcess,
@@ -58,6 +60,16 @@ def postgres_dsn() -> Iterator[str]:
     server.start()
     yield server.dsn
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_dsn(postgres_dsn: str) -> Iterator[str]:
+    """PgBouncer in transaction mode in front of the test PostgreSQL server."""
+    upstream = urlsplit(postgres_dsn)
+    pooler = PgBouncer((upstream.hostname or "127.0.0.1", upstream.port or 5432))
+    pooler.start()
+    yield pooler.dsn.rsplit("/", 1)[0] + upstream.path
+    pooler.destroy()
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +115,15 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
                 "cluster": {"nodes": request.getfixturevalue("redis_cluster").addresses[:2]},
                 "keyPrefix": unique("test"),
             }
+        elif backend == POSTGRES_POOLED:
+            config["backend"] = "postgres"
+            config["postgres"] = {
+                "dsn": request.getfixturevalue("pgbouncer_dsn"),
+                "transactionPooler": True,
+                "directDsn": request.getfixturevalue("postgres_dsn"),
+                "schema": "t_" + uuid.uuid4().hex[:12],
+            }
+            migrate({"stores": {"schema": config}})
         elif backend == "dapr":
             runtime = request.getfixturevalue("dapr_runtime")
             config["dapr"] = {

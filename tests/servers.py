@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -415,4 +416,69 @@ class PostgresServer:
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
             self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PgBouncer:
+    """PgBouncer in transaction mode in front of a PostgreSQL server, set up as
+    CloudNativePG's `Pooler` ships it: `pool_mode = transaction` and only
+    `extra_float_digits` and `options` among the startup parameters it ignores. Each
+    transaction may run on another server connection, so no session state lasts."""
+
+    def __init__(self, upstream: tuple[str, int], pool_size: int = 10) -> None:
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        if not Path(binary).exists():
+            require("PgBouncer")
+        self.binary, self.upstream, self.pool_size = binary, upstream, pool_size
+        self.dir = Path(tempfile.mkdtemp(prefix="convostore-pgbouncer-"))
+        self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as_user:  # PgBouncer will not run as root
+            shutil.chown(self.dir, "postgres", "postgres")
+        (self.dir / "users.txt").write_text('"postgres" ""\n')
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _config(self) -> Path:
+        path = self.dir / "pgbouncer.ini"
+        path.write_text(
+            "[databases]\n"
+            f"* = host={self.upstream[0]} port={self.upstream[1]}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.dir / 'users.txt'}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {self.pool_size}\nmax_client_conn = 2000\n"
+            "ignore_startup_parameters = extra_float_digits,options\n"
+            f"logfile = {self.dir / 'log'}\npidfile = {self.dir / 'pid'}\n"
+        )
+        return path
+
+    def start(self) -> None:
+        for _ in range(PORT_ATTEMPTS):
+            self.port = free_port()
+            self.process = subprocess.Popen(
+                [*self._as_user, self.binary, str(self._config())],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if _serving(self.port, self.process):
+                return
+        raise RuntimeError(f"PgBouncer did not start: {(self.dir / 'log').read_text()}")
+
+    def point_at(self, upstream: tuple[str, int]) -> None:
+        """Send new server connections to another PostgreSQL (as a Service that follows
+        the primary does after a failover): the config is rewritten and reloaded."""
+        assert self.process is not None
+        self.upstream = upstream
+        self._config()
+        os.kill(int((self.dir / "pid").read_text()), signal.SIGHUP)  # not runuser's pid
+
+    def destroy(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)

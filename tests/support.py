@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import signal
 import subprocess
@@ -30,8 +31,17 @@ from tests.servers import free_port
 BACKENDS = ("sqlite", "redis", "postgres", "dapr", "openai")
 REDIS_CLUSTER = "redis-cluster"
 """The Redis driver on a Redis Cluster: the conformance suite runs it as a backend."""
+POSTGRES_POOLED = "postgres-pgbouncer"
+"""The PostgreSQL driver through PgBouncer in transaction mode, as Kubernetes operators
+put it in front of PostgreSQL: the conformance suite runs it as a backend."""
 # What a backend cannot do, by the conformance marker (or `encryption`) that needs it.
 LACKS = {"openai": frozenset({"retention", "any_json", "encryption"})}
+
+
+def direct_dsn(store: dict[str, Any]) -> str:
+    """Where a test reaches a postgres store's database itself: past the pooler, if any."""
+    settings: dict[str, str] = store["postgres"]
+    return settings.get("directDsn", settings["dsn"])
 
 
 def migrate(config: dict[str, Any]) -> None:
@@ -194,3 +204,20 @@ class Lure:
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
+
+
+async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
+    """Poll `check` (a function, or a coroutine function) until it returns something
+    truthy (and return that)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+        except (KeyError, AssertionError):
+            result = None
+        if result:
+            return result
+        assert asyncio.get_running_loop().time() < deadline, "the condition was never met"
+        await asyncio.sleep(0.1)

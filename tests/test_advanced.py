@@ -18,9 +18,9 @@ from agents.usage import Usage
 from convostore import AdvancedSidecarSession
 from convostore_sidecar.encryption import generate_key
 
-from tests.support import REDIS_CLUSTER, StartSidecar, lookup_weather, unique
+from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, StartSidecar, lookup_weather, unique
 
-BRANCHING = ("sqlite", "postgres", "redis", REDIS_CLUSTER)
+BRANCHING = ("sqlite", "postgres", "redis", REDIS_CLUSTER, POSTGRES_POOLED)
 StoreConfig = Callable[..., dict[str, Any]]
 
 

@@ -14,9 +14,9 @@ import yarl
 from convostore import AdvancedSidecarSession
 from convostore.errors import RequestRejectedError
 
-from tests.support import REDIS_CLUSTER, RunningSidecar, StartSidecar, unique
+from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, RunningSidecar, StartSidecar, unique
 
-STRUCTURED = ("sqlite", "postgres", "redis", REDIS_CLUSTER)
+STRUCTURED = ("sqlite", "postgres", "redis", REDIS_CLUSTER, POSTGRES_POOLED)
 StoreConfig = Callable[..., dict[str, Any]]
 
 

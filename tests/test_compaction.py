@@ -20,10 +20,10 @@ from openai import AsyncOpenAI
 
 from tests.compaction_support import compaction_config, converse, history
 from tests.openai_standin import OpenAIStandIn
-from tests.support import SidecarProcess, unique
+from tests.support import POSTGRES_POOLED, SidecarProcess, unique
 from tests.test_process import run_cli
 
-COMPACTING = ("sqlite", "postgres", "redis")
+COMPACTING = ("sqlite", "postgres", "redis", POSTGRES_POOLED)
 
 
 @pytest.mark.parametrize("backend", COMPACTING)

@@ -19,11 +19,11 @@ import pytest
 from convostore import SidecarSession
 from convostore.errors import StoreUnavailableError
 
-from tests.compaction_support import compaction_config, converse, eventually, history
+from tests.compaction_support import compaction_config, converse, history
 from tests.openai_standin import OpenAIStandIn
-from tests.support import SidecarProcess, unique
+from tests.support import POSTGRES_POOLED, SidecarProcess, eventually, unique
 
-COMPACTING = ("sqlite", "postgres", "redis")
+COMPACTING = ("sqlite", "postgres", "redis", POSTGRES_POOLED)
 Start = Callable[..., SidecarProcess]
 
 

@@ -299,6 +299,28 @@ def test_a_cluster_is_named_by_seed_nodes_with_tls_and_user_as_for_one_server() 
             },
             "field 'postgres.poolMin': must not exceed poolMax",
         ),
+        (
+            {
+                "stores": {
+                    "c": {
+                        "backend": "postgres",
+                        "postgres": {"dsn": "postgresql://pooler/db", "transactionPooler": True},
+                    }
+                }
+            },
+            "field 'postgres.directDsn': is required with transactionPooler",
+        ),
+        (
+            {
+                "stores": {
+                    "c": {
+                        "backend": "postgres",
+                        "postgres": {"dsn": "postgresql://x/db", "directDsn": "mysql://x/db"},
+                    }
+                }
+            },
+            "field 'postgres.directDsn': must start with postgresql://",
+        ),
         ({"listen": {"port": 70000}, **store()}, "field 'listen.port': must be an integer"),
         ({"listen": {"hots": "x"}, **store()}, "field 'listen': unknown field(s) 'hots'"),
         (

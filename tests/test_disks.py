@@ -12,8 +12,10 @@ thaw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ import aiohttp
 import pytest
 
 from tests.servers import require
-from tests.support import SidecarProcess
+from tests.support import SidecarProcess, eventually
 
 TOOLS = ("mkfs.ext4", "fsfreeze", "mount", "umount")
 BUSY_TIMEOUT = 1.0
@@ -142,3 +144,68 @@ async def test_a_full_disk_answers_that_it_is_and_keeps_what_it_acknowledged(
         async with http.get(items) as read:
             stored = [item["n"] for item in (await read.json())["items"]]
     assert stored == list(range(acknowledged)), "every acknowledged append is there"
+
+
+def threads_in_the_kernel(pid: int) -> int:
+    """Threads of `pid` in uninterruptible sleep: waiting on the frozen file system."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
+                count += 1
+    return count
+
+
+async def refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_sigterm_on_a_frozen_disk_stops_serving_at_once_and_exits_at_the_thaw(
+    freezable: Path, sidecar_process: Callable[[dict[str, Any]], SidecarProcess]
+) -> None:
+    """With a write and a read stuck in the kernel, SIGTERM still closes the listeners at
+    once and each call in flight is answered by its deadline; the process ends, exit 0,
+    as soon as the disk lets its stuck thread go (no process can end before that), and
+    the write left hanging is stored at most once."""
+    store = {
+        "backend": "sqlite",
+        "sqlite": {"path": str(freezable / "chat.db"), "busyTimeout": f"{BUSY_TIMEOUT:g}s"},
+    }
+    config = {"stores": {"chat": store}}
+    process = sidecar_process(config)
+    process.start()
+    assert process.process is not None
+    pid, items = process.process.pid, f"{process.url}/v1/stores/chat/sessions/s/items"
+    async with aiohttp.ClientSession() as http:
+        assert await post(http, items, {"items": [{"n": 1}]}, "k1") == 200
+        await freeze(freezable, True)
+        try:
+            hanging = asyncio.create_task(post(http, items, {"items": [{"n": 2}]}, "k2"))
+            reading = asyncio.create_task(read_status(http, items + "?limit=1"))
+            await eventually(lambda: threads_in_the_kernel(pid), within=30)
+            process.process.send_signal(signal.SIGTERM)
+            await eventually(lambda: refused(process.port), within=5)
+            async with asyncio.timeout(ANSWERED_WITHIN):
+                assert await hanging == 503
+                assert await reading in (200, 503)
+            assert process.process.poll() is None, "gone while a thread is in the kernel"
+        finally:
+            await freeze(freezable, False)
+        assert await asyncio.to_thread(process.process.wait, 30) == 0
+    process.close_log()
+    again = sidecar_process(config)
+    again.start()
+    async with aiohttp.ClientSession() as http:
+        assert (
+            await post(
+                http, again.url + items.removeprefix(process.url), {"items": [{"n": 2}]}, "k2"
+            )
+            == 200
+        )
+        async with http.get(again.url + "/v1/stores/chat/sessions/s/items") as read:
+            assert [item["n"] for item in (await read.json())["items"]] == [1, 2]

@@ -21,7 +21,15 @@ from convostore import DecryptionError, EncryptedSession, SidecarSession, StoreU
 from convostore_sidecar.config import ConfigError, parse_config
 from convostore_sidecar.encryption import Keyring, decode_key, generate_key
 
-from tests.support import RunningSidecar, SidecarProcess, StartSidecar, backends_with, unique
+from tests.support import (
+    POSTGRES_POOLED,
+    RunningSidecar,
+    SidecarProcess,
+    StartSidecar,
+    backends_with,
+    direct_dsn,
+    unique,
+)
 
 MARKER = "PLAINTEXT-MARKER-7f3a"
 K1, K2 = generate_key(), generate_key()
@@ -42,7 +50,7 @@ async def error_code(url: str, method: str = "GET") -> tuple[int, str, str]:
         return resp.status, body["error"]["code"], body["error"]["message"]
 
 
-@pytest.mark.parametrize("backend", backends_with("encryption"))
+@pytest.mark.parametrize("backend", [*backends_with("encryption"), POSTGRES_POOLED])
 async def test_backend_bytes_hold_no_plaintext(
     backend: str,
     start_sidecar: StartSidecar,
@@ -83,7 +91,7 @@ async def raw_backend_bytes(backend: str, store: dict[str, Any], redis_url: str)
                 blob += cast(bytes, await client.hget(key, "data") or b"")
         await client.aclose()
         return blob
-    conn = await asyncpg.connect(store["postgres"]["dsn"])
+    conn = await asyncpg.connect(direct_dsn(store))
     schema = store["postgres"]["schema"]
     rows = await conn.fetch(f"SELECT data, coalesce(tool, '') AS tool FROM {schema}.items")
     await conn.close()
@@ -101,7 +109,7 @@ CONVERSATION: list[dict[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres", POSTGRES_POOLED])
 async def test_hidden_tool_names_stay_out_of_the_backend_and_shapes_agree(
     backend: str,
     start_sidecar: StartSidecar,
@@ -401,7 +409,7 @@ class StoredItems:
     place in the backend itself: what someone with write access to it could do."""
 
     def __init__(self, backend: str, store: dict[str, Any], redis_url: str, session: str):
-        self.backend, self.store, self.session = backend, store, session
+        self.backend, self.store, self.session = store["backend"], store, session
         self.redis = aioredis.Redis.from_url(redis_url) if redis_url else None
 
     async def _redis_keys(self) -> list[str]:
@@ -421,7 +429,7 @@ class StoredItems:
                 ).fetchall()
             return [row[0] for row in rows]
         if self.backend == "postgres":
-            conn = await asyncpg.connect(self.store["postgres"]["dsn"])
+            conn = await asyncpg.connect(direct_dsn(self.store))
             rows = await conn.fetch(
                 f"SELECT data FROM {self.store['postgres']['schema']}.items"
                 " WHERE session_id = $1 ORDER BY seq",
@@ -449,7 +457,7 @@ class StoredItems:
                     db.execute("UPDATE convostore_items SET data = ? WHERE seq = ?", (data, seq))
             return
         if self.backend == "postgres":
-            conn = await asyncpg.connect(self.store["postgres"]["dsn"])
+            conn = await asyncpg.connect(direct_dsn(self.store))
             table = f"{self.store['postgres']['schema']}.items"
             seqs = await conn.fetch(
                 f"SELECT seq FROM {table} WHERE session_id = $1 ORDER BY seq", self.session
@@ -480,7 +488,7 @@ def _seq(key: str) -> int:
     return int(key.rsplit("||", 1)[1])
 
 
-@pytest.mark.parametrize("backend", backends_with("encryption"))
+@pytest.mark.parametrize("backend", [*backends_with("encryption"), POSTGRES_POOLED])
 @pytest.mark.parametrize("tampering", ["swapped", "replayed at the end", "repeated"])
 async def test_reordered_or_replayed_items_are_refused_not_served(
     backend: str,

@@ -11,6 +11,7 @@ nothing may be stored twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from convostore import SidecarSession, StoreUnavailableError
 
 from tests.failover import writing
-from tests.servers import PostgresServer
+from tests.servers import PgBouncer, PostgresServer
 from tests.support import SidecarProcess, migrate
 from tests.test_outages import wait_until
 
@@ -73,31 +74,45 @@ async def streaming(primary: PostgresServer, *, synchronous: bool) -> None:
     await wait_until(streaming_as_expected)
 
 
+@pytest.mark.parametrize("route", ["direct", "pgbouncer"])
 @pytest.mark.parametrize("replication", ["synchronous", "asynchronous"])
 async def test_appends_survive_the_primary_dying_and_the_standby_taking_over(
     replication: str,
+    route: str,
     primary_and_standby: tuple[PostgresServer, PostgresServer],
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """`direct`: the sidecar is given both hosts. `pgbouncer`: it reaches the primary
+    through PgBouncer in transaction mode, which is pointed at the new primary once
+    it is promoted, as CloudNativePG's Pooler follows its `-rw` Service."""
     primary, standby = primary_and_standby
 
     await streaming(primary, synchronous=replication == "synchronous")
-    dsn = (
+    both = (
         f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/postgres"
         "?target_session_attrs=read-write"
     )
-    config = {"stores": {"chat": {"backend": "postgres", "postgres": {"dsn": dsn}}}}
-    migrate(config)
-    writers = await writing(sidecar_process, config["stores"]["chat"])
-    await asyncio.to_thread(primary.stop, "immediate")
-    await asyncio.to_thread(standby.promote)
-    after = writers.total
-    await wait_until(lambda: writers.at_least(after + 40))
-    tally = await writers.stop()
+    postgres: dict[str, Any] = {"dsn": both}
+    with contextlib.ExitStack() as cleanup:
+        if route == "pgbouncer":
+            pooler = PgBouncer(("127.0.0.1", primary.port))
+            pooler.start()
+            cleanup.callback(pooler.destroy)
+            postgres = {"dsn": pooler.dsn, "transactionPooler": True, "directDsn": both}
+        config = {"stores": {"chat": {"backend": "postgres", "postgres": postgres}}}
+        migrate(config)
+        writers = await writing(sidecar_process, config["stores"]["chat"])
+        await asyncio.to_thread(primary.stop, "immediate")
+        await asyncio.to_thread(standby.promote)
+        if route == "pgbouncer":
+            pooler.point_at(("127.0.0.1", standby.port))
+        after = writers.total
+        await wait_until(lambda: writers.at_least(after + 40))
+        tally = await writers.stop()
 
     with capsys.disabled():
-        print(f"\npostgres failover, {replication} replication: {tally}")
+        print(f"\npostgres failover ({route}), {replication} replication: {tally}")
     assert tally.doubled == 0
     if replication == "synchronous":
         assert tally.lost == 0

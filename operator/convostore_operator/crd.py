@@ -173,7 +173,25 @@ POSTGRES: dict[str, Any] = {
             "description": "The sessions' synchronous_commit; unset, the server's. With a "
             "synchronous standby, on waits for it and local does not.",
         },
+        "transactionPooler": {
+            "type": "boolean",
+            "description": "The DSN reaches PostgreSQL through a pooler in transaction mode "
+            "(PgBouncer, CloudNativePG's Pooler): no session state, no prepared statements; "
+            "migrations then go over directDsnSecretRef.",
+        },
+        "directDsnSecretRef": _secret_ref(
+            "a postgresql:// DSN straight to PostgreSQL (past the pooler), for migrations"
+        ),
     },
+    "x-kubernetes-validations": [
+        {
+            "rule": "!has(self.transactionPooler) || !self.transactionPooler || "
+            "has(self.directDsnSecretRef)",
+            "message": "transactionPooler needs directDsnSecretRef: migrations need a "
+            "connection straight to PostgreSQL",
+            "fieldPath": ".directDsnSecretRef",
+        },
+    ],
 }
 
 

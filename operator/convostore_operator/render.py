@@ -134,7 +134,9 @@ def _database(
                 rendered[key] = section[key]
     else:
         rendered["dsn"] = secrets[f"{prefix}dsnSecretRef"].strip()
-        for key in ("schema", "poolMax", "synchronousCommit"):
+        if f"{prefix}directDsnSecretRef" in secrets:
+            rendered["directDsn"] = secrets[f"{prefix}directDsnSecretRef"].strip()
+        for key in ("schema", "poolMax", "synchronousCommit", "transactionPooler"):
             if key in section:
                 rendered[key] = section[key]
     if f"{prefix}passwordSecretRef" in secrets:

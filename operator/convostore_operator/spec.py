@@ -120,6 +120,7 @@ def _section_refs(section: dict[str, Any]) -> dict[str, SecretRef]:
             "urlSecretRef",
             "passwordSecretRef",
             "dsnSecretRef",
+            "directDsnSecretRef",
             "apiKeySecretRef",
             "caSecretRef",
         )

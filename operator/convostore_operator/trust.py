@@ -219,13 +219,16 @@ def _database_flows(
     backend: str, section: dict[str, Any], secrets: dict[str, str], where: str, prefix: str
 ) -> list[Flow]:
     if backend == "postgres":
-        dsn_ref = f"{prefix}dsnSecretRef"
+        dsns = {f"{prefix}dsnSecretRef": secrets.get(f"{prefix}dsnSecretRef", "")}
+        if f"{prefix}directDsnSecretRef" in secrets:  # past a pooler, for migrations
+            dsns[f"{prefix}directDsnSecretRef"] = secrets[f"{prefix}directDsnSecretRef"]
         data = tuple(
-            Endpoint(f"the DSN of {dsn_ref}", o, dsn_ref)
-            for o in postgres_origins(secrets.get(dsn_ref, ""))
+            Endpoint(f"the DSN of {ref}", o, ref)
+            for ref, dsn in dsns.items()
+            for o in postgres_origins(dsn)
         )
-        refs = ("dsnSecretRef", "passwordSecretRef", "caSecretRef")
-        return [Flow(f"{prefix}{ref}", data) for ref in refs]
+        names = ("dsnSecretRef", "directDsnSecretRef", "passwordSecretRef", "caSecretRef")
+        return [Flow(f"{prefix}{name}", data) for name in names]
     data = tuple(_redis_endpoints(section, secrets, where, prefix))
     refs = ("urlSecretRef", "passwordSecretRef", "caSecretRef")
     found = [Flow(f"{prefix}{ref}", data) for ref in refs]

@@ -1,7 +1,8 @@
 """The conformance suite runs every test once per driver, through the sidecar's API.
 
 Each driver runs it twice, as it is and behind encryption at rest; the Redis driver
-also runs it on a Redis Cluster. A test marked with a
+also runs it on a Redis Cluster, and the PostgreSQL driver through PgBouncer in
+transaction mode. A test marked with a
 capability (`retention`, `any_json`) runs only on the drivers that have it; `LACKS` in
 `tests/support.py` says which lack what, so nothing is skipped at run time.
 """
@@ -14,7 +15,14 @@ from typing import Any
 import pytest
 from convostore_sidecar.encryption import generate_key
 
-from tests.support import BACKENDS, LACKS, REDIS_CLUSTER, StartSidecar, Subject
+from tests.support import (
+    BACKENDS,
+    LACKS,
+    POSTGRES_POOLED,
+    REDIS_CLUSTER,
+    StartSidecar,
+    Subject,
+)
 
 CAPABILITIES = ("retention", "any_json")
 
@@ -25,7 +33,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     needs = {m.name for m in metafunc.definition.iter_markers() if m.name in CAPABILITIES}
     combos = [
         (backend, at_rest)
-        for backend in (*BACKENDS, REDIS_CLUSTER)
+        for backend in (*BACKENDS, REDIS_CLUSTER, POSTGRES_POOLED)
         for at_rest in ("plain", "encrypted")
         if not LACKS.get(backend, frozenset())
         & (needs | ({"encryption"} if at_rest == "encrypted" else set()))

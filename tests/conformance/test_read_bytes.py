@@ -9,10 +9,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tests.support import REDIS_CLUSTER, Subject
+from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, Subject
 
 CAP, ITEM = 4096, 1024
-STRUCTURED = ("sqlite", "redis", "postgres", REDIS_CLUSTER)
+STRUCTURED = ("sqlite", "redis", "postgres", REDIS_CLUSTER, POSTGRES_POOLED)
 
 
 async def read(subject: Subject, session_id: str, **params: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from convostore_sidecar.drivers import sqlite as sqlite_driver
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
-from tests.support import REDIS_CLUSTER, Subject, unique
+from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, Subject, unique
 
 LONG, SHORT, LIMIT = 10_000, 20, 20
 
@@ -50,6 +50,7 @@ async def test_latest_20_of_10000_reads_about_20_items(
         inspect = {
             "sqlite": sqlite_reads,
             "postgres": postgres_reads,
+            POSTGRES_POOLED: postgres_reads,
             "redis": redis_reads,
             REDIS_CLUSTER: redis_reads,
         }

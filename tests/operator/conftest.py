@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import inspect
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -129,23 +128,6 @@ async def operator(cluster: Any, kube: Kube) -> AsyncIterator[Operator]:
     await asyncio.wait_for(asyncio.gather(*runners), 30)
     for server in admission:
         await server.stop()
-
-
-async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
-    """Poll `check` (a function, or a coroutine function) until it returns something
-    truthy (and return that)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        try:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-        except (KeyError, AssertionError):
-            result = None
-        if result:
-            return result
-        assert asyncio.get_running_loop().time() < deadline, "the condition was never met"
-        await asyncio.sleep(0.1)
 
 
 def store_object(cluster: Any, name: str) -> Any:

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.operator.conftest import NAMESPACE, create_store, eventually, phase_is, store_object
+from tests.operator.conftest import NAMESPACE, create_store, phase_is, store_object
 from tests.operator.deployed import (
     RELEASE_NAMESPACE,
     Deployment,
@@ -32,6 +32,7 @@ from tests.operator.deployed import (
     webhook_target,
 )
 from tests.operator.emulator import LEASES, RealisticEmulator
+from tests.support import eventually
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 HOOKS = "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"

@@ -82,6 +82,16 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "needs redis.url, redis.urlSecretRef, redis.sentinel or",
         ),
         (
+            {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "transactionPooler": True}},
+            "spec.postgres.directDsnSecretRef",
+            "transactionPooler needs directDsnSecretRef",
+        ),
+        (
+            {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "transactionPooler": "yes"}},
+            "spec.postgres.transactionPooler",
+            "is not of type 'boolean'",
+        ),
+        (
             {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "synchronousCommit": "ON"}},
             "spec.postgres.synchronousCommit",
             "must be one of remote_apply, on, remote_write, local, off",

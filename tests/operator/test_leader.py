@@ -12,9 +12,9 @@ import pytest
 from convostore_operator.kube import api_client, configuration
 from convostore_operator.leader import Election, LeaseSettings
 
-from tests.operator.conftest import eventually
 from tests.operator.emulator import LEASES, RealisticEmulator
 from tests.servers import free_port
+from tests.support import eventually
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 LEASE_SECONDS = 2

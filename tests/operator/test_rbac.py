@@ -25,7 +25,6 @@ from tests.operator.conftest import (
     Operator,
     create_store,
     create_workload,
-    eventually,
     is_gone,
     lend_url,
     phase_is,
@@ -34,6 +33,7 @@ from tests.operator.conftest import (
 from tests.operator.deployed import RELEASE_NAMESPACE, only, render_chart
 from tests.operator.emulator import RealisticEmulator
 from tests.operator.rbac_check import Call, grants
+from tests.support import eventually
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 STORES_URL = f"/apis/convostore.dev/v1alpha1/namespaces/{NAMESPACE}/conversationstores"

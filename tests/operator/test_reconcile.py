@@ -29,7 +29,6 @@ from tests.operator.conftest import (
     create_store,
     create_workload,
     events_for,
-    eventually,
     is_gone,
     lend_url,
     phase_is,
@@ -39,7 +38,7 @@ from tests.operator.conftest import (
 )
 from tests.operator.emulator import STORES, RealisticEmulator
 from tests.servers import RedisClusterNodes, RedisSentinel, RedisServer, free_port
-from tests.support import Lure, unique
+from tests.support import Lure, eventually, unique
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 

@@ -217,3 +217,25 @@ def test_hidden_tool_names_reach_the_sidecars_keyring(tmp_path: Path) -> None:
     keyring = parse_config(rendered.config).stores["chat"].encryption
     assert keyring is not None
     assert keyring.hide_tool_names
+
+
+def test_a_pooled_postgres_store_reaches_the_sidecar_with_its_direct_dsn(tmp_path: Path) -> None:
+    section = {
+        "dsnSecretRef": {"name": "db", "key": "pooled"},
+        "directDsnSecretRef": {"name": "db", "key": "direct"},
+        "transactionPooler": True,
+    }
+    spec = validate({"backend": "postgres", "postgres": section})
+    secrets = {
+        "dsnSecretRef": "postgresql://app@chat-pooler-rw.data/chat\n",
+        "directDsnSecretRef": "postgresql://app@chat-rw.data/chat\n",
+    }
+    rendered = render("chat", spec, secrets, stores_root=str(tmp_path))
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for name, data in rendered.secret_data().items():
+        (folder / name).write_bytes(data)
+    settings = load_config(folder / "config.yaml").stores["chat"].settings
+    assert settings.transaction_pooler is True
+    assert settings.dsn == "postgresql://app@chat-pooler-rw.data/chat"
+    assert settings.direct_dsn == "postgresql://app@chat-rw.data/chat"

@@ -29,12 +29,12 @@ from tests.operator.conftest import (
     Operator,
     create_secret,
     create_store,
-    eventually,
     phase_is,
     secret_data,
 )
 from tests.operator.emulator import STORES, RealisticEmulator
 from tests.servers import free_port
+from tests.support import eventually
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 SIDECAR = [sys.executable, "-m", "convostore", "sidecar"]

@@ -130,3 +130,23 @@ def test_a_dapr_component_host_must_be_listed_by_every_secret_it_takes_a_value_f
     check(spec, "redis://redis.data:6379")
     with pytest.raises(NotAllowed, match=r"redis\.data:6379 \(from spec\.dapr\.component"):
         check(spec, "redis://redis.data:6380")
+
+
+def test_a_password_goes_to_the_direct_dsn_only_where_its_secret_lists_it() -> None:
+    """Through a pooler the operator migrates over `directDsnSecretRef`: its hosts get
+    the password too, so the password's Secret must list them as well as the pooler's
+    (a store author's own DSNs cannot send someone else's password anywhere)."""
+    section = {
+        "dsnSecretRef": {"name": "author", "key": "pooled"},
+        "directDsnSecretRef": {"name": "author", "key": "direct"},
+        "passwordSecretRef": PASSWORD,
+        "transactionPooler": True,
+    }
+    spec = {"backend": "postgres", "postgres": section}
+    secrets = {
+        "dsnSecretRef": "postgresql://app@pooler.data/chat",
+        "directDsnSecretRef": "postgresql://app@evil.example/chat",
+    }
+    with pytest.raises(NotAllowed, match="from the DSN of directDsnSecretRef"):
+        check(spec, "postgresql://pooler.data:5432", secrets)
+    check(spec, "postgresql://pooler.data:5432,postgresql://evil.example:5432", secrets)

@@ -26,11 +26,12 @@ from convostore_operator.webhook import (
     AdmissionServer,
 )
 
-from tests.operator.conftest import NAMESPACE, WEBHOOK, eventually
+from tests.operator.conftest import NAMESPACE, WEBHOOK
 from tests.operator.deployed import WebhookTarget, admission
 from tests.operator.emulator import RealisticEmulator
 from tests.operator.test_webhook_tls import HOOKS, create_configuration
 from tests.servers import free_port
+from tests.support import eventually
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 

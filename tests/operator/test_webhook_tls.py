@@ -16,9 +16,10 @@ from convostore_operator.kube import Kube
 from convostore_operator.webhook import AdmissionServer
 from cryptography import x509
 
-from tests.operator.conftest import WEBHOOK, eventually
+from tests.operator.conftest import WEBHOOK
 from tests.operator.emulator import RealisticEmulator
 from tests.servers import free_port
+from tests.support import eventually
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 HOOKS = "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"

@@ -24,10 +24,11 @@ Expired sessions are swept in batches by whichever sidecar holds the sweep lock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -75,6 +76,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 SWEEP_LOCK = 0x73776565  # "swee": at most one sidecar sweeps at a time
+APPLICATION = "convostore-sidecar"
+STATEMENT_CACHE = 100
+"""asyncpg's default: the statements a connection keeps prepared (none through a pooler)."""
 SWEEP_BATCH = 500
 IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -149,6 +153,13 @@ class Settings:
     synchronous_commit: str | None = None
     """The sessions' `synchronous_commit`; unset, the server's (`on`: with a synchronous
     standby configured, a commit returns once the standby has it)."""
+    transaction_pooler: bool = False
+    """The DSN reaches PostgreSQL through a pooler in transaction mode (PgBouncer,
+    CloudNativePG's `Pooler`): each call then runs in a transaction of its own, its
+    settings `SET LOCAL`, with no prepared statement kept and no session state."""
+    direct_dsn: str | None = None
+    """A DSN straight to PostgreSQL, for migrations (`convostore migrate`, the operator),
+    which take a session-level lock that no pooler in transaction mode would keep."""
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
@@ -176,8 +187,20 @@ class Settings:
                 if s.has("synchronousCommit")
                 else None
             ),
+            transaction_pooler=s.boolean("transactionPooler", False),
+            direct_dsn=s.string("directDsn"),
         )
         tls.done()
+        if settings.transaction_pooler and settings.direct_dsn is None:
+            s.fail(
+                "directDsn",
+                "is required with transactionPooler: migrations need a connection straight "
+                "to PostgreSQL (a pooler in transaction mode drops their lock)",
+            )
+        if settings.direct_dsn is not None and not settings.direct_dsn.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            s.fail("directDsn", "must start with postgresql://")
         if settings.pool_min > settings.pool_max:
             s.fail("poolMin", f"must not exceed poolMax ({settings.pool_max})")
         targets = parse_qs(urlsplit(dsn).query).get("target_session_attrs", [None])[-1]
@@ -242,6 +265,7 @@ def open_driver(store: StoreConfig) -> PostgresDriver:
 
 class PostgresDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
+        self._config = store
         self.settings: Settings = store.settings
         self.store = store.identity
         self.retention = store.retention
@@ -264,6 +288,7 @@ class PostgresDriver(KeepsStructure):
             return self._pool
         async with self._pool_lock:
             if self._pool is None:
+                pooled = self.settings.transaction_pooler
                 pool = await asyncpg.create_pool(
                     self.settings.dsn,
                     password=self._password(),
@@ -272,19 +297,31 @@ class PostgresDriver(KeepsStructure):
                     max_size=self.settings.pool_max,
                     timeout=self.settings.connect_timeout,
                     command_timeout=self.settings.statement_timeout + 1,
-                    server_settings=self._server_settings(),
+                    server_settings=(
+                        {"application_name": APPLICATION} if pooled else self._settings()
+                    ),
+                    # a statement prepared on one server connection is unknown on the next
+                    statement_cache_size=0 if pooled else STATEMENT_CACHE,
                 )
                 self._pool = pool
         return self._pool
 
-    def _server_settings(self) -> dict[str, str]:
+    def _settings(self) -> dict[str, str]:
+        """What each connection sets for its session, or, through a transaction pooler,
+        each transaction for itself (`_local_settings`)."""
         settings = {
             "statement_timeout": str(int(self.settings.statement_timeout * 1000)),
-            "application_name": "convostore-sidecar",
+            "application_name": APPLICATION,
         }
         if self.settings.synchronous_commit is not None:
             settings["synchronous_commit"] = self.settings.synchronous_commit
         return settings
+
+    @functools.cached_property
+    def _local_settings(self) -> str:
+        settings = self._settings()
+        del settings["application_name"]
+        return "".join(f"SET LOCAL {name} = '{value}';" for name, value in settings.items())
 
     async def _run(
         self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, migrated: bool = True
@@ -294,12 +331,11 @@ class PostgresDriver(KeepsStructure):
         try:
             pool = await self._get_pool()
             async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
-                if migrated and not self._schema_ready:
-                    problem = version_problem(self._s, await installed_version(conn, self._s))
-                    if problem:
-                        raise BackendMisconfigured(problem)
-                    self._schema_ready = True
-                return await fn(conn)
+                if not self.settings.transaction_pooler:
+                    return await self._checked(conn, fn, migrated)
+                async with conn.transaction():  # every statement on one server connection
+                    await conn.execute(self._local_settings)
+                    return await self._checked(conn, fn, migrated)
         except _MISCONFIGURED as exc:
             raise BackendMisconfigured(f"postgres refuses the store's settings: {exc}") from exc
         except asyncpg.ReadOnlySQLTransactionError as exc:
@@ -315,6 +351,19 @@ class PostgresDriver(KeepsStructure):
             cause = next((c for kind, c in _CAUSES if isinstance(exc, kind)), Cause.UNAVAILABLE)
             raise BackendUnavailable(f"postgres: {exc!r}", cause) from exc
 
+    async def _checked(
+        self,
+        conn: asyncpg.Connection,
+        fn: Callable[[asyncpg.Connection], Awaitable[T]],
+        migrated: bool,
+    ) -> T:
+        if migrated and not self._schema_ready:
+            problem = version_problem(self._s, await installed_version(conn, self._s))
+            if problem:
+                raise BackendMisconfigured(problem)
+            self._schema_ready = True
+        return await fn(conn)
+
     def _ttl(self) -> float | None:
         return self.retention.ttl_seconds
 
@@ -323,9 +372,20 @@ class PostgresDriver(KeepsStructure):
         keep the sidecar from starting."""
 
     async def migrate(self) -> str:
-        """Bring the schema to this version (`convostore migrate`, the operator)."""
+        """Bring the schema to this version (`convostore migrate`, the operator), over
+        `directDsn` when the store names one."""
+        direct = self.settings.direct_dsn
         try:
-            return str(await self._run(lambda conn: migrate(conn, self._s), migrated=False))
+            if direct is None:
+                return str(await self._run(lambda conn: migrate(conn, self._s), migrated=False))
+            straight = replace(
+                self.settings, dsn=direct, direct_dsn=None, transaction_pooler=False, pool_min=0
+            )
+            driver = PostgresDriver(replace(self._config, settings=straight))
+            try:
+                return await driver.migrate()
+            finally:
+                await driver.close()
         except SchemaTooNew as exc:
             raise BackendMisconfigured(str(exc)) from exc
 
@@ -810,43 +870,51 @@ class PostgresDriver(KeepsStructure):
     async def sweep(self) -> int:
         s, store, ttl = self._s, self.store, self._ttl()
 
-        async def sweep(conn: asyncpg.Connection) -> int:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK):
-                return 0
-            try:
-                await conn.execute(
-                    f"DELETE FROM {s}.idempotency_keys WHERE ctid IN (SELECT ctid FROM"
-                    f" {s}.idempotency_keys WHERE store = $1 AND expires_at <= now() LIMIT $2)",
-                    store,
-                    SWEEP_BATCH * 10,
-                )
-                if ttl is None:
-                    return 0
-                swept = 0
-                while True:
-                    gone = await conn.fetch(
-                        f"DELETE FROM {s}.sessions WHERE (store, session_id) IN ("
-                        f" SELECT store, session_id FROM {s}.sessions WHERE store = $1"
-                        f" AND updated_at <= now() - make_interval(secs => $2) LIMIT $3)"
-                        f" RETURNING session_id",
-                        store,
-                        ttl,
-                        SWEEP_BATCH,
-                    )
-                    await conn.execute(
-                        f"DELETE FROM {s}.branches"
-                        f" WHERE store = $1 AND session_id = ANY($2::text[])",
-                        store,
-                        [row[0] for row in gone],
-                    )
-                    deleted = len(gone)
-                    swept += deleted
-                    if deleted < SWEEP_BATCH:
-                        return swept
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK)
+        async def locked(conn: asyncpg.Connection) -> bool:
+            """At most one sidecar sweeps a batch at a time; the lock goes with the
+            transaction, so no pooler can leave it held."""
+            return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK))
 
-        return await self._run(sweep)
+        async def forget_keys(conn: asyncpg.Connection) -> None:
+            async with conn.transaction():
+                if await locked(conn):
+                    await conn.execute(
+                        f"DELETE FROM {s}.idempotency_keys WHERE ctid IN (SELECT ctid FROM"
+                        f" {s}.idempotency_keys WHERE store = $1 AND expires_at <= now()"
+                        " LIMIT $2)",
+                        store,
+                        SWEEP_BATCH * 10,
+                    )
+
+        async def expire_batch(conn: asyncpg.Connection) -> int | None:
+            """Sessions deleted, or None while another sidecar sweeps."""
+            async with conn.transaction():
+                if not await locked(conn):
+                    return None
+                gone = await conn.fetch(
+                    f"DELETE FROM {s}.sessions WHERE (store, session_id) IN ("
+                    f" SELECT store, session_id FROM {s}.sessions WHERE store = $1"
+                    f" AND updated_at <= now() - make_interval(secs => $2) LIMIT $3)"
+                    f" RETURNING session_id",
+                    store,
+                    ttl,
+                    SWEEP_BATCH,
+                )
+                await conn.execute(
+                    f"DELETE FROM {s}.branches WHERE store = $1 AND session_id = ANY($2::text[])",
+                    store,
+                    [row[0] for row in gone],
+                )
+                return len(gone)
+
+        await self._run(forget_keys)
+        swept = 0
+        while ttl is not None:
+            deleted = await self._run(expire_batch)
+            swept += deleted or 0
+            if deleted is None or deleted < SWEEP_BATCH:
+                break
+        return swept
 
     async def rewrite(self, session_id: str, transform: Transform) -> int:
         s, store = self._s, self.store
