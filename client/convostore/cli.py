@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     sidecar.add_argument(
         "--no-tcp", action="store_true", help="serve only the unix socket (needs --socket)"
     )
+    sidecar.add_argument(
+        "--health-port",
+        type=int,
+        help="also serve /healthz and /readyz alone on this TCP port, on every address "
+        "(for the kubelet's HTTP probes; no data, no token)",
+    )
     sidecar.add_argument("--log-level", default="INFO")
     sidecar.set_defaults(run=_run_sidecar)
 
@@ -208,6 +214,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         tcp=not args.no_tcp,
         issue_token=args.issue_token,
+        health_port=args.health_port,
     )
     return code
 

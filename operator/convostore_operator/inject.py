@@ -39,6 +39,9 @@ SOCKET_URL = f"unix://{SOCKET_DIR}/sidecar.sock"
 TOKEN_DIR = "/var/run/convostore-token"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
 SIDECAR_UID = 65532
+HEALTH_PORT = 8791
+"""Where the kubelet probes the sidecar: a listener that serves `/healthz` and `/readyz`
+only (see the sidecar's `health` module), so no probe starts a process."""
 SIDECAR_MEMORY_LIMIT = "256Mi"
 """What the sidecar's request limits are sized for: see "Limits" in the README."""
 
@@ -138,7 +141,7 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
         {"name": "convostore-token", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
     )
     args = ["sidecar", "--socket", f"{SOCKET_DIR}/sidecar.sock", "--socket-mode", "0666"]
-    args += ["--issue-token", TOKEN_FILE]
+    args += ["--issue-token", TOKEN_FILE, "--health-port", str(HEALTH_PORT)]
     if annotations.get(TCP) != "true":
         args.append("--no-tcp")
     for store in stores:
@@ -165,12 +168,12 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
         "volumeMounts": mounts,
         "securityContext": RESTRICTED,
         "startupProbe": {
-            "exec": {"command": ["convostore", "probe", "--url", SOCKET_URL]},
+            "httpGet": {"path": "/healthz", "port": HEALTH_PORT},
             "periodSeconds": 1,
             "failureThreshold": 60,
         },
         "livenessProbe": {
-            "exec": {"command": ["convostore", "probe", "--url", SOCKET_URL]},
+            "httpGet": {"path": "/healthz", "port": HEALTH_PORT},
             "periodSeconds": 20,
             "timeoutSeconds": 5,
         },

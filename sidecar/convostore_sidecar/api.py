@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 
@@ -192,12 +191,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     registry = request.app[STORES]
     stores = list(registry)
-    readiness = request.app[READINESS]
-    pinged = await asyncio.gather(*(readiness.problem(store) for store in stores))
-    failing = [readiness.failing_writes(store.name) for store in stores]
-    problems = [p or f for p, f in zip(pinged, failing, strict=True)]
+    checked = await request.app[READINESS].states(stores)
+    problems = [unreachable or refusing for unreachable, refusing in checked]
     ready = not any(problems)
-    states = [_state(p, f) for p, f in zip(pinged, failing, strict=True)]
+    states = [_state(*state) for state in checked]
     document: dict[str, object] = {
         "ready": ready,
         "stores": {s.name: state for s, state in zip(stores, states, strict=True)},

@@ -315,6 +315,10 @@ class ListenConfig:
     socket: str | None = None
     socket_mode: int = 0o660
     tcp: bool = True
+    health_port: int | None = None
+    """A TCP port for the kubelet's probes, serving `/healthz` and `/readyz` alone."""
+    health_host: str = "0.0.0.0"
+    """The kubelet probes the pod's IP, so by default every address."""
 
 
 @dataclass(frozen=True)
@@ -401,6 +405,12 @@ def parse_config(data: Any) -> SidecarConfig:
         socket=listen_s.string("socket"),
         socket_mode=listen_s.integer("socketMode", ListenConfig.socket_mode, low=0, high=0o777),
         tcp=listen_s.boolean("tcp", True),
+        health_port=(
+            listen_s.integer("healthPort", 0, low=1, high=65535)
+            if listen_s.has("healthPort")
+            else None
+        ),
+        health_host=listen_s.string("healthHost", ListenConfig.health_host),
     )
     listen_s.done()
     auth_s = root.section("auth")

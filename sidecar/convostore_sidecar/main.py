@@ -37,10 +37,14 @@ def run_sidecar(
     token_file: str | None = None,
     tcp: bool = True,
     issue_token: str | None = None,
+    health_port: int | None = None,
 ) -> int:
     try:
         config = load_config(*config_paths) if config_paths else default_config()
         config = _with_overrides(config, host, port, socket, socket_mode, token_file, tcp)
+        if health_port is not None:
+            listen = dataclasses.replace(config.listen, health_port=health_port)
+            config = dataclasses.replace(config, listen=listen)
         if issue_token:
             config = dataclasses.replace(config, token_file=write_new_token(Path(issue_token)))
         check_exposure(config)
@@ -92,8 +96,9 @@ def check_token_file(config: SidecarConfig) -> None:
 def check_exposure(config: SidecarConfig) -> None:
     """Raise ConfigError for a sidecar that would serve conversations to strangers."""
     listen = config.listen
-    if not 0 <= listen.port <= 65535:
-        raise ConfigError(f"field 'listen.port': must be from 0 to 65535, got {listen.port}")
+    for field, value in (("port", listen.port), ("healthPort", listen.health_port or 0)):
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"field 'listen.{field}': must be from 0 to 65535, got {value}")
     if not listen.tcp and not listen.socket:
         raise ConfigError("listen: with tcp off, a socket is needed (--socket)")
     if listen.tcp and not is_loopback_host(listen.host) and not config.token_file:

@@ -46,6 +46,13 @@ class Readiness:
             return None
         return f"writes refused: {refused[1]}"
 
+    async def states(self, stores: list[Store]) -> list[tuple[str | None, str | None]]:
+        """Per store: why its backend does not answer, and why its writes are refused
+        (None each when all is well)."""
+        pinged = await asyncio.gather(*(self.problem(store) for store in stores))
+        failing = [self.failing_writes(store.name) for store in stores]
+        return list(zip(pinged, failing, strict=True))
+
     async def problem(self, store: Store) -> str | None:
         """None when the store's backend answered; else why not."""
         checked = self._checked.get(store.name)

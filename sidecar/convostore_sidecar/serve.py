@@ -1,4 +1,5 @@
-"""Runs the sidecar: TCP on loopback unless turned off, and a unix socket if configured.
+"""Runs the sidecar: TCP on loopback unless turned off, a unix socket if configured, and
+a listener for the kubelet's probes alone if `listen.healthPort` is set (see `health`).
 
 On SIGTERM (the kubelet stopping the pod) or SIGINT the listeners close first, requests
 in flight are allowed to finish within `shutdownTimeout`, the drivers close, and the
@@ -25,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from .app import build_app
 from .config import SidecarConfig
 from .errors import error_body
+from .health import health_app
 from .state import IN_FLIGHT
 
 log = logging.getLogger("convostore.sidecar")
@@ -38,6 +40,9 @@ LONGEST_LINE = 64 << 10
 # token or an Idempotency-Key needs far less), and maxConnections bounds the connections
 LONGEST_HEADER = 4096
 MOST_HEADERS = 24
+HEALTH_CONNECTIONS = 16
+"""Connections the probe listener keeps open at once: the kubelet opens one per probe."""
+HEALTH_KEEPALIVE = 5.0
 
 
 class MalformedRequests(logging.Filter):
@@ -132,6 +137,7 @@ async def serve(config: SidecarConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     listeners: list[asyncio.Server] = []
+    health: web.AppRunner | None = None
     try:
         listen = config.listen
         where = []
@@ -143,6 +149,14 @@ async def serve(config: SidecarConfig) -> None:
             listeners.append(await loop.create_unix_server(accept, listen.socket))
             os.chmod(listen.socket, listen.socket_mode)
             where.append(f"unix://{listen.socket}")
+        if listen.health_port is not None:
+            health = await _health_runner(app)
+            assert health.server is not None
+            probes = ConnectionCap(health.server, HEALTH_CONNECTIONS)
+            listeners.append(
+                await loop.create_server(probes, listen.health_host, listen.health_port)
+            )
+            where.append(f"probes only on {_tcp_url(listeners[-1])}")
         stores = ", ".join(f"{s.name} ({s.backend})" for s in config.stores.values())
         log.info("convostore sidecar serving %s on %s", stores, " and ".join(where))
         await stopping.wait()
@@ -156,7 +170,24 @@ async def serve(config: SidecarConfig) -> None:
         except TimeoutError:
             log.warning("stopping with %d request(s) unfinished", in_flight.count)
     finally:
+        if health is not None:
+            await health.cleanup()
         await runner.cleanup()
+
+
+async def _health_runner(app: web.Application) -> web.AppRunner:
+    """The probes' own server (see `health`), bounded as the API's is."""
+    runner = web.AppRunner(
+        health_app(app),
+        handle_signals=False,
+        access_log=None,
+        max_line_size=LONGEST_LINE,
+        max_field_size=LONGEST_HEADER,
+        max_headers=MOST_HEADERS,
+        keepalive_timeout=HEALTH_KEEPALIVE,
+    )
+    await runner.setup()
+    return runner
 
 
 def _tcp_url(listener: asyncio.Server) -> str:

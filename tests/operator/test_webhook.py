@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jsonpatch
 import pytest
 from convostore import SidecarSession
@@ -19,16 +20,10 @@ from convostore_operator.crd import DATA_DIR
 from convostore_operator.kube import Kube
 from convostore_operator.webhook import admit
 
-from tests.operator.conftest import (
-    NAMESPACE,
-    Operator,
-    create_store,
-    eventually,
-    phase_is,
-    secret_data,
-)
+from tests.operator.conftest import NAMESPACE, Operator, create_store, phase_is, secret_data
 from tests.operator.deployed import WebhookTarget, admission
 from tests.operator.emulator import RealisticEmulator
+from tests.support import eventually
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 
@@ -254,7 +249,9 @@ async def test_an_injected_pod_runs_and_only_its_named_container_gets_in(
     cluster: Any, operator: Operator, tmp_path: Path
 ) -> None:
     """The injected sidecar started with its own args, its volumes as directories (the
-    kubelet's part): the named container's env reaches it; the socket refuses others."""
+    kubelet's part): the named container's env reaches it; the socket refuses others;
+    its probes are HTTP requests, as the kubelet makes them, to a listener that serves
+    the probes alone (no probe starts a process)."""
     await ready_stores(cluster, operator, ("chat", {"backend": "sqlite"}))
     pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": "chat"})
     result = patched(pod, await review(operator, pod))
@@ -280,6 +277,25 @@ async def test_an_injected_pod_runs_and_only_its_named_container_gets_in(
         assert await session.get_items() == [{"role": "user", "content": "hello"}]
         with pytest.raises(UnauthorizedError):
             await SidecarSession("u1", "chat", url=url).get_items()
+        await probed_as_the_kubelet_probes(sidecar)
     finally:
         process.terminate()
         assert await process.wait() == 0
+
+
+async def probed_as_the_kubelet_probes(sidecar: dict[str, Any]) -> None:
+    probes = [sidecar[kind] for kind in ("startupProbe", "livenessProbe")]
+    assert not [p for p in probes if "exec" in p], "an exec probe starts a process each time"
+    ports = {probe["httpGet"]["port"] for probe in probes}
+    async with aiohttp.ClientSession() as http:
+        for probe in probes:
+            get = probe["httpGet"]
+            async with http.get(f"http://127.0.0.1:{get['port']}{get['path']}") as resp:
+                assert resp.status == 200, probe
+        [port] = ports
+        async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"ready": True})  # no store names
+        async with http.get(f"http://127.0.0.1:{port}/v1/stores/chat/sessions/u1/items") as resp:
+            assert resp.status == 404  # the API is not there
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            assert resp.status == 404
