@@ -49,6 +49,8 @@ class Sidecar:
     process: subprocess.Popen[bytes] | None = None
     tree: Path | None = None
     """A checkout to run the sidecar from (see `bench.compare`), else this one."""
+    migrated: bool = False
+    """Whether the store's schema is migrated already (else `command` migrates it)."""
 
     @property
     def url(self) -> str:
@@ -57,7 +59,7 @@ class Sidecar:
     def command(self) -> list[str]:
         config = self.workdir / f"sidecar-{self.port}.yaml"
         config.write_text(yaml.safe_dump({"stores": {"default": self.store}}))
-        if self.store["backend"] == "postgres":  # as the operator does before pods start
+        if self.store["backend"] == "postgres" and not self.migrated:  # as the operator does
             subprocess.run(
                 [sys.executable, "-m", "convostore", "migrate", "--config", str(config)],
                 check=True,
@@ -79,14 +81,21 @@ class Sidecar:
 
     def start(self) -> float:
         """Start it and return the seconds until `/readyz` answered 200."""
-        command = self.command()
         started = time.perf_counter()
-        self.process = subprocess.Popen(command, cwd=self.workdir, env=self._environment())
+        self.launch()
+        self.wait_ready()
+        return time.perf_counter() - started
+
+    def launch(self) -> None:
+        self.process = subprocess.Popen(self.command(), cwd=self.workdir, env=self._environment())
+
+    def wait_ready(self) -> None:
+        assert self.process is not None
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1) as resp:
                     if resp.status == 200:
-                        return time.perf_counter() - started
+                        return
             except OSError:
                 if self.process.poll() is not None:
                     raise RuntimeError("the sidecar exited during start-up") from None

@@ -64,3 +64,28 @@ def test_compare_runs_a_revision_and_this_checkout_side_by_side() -> None:
     for before, after, _ in (f for f in figures.values() if len(f) == 3):
         assert float(before) > 0
         assert float(after.rstrip(" |")) > 0
+
+
+def test_the_fleet_benchmark_runs_pods_on_every_route_and_loses_no_turn(tmp_path: Path) -> None:
+    """Two pods per route for a few seconds: every turn answered, every figure there,
+    and the sidecars' connections gone once the stores have been idle (behind PgBouncer
+    only the pooler's own remain)."""
+    output = tmp_path / "fleet.md"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--pods", "2", "--busy", "4", "--out", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines()]
+    figures = {row[0].strip(): [cell.strip() for cell in row] for row in rows if len(row) == 10}
+    assert set(figures) >= {"redis", "postgres", "postgres-pgbouncer"}
+    for route in ("redis", "postgres", "postgres-pgbouncer"):
+        _, pods, turns, errors, *_, busy, idle = figures[route]
+        assert (pods, errors) == ("2", "0"), figures[route]
+        assert int(turns) >= 2, figures[route]
+        assert int(busy) >= 1, figures[route]
+        pooled = route == "postgres-pgbouncer"  # PgBouncer keeps its server connections
+        assert int(idle) <= (int(busy) if pooled else 0), figures[route]

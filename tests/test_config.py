@@ -71,7 +71,7 @@ def test_a_full_config_is_read_with_durations_and_limits() -> None:
                 },
                 "audit": {
                     "backend": "postgres",
-                    "postgres": {"dsn": "postgresql://u@db/app", "poolMax": 4},
+                    "postgres": {"dsn": "postgresql://u@db/app", "poolMax": 6},
                     "ttl": 600,
                 },
             },
@@ -83,7 +83,7 @@ def test_a_full_config_is_read_with_durations_and_limits() -> None:
     assert chat.limits.max_item_bytes == 2048
     assert chat.limits.max_items_per_request == 1000
     assert chat.settings.key_prefix == "app"
-    assert audit.settings.pool_max == 4
+    assert audit.settings.pool_max == 6
     assert audit.retention.ttl_seconds == 600
     assert config.listen.socket == "/tmp/x.sock"
 
@@ -322,6 +322,15 @@ def test_a_cluster_is_named_by_seed_nodes_with_tls_and_user_as_for_one_server() 
             "field 'postgres.directDsn': must start with postgresql://",
         ),
         ({"listen": {"port": 70000}, **store()}, "field 'listen.port': must be an integer"),
+        ({"listen": {"healthPort": 0}, **store()}, "field 'listen.healthPort': must be an integer"),
+        (
+            {"listen": {"healthPort": "probe"}, **store()},
+            "field 'listen.healthPort': must be an integer",
+        ),
+        (
+            {"stores": {"c": {"backend": "redis", "redis": {"idleTimeout": "never"}}}},
+            "field 'redis.idleTimeout'",
+        ),
         ({"listen": {"hots": "x"}, **store()}, "field 'listen': unknown field(s) 'hots'"),
         (
             {"requests": {"maxBufferedBytes": 4 << 20}, **store()},

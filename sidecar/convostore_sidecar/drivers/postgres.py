@@ -146,8 +146,14 @@ class Settings:
     cert_file: str | None = None
     key_file: str | None = None
     schema: str = "convostore"
-    pool_min: int = 1
-    pool_max: int = 10
+    pool_min: int = 0
+    """Connections kept open however idle the sidecar is: none, by default."""
+    pool_max: int = 4
+    """Connections per sidecar at most: one pod's agent rarely has more calls at once,
+    and in a fleet every pod's connections add up on the server (or the pooler)."""
+    idle_timeout: float = 30.0
+    """A connection no call has used for this long is closed, so an idle sidecar holds
+    none."""
     connect_timeout: float = 2.0
     statement_timeout: float = 5.0
     synchronous_commit: str | None = None
@@ -178,6 +184,7 @@ class Settings:
             schema=s.string("schema", cls.schema, pattern=IDENTIFIER),
             pool_min=s.integer("poolMin", cls.pool_min, low=0, high=100),
             pool_max=s.integer("poolMax", cls.pool_max, low=1, high=1000),
+            idle_timeout=s.duration("idleTimeout", cls.idle_timeout, low=0.1, high=86_400),
             connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.1, high=60),
             statement_timeout=s.duration(
                 "statementTimeout", cls.statement_timeout, low=0.01, high=3600
@@ -297,6 +304,7 @@ class PostgresDriver(KeepsStructure):
                     max_size=self.settings.pool_max,
                     timeout=self.settings.connect_timeout,
                     command_timeout=self.settings.statement_timeout + 1,
+                    max_inactive_connection_lifetime=self.settings.idle_timeout,
                     server_settings=(
                         {"application_name": APPLICATION} if pooled else self._settings()
                     ),

@@ -30,6 +30,7 @@ id whose session has expired is pruned from it when a listing meets it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import random
@@ -425,6 +426,9 @@ class Settings:
     connect_timeout: float = 1.0
     timeout: float = 2.0
     max_connections: int = 64
+    idle_timeout: float = 30.0
+    """Connections are closed once the store has made no call for this long, so an idle
+    sidecar holds none: in a fleet every pod's connections add up on the server."""
     wait_replicas: int = 0
     """Appends and clears are answered only once this many replicas hold them (WAIT)."""
     wait_timeout: float = 1.0
@@ -463,6 +467,7 @@ class Settings:
             connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.01, high=60),
             timeout=s.duration("timeout", cls.timeout, low=0.01, high=300),
             max_connections=s.integer("maxConnections", cls.max_connections, low=1, high=10_000),
+            idle_timeout=s.duration("idleTimeout", cls.idle_timeout, low=0.1, high=86_400),
             wait_replicas=s.integer("waitReplicas", cls.wait_replicas, low=0, high=100),
             wait_timeout=s.duration("waitTimeout", cls.wait_timeout, low=0.001, high=300),
         )
@@ -589,6 +594,9 @@ class RedisDriver(KeepsStructure):
         self._known_branches: dict[str, tuple[str, ...]] = {}
         self._wait = (settings.wait_replicas, settings.wait_timeout)
         self._timeout = settings.timeout
+        self._idle_timeout = settings.idle_timeout
+        self._last_call = time.monotonic()
+        self._idle_closer: asyncio.Task[None] | None = None
         self._append = self.client.register_script(APPEND)
         self._pop = self.client.register_script(POP)
         self._create_branch = self.client.register_script(CREATE_BRANCH)
@@ -660,10 +668,13 @@ class RedisDriver(KeepsStructure):
         return int(ttl * 1000) if ttl else 0
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        self._last_call = time.monotonic()
         try:
             return await fn()
         except _UNAVAILABLE as exc:
-            raise BackendUnavailable(f"redis: {exc}") from exc
+            full = "max number of clients reached" in str(exc)
+            cause = Cause.TOO_MANY_CONNECTIONS if full else Cause.UNAVAILABLE
+            raise BackendUnavailable(f"redis: {exc}", cause) from exc
         except ReadOnlyError as exc:
             raise BackendUnavailable(f"redis: {exc}", Cause.READ_ONLY) from exc
         except OutOfMemoryError as exc:
@@ -673,8 +684,28 @@ class RedisDriver(KeepsStructure):
 
     async def open(self) -> None:
         """Nothing to prepare: the client connects on first use."""
+        self._idle_closer = asyncio.create_task(self._close_when_idle())
+
+    async def _close_when_idle(self) -> None:
+        idle = self._idle_timeout
+        while True:
+            await asyncio.sleep(max(idle - (time.monotonic() - self._last_call), idle / 4))
+            if time.monotonic() - self._last_call >= idle:
+                await self._close_free_connections()
+
+    async def _close_free_connections(self) -> None:
+        """The connections no call is using; a call after this connects again."""
+        if self._cluster is not None:
+            nodes = self._cluster.get_nodes()
+            await asyncio.gather(*(node.disconnect_free_connections() for node in nodes))
+        else:
+            await self.client.connection_pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
+        if self._idle_closer is not None:
+            self._idle_closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle_closer
         await self.client.aclose()
         for sentinel in self._sentinels:
             await sentinel.aclose()
