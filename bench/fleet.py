@@ -29,7 +29,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from bench.harness import ProcessProbe, Sidecar
-from tests.servers import PgBouncer, PostgresServer, RedisServer
+from tests.servers import PgBouncer, PostgresServer, RedisServer, free_port
 from tests.support import migrate
 
 PERIOD = 2.0
@@ -51,6 +51,8 @@ class FleetFigures:
     p99_ms: float
     rss_per_pod_mib: float
     rss_total_mib: float
+    vcpu_per_pod: float
+    """The sidecars' CPU while busy, per pod, in vCPUs (1.0: one core all the time)."""
     busy_connections: int
     idle_connections: int
 
@@ -91,36 +93,51 @@ class Backends:
             }
         return {"backend": "postgres", "postgres": postgres}
 
+    async def watch(self) -> None:
+        """Connect the watchers first: a fleet may leave no connection to spare."""
+        self._watch_redis = aioredis.Redis.from_url(self.redis.url, max_connections=1)
+        await self._watch_redis.ping()
+        self._watch_postgres = await asyncpg.connect(self.postgres.dsn)
+
+    async def unwatch(self) -> None:
+        await self._watch_redis.aclose()
+        await self._watch_postgres.close()
+
+    async def forget_pooled(self) -> None:
+        """Close what PgBouncer keeps to PostgreSQL (its server connections outlive the
+        fleet that used them), so that the next route starts from none."""
+        await self._watch_postgres.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+
     async def connections(self, route: str) -> int:
-        """The backend's client connections other than this one: for PostgreSQL, the
-        server's own (behind PgBouncer, the pooler's server connections)."""
+        """The backend's client connections other than the watcher's: for PostgreSQL,
+        the server's own (behind PgBouncer, the pooler's server connections)."""
         if route == "redis":
-            client = aioredis.Redis.from_url(self.redis.url)
-            try:
-                info = await client.info("clients")
-            finally:
-                await client.aclose()
+            info = await self._watch_redis.info("clients")
             return int(info["connected_clients"]) - 1
-        conn = await asyncpg.connect(self.postgres.dsn)
-        try:
-            count = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-            )
-        finally:
-            await conn.close()
+        count = await self._watch_postgres.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
         return int(count)
 
 
 @contextmanager
 def fleet(store: dict[str, Any], pods: int, workdir: Path) -> Iterator[list[Sidecar]]:
     """`pods` sidecar processes serving the same store, as a Deployment's replicas do."""
-    sidecars = [Sidecar(store, workdir, migrated=True) for _ in range(pods)]
+    ports: set[int] = set()
+    while len(ports) < pods:  # the kernel may hand out a free port twice
+        ports.add(free_port())
+    sidecars = [Sidecar(store, workdir, port=port, migrated=True) for port in ports]
     try:
         for sidecar in sidecars:  # all start at once, as a rollout's pods do
             sidecar.launch()
         for sidecar in sidecars:
             sidecar.wait_ready()
+        if any(s.process is None or s.process.poll() is not None for s in sidecars):
+            raise RuntimeError("a sidecar exited during start-up (its port was taken?)")
         yield sidecars
     finally:
         for sidecar in sidecars:
@@ -158,17 +175,21 @@ async def measure(backends: Backends, route: str, pods: int, busy: float) -> Fle
         until = time.monotonic() + busy
         agents = [agent(s.url, n, until, latencies) for n, s in enumerate(sidecars)]
         busiest, peak_rss = 0, [p.rss() for p in probes]
+        cpu_before, started = sum(p.cpu_seconds() for p in probes), time.monotonic()
         running = asyncio.gather(*agents)
         while not running.done():
             busiest = max(busiest, await backends.connections(route))
             peak_rss = [max(old, p.rss()) for old, p in zip(peak_rss, probes, strict=True)]
             await asyncio.sleep(0.5)
         errors = sum(await running)
+        cpu = sum(p.cpu_seconds() for p in probes) - cpu_before
+        vcpu_per_pod = cpu / (time.monotonic() - started) / pods
         deadline = time.monotonic() + IDLE * 3
         idle = await backends.connections(route)
         while idle and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
             idle = await backends.connections(route)
+    await backends.forget_pooled()
     ordered = sorted(latencies)
     return FleetFigures(
         route=route,
@@ -179,6 +200,7 @@ async def measure(backends: Backends, route: str, pods: int, busy: float) -> Fle
         p99_ms=ordered[int(len(ordered) * 0.99)] * 1000 if ordered else float("nan"),
         rss_per_pod_mib=statistics.median(peak_rss) / 2**20,
         rss_total_mib=sum(peak_rss) / 2**20,
+        vcpu_per_pod=vcpu_per_pod,
         busy_connections=busiest,
         idle_connections=idle,
     )
@@ -192,12 +214,13 @@ def render(figures: list[FleetFigures], command: str) -> str:
         f"{PERIOD:g} s; `idleTimeout` {IDLE:g} s; PgBouncer `default_pool_size` {POOL_SIZE}.",
         "",
         "| route | pods | turns | errors | p50 ms | p99 ms | RSS per pod MiB (peak) "
-        "| RSS total MiB | backend connections busy | idle |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS total MiB | vCPU per pod | backend connections busy | idle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {f.route} | {f.pods} | {f.turns} | {f.errors} | {f.p50_ms:.1f} | {f.p99_ms:.1f} "
-        f"| {f.rss_per_pod_mib:.1f} | {f.rss_total_mib:.0f} | {f.busy_connections} "
+        f"| {f.rss_per_pod_mib:.1f} | {f.rss_total_mib:.0f} | {f.vcpu_per_pod:.4f} "
+        f"| {f.busy_connections} "
         f"| {f.idle_connections} |"
         for f in figures
     ]
@@ -206,7 +229,13 @@ def render(figures: list[FleetFigures], command: str) -> str:
 
 async def run(pods: list[int], busy: float, routes: tuple[str, ...]) -> list[FleetFigures]:
     with Backends() as backends:
-        return [await measure(backends, route, count, busy) for count in pods for route in routes]
+        await backends.watch()
+        try:
+            return [
+                await measure(backends, route, count, busy) for count in pods for route in routes
+            ]
+        finally:
+            await backends.unwatch()
 
 
 def main() -> int:

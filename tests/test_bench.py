@@ -80,7 +80,7 @@ def test_the_fleet_benchmark_runs_pods_on_every_route_and_loses_no_turn(tmp_path
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in output.read_text().splitlines()]
-    figures = {row[0].strip(): [cell.strip() for cell in row] for row in rows if len(row) == 10}
+    figures = {row[0].strip(): [cell.strip() for cell in row] for row in rows if len(row) == 11}
     assert set(figures) >= {"redis", "postgres", "postgres-pgbouncer"}
     for route in ("redis", "postgres", "postgres-pgbouncer"):
         _, pods, turns, errors, *_, busy, idle = figures[route]
