@@ -156,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run_op.add_argument(
         "--sidecar-image",
-        default=os.environ.get("CONVOSTORE_SIDECAR_IMAGE", "ghcr.io/convostore/convostore:0.1.0"),
+        default=os.environ.get(
+            "CONVOSTORE_SIDECAR_IMAGE", "ghcr.io/convostore/convostore-sidecar:0.1.0"
+        ),
     )
     run_op.set_defaults(run=_run_operator)
     crd = operator_actions.add_parser("crd", help="print the ConversationStore CRD as YAML")

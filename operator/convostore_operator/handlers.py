@@ -50,7 +50,7 @@ REASONS = {
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    sidecar_image: str = "ghcr.io/convostore/convostore:0.1.0"
+    sidecar_image: str = "ghcr.io/convostore/convostore-sidecar:0.1.0"
     check_interval: float = 60.0
     retry_delay: float = 30.0
 
