@@ -157,9 +157,11 @@ def threads_in_the_kernel(pid: int) -> int:
 
 
 async def refused(port: int) -> bool:
+    """Whether the port takes no connection (one caught in the closing listener's
+    backlog is reset rather than refused)."""
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     writer.close()
     return False

@@ -59,9 +59,10 @@ def test_tcp_off_needs_a_socket(tmp_path: Path) -> None:
     assert "a socket is needed" in result.stderr
 
 
-def test_the_images_default_command_listens_on_loopback_only() -> None:
+def test_the_sidecar_images_default_command_listens_on_loopback_only() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    [cmd] = [line for line in dockerfile.splitlines() if line.startswith("CMD ")]
+    [sidecar] = [stage for stage in dockerfile.split("\nFROM ") if " AS sidecar\n" in stage]
+    [cmd] = [line for line in sidecar.splitlines() if line.startswith("CMD ")]
     args = json.loads(cmd.removeprefix("CMD "))
     assert args[0] == "sidecar"
     assert "--host" not in args, f"the image's CMD must not widen the listener: {shlex.join(args)}"

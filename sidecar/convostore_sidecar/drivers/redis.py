@@ -691,7 +691,8 @@ class RedisDriver(KeepsStructure):
         while True:
             await asyncio.sleep(max(idle - (time.monotonic() - self._last_call), idle / 4))
             if time.monotonic() - self._last_call >= idle:
-                await self._close_free_connections()
+                with contextlib.suppress(*_UNAVAILABLE):  # a broken one is gone anyway
+                    await self._close_free_connections()
 
     async def _close_free_connections(self) -> None:
         """The connections no call is using; a call after this connects again."""
