@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import asyncpg
 import pytest
 from convostore import SidecarSession
 
 from tests.servers import RedisServer
 from tests.support import SidecarProcess, eventually, migrate, unique
+from tests.test_refusals import readiness, refused
 
 Start = Callable[[dict[str, Any]], SidecarProcess]
 BURST = 16
@@ -94,15 +94,12 @@ async def test_a_redis_with_no_client_to_spare_answers_that_it_has_none(
         store = {"backend": "redis", "redis": {"url": server.url}}
         proc = sidecar_process({"stores": {"chat": store}})
         proc.start()
-        url = f"{proc.url}/v1/stores/chat/sessions/s/items"
-        async with aiohttp.ClientSession() as http:
-            async with http.post(url, json={"items": [{"n": 1}]}) as resp:
-                error = (await resp.json())["error"]
-            assert (resp.status, error["code"]) == (503, "backend_too_many_connections")
-            assert "no connection to spare" in error["message"]
-            async with http.get(f"{proc.url}/readyz") as ready:
-                assert ready.status == 503
-                assert "max number of clients" in (await ready.json())["details"]["chat"]
+        failure = await refused(proc, {"n": 1})
+        assert failure[:2] == (503, "backend_too_many_connections")
+        assert "no connection to spare" in failure[2]
+        status, ready = await readiness(proc)
+        assert status == 503
+        assert "max number of clients" in ready["details"]["chat"]
     finally:
         holder[1].close()
         server.destroy()
@@ -138,11 +135,7 @@ async def test_a_postgres_with_no_connection_to_spare_answers_that_it_has_none(
     store = {"backend": "postgres", "postgres": {"dsn": limited_role}}
     proc = sidecar_process({"stores": {"chat": store}})
     proc.start()
-    url = f"{proc.url}/v1/stores/chat/sessions/s/items"
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url, json={"items": [{"n": 1}]}) as resp:
-            error = (await resp.json())["error"]
-        assert (resp.status, error["code"]) == (503, "backend_too_many_connections")
-        async with http.get(f"{proc.url}/readyz") as ready:
-            assert ready.status == 503
-            assert "too many connections" in (await ready.json())["details"]["chat"]
+    assert (await refused(proc, {"n": 1}))[:2] == (503, "backend_too_many_connections")
+    status, ready = await readiness(proc)
+    assert status == 503
+    assert "too many connections" in ready["details"]["chat"]

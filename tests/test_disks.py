@@ -84,6 +84,14 @@ async def read_status(http: aiohttp.ClientSession, url: str) -> int:
         return resp.status
 
 
+def stuck_on_the_disk(
+    http: aiohttp.ClientSession, items: str
+) -> tuple[asyncio.Task[int], asyncio.Task[int]]:
+    """An append (key `k2`) and a read sent while the disk is frozen: both wait on it."""
+    hanging = asyncio.create_task(post(http, items, {"items": [{"n": 2}]}, "k2"))
+    return hanging, asyncio.create_task(read_status(http, items + "?limit=1"))
+
+
 async def test_a_frozen_disk_stalls_no_answer_and_loses_no_write(
     freezable: Path, sidecar_process: Callable[[dict[str, Any]], SidecarProcess]
 ) -> None:
@@ -98,8 +106,7 @@ async def test_a_frozen_disk_stalls_no_answer_and_loses_no_write(
         assert await post(http, items, {"items": [{"n": 1}]}, "k1") == 200
         await freeze(freezable, True)
         try:
-            hanging = asyncio.create_task(post(http, items, {"items": [{"n": 2}]}, "k2"))
-            reading = asyncio.create_task(read_status(http, items + "?limit=1"))
+            hanging, reading = stuck_on_the_disk(http, items)
             for _ in range(5):  # the loop is free while a read and a write wait on the disk
                 async with asyncio.timeout(5), http.get(f"{process.url}/healthz") as health:
                     assert health.status == 200
@@ -187,8 +194,7 @@ async def test_sigterm_on_a_frozen_disk_stops_serving_at_once_and_exits_at_the_t
         assert await post(http, items, {"items": [{"n": 1}]}, "k1") == 200
         await freeze(freezable, True)
         try:
-            hanging = asyncio.create_task(post(http, items, {"items": [{"n": 2}]}, "k2"))
-            reading = asyncio.create_task(read_status(http, items + "?limit=1"))
+            hanging, reading = stuck_on_the_disk(http, items)
             await eventually(lambda: threads_in_the_kernel(pid), within=30)
             process.process.send_signal(signal.SIGTERM)
             await eventually(lambda: refused(process.port), within=5)

@@ -119,16 +119,7 @@ class ConnectionCap:
 async def serve(config: SidecarConfig) -> None:
     app = build_app(config)
     logging.getLogger("aiohttp.server").addFilter(MalformedRequests())
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=config.shutdown_timeout,
-        max_line_size=LONGEST_LINE,
-        max_field_size=LONGEST_HEADER,
-        max_headers=MOST_HEADERS,
-        keepalive_timeout=config.requests.idle_timeout,
-    )
+    runner = _bounded_runner(app, config.requests.idle_timeout, config.shutdown_timeout)
     await runner.setup()
     assert runner.server is not None
     accept = ConnectionCap(runner.server, config.requests.max_connections)
@@ -177,17 +168,26 @@ async def serve(config: SidecarConfig) -> None:
 
 async def _health_runner(app: web.Application) -> web.AppRunner:
     """The probes' own server (see `health`), bounded as the API's is."""
-    runner = web.AppRunner(
-        health_app(app),
+    runner = _bounded_runner(health_app(app), HEALTH_KEEPALIVE)
+    await runner.setup()
+    return runner
+
+
+def _bounded_runner(
+    app: web.Application, keepalive: float, shutdown: float = 60.0
+) -> web.AppRunner:
+    """A runner whose requests are held to the header bounds above, signals left to us
+    (aiohttp's own `shutdown_timeout` default, 60 s, unless given)."""
+    return web.AppRunner(
+        app,
         handle_signals=False,
         access_log=None,
+        shutdown_timeout=shutdown,
         max_line_size=LONGEST_LINE,
         max_field_size=LONGEST_HEADER,
         max_headers=MOST_HEADERS,
-        keepalive_timeout=HEALTH_KEEPALIVE,
+        keepalive_timeout=keepalive,
     )
-    await runner.setup()
-    return runner
 
 
 def _tcp_url(listener: asyncio.Server) -> str:
