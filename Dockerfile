@@ -2,20 +2,29 @@
 #   --target sidecar   the sidecar alone (`convostore sidecar ...`), what every agent pod
 #                      runs: its dependencies only, no Kubernetes client or operator code
 #   --target operator  the operator (`convostore operator run ...`), the default target
-FROM python:3.11.11-slim-bookworm AS build-sidecar
+# BASE is any Debian bookworm image with Python 3.11 as `python` and its venv module: the
+# official image by default; scripts/build-images.sh --base local builds one from Debian's
+# packages for hosts that reach no registry (the tests build on it).
+ARG BASE=python:3.11.11-slim-bookworm
+
+FROM ${BASE} AS build-sidecar
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY client ./client
 COPY sidecar ./sidecar
 COPY operator ./operator
-RUN python -m venv /opt/convostore \
-    && /opt/convostore/bin/pip install --no-cache-dir --upgrade pip==24.3.1 \
-    && /opt/convostore/bin/pip install --no-cache-dir '.[sidecar]'
+# pip lives in a venv of its own and installs into /opt/convostore, which has none: the
+# images carry neither pip nor setuptools
+ENV PIP_NO_CACHE_DIR=1
+RUN python -m venv --without-pip /opt/convostore \
+    && python -m venv /opt/pip \
+    && /opt/pip/bin/pip install --upgrade pip==24.3.1 \
+    && /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar]'
 
 FROM build-sidecar AS build-operator
-RUN /opt/convostore/bin/pip install --no-cache-dir '.[sidecar,operator]'
+RUN /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar,operator]'
 
-FROM python:3.11.11-slim-bookworm AS runtime
+FROM ${BASE} AS runtime
 RUN groupadd --gid 65532 convostore \
     && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin convostore \
     && mkdir -p /var/lib/convostore /var/run/convostore \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the project with its dev extras into .venv (made if
-# missing), makes sure the database, pooler and file-system tools the tests start are present, then runs
+# missing), makes sure the database, pooler and file-system tools and the container engine
+# the tests use are present (starting the engine when none runs), then runs
 # ruff, ruff format --check, mypy and pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,9 +16,18 @@ command -v pgbouncer >/dev/null || need_packages+=(pgbouncer)
 # the disk-fault tests make their own file systems (a loop-mounted ext4, a small tmpfs)
 command -v mkfs.ext4 >/dev/null || need_packages+=(e2fsprogs)
 command -v fsfreeze >/dev/null || need_packages+=(util-linux)
+# the image tests: a container engine, and debootstrap for a base image when no registry
+# can be reached (scripts/local-base.sh)
+command -v dockerd >/dev/null || need_packages+=(docker.io)
+command -v debootstrap >/dev/null || need_packages+=(debootstrap)
 if [ ${#need_packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${need_packages[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_packages[@]}"
+fi
+if command -v dockerd >/dev/null && ! docker info >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "starting the Docker engine (log: /tmp/dockerd.log)"
+  nohup dockerd >/tmp/dockerd.log 2>&1 &
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -1,4 +1,6 @@
-"""The container image's Dockerfile: hadolint-clean, non-root, no build tools at the end."""
+"""The container images: the Dockerfile hadolint-clean, non-root, with no build tools at
+the end; the images built from it (`tests.containers.images`) each carry what their role
+needs, and no more."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.chart.tools import ROOT
+from tests.containers import LOCAL_BASE, OPERATOR_IMAGE, SIDECAR_IMAGE, docker, images
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -28,11 +31,17 @@ def stages() -> dict[str, str]:
     return found
 
 
+def default_base() -> str:
+    [line] = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("ARG BASE=")]
+    return line.removeprefix("ARG BASE=")
+
+
 def test_the_runtime_is_pinned_non_root_and_has_no_build_step() -> None:
     runtime = stages()["runtime"]
-    base = runtime.splitlines()[0].split()[0]
-    assert "slim" in base
-    assert ":" in base, "pinned base image"
+    assert runtime.startswith("${BASE} AS runtime"), "users and tests build on a base they name"
+    assert stages()["build-sidecar"].startswith("${BASE} AS")
+    assert "slim" in default_base()
+    assert ":" in default_base(), "pinned base image"
     assert "pip install" not in runtime, "dependencies are built in a build stage"
     assert 'ENTRYPOINT ["convostore"]' in runtime
     for target in ("sidecar", "operator"):
@@ -52,3 +61,32 @@ def test_the_sidecar_image_holds_the_sidecars_dependencies_alone() -> None:
     assert "COPY --from=build-operator /opt/convostore /opt/convostore" in found["operator"]
     assert "'.[sidecar,operator]'" in found["build-operator"]
     assert list(found)[-1] == "operator", "a build with no --target makes the operator"
+
+
+def image_size(image: str) -> int:
+    return int(docker("image", "inspect", "--format", "{{.Size}}", image))
+
+
+def test_the_built_sidecar_image_lacks_the_operators_dependencies_and_pip() -> None:
+    images()
+    probe = (
+        "import importlib.util as u; "
+        "print(*(m for m in ('kopf', 'kubernetes', 'jsonschema', 'celpy', 'pip', 'setuptools', "
+        "'aiohttp', 'asyncpg', 'redis', 'dapr') if u.find_spec(m)))"
+    )
+    for image, expected in (
+        (SIDECAR_IMAGE, "aiohttp asyncpg redis dapr"),
+        (OPERATOR_IMAGE, "kopf kubernetes jsonschema celpy aiohttp asyncpg redis dapr"),
+    ):
+        found = docker("run", "--rm", "--entrypoint", "python", image, "-c", probe)
+        assert found == expected, image
+    for image in (SIDECAR_IMAGE, OPERATOR_IMAGE):
+        assert docker("inspect", "--format", "{{.Config.User}}", image) == "65532:65532"
+
+
+def test_the_sidecar_image_adds_at_most_200_mb_to_its_base() -> None:
+    images()
+    added = image_size(SIDECAR_IMAGE) - image_size(LOCAL_BASE)
+    print(f"sidecar image: {added / 1e6:.0f} MB over its base")
+    assert added <= 200e6
+    assert image_size(OPERATOR_IMAGE) > image_size(SIDECAR_IMAGE)

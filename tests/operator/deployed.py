@@ -1,25 +1,24 @@
-"""The operator as the chart deploys it: the rendered Deployment's replicas, command,
-args and env, each replica a real `convostore` process in a network and PID namespace of
-its own (`sandbox.py`), against the emulated API server served over HTTP.
+"""The operator as the chart deploys it: the rendered Deployment's replicas, each a pod
+on the container engine (`tests.containers.Pod`) running the built operator image with
+the chart's args, env, security context, limits and volumes, against the emulated API
+server served over HTTP and reached from the containers through the engine's network.
 
 Only what a cluster would provide is substituted: the API server address (a kubeconfig
 instead of the in-cluster service account) and the downward-API values (pod name and
-namespace). Everything else comes from `helm template` and the Dockerfile.
+namespace). Everything else comes from `helm template` and the image.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
+import contextlib
+import copy
 import os
-import shutil
-import signal
 import ssl
 import subprocess
-import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import aiohttp
 import yaml
 
 from tests.chart.tools import ROOT, helm_binary
-from tests.operator.sandbox import relay_tcp_to_unix, relay_unix_to_tcp
+from tests.containers import OPERATOR_IMAGE, Container, Pod, bridge_gateway, images
 from tests.servers import free_port
 
 CHART = ROOT / "charts" / "convostore"
@@ -54,67 +53,73 @@ def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found
 
 
-def entrypoint() -> list[str]:
-    """The image's ENTRYPOINT, resolved to the installed command of this environment."""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
-        if line.startswith("ENTRYPOINT "):
-            command: list[str] = json.loads(line.removeprefix("ENTRYPOINT "))
-            found = shutil.which(command[0], path=str(Path(sys.executable).parent))
-            assert found, f"{command[0]} is not installed beside {sys.executable}"
-            return [found, *command[1:]]
-    raise AssertionError("the Dockerfile has no ENTRYPOINT")
+KUBECONFIG = "/var/run/convostore-test/kubeconfig"
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def relay_tcp_to_tcp(host: str, port: int, to_host: str, to_port: int) -> asyncio.Server:
+    """A listener on host:port that joins each connection to a new one to to_host:to_port:
+    the emulator listens on the host's loopback, which containers cannot reach."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            peer_reader, peer_writer = await asyncio.open_connection(to_host, to_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(_pipe(reader, peer_writer), _pipe(peer_reader, writer))
+
+    return await asyncio.start_server(handle, host, port)
 
 
 @dataclass
 class Replica:
-    pod: str
-    directory: Path
-    process: asyncio.subprocess.Process
-    relays: list[asyncio.Server] = field(default_factory=list)
-    origins: dict[int, str] = field(default_factory=dict)
+    """One replica's pod: the operator container from the built image, in a pod of its
+    own (its own address, so every replica binds the chart's ports)."""
+
+    name: str
+    pod: Pod
+    container: Container
 
     @property
     def log(self) -> str:
-        return (self.directory / "log").read_text(errors="replace")
-
-    def pid1(self) -> int:
-        """The host PID of the namespace's PID 1 (the operator), child of `unshare`."""
-        pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        assert children, "the replica's PID 1 is gone"
-        return int(children[0])
+        return self.container.logs()
 
     def terminate(self) -> None:
-        """SIGTERM to PID 1, as the kubelet sends it when the pod is deleted."""
-        os.kill(self.pid1(), signal.SIGTERM)
+        """SIGTERM from the engine to the container's PID 1, as the kubelet sends it."""
+        self.container.kill("SIGTERM")
+
+    def crash(self) -> None:
+        """SIGKILL: a node lost, no chance to release anything."""
+        self.container.kill("SIGKILL")
+
+    async def wait(self) -> int:
+        return await self.container.wait()
 
     async def exposed(self, port: int) -> str:
-        """A host URL origin that reaches the replica's `port` on its own loopback."""
-        if port not in self.origins:
-            local = free_port()
-            socket = self.directory / f"{port}.sock"
-            self.relays.append(await relay_tcp_to_unix("127.0.0.1", local, socket))
-            self.origins[port] = f"127.0.0.1:{local}"
-        return self.origins[port]
+        """The URL origin of the replica's `port`, at its pod's address."""
+        return f"{self.pod.ip}:{port}"
 
-    async def close(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-        for relay in self.relays:
-            relay.close()
+    def close(self) -> None:
+        self.pod.close()
 
 
 class Deployment:
-    """The chart's operator Deployment, run as processes."""
+    """The chart's operator Deployment, its replicas run from the operator image."""
 
-    def __init__(self, docs: list[dict[str, Any]], api_url: str, workdir: Path) -> None:
+    def __init__(self, docs: list[dict[str, Any]], api_url: str) -> None:
         self.docs = docs
         self.manifest = only(docs, "Deployment")
         self.pod_spec = self.manifest["spec"]["template"]["spec"]
         [self.container] = self.pod_spec["containers"]
         self.api_url = api_url
-        self.workdir = workdir
         self.replicas: list[Replica] = []
         self.api_relay: asyncio.Server | None = None
 
@@ -126,53 +131,38 @@ class Deployment:
     def env(self) -> dict[str, str]:
         return {e["name"]: e.get("value", "") for e in self.container.get("env", [])}
 
-    def _pod_env(self, pod: str) -> dict[str, str]:
-        downward = {"metadata.name": pod, "metadata.namespace": RELEASE_NAMESPACE}
-        env = {}
-        for item in self.container.get("env", []):
-            if "value" in item:
-                env[item["name"]] = item["value"]
-            else:
-                env[item["name"]] = downward[item["valueFrom"]["fieldRef"]["fieldPath"]]
-        return env
+    def _pod_manifest(self) -> dict[str, Any]:
+        """The Deployment's pod template, given what a cluster gives every pod: a way to
+        the API server (a kubeconfig here, for the service account's in-cluster one)."""
+        spec = copy.deepcopy(self.pod_spec)
+        spec["volumes"].append({"name": "kubeconfig", "secret": {"secretName": "kubeconfig"}})
+        [container] = spec["containers"]
+        container["env"].append({"name": "KUBECONFIG", "value": KUBECONFIG})
+        mount = {"name": "kubeconfig", "mountPath": Path(KUBECONFIG).parent.as_posix()}
+        container["volumeMounts"].append({**mount, "readOnly": True})
+        return {"metadata": self.manifest["spec"]["template"]["metadata"], "spec": spec}
 
     async def start(self) -> None:
+        images()
         host, port = self.api_url.removeprefix("http://").rstrip("/").split(":")
-        api_socket = self.workdir / "api.sock"
-        self.api_relay = await relay_unix_to_tcp(api_socket, host, int(port))
-        command = [*entrypoint(), *self.container.get("args", [])]
+        gateway, relay_port = bridge_gateway(), free_port()
+        self.api_relay = await relay_tcp_to_tcp(gateway, relay_port, host, int(port))
+        kubeconfig = (
+            "kind: Config\ncurrent-context: cluster\n"
+            f"clusters: [{{name: cluster, cluster: {{server: 'http://{gateway}:{relay_port}'}}}}]\n"
+            "contexts: [{name: cluster, context: {cluster: cluster}}]\nusers: []\n"
+        )
+        manifest = self._pod_manifest()
         for index in range(int(self.manifest["spec"]["replicas"])):
-            pod = f"{self.manifest['metadata']['name']}-{uuid.uuid4().hex[:5]}-{index}"
-            directory = self.workdir / pod
-            directory.mkdir()
-            (directory / "kubeconfig").write_text(
-                "kind: Config\ncurrent-context: cluster\n"
-                "clusters: [{name: cluster, cluster: {server: 'http://127.0.0.1:6443'}}]\n"
-                "contexts: [{name: cluster, context: {cluster: cluster}}]\nusers: []\n"
-            )
-            env = {
-                "PATH": os.environ["PATH"],
-                "PYTHONUNBUFFERED": "1",
-                "KUBECONFIG": str(directory / "kubeconfig"),
-                **self._pod_env(pod),
-            }
-            with (directory / "log").open("wb") as log:
-                process = await asyncio.create_subprocess_exec(
-                    *["unshare", "--net", "--pid", "--fork", "--kill-child"],
-                    *[sys.executable, "-m", "tests.operator.sandbox"],
-                    *["--dir", str(directory), "--api-socket", str(api_socket), "--"],
-                    *command,
-                    cwd=ROOT,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            self.replicas.append(Replica(pod, directory, process))
+            name = f"{self.manifest['metadata']['name']}-{uuid.uuid4().hex[:5]}-{index}"
+            downward = {"metadata.name": name, "metadata.namespace": RELEASE_NAMESPACE}
+            pod = Pod(manifest, {"kubeconfig": {"kubeconfig": kubeconfig.encode()}}, downward)
+            [spec] = manifest["spec"]["containers"]
+            self.replicas.append(Replica(name, pod, pod.run(spec, OPERATOR_IMAGE)))
 
     async def close(self) -> None:
         for replica in self.replicas:
-            await replica.close()
+            replica.close()
         if self.api_relay is not None:
             self.api_relay.close()
 

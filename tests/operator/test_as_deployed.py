@@ -1,6 +1,7 @@
 """The operator exactly as `helm install` runs it: every replica the chart's Deployment
-asks for, started with its command, args and env, against the API server emulator over
-HTTP (see `deployed.py`); with the chart's defaults and with the webhook disabled."""
+asks for, a container of the built image started with its args, env and security
+context, against the API server emulator over HTTP (see `deployed.py`); with the chart's
+defaults and with the webhook disabled."""
 
 from __future__ import annotations
 
@@ -10,16 +11,14 @@ import contextlib
 import functools
 import itertools
 import json
-import os
-import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 
+from tests.containers import EngineError
 from tests.operator.conftest import NAMESPACE, create_store, phase_is, store_object
 from tests.operator.deployed import (
     RELEASE_NAMESPACE,
@@ -46,7 +45,7 @@ AGENT_POD = {
 
 
 @pytest.fixture
-async def deploy(cluster: Any, tmp_path: Path) -> Any:
+async def deploy(cluster: Any) -> Any:
     """Renders the chart with these `--set` values, applies what the operator reads, and
     starts the Deployment's replicas."""
     started: list[Deployment] = []
@@ -59,16 +58,16 @@ async def deploy(cluster: Any, tmp_path: Path) -> Any:
                     "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
                     json=doc,
                 )
-        deployment = Deployment(docs, str(cluster.url), tmp_path)
+        deployment = Deployment(docs, str(cluster.url))
         started.append(deployment)
         await deployment.start()
         return deployment
 
     yield start
     for deployment in started:
-        await deployment.close()
         for replica in deployment.replicas:
-            print(f"--- {replica.pod}\n{replica.log}")
+            print(f"--- {replica.name}\n{replica.log}")
+        await deployment.close()
 
 
 def lease_holder(cluster: Any, deployment: Deployment) -> str | None:
@@ -78,7 +77,7 @@ def lease_holder(cluster: Any, deployment: Deployment) -> str | None:
 
 def leader_of(cluster: Any, deployment: Deployment) -> Replica | None:
     holder = lease_holder(cluster, deployment)
-    return next((r for r in deployment.replicas if r.pod == holder), None)
+    return next((r for r in deployment.replicas if r.name == holder), None)
 
 
 def rendered_config(cluster: Any, store: str) -> dict[str, Any]:
@@ -110,7 +109,7 @@ async def stop_within_grace(deployment: Deployment, replica: Replica) -> float:
     period (after which the kubelet would SIGKILL it); the seconds it took."""
     began = time.monotonic()
     replica.terminate()
-    code = await asyncio.wait_for(replica.process.wait(), deployment.grace_seconds)
+    code = await asyncio.wait_for(replica.wait(), deployment.grace_seconds)
     assert code == 0, replica.log
     return time.monotonic() - began
 
@@ -140,7 +139,7 @@ async def test_the_charts_deployment_reconciles_hands_over_and_stops(
         target = webhook_target(deployment.docs, cluster.objects[HOOKS, None, "convostore"])
         for replica in replicas:
             response = await admission(await replica.exposed(9443), target, AGENT_POD, NAMESPACE)
-            assert is_injected(response), f"{replica.pod} answered {response}"
+            assert is_injected(response), f"{replica.name} answered {response}"
         survivors = [r for r in replicas if r is not leader]
         admitting = asyncio.create_task(keep_admitting(survivors, target, answers))
 
@@ -185,7 +184,7 @@ def leadership(replica: Replica) -> list[tuple[str, str]]:
         elif began and "leader election:" in line and ("released" in line or "lost" in line):
             spans.append((began, stamp))
             began = None
-    assert began is None, f"{replica.pod} never let go of its lead"
+    assert began is None, f"{replica.name} never let go of its lead"
     return spans
 
 
@@ -197,6 +196,8 @@ def assert_one_leader_at_a_time(replicas: list[Replica]) -> None:
 
 
 async def _healthy(replica: Replica) -> bool:
+    if not replica.container.running:
+        raise EngineError(f"{replica.name} stopped:\n{replica.log}")
     with contextlib.suppress(OSError, aiohttp.ClientError):
         return await healthz(replica) == 200
     return False
@@ -212,9 +213,9 @@ async def test_a_killed_leader_is_replaced_once_its_lease_runs_out(
     lease = cluster.objects[LEASES, RELEASE_NAMESPACE, deployment.env["CONVOSTORE_LEASE"]]
     lease_seconds = int(lease["spec"]["leaseDurationSeconds"])
 
-    os.kill(leader.pid1(), signal.SIGKILL)  # a node lost: no chance to release the Lease
+    leader.crash()
     began = time.monotonic()
-    await leader.process.wait()
+    await leader.wait()
     survivor = await eventually(
         lambda: (r := leader_of(cluster, deployment)) and r is not leader and r,
         within=lease_seconds * 3,

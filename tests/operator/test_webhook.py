@@ -283,19 +283,19 @@ async def test_an_injected_pod_runs_and_only_its_named_container_gets_in(
         assert await process.wait() == 0
 
 
-async def probed_as_the_kubelet_probes(sidecar: dict[str, Any]) -> None:
+async def probed_as_the_kubelet_probes(sidecar: dict[str, Any], pod_ip: str = "127.0.0.1") -> None:
     probes = [sidecar[kind] for kind in ("startupProbe", "livenessProbe")]
     assert not [p for p in probes if "exec" in p], "an exec probe starts a process each time"
     ports = {probe["httpGet"]["port"] for probe in probes}
     async with aiohttp.ClientSession() as http:
         for probe in probes:
             get = probe["httpGet"]
-            async with http.get(f"http://127.0.0.1:{get['port']}{get['path']}") as resp:
+            async with http.get(f"http://{pod_ip}:{get['port']}{get['path']}") as resp:
                 assert resp.status == 200, probe
         [port] = ports
-        async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+        async with http.get(f"http://{pod_ip}:{port}/readyz") as resp:
             assert (resp.status, await resp.json()) == (200, {"ready": True})  # no store names
-        async with http.get(f"http://127.0.0.1:{port}/v1/stores/chat/sessions/u1/items") as resp:
+        async with http.get(f"http://{pod_ip}:{port}/v1/stores/chat/sessions/u1/items") as resp:
             assert resp.status == 404  # the API is not there
-        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        async with http.get(f"http://{pod_ip}:{port}/metrics") as resp:
             assert resp.status == 404
