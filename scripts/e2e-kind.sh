@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# End to end on a real cluster, for machines with a container engine (not run in CI here):
+# End to end on a real cluster, for machines where kind can pull its node image (not run in
+# CI here: no registry is reachable):
 # kind cluster -> image -> helm install (two operator replicas) -> a store -> an agent
 # pod that converses through its sidecar -> the history survives a pod restart -> the
 # leading operator pod is deleted, the other takes the Lease and reconciles a change ->
@@ -12,8 +13,8 @@ image=convostore:e2e
 
 kind create cluster --name "$cluster" --wait 120s
 trap '[ "${KEEP:-}" = 1 ] || kind delete cluster --name "$cluster"' EXIT
-docker build -t "$image" .
-kind load docker-image "$image" --name "$cluster"
+bash scripts/build-images.sh --repository convostore --tag e2e
+kind load docker-image "$image" convostore-sidecar:e2e --name "$cluster"
 
 helm install convostore charts/convostore -n convostore-system --create-namespace \
   --set image.repository=convostore --set image.tag=e2e --set image.pullPolicy=Never --wait

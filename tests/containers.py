@@ -217,6 +217,13 @@ class Pod:
     def ip(self) -> str:
         return self.pause.ip
 
+    def host_directory(self, volume_name: str) -> Path:
+        """Where one of the pod's volumes is on the host (as root sees it)."""
+        source = dict(part.split("=", 1) for part in self.sources[volume_name].split(","))
+        if source["type"] == "bind":
+            return Path(source["src"])
+        return Path(docker("volume", "inspect", "--format", "{{.Mountpoint}}", source["src"]))
+
     def options(self, container: dict[str, Any]) -> list[str]:
         """`docker run` options for a container spec of this pod."""
         options = ["--network", f"container:{self.pause.name}"]

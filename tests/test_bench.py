@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.containers import LOCAL_BASE, OPERATOR_IMAGE, SIDECAR_IMAGE, images
+
 
 def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
     output = tmp_path / "RESULTS.md"
@@ -89,3 +91,32 @@ def test_the_fleet_benchmark_runs_pods_on_every_route_and_loses_no_turn(tmp_path
         assert int(busy) >= 1, figures[route]
         pooled = route == "postgres-pgbouncer"  # PgBouncer keeps its server connections
         assert int(idle) <= (int(busy) if pooled else 0), figures[route]
+
+
+def test_the_container_benchmark_measures_the_injected_sidecar_and_the_images(
+    tmp_path: Path,
+) -> None:
+    """One start each, two agents for a second: the images' sizes and the container's
+    and the process's figures are all there, and the agents' turns were answered."""
+    images()
+    output = tmp_path / "containers.md"
+    command = ["-m", "bench.containers", "--starts", "1", "--agents", "2", "--busy", "1"]
+    run = subprocess.run(
+        [sys.executable, *command, "--out", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines()]
+    sizes = {row[0].strip(" `"): row[1].strip() for row in rows if len(row) == 3}
+    assert set(sizes) >= {LOCAL_BASE, SIDECAR_IMAGE, OPERATOR_IMAGE}
+    sidecars = {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows if len(row) == 6}
+    assert set(sidecars) >= {"container, as injected", "process (venv)"}
+    for name in ("container, as injected", "process (venv)"):
+        start, idle, loaded, after, turns = sidecars[name]
+        assert float(start.removesuffix(" s")) > 0
+        assert 0 < float(idle.removesuffix(" MiB")) <= float(loaded.removesuffix(" MiB"))
+        assert float(after.removesuffix(" MiB")) > 0
+        assert int(turns) >= 2
