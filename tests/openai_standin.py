@@ -146,6 +146,7 @@ class OpenAIStandIn:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 << 20)
         app.router.add_post("/v1/conversations", self._create)
         app.router.add_get("/v1/conversations/{cid}", self._retrieve)
+        app.router.add_post("/v1/conversations/{cid}", self._update)
         app.router.add_delete("/v1/conversations/{cid}", self._delete)
         app.router.add_post("/v1/conversations/{cid}/items", self._add_items)
         app.router.add_get("/v1/conversations/{cid}/items", self._list_items)
@@ -260,6 +261,15 @@ class OpenAIStandIn:
         items = self._store(body.get("items", []))
         conversation = Conversation(f"conv_{uuid.uuid4().hex}", int(time.time()), metadata, items)
         self.conversations[conversation.id] = conversation
+        return web.json_response(conversation.document())
+
+    async def _update(self, request: web.Request) -> web.Response:
+        """The API's update: the metadata given replaces the conversation's."""
+        conversation = self._conversation(request)
+        metadata = (await self._body(request)).get("metadata")
+        if not isinstance(metadata, dict) or len(metadata) > 16:
+            raise ApiFailure(400, "Invalid 'metadata': at most 16 string pairs.")
+        conversation.metadata = metadata
         return web.json_response(conversation.document())
 
     async def _retrieve(self, request: web.Request) -> web.Response:

@@ -59,6 +59,39 @@ async def test_the_model_sees_what_it_sees_with_the_sdks_compaction_session(
     assert ours.usage.total_tokens == theirs.usage.total_tokens > 0
 
 
+async def test_the_sdks_compaction_session_wraps_a_sidecar_session_as_it_wraps_sqlite(
+    store_config: Callable[..., dict[str, Any]],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+    openai_api: OpenAIStandIn,
+    tmp_path: Path,
+) -> None:
+    """The SDK's example wraps its compaction session around another session; around a
+    `SidecarSession` (a store that does not compact itself) it reads every item with
+    `limit=2**31 - 1` and rewrites the history: the model, the compaction calls and the
+    stored history are the same as around the SDK's SQLiteSession."""
+    outcomes = []
+    sidecar = sidecar_process({"stores": {"default": store_config("sqlite")}})
+    sidecar.start()
+    for underlying in (
+        SQLiteSession("sdk", str(tmp_path / "sdk.db")),
+        SidecarSession(unique(), url=sidecar.url),
+    ):
+        client = AsyncOpenAI(
+            api_key=openai_api.api_key, base_url=openai_api.base_url, max_retries=0
+        )
+        wrapped = OpenAIResponsesCompactionSession("s", underlying, client=client)
+        conversation = await converse(wrapped, store=None, api=openai_api)
+        await client.close()
+        outcomes.append(
+            (conversation.inputs, list(openai_api.compact_bodies), await underlying.get_items())
+        )
+        openai_api.compact_bodies.clear()
+    theirs, ours = outcomes
+    assert len(theirs[1]) >= 2, "the SDK's session compacted"
+    assert ours == theirs
+    assert ours[2][0]["type"] == "compaction"
+
+
 @pytest.fixture
 def compacting_store(
     store_config: Callable[..., dict[str, Any]], openai_api: OpenAIStandIn, openai_key_file: Path

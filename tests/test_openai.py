@@ -15,7 +15,7 @@ import pytest
 from agents import Agent, OpenAIConversationsSession, Runner
 from agents.testing import ScriptedModel, assistant_message, function_call
 from convostore import SidecarSession, SidecarStore
-from convostore.errors import NotFoundError, StoreUnavailableError
+from convostore.errors import NotFoundError, RequestRejectedError, StoreUnavailableError
 from convostore_sidecar.config import ConfigError, parse_config
 from convostore_sidecar.stores import Store
 from openai import AsyncOpenAI
@@ -275,6 +275,64 @@ async def test_a_foreign_conversation_id_is_not_found_and_left_alone(
                 await call
             assert refused.value.code == "conversation_not_found"
         assert len(openai_api.items_of(conversation.id)) == 1, "nothing read, added or deleted"
+
+
+async def test_a_foreign_conversation_is_refused_with_the_setting_that_adopts_it(
+    chat: RunningSidecar, sdk_client: AsyncOpenAI
+) -> None:
+    foreign = await sdk_client.conversations.create(items=[cast(Any, user("theirs"))])
+    with pytest.raises(NotFoundError) as refused:
+        await SidecarSession(foreign.id, "chat", url=chat.url, retries=0).get_items()
+    assert "openai.adoptConversations: true" in refused.value.message
+
+
+@pytest.fixture
+async def adopting(start_sidecar: StartSidecar, store_config: StoreConfig) -> RunningSidecar:
+    """Two stores that adopt conversations no store marked: `chat` and `audit`."""
+    stores = {name: store_config("openai") for name in ("chat", "audit")}
+    for store in stores.values():
+        store["openai"]["adoptConversations"] = True
+    return await start_sidecar({"stores": stores})
+
+
+async def test_a_conversation_the_sdk_made_is_continued_once_adopted(
+    adopting: RunningSidecar, sdk_client: AsyncOpenAI, openai_api: OpenAIStandIn
+) -> None:
+    """`OpenAIConversationsSession(conversation_id=...)` swapped for a `SidecarSession`
+    on a store that adopts: the same items, continued; the conversation is marked for
+    that store on first use, so another store cannot reach it; after a clear, the id
+    goes on with a new conversation, as the SDK's session goes on after its clear."""
+    theirs = OpenAIConversationsSession(openai_client=sdk_client)
+    await theirs.add_items([cast(Any, user("said through the SDK"))])
+    [conversation] = list(openai_api.conversations)
+    ours = SidecarSession(conversation, "chat", url=adopting.url)
+    assert await ours.get_items() == await theirs.get_items()
+    await ours.add_items([user("said through convostore")])
+    items: list[Any] = await theirs.get_items()
+    said = [item["content"][0]["text"] for item in items]
+    assert said == ["said through the SDK", "said through convostore"]
+    assert openai_api.conversations[conversation].metadata == {"convostore_store": "chat"}
+    with pytest.raises(NotFoundError):
+        await SidecarSession(conversation, "audit", url=adopting.url, retries=0).get_items()
+
+    await ours.clear_session()
+    assert conversation not in openai_api.conversations
+    assert await ours.get_items() == []
+    await ours.add_items([user("after the clear")])
+    [after] = [cid for cid in openai_api.conversations if cid != conversation]
+    assert [i["content"][0]["text"] for i in await ours.get_items()] == ["after the clear"]
+    assert openai_api.conversations[after].metadata["convostore_store"] == "chat"
+
+
+async def test_a_conversation_with_no_room_for_the_marker_is_not_adopted(
+    adopting: RunningSidecar, sdk_client: AsyncOpenAI, openai_api: OpenAIStandIn
+) -> None:
+    full = {f"k{n}": "v" for n in range(16)}
+    made = await sdk_client.conversations.create(items=[cast(Any, user("x"))], metadata=full)
+    with pytest.raises(RequestRejectedError) as refused:
+        await SidecarSession(made.id, "chat", url=adopting.url, retries=0).get_items()
+    assert (refused.value.status, refused.value.code) == (409, "conversation_not_adoptable")
+    assert openai_api.conversations[made.id].metadata == full
 
 
 async def test_rate_limits_and_server_errors_are_retried(

@@ -60,26 +60,11 @@ class AdvancedSidecarSession(SidecarSession):
         store: str = "default",
         url: str | None = None,
         session_settings: Any | None = None,
-        *,
-        token: str | None = None,
-        token_file: str | None = None,
-        timeout: float = 10.0,
-        retries: int = 10,
-        history_turns: int | None = None,
-        whole_turns: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            session_id,
-            store,
-            url,
-            session_settings,
-            token=token,
-            token_file=token_file,
-            timeout=timeout,
-            retries=retries,
-            history_turns=history_turns,
-            whole_turns=whole_turns,
-        )
+        """As `SidecarSession`; the SDK's `AdvancedSQLiteSession(session_id=...)` form
+        (every argument by keyword) works too."""
+        super().__init__(session_id, store, url, session_settings, **options)
         self._current_branch_id = MAIN
         # per branch: the turn this instance last opened with a user message, and the
         # sequence number of that message: the turn a run's usage belongs to

@@ -33,5 +33,6 @@ class UnauthorizedError(RequestRejectedError):
     """The sidecar requires a bearer token and the one sent (if any) was wrong."""
 
 
-class SessionClosedError(ConvostoreError):
-    """The session object was closed with `close()`; make a new one to go on."""
+class SessionClosedError(ConvostoreError, RuntimeError):
+    """The session object was closed with `close()`; make a new one to go on. A
+    `RuntimeError` too, as the SDK's closed sessions raise."""

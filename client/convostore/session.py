@@ -23,10 +23,11 @@ import time
 import types
 import uuid
 from collections.abc import Generator, Mapping
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 from .errors import ConvostoreError
+from .sdk_options import check_store_name, refuse_storage_options, sidecar_url
 from .transport import BearerToken, Endpoint, Transport
 
 Item = Any
@@ -53,6 +54,18 @@ def coerce_settings(value: Any) -> Any:
             return types.SimpleNamespace(limit=value.get("limit"))
         return value if value is not None else types.SimpleNamespace(limit=None)
     return SessionSettings() if value is None else coerce_session_settings(value)
+
+
+def register_as_sdk_session(cls: type) -> None:
+    """Make `isinstance(session, agents.memory.SessionABC)` hold, as for the SDK's own
+    sessions, when the SDK is installed; done at the first construction, which imports
+    the SDK anyway (`coerce_settings`), so importing `convostore` stays cheap."""
+    try:
+        from agents.memory.session import SessionABC
+    except ImportError:
+        return
+    if not issubclass(cls, SessionABC):
+        SessionABC.register(cls)
 
 
 def encode_items(items: list[Item]) -> bytes:
@@ -114,7 +127,15 @@ class SidecarSession:
         retries: int = 10,
         history_turns: int | None = None,
         whole_turns: bool = False,
+        logger: logging.Logger | None = None,
+        **sdk_options: Any,
     ) -> None:
+        """`store` names one of the stores the sidecar serves. The options of the SDK's
+        own session classes are taken as they mean there (`logger`, `create_tables`) or
+        refused with the store-side setting to use instead (`db_path`, `ttl`, clients)."""
+        cls = type(self).__name__
+        refuse_storage_options(cls, sdk_options)
+        check_store_name(cls, store)
         if not isinstance(session_id, str) or not session_id:
             raise ValueError("session_id must be a non-empty string")
         if history_turns is not None and (
@@ -126,6 +147,8 @@ class SidecarSession:
         self.session_id = session_id
         self.store = store
         self.session_settings = coerce_settings(session_settings)
+        register_as_sdk_session(type(self))
+        self.log = logger or log
         self.history_turns = history_turns
         self.whole_turns = whole_turns
         self._transport = Transport(
@@ -155,6 +178,8 @@ class SidecarSession:
     async def _read(self, limit: int | None, where: dict[str, str]) -> list[Item]:
         if limit is None and self.session_settings is not None:
             limit = getattr(self.session_settings, "limit", None)
+        if limit is not None and limit < 0:
+            return []  # as the SDK's sessions answer a negative limit
         params = dict(where)
         if limit is not None:
             params.update(limit=str(limit), **({"whole_turns": "true"} if self.whole_turns else {}))
@@ -165,7 +190,7 @@ class SidecarSession:
         )
         items: list[Item] = body["items"]
         if body.get("truncated"):
-            log.warning(
+            self.log.warning(
                 "session %r holds more items than its store returns in one read "
                 "(limits.maxReadItems, limits.maxReadBytes): only the latest %d came back",
                 self.session_id,
@@ -252,7 +277,9 @@ class SidecarSession:
             if exc.code in COMPACTION_OFF:
                 _not_compacting[where] = time.monotonic() + ASK_AGAIN_AFTER
             elif automatic:
-                log.warning("session %r: not compacted, history kept: %s", self.session_id, exc)
+                self.log.warning(
+                    "session %r: not compacted, history kept: %s", self.session_id, exc
+                )
             if not automatic:
                 raise
             return
@@ -295,6 +322,18 @@ class SidecarSession:
     async def ping(self) -> bool:
         """True when the sidecar answers (as the SDK's RedisSession.ping)."""
         return await self._transport.ping()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @classmethod
+    def from_url(cls, session_id: str, *, url: str, **options: Any) -> Self:
+        """As the SDK's `RedisSession.from_url` and `SQLAlchemySession.from_url`, with
+        the sidecar's URL: a database's URL is the store's and is refused."""
+        return cls(session_id, url=sidecar_url(cls.__name__, url), **options)
 
     def close(self) -> Closed:
         """Done with this object: later calls on it raise `SessionClosedError`. The

@@ -300,6 +300,12 @@ OPENAI: dict[str, Any] = {
     "properties": {
         "apiKeySecretRef": _secret_ref("the OpenAI API key"),
         **OPENAI_CLIENT,
+        "adoptConversations": {
+            "type": "boolean",
+            "description": "A session id that is a conversation id (conv_...) may name a "
+            "conversation no convostore store has marked, such as one the Agents SDK's "
+            "OpenAIConversationsSession made: it is marked for this store on first use.",
+        },
         "mapping": {
             "type": "object",
             "description": "Where the session to conversation map lives: sqlite (one per "

@@ -178,7 +178,14 @@ def _openai(
 ) -> dict[str, Any]:
     files["openai-api-key"] = secrets["apiKeySecretRef"].strip().encode()
     rendered: dict[str, Any] = {"apiKeyFile": f"{here}/openai-api-key"}
-    for key in ("baseURL", "organization", "project", "timeout", "maxRetries"):
+    for key in (
+        "baseURL",
+        "organization",
+        "project",
+        "timeout",
+        "maxRetries",
+        "adoptConversations",
+    ):
         if key in section:
             rendered[key] = section[key]
     mapping = section.get("mapping", {"backend": "sqlite"})

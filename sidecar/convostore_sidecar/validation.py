@@ -57,6 +57,8 @@ def session_prefix(value: str, limits: Limits) -> str:
 
 
 LARGEST_LIMIT = 999_999_999
+"""A read limit above it reads as it: more items than any session holds. The SDK's own
+wrappers ask for `2**31 - 1` (its compaction session) and expect every item."""
 
 
 def limit_param(
@@ -67,14 +69,18 @@ def limit_param(
     name: str = "limit",
     minimum: int = 0,
 ) -> int | None:
+    """A non-negative integer parameter; with no `maximum`, any size, capped at
+    `LARGEST_LIMIT`."""
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()):
         raise ApiError(
             400, f"invalid_{name}", f"{name} must be a non-negative integer, got {raw[:40]!r}"
         )
+    value = int(raw) if len(raw) <= 12 else LARGEST_LIMIT + 1
     highest = LARGEST_LIMIT if maximum is None else maximum
-    value = int(raw) if len(raw) <= 12 else highest + 1
+    if maximum is None:
+        value = min(value, highest)
     if not minimum <= value <= highest:
         raise ApiError(
             400, f"invalid_{name}", f"{name} must be from {minimum} to {highest}, got {raw[:40]}"

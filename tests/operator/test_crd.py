@@ -443,6 +443,11 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "maximum",
         ),
         (
+            {"backend": "openai", "openai": {"apiKeySecretRef": KEY, "adoptConversations": "yes"}},
+            "spec.openai.adoptConversations",
+            "is not of type 'boolean'",
+        ),
+        (
             {"backend": "openai", "openai": {"apiKeySecretRef": KEY}, "retention": {"ttl": "1h"}},
             "spec.retention",
             "cannot honour retention",

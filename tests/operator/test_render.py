@@ -20,6 +20,7 @@ KEY = {"name": "redis-auth", "key": "password"}
 
 def test_openai_store_renders_its_key_and_its_map_stores_password(tmp_path: Path) -> None:
     document = yaml.safe_load((ROOT / "manifests/examples/store-openai.yaml").read_text())
+    document["spec"]["openai"]["adoptConversations"] = True
     spec = validate(document["spec"])
     refs = secret_refs(spec)
     assert refs == {
@@ -40,6 +41,7 @@ def test_openai_store_renders_its_key_and_its_map_stores_password(tmp_path: Path
     assert (mapping.backend, mapping.settings.key_prefix) == ("redis", "assistant-map")
     assert Path(mapping.settings.password_file).read_text() == "hunter2"
     assert settings.timeout == 30.0
+    assert settings.adopt_conversations is True
 
 
 def test_compaction_renders_its_key_as_a_file_and_its_settings_as_the_sidecar_reads_them(

@@ -8,9 +8,12 @@ another driver's own semantics: a session's first appended conversation id wins,
 first appends racing on one session agree on the winner and the loser deletes the
 conversation it created. A session id that is already a conversation id (`conv_…`) names
 that conversation only if this store created it (or whoever did marked it for this
-store in its metadata, `convostore_store: <store>`); any other conversation of the
-organisation is answered 404, so a caller of the sidecar cannot reach conversations by
-guessing or learning their ids.
+store in its metadata, `convostore_store: <store>`, or the store adopts conversations no
+store marked: `adoptConversations`, for those the SDK's own session made); any other
+conversation of the organisation is answered 404, so a caller of the sidecar cannot
+reach conversations by guessing or learning their ids. Once such a conversation is
+cleared (deleted), its id is a session id like any other: the next append starts a new
+conversation for it, as the SDK's session starts one after a clear.
 
 What the API cannot promise, the driver does not pretend to: the API keeps items until
 they are deleted, so `ttl` and `maxItems` are refused at start-up; items must be the
@@ -61,6 +64,9 @@ MAX_PAGE = 100
 CONVERSATION_PREFIX = "conv_"
 MAPPING_BACKENDS = ("sqlite", "redis", "postgres")
 PING_CONVERSATION = "conv_convostore_ping"
+MARKER = "convostore_store"
+"""The metadata key that makes a conversation a store's (its value: the store's identity)."""
+MAX_METADATA_KEYS = 16
 UNSUPPORTED = {
     "ttl": "the OpenAI Conversations API keeps items until they are deleted",
     "maxItems": "the OpenAI Conversations API keeps items until they are deleted",
@@ -107,6 +113,10 @@ class Settings:
     timeout: float = 60.0
     max_retries: int = 2
     mapping: Mapping = field(default_factory=Mapping)
+    adopt_conversations: bool = False
+    """Whether a `conv_` session id may name a conversation no convostore store has
+    marked (one the SDK's `OpenAIConversationsSession` made): it is marked for this
+    store on first use. Off, only conversations already marked for it are reachable."""
 
     @classmethod
     def parse(cls, s: Section) -> Settings:
@@ -126,6 +136,7 @@ class Settings:
             timeout=s.duration("timeout", cls.timeout, low=0.1, high=600),
             max_retries=s.integer("maxRetries", cls.max_retries, low=0, high=10),
             mapping=mapping,
+            adopt_conversations=s.boolean("adoptConversations", False),
         )
 
 
@@ -180,6 +191,7 @@ class OpenAIDriver:
         self.api = api_client(self._key, settings)
         self.conversations = _mapping_driver(store, "conversations", Retention())
         self._verified: set[str] = set()
+        self.adopt = settings.adopt_conversations
         self.idempotency = _mapping_driver(
             store, "idempotency", Retention(ttl_seconds=store.idempotency_ttl)
         )
@@ -280,6 +292,7 @@ class OpenAIDriver:
         if conversation is not None:
             with self._errors(), contextlib.suppress(openai.NotFoundError):
                 await self.api.conversations.delete(conversation)
+            self._verified.discard(conversation)
         await self.conversations.clear(session_id)
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
@@ -297,11 +310,11 @@ class OpenAIDriver:
         known = await self.conversations.latest(session_id, None)
         if known:
             return known[0].decode()
-        if session_id.startswith(CONVERSATION_PREFIX):
-            return await self._own_conversation(session_id)
+        if session_id.startswith(CONVERSATION_PREFIX) and await self._own_conversation(session_id):
+            return session_id
         if not create:
             return None
-        metadata = {"convostore_store": self.identity, "convostore_session": session_id[:512]}
+        metadata = {MARKER: self.identity, "convostore_session": session_id[:512]}
         with self._errors():
             created = (await self.api.conversations.create(metadata=metadata)).id
         await self.conversations.append(session_id, [created.encode()], None)
@@ -311,24 +324,46 @@ class OpenAIDriver:
                 await self.api.conversations.delete(created)
         return winner
 
-    async def _own_conversation(self, conversation: str) -> str:
-        """`conversation` if its metadata marks it as this store's; else 404."""
-        if conversation not in self._verified:
-            with self._errors():
-                try:
-                    found = await self.api.conversations.retrieve(conversation)
-                except openai.NotFoundError:
-                    found = None
-            metadata = dict(getattr(found, "metadata", None) or {})
-            if metadata.get("convostore_store") != self.identity:
-                raise ApiError(
-                    404,
-                    "conversation_not_found",
-                    f"store {self.name!r} has no conversation {conversation!r}: a session id "
-                    "starting with conv_ must name a conversation of this store",
-                )
-            self._verified.add(conversation)
-        return conversation
+    async def _own_conversation(self, conversation: str) -> bool:
+        """Whether `conversation` exists and is this store's (marked for it, or adopted
+        now); False when it does not exist (the id is then a session id like any other,
+        as after the SDK clears a conversation); 404 when it is another's."""
+        if conversation in self._verified:
+            return True
+        with self._errors():
+            try:
+                found = await self.api.conversations.retrieve(conversation)
+            except openai.NotFoundError:
+                return False
+        metadata = dict(getattr(found, "metadata", None) or {})
+        marked = metadata.get(MARKER)
+        if marked is None and self.adopt:
+            marked = await self._adopt(conversation, metadata)
+        if marked != self.identity:
+            hint = "" if self.adopt or marked else "; openai.adoptConversations: true adopts it"
+            raise ApiError(
+                404,
+                "conversation_not_found",
+                f"store {self.name!r} has no conversation {conversation!r}: a session id "
+                f"starting with conv_ must name a conversation of this store{hint}",
+            )
+        self._verified.add(conversation)
+        return True
+
+    async def _adopt(self, conversation: str, metadata: dict[str, Any]) -> str | None:
+        """Marks a conversation nobody marked as this store's; the marker it then has."""
+        if len(metadata) >= MAX_METADATA_KEYS:
+            raise ApiError(
+                409,
+                "conversation_not_adoptable",
+                f"conversation {conversation!r} already has {len(metadata)} metadata keys, "
+                f"the most the API keeps: remove one so that {MARKER!r} can be added",
+            )
+        with self._errors():
+            updated = await self.api.conversations.update(
+                conversation, metadata={**metadata, MARKER: self.identity}
+            )
+        return dict(getattr(updated, "metadata", None) or {}).get(MARKER)
 
     async def _already_sent(self, session_id: str, idempotency: Idempotency, total: int) -> int:
         record = await self.idempotency.latest(_key_session(session_id, idempotency), 1)
