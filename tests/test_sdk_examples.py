@@ -3,8 +3,9 @@ Redis and Dapr ones), each taken step by step as a script of ours and run twice:
 SDK's session class, and with the one line that makes the session changed to the line the
 README's "From the SDK's class to ours" gives. The model is a `ScriptedModel`; what the
 script prints, every input the model is given and the stored history must be equal.
-(The compaction wrapper's example is followed in `test_compaction.py`, the encrypted
-one in `test_sdk_fidelity.py`.)"""
+(SQLite, SQLAlchemy, OpenAI's Conversations, Redis and Dapr here;
+the compaction wrapper's examples in `test_compaction.py`, the encrypted one in
+`test_sdk_fidelity.py`.)"""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from agents import Agent, Runner, SQLiteSession
-from agents.extensions.memory import DaprSession, RedisSession
+from agents import Agent, OpenAIConversationsSession, Runner, SQLiteSession
+from agents.extensions.memory import DaprSession, RedisSession, SQLAlchemySession
 from agents.memory import SessionABC
 from agents.testing import ScriptedModel, assistant_message
 from convostore import SidecarSession
 from dapr.conf import settings as dapr_settings
 
 from tests.dapr_standin import DaprStandIn
+from tests.openai_standin import OpenAIStandIn
 from tests.support import SidecarProcess
+from tests.test_openai import without_ids
 
 QUESTIONS = [
     "What city is the Golden Gate Bridge in?",
@@ -144,11 +147,66 @@ def assert_same(theirs: Outcome, ours: Outcome) -> None:
     assert theirs.stored
 
 
-async def test_the_sqlite_example_with_one_line_changed(sidecar_url: str) -> None:
-    theirs = await sqlite_example(lambda session_id: SQLiteSession(session_id))
-    ours = await sqlite_example(lambda session_id: SidecarSession(session_id))
+@pytest.mark.parametrize(
+    ("sdk_line", "our_line"),
+    [
+        (SQLiteSession, SidecarSession),
+        (
+            lambda sid: SQLAlchemySession.from_url(
+                sid, url="sqlite+aiosqlite:///:memory:", create_tables=True
+            ),
+            lambda sid: SidecarSession(sid, create_tables=True),
+        ),
+    ],
+    ids=["sqlite_session_example", "sqlalchemy_session_example"],
+)
+async def test_the_sqlite_examples_with_one_line_changed(
+    sidecar_url: str, sdk_line: SessionMaker, our_line: SessionMaker
+) -> None:
+    """examples/memory/sqlite_session_example.py and sqlalchemy_session_example.py,
+    which take the same steps."""
+    made: list[Any] = []
+
+    def kept(session_id: str) -> Any:
+        made.append(sdk_line(session_id))
+        return made[-1]
+
+    theirs = await sqlite_example(kept)
+    for session in made:  # the example's process would end here
+        if isinstance(session, SQLAlchemySession):
+            await session.engine.dispose()
+    ours = await sqlite_example(our_line)
     assert_same(theirs, ours)
     assert "Total items in session: 6" in ours.printed
+
+
+async def test_the_openai_example_with_one_line_changed(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+    store_config: Callable[..., dict[str, Any]],
+    openai_api: OpenAIStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """examples/memory/openai_session_example.py: the SDK's session with its default
+    client, and an `openai` store, both on one stand-in of the Conversations API; the
+    ids the API gives items differ between the two conversations and are set aside."""
+    monkeypatch.setenv("OPENAI_API_KEY", openai_api.api_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_api.base_url)
+    sidecar = sidecar_process({"stores": {"assistant": store_config("openai")}})
+    sidecar.start()
+    monkeypatch.setenv("CONVOSTORE_URL", sidecar.url)
+    made: list[OpenAIConversationsSession] = []
+
+    def sdk_line(_: str) -> OpenAIConversationsSession:
+        made.append(OpenAIConversationsSession())
+        return made[-1]
+
+    theirs = await sqlite_example(sdk_line)
+    await made[0]._openai_client.close()  # the example's process would end here
+    ours = await sqlite_example(lambda sid: SidecarSession(sid, "assistant"))
+    for outcome in (theirs, ours):
+        outcome.inputs, outcome.stored = without_ids(outcome.inputs), without_ids(outcome.stored)
+    assert_same(theirs, ours)
+    assert len(openai_api.conversations) == 2
 
 
 async def test_the_redis_example_with_one_line_changed(redis_url: str, sidecar_url: str) -> None:
