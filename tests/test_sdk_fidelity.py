@@ -13,7 +13,8 @@ from agents import Agent, Runner
 from agents.extensions.memory import EncryptedSession as SdkEncryptedSession
 from agents.memory import SessionSettings
 from agents.testing import ScriptedModel, assistant_message
-from convostore import AdvancedSidecarSession, SessionClosedError, SidecarSession
+from convostore import AdvancedSidecarSession, EncryptedSession, SessionClosedError, SidecarSession
+from convostore_sidecar.encryption import generate_key
 from cryptography.fernet import Fernet
 
 from tests.support import StartSidecar, unique
@@ -121,3 +122,25 @@ async def test_branches_list_in_the_order_they_were_made(url: str) -> None:
         await session.create_branch_from_turn(2, name)
     listed = [b["branch_id"] for b in await session.list_branches()]
     assert listed == ["main", "zeta", "alpha"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda url: SidecarSession(unique(), url=url),
+        lambda url: AdvancedSidecarSession(unique(), url=url),
+        lambda url: EncryptedSession(SidecarSession(unique(), url=url), generate_key()),
+    ],
+    ids=["SidecarSession", "AdvancedSidecarSession", "EncryptedSession"],
+)
+async def test_every_session_class_closes_on_leaving_async_with(
+    make: Callable[[str], Any], url: str
+) -> None:
+    """The SDK's `async with DaprSession.from_address(...) as session:` pattern: the
+    session works inside the block and is closed after it, with a `RuntimeError`."""
+    async with make(url) as session:
+        await session.add_items([{"role": "user", "content": "hi"}])
+        assert await session.get_items() == [{"role": "user", "content": "hi"}]
+    with pytest.raises(RuntimeError) as closed:
+        await session.get_items()
+    assert isinstance(closed.value, SessionClosedError)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import inspect
 import json
 import os
-from typing import Any
+from typing import Any, Self
 
 from .errors import ConvostoreError
 
@@ -109,6 +110,14 @@ class EncryptedSession:
     def close(self) -> Any:
         """Closes the wrapped session (awaitable, as its `close` is)."""
         return self.inner.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        closed = self.close()
+        if inspect.isawaitable(closed):
+            await closed
 
 
 def _key_bytes(key: bytes | str) -> bytes:
