@@ -3,7 +3,7 @@ Redis and Dapr ones), each taken step by step as a script of ours and run twice:
 SDK's session class, and with the one line that makes the session changed to the line the
 README's "From the SDK's class to ours" gives. The model is a `ScriptedModel`; what the
 script prints, every input the model is given and the stored history must be equal.
-(SQLite, SQLAlchemy, OpenAI's Conversations, Redis and Dapr here;
+(SQLite, SQLAlchemy, OpenAI's Conversations, Redis, Dapr and the advanced session here;
 the compaction wrapper's examples in `test_compaction.py`, the encrypted one in
 `test_sdk_fidelity.py`.)"""
 
@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from agents import Agent, OpenAIConversationsSession, Runner, SQLiteSession
-from agents.extensions.memory import DaprSession, RedisSession, SQLAlchemySession
+from agents import Agent, OpenAIConversationsSession, Runner, SQLiteSession, function_tool
+from agents.extensions.memory import (
+    AdvancedSQLiteSession,
+    DaprSession,
+    RedisSession,
+    SQLAlchemySession,
+)
 from agents.memory import SessionABC
-from agents.testing import ScriptedModel, assistant_message
-from convostore import SidecarSession
+from agents.testing import ScriptedModel, assistant_message, function_call
+from convostore import AdvancedSidecarSession, SidecarSession
 from dapr.conf import settings as dapr_settings
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
 from tests.support import SidecarProcess
+from tests.test_advanced import step
 from tests.test_openai import without_ids
 
 QUESTIONS = [
@@ -288,3 +295,90 @@ async def test_the_options_that_hold_here_are_taken(
     assert [r.name for r in caplog.records] == ["my.agent"]
     assert await session.get_items(limit=-1) == []
     assert await session.get_items(limit=0) == []
+
+
+@function_tool
+async def get_weather(city: str) -> str:
+    if city.strip().lower() == "new york":
+        return f"The weather in {city} is cloudy."
+    return f"The weather in {city} is sunny."
+
+
+def advanced_model() -> ScriptedModel:
+    weather = [("San Francisco", "Sunny."), ("New York", "Cloudy.")]
+    steps: list[Any] = [step(assistant_message("San Francisco."), 20)]
+    for n, (city, answer) in enumerate(weather):
+        if n == 1:
+            steps.append(step(assistant_message("About 800,000."), 60))
+        steps.append(step(function_call("get_weather", {"city": city}, call_id=f"c{n}"), 30))
+        steps.append(step(assistant_message(answer), 40))
+    steps.append(step(assistant_message("Times Square."), 50))
+    return ScriptedModel(steps)
+
+
+def describe(item: dict[str, Any]) -> str:
+    role = str(item.get("role", item.get("type", "unknown")))
+    if item.get("type") == "function_call":
+        return f"{role}: {item.get('name', 'unknown')}({item.get('arguments', '{}')})"
+    if item.get("type") == "function_call_output":
+        return f"{role}: {item.get('output', '')}"
+    return f"{role}: {item.get('content', item.get('output', ''))}"
+
+
+async def advanced_example(make: SessionMaker) -> Outcome:
+    """examples/memory/advanced_sqlite_session_example.py: turns with a tool and their
+    usage, the structured reads, a branch from turn 2 continued, branch management."""
+    model = advanced_model()
+    agent = Agent(name="Assistant", model=model, tools=[get_weather])
+    out = io.StringIO()
+    session = make("conversation_comprehensive")
+    questions = [QUESTIONS[0], "What's the weather in that city?", "What's the population?"]
+    for question in questions:
+        result = await Runner.run(agent, question, session=session)
+        print(f"Assistant: {result.final_output}", file=out)
+        print(f"Usage: {result.context_wrapper.usage.total_tokens} tokens", file=out)
+        await session.store_run_usage(result)
+    usage = await session.get_session_usage()
+    print({k: usage[k] for k in ("requests", "total_tokens", "total_turns")}, file=out)
+    for turn in await session.get_turn_usage():
+        print(f"  Turn {turn['user_turn_number']}: {turn['total_tokens']} tokens", file=out)
+    for number, items in (await session.get_conversation_by_turns()).items():
+        print(f"  Turn {number}: {[(i['type'], i['tool_name']) for i in items]}", file=out)
+    print(f"Tool usage: {await session.get_tool_usage()}", file=out)
+    print(*map(describe, await session.get_items()), sep="\n", file=out)
+    for turn in await session.get_conversation_turns():
+        print(f"  Turn {turn['turn']}: {turn['content']}", file=out)
+    branch_id = await session.create_branch_from_turn(2)
+    print(f"Created branch: {re.sub(r'[0-9]{6,}', 'TIME', branch_id)}", file=out)
+    print(*map(describe, await session.get_items()), sep="\n", file=out)
+    for question in ("Actually, what's the weather in New York instead?", "And attractions?"):
+        result = await Runner.run(agent, question, session=session)
+        print(f"Assistant: {result.final_output}", file=out)
+        await session.store_run_usage(result)
+    print(*map(describe, await session.get_items()), sep="\n", file=out)
+    # sorted: the SDK lists branches made within one second in an order of its own
+    # (the README's "Where the two differ")
+    for branch in sorted(await session.list_branches(), key=lambda b: b["branch_id"]):
+        print(
+            f"  {branch['branch_id'] == branch_id}: {branch['user_turns']} user turns, "
+            f"{branch['message_count']} total messages, current {branch['is_current']}",
+            file=out,
+        )
+    stored = {}
+    for branch in ("main", branch_id):
+        await session.switch_to_branch(branch)
+        stored[branch == "main"] = await session.get_items()
+        print(f"Items in {branch == 'main'}: {len(stored[branch == 'main'])}", file=out)
+    session.close()
+    return Outcome(out.getvalue(), [call.input for call in model.calls], [stored])
+
+
+async def test_the_advanced_example_with_one_line_changed(sidecar_url: str) -> None:
+    theirs = await advanced_example(
+        lambda sid: AdvancedSQLiteSession(session_id=sid, create_tables=True)
+    )
+    ours = await advanced_example(
+        lambda sid: AdvancedSidecarSession(session_id=sid, create_tables=True)
+    )
+    assert_same(theirs, ours)
+    assert "Created branch: branch_from_turn_2_TIME" in ours.printed
