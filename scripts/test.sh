@@ -20,6 +20,7 @@ command -v fsfreeze >/dev/null || need_packages+=(util-linux)
 # can be reached (scripts/local-base.sh)
 command -v dockerd >/dev/null || need_packages+=(docker.io)
 command -v debootstrap >/dev/null || need_packages+=(debootstrap)
+command -v docker-registry >/dev/null || need_packages+=(docker-registry)  # --push, tested
 if [ ${#need_packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${need_packages[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_packages[@]}"

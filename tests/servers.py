@@ -48,7 +48,7 @@ def free_port() -> int:
         return port
 
 
-def _wait_for_port(port: int, timeout: float = 20.0) -> None:
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -189,7 +189,7 @@ class RedisSentinel(RedisServer):
         self.process = subprocess.Popen(
             [self.binary, str(self.config), "--sentinel"], stdout=subprocess.DEVNULL
         )
-        _wait_for_port(self.port)
+        wait_for_port(self.port)
 
 
 @dataclass(frozen=True)
@@ -402,7 +402,7 @@ class PostgresServer:
             "-w",
             "start",
         )
-        _wait_for_port(self.port)
+        wait_for_port(self.port)
 
     def stop(self, mode: str = "fast") -> None:
         """`fast` disconnects clients and shuts down cleanly; `immediate` kills the server

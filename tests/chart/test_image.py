@@ -4,13 +4,17 @@ needs, and no more."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from tests.chart.tools import ROOT
 from tests.containers import LOCAL_BASE, OPERATOR_IMAGE, SIDECAR_IMAGE, docker, images
+from tests.operator.deployed import render_chart
+from tests.servers import free_port, require, wait_for_port
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -90,3 +94,49 @@ def test_the_sidecar_image_adds_at_most_200_mb_to_its_base() -> None:
     print(f"sidecar image: {added / 1e6:.0f} MB over its base")
     assert added <= 200e6
     assert image_size(OPERATOR_IMAGE) > image_size(SIDECAR_IMAGE)
+
+
+def test_build_images_pushes_both_images_where_the_chart_finds_them(tmp_path: Path) -> None:
+    """`scripts/build-images.sh --push`, as the README has users run it, against a real
+    registry (Debian's `docker-registry`) on loopback: both images arrive under the names
+    the chart derives from `image.repository` and `image.tag`."""
+    images()
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        require("docker-registry")
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        "version: 0.1\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {tmp_path / 'blobs'}\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    registry = subprocess.Popen(
+        [str(binary), "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_port(port)
+        repository = f"127.0.0.1:{port}/team/convostore"
+        command = ["bash", "scripts/build-images.sh", "--base", "local"]
+        command += ["--repository", repository, "--tag", "1.2.3", "--push"]
+        built = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert built.returncode == 0, built.stderr[-3000:]
+        base = f"http://127.0.0.1:{port}/v2"
+        with urllib.request.urlopen(f"{base}/_catalog") as answer:
+            catalog = json.load(answer)["repositories"]
+        assert sorted(catalog) == ["team/convostore", "team/convostore-sidecar"]
+        for name in catalog:
+            with urllib.request.urlopen(f"{base}/{name}/tags/list") as answer:
+                assert json.load(answer)["tags"] == ["1.2.3"]
+        rendered = render_chart(f"image.repository={repository}", "image.tag=1.2.3")
+        deployment = next(doc for doc in rendered if doc["kind"] == "Deployment")
+        [operator] = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in operator["env"]}
+        assert operator["image"] == f"{repository}:1.2.3"
+        assert env["CONVOSTORE_SIDECAR_IMAGE"] == f"{repository}-sidecar:1.2.3"
+    finally:
+        registry.terminate()
+        registry.wait()
+        for name in ("convostore", "convostore-sidecar"):
+            subprocess.run(
+                ["docker", "rmi", f"127.0.0.1:{port}/team/{name}:1.2.3"], capture_output=True
+            )
