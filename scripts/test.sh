@@ -2,7 +2,8 @@
 # The whole test suite: installs the project with its dev extras into .venv (made if
 # missing), makes sure the database, pooler and file-system tools and the container engine
 # the tests use are present (starting the engine when none runs), then runs
-# ruff, ruff format --check, mypy and pytest. Extra arguments go to pytest.
+# ruff, ruff format --check, mypy and pytest. With arguments, pytest runs them alone, in one
+# process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"  # mkfs.ext4, fsfreeze: system tools, not always on a user's PATH
@@ -38,4 +39,12 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+# Test files are independent (each starts its own servers, names its own keys and
+# schemas), so two workers run them side by side, a file per worker at a time. The
+# OpenAPI property run goes on its own: its cases share one test id, which xdist merges.
+properties=tests/test_openapi_properties.py
+.venv/bin/python -m pytest -n "${CONVOSTORE_TEST_WORKERS:-2}" --dist loadfile --ignore "$properties"
+exec .venv/bin/python -m pytest "$properties"
