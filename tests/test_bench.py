@@ -68,20 +68,24 @@ def test_compare_runs_a_revision_and_this_checkout_side_by_side() -> None:
         assert float(after.rstrip(" |")) > 0
 
 
-def test_the_fleet_benchmark_runs_pods_on_every_route_and_loses_no_turn(tmp_path: Path) -> None:
-    """Two pods per route for a few seconds: every turn answered, every figure there,
-    and the sidecars' connections gone once the stores have been idle (behind PgBouncer
-    only the pooler's own remain)."""
-    output = tmp_path / "fleet.md"
+def table_rows(module: str, *options: str, out: Path) -> list[list[str]]:
+    """Runs a benchmark module with `--out`; the cells of every table row it wrote."""
     run = subprocess.run(
-        [sys.executable, "-m", "bench.fleet", "--pods", "2", "--busy", "4", "--out", str(output)],
+        [sys.executable, "-m", module, *options, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=Path(__file__).parents[1],
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines()]
+    return [line.split("|")[1:-1] for line in out.read_text().splitlines()]
+
+
+def test_the_fleet_benchmark_runs_pods_on_every_route_and_loses_no_turn(tmp_path: Path) -> None:
+    """Two pods per route for a few seconds: every turn answered, every figure there,
+    and the sidecars' connections gone once the stores have been idle (behind PgBouncer
+    only the pooler's own remain)."""
+    rows = table_rows("bench.fleet", "--pods", "2", "--busy", "4", out=tmp_path / "fleet.md")
     figures = {row[0].strip(): [cell.strip() for cell in row] for row in rows if len(row) == 11}
     assert set(figures) >= {"redis", "postgres", "postgres-pgbouncer"}
     for route in ("redis", "postgres", "postgres-pgbouncer"):
@@ -99,17 +103,8 @@ def test_the_container_benchmark_measures_the_injected_sidecar_and_the_images(
     """One start each, two agents for a second: the images' sizes and the container's
     and the process's figures are all there, and the agents' turns were answered."""
     images()
-    output = tmp_path / "containers.md"
-    command = ["-m", "bench.containers", "--starts", "1", "--agents", "2", "--busy", "1"]
-    run = subprocess.run(
-        [sys.executable, *command, "--out", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parents[1],
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines()]
+    options = ["--starts", "1", "--agents", "2", "--busy", "1"]
+    rows = table_rows("bench.containers", *options, out=tmp_path / "containers.md")
     sizes = {row[0].strip(" `"): row[1].strip() for row in rows if len(row) == 3}
     assert set(sizes) >= {LOCAL_BASE, SIDECAR_IMAGE, OPERATOR_IMAGE}
     sidecars = {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows if len(row) == 6}
