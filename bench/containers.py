@@ -156,7 +156,7 @@ def container_footprint(starts: int, agents: int, busy: float) -> Footprint:
         socket = pod.host_directory("convostore-socket") / Path(SOCKET_URL).name
         token = pod.host_directory("convostore-token") / Path(TOKEN_FILE).name
         target = Target(f"unix://{socket}", "chat", str(token))
-        figures = measured(sidecar.memory_bytes, target, agents, busy)
+        figures = measured(sidecar.memory_reader(), target, agents, busy)
     return Footprint(seconds, *figures)
 
 

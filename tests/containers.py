@@ -17,6 +17,7 @@ import struct
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,17 +142,25 @@ class Container:
             raise EngineError(f"docker wait {self.name}: {err.decode().strip()}")
         return int(out)
 
-    def memory_bytes(self) -> int:
-        """Memory charged to the container as `docker stats` counts it: the cgroup's usage
-        less the page cache it could drop (inactive files)."""
-        cgroup = Path("/sys/fs/cgroup/memory/docker") / self.inspect("{{.Id}}")
-        if cgroup.exists():
-            usage = int((cgroup / "memory.usage_in_bytes").read_text())
-            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
-            return usage - int(stat.get("total_inactive_file", 0))
-        cgroup = Path("/sys/fs/cgroup/system.slice") / f"docker-{self.inspect('{{.Id}}')}.scope"
-        stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
-        return int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
+    def memory_reader(self) -> Callable[[], int]:
+        """A reader of the memory charged to the container as `docker stats` counts it
+        (the cgroup's usage less the page cache it could drop); the cgroup is found once,
+        so sampling it runs no `docker` command."""
+        container = self.inspect("{{.Id}}")
+        v1 = Path("/sys/fs/cgroup/memory/docker") / container
+        if v1.exists():
+            usage, inactive = v1 / "memory.usage_in_bytes", "total_inactive_file"
+            cgroup = v1
+        else:
+            cgroup = Path("/sys/fs/cgroup/system.slice") / f"docker-{container}.scope"
+            usage, inactive = cgroup / "memory.current", "inactive_file"
+
+        def read() -> int:
+            lines = (cgroup / "memory.stat").read_text().splitlines()
+            stat = dict(line.split() for line in lines)
+            return int(usage.read_text()) - int(stat.get(inactive, 0))
+
+        return read
 
     def remove(self) -> None:
         subprocess.run(["docker", "rm", "--force", "--volumes", self.name], capture_output=True)
