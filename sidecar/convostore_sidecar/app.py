@@ -19,11 +19,7 @@ from .middleware import (
     BodyBudget,
     InFlight,
     TokenCheck,
-    auth_middleware,
-    capacity_middleware,
-    error_middleware,
-    observe_middleware,
-    single_params_middleware,
+    request_middleware,
 )
 from .readiness import Readiness
 from .state import (
@@ -51,13 +47,7 @@ def openapi_document() -> dict[str, object]:
 def build_app(config: SidecarConfig) -> web.Application:
     largest_body = max(store.limits.max_request_bytes for store in config.stores.values())
     app = web.Application(
-        middlewares=[
-            observe_middleware,
-            error_middleware,
-            auth_middleware,
-            capacity_middleware,
-            single_params_middleware,
-        ],
+        middlewares=[request_middleware],
         client_max_size=largest_body + BODY_SLACK,
     )
     app[METRICS] = Metrics()

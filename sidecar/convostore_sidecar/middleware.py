@@ -60,14 +60,23 @@ class InFlight:
 
 
 @web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts the request in flight (for shutdown) and records its metrics."""
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What every request passes through, in one layer (each aiohttp middleware costs a
+    coroutine call per request): counted in flight, so shutdown can wait for it; let in
+    (`admit`); its failures answered as JSON (`error_answer`); its body bytes given
+    back; its metrics recorded."""
     app = request.app
     in_flight = app[IN_FLIGHT]
     in_flight.enter()
     started = time.perf_counter()
     try:
-        response = await handler(request)
+        try:
+            admit(request)
+            response = await handler(request)
+        except Exception as exc:
+            response = error_answer(request, exc)
+        finally:
+            app[BODY_BUDGET].release(request)
     finally:
         in_flight.leave()
     route, store = _labels(request)
@@ -78,13 +87,54 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def admit(request: web.Request) -> None:
+    """Raises unless the request may go on: it needs a valid token (but for the open
+    paths); past `requests.maxConcurrent` API calls at once, more are turned away with
+    503 and `Retry-After` (the client retries them) instead of piling up in memory; a
+    query parameter given twice is refused, not read as its first value."""
+    if request.path in OPEN_PATHS:
+        return
+    if not authorized(request):
+        raise ApiError(401, "unauthorized", "a valid bearer token is required")
+    limits = request.app[REQUEST_LIMITS]
+    if request.app[IN_FLIGHT].count > limits.max_concurrent:
+        raise overloaded(f"{limits.max_concurrent} requests are in progress; retry shortly")
+    query = request.query
+    if len(query) != len(query.keys() & query.keys()):
+        repeated = sorted({key for key in query if len(query.getall(key)) > 1})
+        raise ApiError(
+            400, "invalid_query", f"give each parameter once: {', '.join(map(repr, repeated))}"
+        )
+
+
+CONFLICTS: dict[type[Exception], tuple[int, str, str]] = {
+    BranchNotFound: (404, "branch_not_found", "no branch {0!r} in this session"),
+    BranchIdUsed: (
+        409,
+        "branch_id_used",
+        "branch id {0!r} was already used in this session; choose a new one",
+    ),
+    TurnNotFound: (409, "turn_not_found", "turn {0} does not contain a user message"),
+    IdempotencyKeyReused: (
+        409,
+        "idempotency_key_reused",
+        "Idempotency-Key {0!r} was already used with a different request body",
+    ),
+}
+"""Domain errors that are the request's fault: status, code, and the message, formatted
+with the error's first argument."""
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def error_answer(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON answer to a request that raised `exc`; re-raises what is not an error
+    (aiohttp's redirects)."""
+    if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
-    except BackendMisconfigured as exc:
+    for kind, (status, code, message) in CONFLICTS.items():
+        if isinstance(exc, kind):
+            return error_response(status, code, message.format(exc.args[0]))
+    if isinstance(exc, BackendMisconfigured):  # before its base, BackendUnavailable
         _, store = _labels(request)
         log.warning("store %s: %s", store, exc)
         return error_response(
@@ -92,21 +142,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "backend_misconfigured",
             f"store {store!r}: {exc}; it will answer once its settings are corrected",
         )
-    except BackendUnavailable as exc:
-        _, store = _labels(request)
-        backend = request.app[STORES].get(store).config.backend if store else ""
-        request.app[METRICS].backend_errors.labels(store, backend).inc()
-        log.warning("store %s: %s: %s", store, exc.cause, exc)
-        if store and request.method in WRITES:
-            request.app[READINESS].write_refused(store, f"{exc.cause}: {exc}")
-            request.app[METRICS].writes_failing.labels(store).set(1)
-        return error_response(
-            503,
-            exc.cause,
-            f"the backend of store {store!r} {CAUSES[exc.cause]}; retry later",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
-    except DecryptionFailed as exc:
+    if isinstance(exc, BackendUnavailable):
+        return _backend_unavailable(request, exc)
+    if isinstance(exc, DecryptionFailed):
         _, store = _labels(request)
         log.error("store %s: decryption failed (key %s): %s", store, exc.key_id, exc.reason)
         return error_response(
@@ -115,46 +153,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             f"store {store!r}: an item could not be decrypted: {exc.reason}",
             headers={"X-Convostore-Key-Id": exc.key_id or ""},
         )
-    except BranchNotFound as exc:
-        return error_response(404, "branch_not_found", f"no branch {exc.args[0]!r} in this session")
-    except BranchIdUsed as exc:
-        return error_response(
-            409,
-            "branch_id_used",
-            f"branch id {exc.args[0]!r} was already used in this session; choose a new one",
-        )
-    except TurnNotFound as exc:
-        return error_response(
-            409, "turn_not_found", f"turn {exc.args[0]} does not contain a user message"
-        )
-    except IdempotencyKeyReused as exc:
-        return error_response(
-            409,
-            "idempotency_key_reused",
-            f"Idempotency-Key {exc.args[0]!r} was already used with a different request body",
-        )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
-        code = {
-            404: "not_found",
-            405: "method_not_allowed",
-            413: "request_too_large",
-        }.get(exc.status, "http_error")
+            raise exc
         return error_response(
             exc.status,
-            code,
+            HTTP_CODES.get(exc.status, "http_error"),
             exc.reason,
             headers={"Allow": exc.headers.get("Allow", "")} if exc.status == 405 else None,
         )
-    except ConnectionResetError:
+    if isinstance(exc, ConnectionResetError):
         # the client left before its request was read whole: nothing was done, the
         # answer goes nowhere, and the fault is not the sidecar's
         log.info("client left during %s %s", request.method, request.path)
         return error_response(400, "incomplete_body", "the client left before its body ended")
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(500, "internal", "unexpected error in the sidecar; see its log")
+    log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal", "unexpected error in the sidecar; see its log")
+
+
+def _backend_unavailable(request: web.Request, exc: BackendUnavailable) -> web.Response:
+    """503 naming the cause; a refused write marks the store's writes as failing."""
+    _, store = _labels(request)
+    backend = request.app[STORES].get(store).config.backend if store else ""
+    request.app[METRICS].backend_errors.labels(store, backend).inc()
+    log.warning("store %s: %s: %s", store, exc.cause, exc)
+    if store and request.method in WRITES:
+        request.app[READINESS].write_refused(store, f"{exc.cause}: {exc}")
+        request.app[METRICS].writes_failing.labels(store).set(1)
+    return error_response(
+        503,
+        exc.cause,
+        f"the backend of store {store!r} {CAUSES[exc.cause]}; retry later",
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
 
 
 class TokenCheck:
@@ -248,20 +279,6 @@ class BodyBudget:
         request[RESERVED] = 0
 
 
-@web.middleware
-async def capacity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Past `requests.maxConcurrent` API calls at once, more are turned away at once
-    with 503 and `Retry-After` (the client retries them) instead of piling up in memory;
-    probes always get in. Body bytes reserved by `read_body` are returned here."""
-    limits = request.app[REQUEST_LIMITS]
-    if request.path not in OPEN_PATHS and request.app[IN_FLIGHT].count > limits.max_concurrent:
-        raise overloaded(f"{limits.max_concurrent} requests are in progress; retry shortly")
-    try:
-        return await handler(request)
-    finally:
-        request.app[BODY_BUDGET].release(request)
-
-
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, within `requests.bodyTimeout` (a client that stalls mid-body
     gets 408 instead of holding a request slot), `limit` bytes, and the sidecar's
@@ -294,21 +311,3 @@ async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
     return body
-
-
-@web.middleware
-async def single_params_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A query parameter given twice is refused, not read as its first value."""
-    repeated = sorted({key for key in request.query if len(request.query.getall(key)) > 1})
-    if repeated:
-        raise ApiError(
-            400, "invalid_query", f"give each parameter once: {', '.join(map(repr, repeated))}"
-        )
-    return await handler(request)
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in OPEN_PATHS or authorized(request):
-        return await handler(request)
-    raise ApiError(401, "unauthorized", "a valid bearer token is required")

@@ -270,6 +270,15 @@ def open_driver(store: StoreConfig) -> PostgresDriver:
     return PostgresDriver(store)
 
 
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """What a released connection needs beyond asyncpg's own rollback of an open
+    transaction: nothing. The driver leaves no session state (settings are the
+    connection's own or `SET LOCAL`, advisory locks end with their transaction, no
+    `LISTEN`, no cursor outlives its transaction), and asyncpg's default reset query
+    costs a round trip on every release: one more for every call (bench/NOTES.md,
+    "Per-request cost")."""
+
+
 class PostgresDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         self._config = store
@@ -310,6 +319,7 @@ class PostgresDriver(KeepsStructure):
                     ),
                     # a statement prepared on one server connection is unknown on the next
                     statement_cache_size=0 if pooled else STATEMENT_CACHE,
+                    reset=_nothing_to_reset,
                 )
                 self._pool = pool
         return self._pool

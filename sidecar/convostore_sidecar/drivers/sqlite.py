@@ -25,10 +25,11 @@ import asyncio
 import contextlib
 import functools
 import os
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
     from ..config import Section, StoreConfig
 
 T = TypeVar("T")
-"""Reads of at most this many items run on the event loop (see `_LoopReader`)."""
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -167,11 +167,19 @@ def open_driver(store: StoreConfig) -> SqliteDriver:
 
 
 class _Connection:
-    """A connection confined to its own thread; `run` executes one function there."""
+    """A connection confined to a thread of its own; `run` executes one function there.
+
+    The thread takes calls from a queue and hands each outcome back to the event loop
+    with one `call_soon_threadsafe`: a hop costs about two thirds of what
+    `run_in_executor` costs (two chained futures and a work item per call), and every
+    SQLite call pays one (see bench/NOTES.md, "Per-request cost").
+    """
 
     def __init__(self, settings: Settings, name: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._settings = settings
+        self._name = name
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self.conn: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
@@ -179,14 +187,31 @@ class _Connection:
             self.conn = _connect(self._settings, self._settings.busy_timeout)
         return self.conn
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            return fn(self._connect())
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """`fn`, to be run on the thread; its outcome is the future's."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._thread is None:
+            # a daemon: a driver never closed (a failed start) must not hold the exit
+            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._thread.start()
+        self._calls.put((fn, cast("asyncio.Future[object]", future)))
+        return future
 
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, future = call
+            try:
+                outcome: tuple[bool, object] = (True, fn())
+            except BaseException as exc:  # the caller's to handle, on the event loop
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # the loop closed while it ran
+                future.get_loop().call_soon_threadsafe(_deliver, future, *outcome)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            ran = asyncio.get_running_loop().run_in_executor(self._executor, call)
-            async with _deadline(self._settings, Cause.UNAVAILABLE):
-                return await ran
+            return await _answered(
+                self._settings, self.submit(lambda: fn(self._connect())), Cause.UNAVAILABLE
+            )
         except sqlite3.OperationalError as exc:
             raise _unavailable(self._settings, exc) from exc
 
@@ -196,8 +221,25 @@ class _Connection:
                 self.conn.close()
                 self.conn = None
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        self._executor.shutdown(wait=True)
+        if self._thread is None:
+            return
+        await self.submit(close)
+        self._calls.put(None)
+        self._thread.join()
+        self._thread = None
+
+
+_Call = tuple[Callable[[], object], "asyncio.Future[object]"]
+
+
+def _deliver(future: asyncio.Future[object], ok: bool, value: object) -> None:
+    """A call's outcome, unless its caller stopped waiting (its deadline passed)."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(cast(BaseException, value))
 
 
 def _connect(settings: Settings, busy_timeout: float) -> sqlite3.Connection:
@@ -213,15 +255,14 @@ def _connect(settings: Settings, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
-@contextlib.asynccontextmanager
-async def _deadline(settings: Settings, cause: Cause) -> AsyncIterator[None]:
+async def _answered(settings: Settings, future: asyncio.Future[T], cause: Cause) -> T:
     """A call that has not answered within `busyTimeout` and `DEADLINE_MARGIN` (a stalled
     disk, say) is answered 503 meanwhile; its thread finishes when the disk does. A write
     may then still be stored: `cause` says whether the caller must assume so."""
     seconds = settings.busy_timeout + DEADLINE_MARGIN
     try:
         async with asyncio.timeout(seconds):
-            yield
+            return await future
     except TimeoutError:
         raise BackendUnavailable(
             f"sqlite {settings.path}: no answer within {seconds:g} s (a stalled disk?)", cause
@@ -301,12 +342,12 @@ class _Writer(_Connection):
         self._waiting.append((fn, done))
         if self._group is None:
             self._commit_next(loop)
-        async with _deadline(self._settings, Cause.OUTCOME_UNKNOWN):
-            return cast(T, await done)
+        return cast(T, await _answered(self._settings, done, Cause.OUTCOME_UNKNOWN))
 
     def _commit_next(self, loop: asyncio.AbstractEventLoop) -> None:
         group, self._waiting = self._waiting, []
-        self._group = loop.run_in_executor(self._executor, self._commit, [fn for fn, _ in group])
+        work = [fn for fn, _ in group]
+        self._group = self.submit(lambda: self._commit(work))
         self._group.add_done_callback(lambda outcome: self._settle(loop, group, outcome))
 
     def _commit(
