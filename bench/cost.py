@@ -6,7 +6,7 @@ For each round, the hop floor (`bench/floor.py`, a bare aiohttp server answering
 memory) and one sidecar per backend take the same paced load in turn (`paced_load`:
 half appends, half latest-20 reads through `SidecarSession`); each process's CPU and
 idle RSS are read from /proc. The table gives medians of the rounds and the ratios to
-the floor that issue 29 bounds: CPU per request at most 2× the floor, idle RSS at most
+the floor that issue 29 bounds: CPU per request at most twice the floor, idle RSS at most
 the floor + 5 MB.
 """
 
@@ -43,7 +43,9 @@ async def one_round(process: Sidecar, rate: float, seconds: float) -> Round:
     return Round(cost.vcpu_per_1000_rps, idle)
 
 
-async def measure(servers: Servers, rounds: int, rate: float, seconds: float) -> dict[str, list[Round]]:
+async def measure(
+    servers: Servers, rounds: int, rate: float, seconds: float
+) -> dict[str, list[Round]]:
     figures: dict[str, list[Round]] = {name: [] for name in ("floor", *BACKENDS)}
     for _ in range(rounds):
         figures["floor"].append(await one_round(Floor(servers.workdir), rate, seconds))
@@ -71,7 +73,8 @@ def render(figures: dict[str, list[Round]], command: str) -> str:
     ]
     for backend in BACKENDS:
         cpu, rss = median_cpu(backend), median_rss(backend)
-        times, extra = cpu / floor_cpu, rss - floor_rss
+        # judged as shown, so the table never contradicts itself at a rounding edge
+        times, extra = round(cpu / floor_cpu, 2), round(rss - floor_rss, 1)
         lines.append(
             f"| {backend} | {cpu:.3f} | {times:.2f}× | {_met(times <= CPU_BOUND)} "
             f"| {rss:.1f} | {extra:+.1f} | {_met(extra <= RSS_ALLOWANCE_MB)} |"

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.containers import LOCAL_BASE, OPERATOR_IMAGE, SIDECAR_IMAGE, images
 
 
@@ -115,3 +117,23 @@ def test_the_container_benchmark_measures_the_injected_sidecar_and_the_images(
         assert 0 < float(idle.removesuffix(" MiB")) <= float(loaded.removesuffix(" MiB"))
         assert float(after.removesuffix(" MiB")) > 0
         assert int(turns) >= 2
+
+
+def test_the_cost_benchmark_sets_each_backend_beside_the_floor(tmp_path: Path) -> None:
+    """One short round: the floor and a sidecar per backend each took the paced load, and
+    every ratio is computed from figures that are there."""
+    options = ["--rounds", "1", "--seconds", "1", "--rate", "200"]
+    rows = table_rows("bench.cost", *options, out=tmp_path / "cost.md")
+    figures = {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows if len(row) == 7}
+    assert set(figures) >= {"hop floor (bench/floor.py)", "sqlite", "redis", "postgres"}
+    floor_cpu = float(figures["hop floor (bench/floor.py)"][0])
+    floor_rss = float(figures["hop floor (bench/floor.py)"][3])
+    assert floor_cpu > 0
+    assert floor_rss > 0
+    for backend in ("sqlite", "redis", "postgres"):
+        cpu, times, cpu_met, rss, extra, rss_met = figures[backend]
+        ratio = float(times.removesuffix("×"))
+        assert ratio == pytest.approx(float(cpu) / floor_cpu, abs=0.02)
+        assert float(extra) == pytest.approx(float(rss) - floor_rss, abs=0.11)
+        assert cpu_met == ("yes" if ratio <= 2 else "**no**")
+        assert rss_met == ("yes" if float(extra) <= 5 else "**no**")

@@ -22,13 +22,14 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 
 from .errors import ConvostoreError
-from .store import SidecarStore
-from .transport import Endpoint, Lease
+
+if TYPE_CHECKING:
+    from .store import SidecarStore
 
 IMPORT_BATCH = 500
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -236,6 +237,8 @@ def _run(coro: Any) -> int:
 
 
 def _store(args: argparse.Namespace) -> SidecarStore:
+    from .store import SidecarStore  # the client, imported by the commands that use it
+
     return SidecarStore(args.store, args.url, token_file=args.token_file)
 
 
@@ -257,6 +260,8 @@ async def _clear(args: argparse.Namespace) -> int:
 
 
 async def _probe(args: argparse.Namespace) -> int:
+    from .transport import Endpoint, Lease
+
     endpoint = Endpoint.parse(args.url)
     path = "/readyz" if args.ready else "/healthz"
     try:

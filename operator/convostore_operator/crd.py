@@ -44,6 +44,10 @@ def _int(low: int, high: int, description: str) -> dict[str, Any]:
     return {"type": "integer", "minimum": low, "maximum": high, "description": description}
 
 
+def _duration(description: str) -> dict[str, Any]:
+    return {"type": "string", "pattern": DURATION, "maxLength": 32, "description": description}
+
+
 SQLITE: dict[str, Any] = {
     "type": "object",
     "description": "Embedded SQLite inside each pod (history is per pod).",
@@ -88,6 +92,13 @@ REDIS: dict[str, Any] = {
         "passwordSecretRef": _secret_ref("the Redis password"),
         "caSecretRef": _secret_ref("the PEM CA that signed the server's certificate (rediss://)"),
         "keyPrefix": {"type": "string", "pattern": r"^[^{}\s]{1,200}$"},
+        "maxConnections": _int(
+            1, 10_000, "Connections per sidecar (per node on a cluster); 64 unset."
+        ),
+        "idleTimeout": _duration(
+            "Free connections are closed once the store has been idle this long "
+            "(30s unset; 0.1s to 24h)."
+        ),
         "waitReplicas": {
             "type": "integer",
             "minimum": 0,
@@ -166,7 +177,11 @@ POSTGRES: dict[str, Any] = {
             "the PEM CA that signed the server's certificate (verified: verify-full)"
         ),
         "schema": {"type": "string", "pattern": r"^[a-z_][a-z0-9_]{0,62}$"},
-        "poolMax": _int(1, 1000, "Connections per sidecar."),
+        "poolMin": _int(0, 100, "Connections each sidecar keeps open while idle (0 unset)."),
+        "poolMax": _int(1, 1000, "Connections per sidecar (4 unset)."),
+        "idleTimeout": _duration(
+            "A connection unused this long is closed, down to poolMin (30s unset; 0.1s to 24h)."
+        ),
         "synchronousCommit": {
             "type": "string",
             "enum": ["remote_apply", "on", "remote_write", "local", "off"],
@@ -184,6 +199,11 @@ POSTGRES: dict[str, Any] = {
         ),
     },
     "x-kubernetes-validations": [
+        {
+            "rule": "!has(self.poolMin) || self.poolMin <= (has(self.poolMax) ? self.poolMax : 4)",
+            "message": "poolMin must not exceed poolMax (4 unset)",
+            "fieldPath": ".poolMin",
+        },
         {
             "rule": "!has(self.transactionPooler) || !self.transactionPooler || "
             "has(self.directDsnSecretRef)",

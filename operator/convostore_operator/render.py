@@ -129,14 +129,21 @@ def _database(
             rendered["url"] = secrets.get(f"{prefix}urlSecretRef") or section["url"]
         if "username" in section:
             rendered["username"] = section["username"]
-        for key in ("keyPrefix", "waitReplicas"):
+        for key in ("keyPrefix", "waitReplicas", "maxConnections", "idleTimeout"):
             if key in section:
                 rendered[key] = section[key]
     else:
         rendered["dsn"] = secrets[f"{prefix}dsnSecretRef"].strip()
         if f"{prefix}directDsnSecretRef" in secrets:
             rendered["directDsn"] = secrets[f"{prefix}directDsnSecretRef"].strip()
-        for key in ("schema", "poolMax", "synchronousCommit", "transactionPooler"):
+        for key in (
+            "schema",
+            "poolMin",
+            "poolMax",
+            "idleTimeout",
+            "synchronousCommit",
+            "transactionPooler",
+        ):
             if key in section:
                 rendered[key] = section[key]
     if f"{prefix}passwordSecretRef" in secrets:

@@ -14,7 +14,8 @@ from .encryption import EncryptedDriver, refuse_ciphertext
 from .errors import ApiError
 from .jsonbody import dumps, items_document
 from .middleware import authorized, read_body
-from .state import ANSWER_BUDGET, METRICS, OPENAPI, READINESS, REQUEST_LIMITS, STORES
+from .openapi import openapi_json
+from .state import ANSWER_BUDGET, METRICS, READINESS, REQUEST_LIMITS, STORES
 from .stores import Store
 from .turns import from_first_turn, latest_turns, widened_to_turns
 
@@ -219,4 +220,4 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.get("/v1/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return _json(request.app[OPENAPI])
+    return _json(openapi_json())

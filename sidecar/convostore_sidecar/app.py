@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from importlib import resources
 
-import yaml
 from aiohttp import web
 
 from . import branches
@@ -13,7 +11,6 @@ from .answers import AnswerBudget
 from .api import routes
 from .compaction import api as compaction
 from .config import SidecarConfig
-from .jsonbody import dumps
 from .metrics import Metrics
 from .middleware import (
     BodyBudget,
@@ -27,7 +24,6 @@ from .state import (
     BODY_BUDGET,
     IN_FLIGHT,
     METRICS,
-    OPENAPI,
     READINESS,
     REQUEST_LIMITS,
     STORES,
@@ -36,12 +32,6 @@ from .state import (
 from .stores import Stores
 
 BODY_SLACK = 64 << 10
-
-
-def openapi_document() -> dict[str, object]:
-    text = resources.files("convostore_sidecar").joinpath("openapi.yaml").read_text("utf-8")
-    document: dict[str, object] = yaml.safe_load(text)
-    return document
 
 
 def build_app(config: SidecarConfig) -> web.Application:
@@ -54,7 +44,6 @@ def build_app(config: SidecarConfig) -> web.Application:
     app[IN_FLIGHT] = InFlight()
     app[STORES] = Stores(config)
     app[TOKEN] = TokenCheck(config.token_file) if config.token_file else None
-    app[OPENAPI] = dumps(openapi_document())
     app[READINESS] = Readiness()
     app[REQUEST_LIMITS] = config.requests
     app[BODY_BUDGET] = BodyBudget(config.requests.max_buffered_bytes)

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 STORES: web.AppKey[Stores] = web.AppKey("stores")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 TOKEN: web.AppKey[TokenCheck | None] = web.AppKey("token")
-OPENAPI: web.AppKey[bytes] = web.AppKey("openapi")
 IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 REQUEST_LIMITS: web.AppKey[RequestLimits] = web.AppKey("request_limits")

@@ -96,6 +96,31 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "spec.postgres.synchronousCommit",
             "must be one of remote_apply, on, remote_write, local, off",
         ),
+        (
+            {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "poolMin": 5}},
+            "spec.postgres.poolMin",
+            "poolMin must not exceed poolMax (4 unset)",
+        ),
+        (
+            {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "poolMin": 3, "poolMax": 2}},
+            "spec.postgres.poolMin",
+            "poolMin must not exceed poolMax",
+        ),
+        (
+            {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "idleTimeout": "30 s"}},
+            "spec.postgres.idleTimeout",
+            "does not match",
+        ),
+        (
+            {"backend": "redis", "redis": {"url": "redis://r:6379", "idleTimeout": "9" * 40 + "s"}},
+            "spec.redis.idleTimeout",
+            "is too long",
+        ),
+        (
+            {"backend": "redis", "redis": {"url": "redis://r:6379", "maxConnections": 0}},
+            "spec.redis.maxConnections",
+            "less than the minimum of 1",
+        ),
         *(
             ({"backend": "redis", "redis": {"sentinel": sentinel}}, field, message)
             for sentinel, field, message in (

@@ -11,7 +11,7 @@ import yaml
 from convostore_operator.render import render
 from convostore_operator.spec import SecretRef, secret_refs, validate
 from convostore_operator.trust import OPENAI_API, Endpoint, Flow, flows
-from convostore_sidecar.config import load_config, parse_config
+from convostore_sidecar.config import ConfigError, load_config, parse_config
 from convostore_sidecar.encryption import generate_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -241,3 +241,32 @@ def test_a_pooled_postgres_store_reaches_the_sidecar_with_its_direct_dsn(tmp_pat
     assert settings.transaction_pooler is True
     assert settings.dsn == "postgresql://app@chat-pooler-rw.data/chat"
     assert settings.direct_dsn == "postgresql://app@chat-rw.data/chat"
+
+
+def test_connection_budgets_reach_the_sidecar_as_it_reads_them(tmp_path: Path) -> None:
+    """`poolMin`, `poolMax`, `maxConnections` and `idleTimeout` are rendered and read by
+    the sidecar's own parser; a duration the CRD's pattern lets through but the sidecar
+    refuses (under 0.1 s) is refused by that parser, which the operator runs first."""
+    specs = {
+        "pg": {
+            "backend": "postgres",
+            "postgres": {
+                "dsnSecretRef": KEY,
+                "poolMin": 1,
+                "poolMax": 8,
+                "idleTimeout": "2m30s",
+            },
+        },
+        "kv": {
+            "backend": "redis",
+            "redis": {"url": "redis://r:6379", "maxConnections": 16, "idleTimeout": "5s"},
+        },
+    }
+    secrets = {"dsnSecretRef": "postgresql://agent@db:5432/chat"}
+    pg = parse_config(render("pg", validate(specs["pg"]), secrets).config).stores["pg"]
+    assert (pg.settings.pool_min, pg.settings.pool_max, pg.settings.idle_timeout) == (1, 8, 150.0)
+    kv = parse_config(render("kv", validate(specs["kv"]), {}).config).stores["kv"]
+    assert (kv.settings.max_connections, kv.settings.idle_timeout) == (16, 5.0)
+    specs["kv"]["redis"]["idleTimeout"] = "0s"
+    with pytest.raises(ConfigError, match=r"idleTimeout.*must be a duration from 0\.1s"):
+        parse_config(render("kv", validate(specs["kv"]), {}).config)
