@@ -2,8 +2,8 @@
 # The whole test suite: installs the project with its dev extras into .venv (made if
 # missing), makes sure the database, pooler and file-system tools and the container engine
 # the tests use are present (starting the engine when none runs), then runs
-# ruff, ruff format --check, mypy and pytest. With arguments, pytest runs them alone, in one
-# process.
+# ruff, ruff format --check, mypy, the import contracts and pytest. With arguments,
+# pytest runs them alone, in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"  # mkfs.ext4, fsfreeze: system tools, not always on a user's PATH
@@ -39,6 +39,7 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/lint-imports  # the layers and boundaries in pyproject.toml's [tool.importlinter]
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from aiohttp.test_utils import TestServer
-from convostore_sidecar.app import build_app
 from convostore_sidecar.config import parse_config
+from convostore_sidecar.http.app import build_app
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn

@@ -112,7 +112,7 @@ class Subject:
 
     @property
     def driver(self) -> Any:
-        from convostore_sidecar.state import STORES
+        from convostore_sidecar.http.state import STORES
 
         return self.sidecar.app[STORES].get("conf").driver
 

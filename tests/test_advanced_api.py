@@ -292,7 +292,7 @@ async def test_an_expired_session_takes_its_branches_usage_and_reserved_ids_alon
     await session.fill()
     await asyncio.sleep(1.3)
     if swept:
-        from convostore_sidecar.state import STORES
+        from convostore_sidecar.http.state import STORES
 
         await sidecar.app[STORES].get("chat").driver.sweep()
     status, answer = await session.call("GET", "/branches/alt")

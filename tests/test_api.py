@@ -15,8 +15,8 @@ import pytest
 import yaml
 import yarl
 from convostore import SidecarSession
-from convostore_sidecar.middleware import SMALL_BODY, TokenCheck
-from convostore_sidecar.state import IN_FLIGHT, STORES
+from convostore_sidecar.http.middleware import SMALL_BODY, TokenCheck
+from convostore_sidecar.http.state import IN_FLIGHT, STORES
 
 from tests.servers import free_port
 from tests.support import RunningSidecar, StartSidecar

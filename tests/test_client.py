@@ -44,7 +44,7 @@ async def test_add_items_with_no_items_sends_nothing(sidecar: RunningSidecar) ->
     session = SidecarSession("s", url=sidecar.url)
     await session.add_items([])
     assert await session.get_items() == []
-    from convostore_sidecar.state import METRICS
+    from convostore_sidecar.http.state import METRICS
 
     text = sidecar.app[METRICS].exposition().decode()
     assert 'method="POST"' not in text

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from convostore_sidecar.config import ConfigError, default_config, load_config, parse_config
+from convostore_sidecar.config import default_config, load_config, parse_config
 from convostore_sidecar.drivers.sqlite import SqliteDriver
+from convostore_sidecar.sections import ConfigError
 
 
 def store(**fields: Any) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from agents import Agent, Runner
 from agents.memory import SQLiteSession
 from agents.testing import ScriptedModel, assistant_message
 from convostore import DecryptionError, EncryptedSession, SidecarSession, StoreUnavailableError
-from convostore_sidecar.config import ConfigError, parse_config
+from convostore_sidecar.config import parse_config
 from convostore_sidecar.encryption import Keyring, decode_key, generate_key
+from convostore_sidecar.sections import ConfigError
 
 from tests.support import (
     POSTGRES_POOLED,

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from convostore import SidecarSession
 from convostore.errors import UnauthorizedError
+from convostore_sidecar.http.listener import LONGEST_HEADER
 from convostore_sidecar.main import write_new_token
-from convostore_sidecar.serve import LONGEST_HEADER
 
 from tests.chart.tools import ROOT
 from tests.servers import free_port

@@ -18,8 +18,8 @@ import pytest
 from convostore_operator.inject import SIDECAR_MEMORY_LIMIT
 from convostore_sidecar.compaction.compactor import MOST_PARSED_BYTES
 from convostore_sidecar.config import Limits, RequestLimits
-from convostore_sidecar.middleware import SMALL_BODY
-from convostore_sidecar.serve import LONGEST_HEADER, MOST_HEADERS
+from convostore_sidecar.http.listener import LONGEST_HEADER, MOST_HEADERS
+from convostore_sidecar.http.middleware import SMALL_BODY
 
 from tests.compaction_support import compaction_config
 from tests.openai_standin import OpenAIStandIn

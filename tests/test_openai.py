@@ -16,7 +16,8 @@ from agents import Agent, OpenAIConversationsSession, Runner
 from agents.testing import ScriptedModel, assistant_message, function_call
 from convostore import SidecarSession, SidecarStore
 from convostore.errors import NotFoundError, RequestRejectedError, StoreUnavailableError
-from convostore_sidecar.config import ConfigError, parse_config
+from convostore_sidecar.config import parse_config
+from convostore_sidecar.sections import ConfigError
 from convostore_sidecar.stores import Store
 from openai import AsyncOpenAI
 

@@ -19,7 +19,7 @@ import pytest
 import schemathesis
 import yaml
 from convostore_sidecar.encryption import generate_key
-from convostore_sidecar.openapi import openapi_document
+from convostore_sidecar.http.openapi import openapi_document
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import allow_header_conformance
 

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from convostore import SidecarSession, StoreUnavailableError
-from convostore_sidecar.state import METRICS
+from convostore_sidecar.http.state import METRICS
 
 from tests.servers import PostgresServer, RedisServer
 from tests.support import RunningSidecar, StartSidecar, migrate, unique

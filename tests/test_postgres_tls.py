@@ -14,8 +14,9 @@ import pytest
 from convostore import SidecarSession
 from convostore.errors import StoreUnavailableError
 from convostore_operator.certs import issue
-from convostore_sidecar.config import ConfigError, parse_config
+from convostore_sidecar.config import parse_config
 from convostore_sidecar.drivers.postgres import Settings
+from convostore_sidecar.sections import ConfigError
 
 from tests.servers import PostgresServer
 from tests.support import StartSidecar, migrate

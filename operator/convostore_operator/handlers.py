@@ -24,8 +24,8 @@ from typing import Any, NoReturn
 
 import kopf
 import yaml
-from convostore_sidecar.config import ConfigError
 from convostore_sidecar.drivers.base import BackendUnavailable
+from convostore_sidecar.sections import ConfigError
 
 from . import backend
 from .backend import Reachability

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import kopf
 import kubernetes
 from aiohttp import web
-from convostore_sidecar.serve import LONGEST_HEADER, MOST_HEADERS
+from convostore_sidecar.http.listener import LONGEST_HEADER, MOST_HEADERS
 
 from .crd import GROUP
 from .handlers import OperatorConfig, register

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from convostore_sidecar.serve import LONGEST_HEADER, MOST_HEADERS, ConnectionCap
+from convostore_sidecar.http.listener import LONGEST_HEADER, MOST_HEADERS, ConnectionCap
 
 from .certs import WebhookTLS, issue
 from .crd import GROUP

@@ -61,7 +61,7 @@ from .structure import shapes_of
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from .config import Section
+    from .sections import Section
 
 MAGIC = b"cs1"
 POSITIONED = b"cs2"

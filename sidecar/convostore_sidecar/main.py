@@ -21,8 +21,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SidecarConfig, default_config, is_loopback_host, load_config
-from .serve import serve
+from .config import SidecarConfig, default_config, load_config
+from .http.serve import serve
+from .sections import ConfigError, is_loopback_host
 
 log = logging.getLogger("convostore.sidecar")
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from .config import ConfigError, StoreConfig, load_config
+from .config import StoreConfig, load_config
 from .drivers import open_driver
 from .drivers.base import BackendMisconfigured, BackendUnavailable, Migrates
+from .sections import ConfigError
 
 
 async def migrate_store(store: StoreConfig) -> str:

@@ -1,8 +1,8 @@
 """The stores a sidecar serves: each store's config with its open driver.
 
 Item calls on the `main` branch work on every driver; other branches, and the structure
-calls (branches, turns, usage), go to drivers that keep structure and answer 501
-`not_supported` on the others, naming the backend.
+calls (branches, turns, usage), go to drivers that keep structure, and are refused on
+the others (`NotSupported`, naming the backend).
 
 Retention sweeps run here, one background task per store, because expiry is a property
 of the store rather than of any request: drivers already hide expired sessions from
@@ -32,8 +32,8 @@ from .drivers.base import (
     Meta,
 )
 from .encryption import EncryptedDriver
-from .errors import ApiError
 from .metrics import Metrics
+from .refusals import Conflict, NotFound, NotSupported
 
 if TYPE_CHECKING:
     from .compaction.compactor import Compactor
@@ -77,7 +77,7 @@ class Store:
 
     @property
     def branching(self) -> Branching:
-        """The driver's structure calls, or 501 naming the backend when it has none."""
+        """The driver's structure calls; NotSupported, naming the backend, when it has none."""
         if not self.structured:
             raise self._unsupported(
                 "keeps no branches, turns or usage; only the main branch's items"
@@ -86,26 +86,25 @@ class Store:
 
     @property
     def compacting(self) -> Compacting:
-        """Compaction and its archive, or 501 naming the backend when it keeps none."""
+        """Compaction and its archive; NotSupported, naming the backend, when it keeps none."""
         if not self.structured:
             raise self._unsupported(
                 "cannot compact histories (it keeps no structure to replace items in one step)"
             )
         return cast(Compacting, self.driver)
 
-    def _unsupported(self, what: str) -> ApiError:
+    def _unsupported(self, what: str) -> NotSupported:
         backend = self.config.backend
-        return ApiError(501, "not_supported", f"store {self.name!r}: the {backend} backend {what}")
+        return NotSupported("not_supported", f"store {self.name!r}: the {backend} backend {what}")
 
     @property
     def compactor(self) -> Compactor:
-        """501 from a backend that cannot compact, else 409 for a store whose config
-        has no `compaction` section."""
+        """NotSupported from a backend that cannot compact, else a Conflict for a store
+        whose config has no `compaction` section."""
         if self._compactor is not None:
             return self._compactor
-        _ = self.compacting  # a backend that cannot compact answers 501 first
-        raise ApiError(
-            409,
+        _ = self.compacting  # a backend that cannot compact says so first
+        raise Conflict(
             "compaction_not_configured",
             f"store {self.name!r} has no compaction section in its config",
         )
@@ -146,7 +145,7 @@ class Stores:
     def get(self, name: str) -> Store:
         store = self._stores.get(name)
         if store is None:
-            raise ApiError(404, "store_not_found", f"this sidecar serves no store named {name!r}")
+            raise NotFound("store_not_found", f"this sidecar serves no store named {name!r}")
         return store
 
     def __contains__(self, name: object) -> bool:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from convostore_operator.render import render
 from convostore_operator.spec import SecretRef, secret_refs, validate
 from convostore_operator.trust import OPENAI_API, Endpoint, Flow, flows
-from convostore_sidecar.config import ConfigError, load_config, parse_config
+from convostore_sidecar.config import load_config, parse_config
 from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.sections import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = {"name": "redis-auth", "key": "password"}
@@ -247,7 +249,7 @@ def test_connection_budgets_reach_the_sidecar_as_it_reads_them(tmp_path: Path) -
     """`poolMin`, `poolMax`, `maxConnections` and `idleTimeout` are rendered and read by
     the sidecar's own parser; a duration the CRD's pattern lets through but the sidecar
     refuses (under 0.1 s) is refused by that parser, which the operator runs first."""
-    specs = {
+    specs: dict[str, dict[str, Any]] = {
         "pg": {
             "backend": "postgres",
             "postgres": {

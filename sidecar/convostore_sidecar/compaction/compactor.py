@@ -17,8 +17,8 @@ from typing import Any
 
 from ..config import CompactionSettings, Limits
 from ..drivers.base import Compacting
-from ..errors import ApiError
 from ..jsonbody import dumps, loads
+from ..refusals import Invalid, UpstreamFailed
 from . import policy
 from .model import CompactionModel
 
@@ -74,8 +74,8 @@ class Compactor:
         try:
             output = policy.from_model(compacted.output)
         except policy.UnusableOutput as exc:
-            raise ApiError(
-                502, "compaction_failed", f"the model's output cannot be stored: {exc}"
+            raise UpstreamFailed(
+                "compaction_failed", f"the model's output cannot be stored: {exc}"
             ) from exc
         outcome: dict[str, Any] = {"mode": plan.mode, "usage": compacted.usage}
         if len(output) > plan.count:
@@ -99,8 +99,7 @@ class Compactor:
         output this session holds (the Runner stores a turn's output with its ids)."""
         output = await self.model.output_ids(response_id)
         if not output or not output <= item_ids:
-            raise ApiError(
-                400,
+            raise Invalid(
                 "response_not_in_session",
                 f"response {response_id!r} is not one of this session's: its output is not "
                 "in the history; history unchanged",
@@ -138,7 +137,7 @@ def _plan(
             "previous_response_id mode would also summarise the turns kept verbatim",
         )
     if mode == "previous_response_id" and not request.response_id:
-        raise ApiError(400, "response_id_required", "previous_response_id mode needs a response_id")
+        raise Invalid("response_id_required", "previous_response_id mode needs a response_id")
     if not policy.tool_groups_whole(part):
         return _skipped("tool_call_pending", "a tool call has no output yet")
     ids = frozenset(str(i["id"]) for i in part if isinstance(i, dict) and i.get("id"))

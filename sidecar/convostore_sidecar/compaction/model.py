@@ -15,7 +15,7 @@ import openai
 
 from ..config import CompactionSettings
 from ..drivers.openai import api_client, read_key, redact
-from ..errors import ApiError
+from ..refusals import Invalid, Refused, UpstreamFailed, UpstreamTimedOut
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,7 @@ class CompactionModel:
 
     async def output_ids(self, response_id: str) -> set[str]:
         """The ids of a stored response's output items, as the store's key reads it."""
-        unknown = ApiError(
-            400,
+        unknown = Invalid(
             "response_not_in_session",
             f"store {self.store!r}: no response {response_id!r} that the store's compaction "
             "key can read; history unchanged",
@@ -60,11 +59,12 @@ class CompactionModel:
         return {str(item.id) for item in answer.output if getattr(item, "id", None)}
 
     @contextlib.asynccontextmanager
-    async def _calling(self, not_found: ApiError | None = None) -> AsyncIterator[None]:
+    async def _calling(self, not_found: Refused | None = None) -> AsyncIterator[None]:
         try:
             yield
         except openai.APITimeoutError as exc:
-            raise self._failure(504, "compaction_timeout", "did not answer in time") from exc
+            what = "did not answer in time"
+            raise self._failure(UpstreamTimedOut, "compaction_timeout", what) from exc
         except openai.NotFoundError as exc:
             if not_found is None:
                 raise self._status_failure(exc) from exc
@@ -72,13 +72,13 @@ class CompactionModel:
         except openai.APIStatusError as exc:
             raise self._status_failure(exc) from exc
         except openai.APIError as exc:
-            raise self._failure(502, "compaction_failed", f"failed: {exc}") from exc
+            raise self._failure(UpstreamFailed, "compaction_failed", f"failed: {exc}") from exc
 
-    def _status_failure(self, exc: openai.APIStatusError) -> ApiError:
+    def _status_failure(self, exc: openai.APIStatusError) -> Refused:
         detail = exc.body.get("message", exc.message) if isinstance(exc.body, dict) else None
         what = f"answered {exc.status_code}: {detail or exc.message}"
-        return self._failure(502, "compaction_failed", what)
+        return self._failure(UpstreamFailed, "compaction_failed", what)
 
-    def _failure(self, status: int, code: str, what: str) -> ApiError:
+    def _failure(self, kind: type[Refused], code: str, what: str) -> Refused:
         message = f"store {self.store!r}: the compaction model call {what}; history unchanged"
-        return ApiError(status, code, redact(message, self._key), {"Retry-After": "1"})
+        return kind(code, redact(message, self._key), retry_later=True)

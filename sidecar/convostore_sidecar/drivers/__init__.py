@@ -12,7 +12,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..config import Section, StoreConfig
+    from ..config import StoreConfig
+    from ..sections import Section
     from .base import Driver
 
 BACKENDS = {

@@ -54,7 +54,8 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ..config import Section, StoreConfig
+    from ..config import StoreConfig
+    from ..sections import Section
 
 T = TypeVar("T")
 UNSUPPORTED = {

@@ -38,7 +38,15 @@ import openai
 import orjson
 from openai import AsyncOpenAI
 
-from ..errors import ApiError
+from ..refusals import (
+    Conflict,
+    Invalid,
+    NotFound,
+    Refused,
+    Unprocessable,
+    UpstreamFailed,
+    UpstreamRefusedKey,
+)
 from . import open_driver as open_backend
 from . import parse_backend_settings
 from .base import (
@@ -57,7 +65,8 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ..config import Section, StoreConfig
+    from ..config import StoreConfig
+    from ..sections import Section
 
 MAX_ITEMS_PER_REQUEST = 20
 MAX_PAGE = 100
@@ -73,6 +82,9 @@ UNSUPPORTED = {
     "encryption": "the OpenAI Conversations API must read the items it stores",
     "compaction": "the OpenAI Conversations API manages its own history",
 }
+PASSED_ON: dict[int, type[Refused]] = {400: Invalid, 409: Conflict, 422: Unprocessable}
+"""The API's refusals that are the request's own fault, passed on as what they are; any
+other is the API failing."""
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_*\-]+")
 # The item types whose `id` names a server-side object, which the API's create-item schema
 # requires; on any other item an id is the model's, and is not sent (as the Agents SDK's
@@ -216,7 +228,7 @@ class OpenAIDriver:
         try:
             with self._errors(), contextlib.suppress(openai.NotFoundError):
                 await self.api.with_options(max_retries=0).conversations.retrieve(PING_CONVERSATION)
-        except ApiError as exc:
+        except Refused as exc:
             raise BackendUnavailable(exc.message) from exc
         await self.conversations.ping()
 
@@ -341,8 +353,7 @@ class OpenAIDriver:
             marked = await self._adopt(conversation, metadata)
         if marked != self.identity:
             hint = "" if self.adopt or marked else "; openai.adoptConversations: true adopts it"
-            raise ApiError(
-                404,
+            raise NotFound(
                 "conversation_not_found",
                 f"store {self.name!r} has no conversation {conversation!r}: a session id "
                 f"starting with conv_ must name a conversation of this store{hint}",
@@ -353,8 +364,7 @@ class OpenAIDriver:
     async def _adopt(self, conversation: str, metadata: dict[str, Any]) -> str | None:
         """Marks a conversation nobody marked as this store's; the marker it then has."""
         if len(metadata) >= MAX_METADATA_KEYS:
-            raise ApiError(
-                409,
+            raise Conflict(
                 "conversation_not_adoptable",
                 f"conversation {conversation!r} already has {len(metadata)} metadata keys, "
                 f"the most the API keeps: remove one so that {MARKER!r} can be added",
@@ -386,22 +396,24 @@ class OpenAIDriver:
             yield
         except openai.NotFoundError as exc:
             what = "has no such conversation or item"
-            raise self._refusal(404, "conversation_not_found", what, exc) from exc
+            raise self._refusal(NotFound, "conversation_not_found", what, exc) from exc
         except openai.APIConnectionError as exc:
             raise BackendUnavailable(f"openai: {self._redact(str(exc))}") from exc
         except (openai.RateLimitError, openai.InternalServerError) as exc:
             raise BackendUnavailable(self._describe(exc)) from exc
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             what = "refused the sidecar's API key"
-            raise self._refusal(500, "backend_auth_failed", what, exc) from exc
+            raise self._refusal(UpstreamRefusedKey, "backend_auth_failed", what, exc) from exc
         except openai.APIStatusError as exc:
-            status = exc.status_code if exc.status_code in (400, 409, 422) else 502
+            kind = PASSED_ON.get(exc.status_code, UpstreamFailed)
             what = "refused the request"
-            raise self._refusal(status, "backend_rejected", what, exc) from exc
+            raise self._refusal(kind, "backend_rejected", what, exc) from exc
 
-    def _refusal(self, status: int, code: str, what: str, exc: openai.APIStatusError) -> ApiError:
+    def _refusal(
+        self, kind: type[Refused], code: str, what: str, exc: openai.APIStatusError
+    ) -> Refused:
         message = f"store {self.name!r}: the OpenAI API {what}: {self._describe(exc)}"
-        return ApiError(status, code, message)
+        return kind(code, message)
 
     def _describe(self, exc: openai.APIStatusError) -> str:
         body = exc.body

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from ..config import is_loopback_host
+from ..sections import is_loopback_host
 from .base import (
     COMPACTED,
     MAIN,
@@ -72,7 +72,8 @@ from .postgres_schema import (
 )
 
 if TYPE_CHECKING:
-    from ..config import Section, StoreConfig
+    from ..config import StoreConfig
+    from ..sections import Section
 
 T = TypeVar("T")
 SWEEP_LOCK = 0x73776565  # "swee": at most one sidecar sweeps at a time

@@ -34,7 +34,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from ..config import ConfigError
+from ..sections import ConfigError
 from .base import (
     COMPACTED,
     MAIN,
@@ -67,7 +67,8 @@ DEADLINE_MARGIN = 5.0
 call is answered without waiting for the disk."""
 
 if TYPE_CHECKING:
-    from ..config import Section, StoreConfig
+    from ..config import StoreConfig
+    from ..sections import Section
 
 T = TypeVar("T")
 

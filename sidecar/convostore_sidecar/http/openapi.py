@@ -11,7 +11,7 @@ from importlib import resources
 
 import yaml
 
-from .jsonbody import dumps
+from ..jsonbody import dumps
 
 
 def openapi_document() -> dict[str, object]:

@@ -12,14 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
+from ..drivers.base import MAIN, BranchIdUsed, Usage
+from ..jsonbody import dumps, loads
+from ..stores import Store
+from ..structure import mentions
 from . import validation
-from .drivers.base import MAIN, BranchIdUsed, Usage
 from .errors import ApiError
-from .jsonbody import dumps, loads
 from .middleware import read_object
 from .state import STORES
-from .stores import Store
-from .structure import mentions
 
 routes = web.RouteTableDef()
 SESSION = "/v1/stores/{store}/sessions/{session_id}"

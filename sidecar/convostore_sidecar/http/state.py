@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from ..config import RequestLimits
+    from ..metrics import Metrics
+    from ..readiness import Readiness
+    from ..stores import Stores
     from .answers import AnswerBudget
-    from .config import RequestLimits
-    from .metrics import Metrics
     from .middleware import BodyBudget, InFlight, TokenCheck
-    from .readiness import Readiness
-    from .stores import Stores
 
 STORES: web.AppKey[Stores] = web.AppKey("stores")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

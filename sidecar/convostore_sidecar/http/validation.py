@@ -9,11 +9,11 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from .config import Limits
-from .drivers.base import MAIN, Meta
+from ..config import Limits
+from ..drivers.base import MAIN, Meta
+from ..jsonbody import WrongShape, append_items, dumps
+from ..structure import describe
 from .errors import ApiError
-from .jsonbody import WrongShape, append_items, dumps
-from .structure import describe
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:@-]+")
 BRANCH_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")

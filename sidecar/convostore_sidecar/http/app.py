@@ -6,19 +6,19 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import branches
+from ..config import SidecarConfig
+from ..metrics import Metrics
+from ..readiness import Readiness
+from ..stores import Stores
+from . import branches, compaction
 from .answers import AnswerBudget
-from .api import routes
-from .compaction import api as compaction
-from .config import SidecarConfig
-from .metrics import Metrics
+from .items import routes
 from .middleware import (
     BodyBudget,
     InFlight,
     TokenCheck,
     request_middleware,
 )
-from .readiness import Readiness
 from .state import (
     ANSWER_BUDGET,
     BODY_BUDGET,
@@ -29,7 +29,6 @@ from .state import (
     STORES,
     TOKEN,
 )
-from .stores import Stores
 
 BODY_SLACK = 64 << 10
 

@@ -1,10 +1,10 @@
-"""Cross-cutting request handling: metrics, errors as JSON, and the bearer token."""
+"""Cross-cutting request handling: admission (the bearer token, capacity, query
+parameters), bodies within their budget, metrics; errors become JSON in `errors`."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -12,30 +12,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .drivers.base import (
-    CAUSES,
-    BackendMisconfigured,
-    BackendUnavailable,
-    BranchIdUsed,
-    BranchNotFound,
-    IdempotencyKeyReused,
-    TurnNotFound,
-)
-from .encryption import DecryptionFailed
-from .errors import RETRY_AFTER_SECONDS, ApiError, error_response, overloaded
-from .jsonbody import loads
-from .state import BODY_BUDGET, IN_FLIGHT, METRICS, READINESS, REQUEST_LIMITS, STORES, TOKEN
+from ..jsonbody import loads
+from .errors import WRITES, ApiError, error_answer, labels, overloaded
+from .state import BODY_BUDGET, IN_FLIGHT, METRICS, READINESS, REQUEST_LIMITS, TOKEN
 
-log = logging.getLogger("convostore.sidecar")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
-WRITES = frozenset({"POST", "DELETE"})
-
-
-def _labels(request: web.Request) -> tuple[str, str]:
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    store = request.match_info.get("store", "")
-    return route, store if store in request.app[STORES] else ("unknown" if store else "")
 
 
 class InFlight:
@@ -79,7 +60,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             app[BODY_BUDGET].release(request)
     finally:
         in_flight.leave()
-    route, store = _labels(request)
+    route, store = labels(request)
     app[METRICS].observe(route, store, request.method, response.status, started)
     done = store and request.method in WRITES and 200 <= response.status < 300
     if done and app[READINESS].write_done(store):  # the store's writes were failing
@@ -105,87 +86,6 @@ def admit(request: web.Request) -> None:
         raise ApiError(
             400, "invalid_query", f"give each parameter once: {', '.join(map(repr, repeated))}"
         )
-
-
-CONFLICTS: dict[type[Exception], tuple[int, str, str]] = {
-    BranchNotFound: (404, "branch_not_found", "no branch {0!r} in this session"),
-    BranchIdUsed: (
-        409,
-        "branch_id_used",
-        "branch id {0!r} was already used in this session; choose a new one",
-    ),
-    TurnNotFound: (409, "turn_not_found", "turn {0} does not contain a user message"),
-    IdempotencyKeyReused: (
-        409,
-        "idempotency_key_reused",
-        "Idempotency-Key {0!r} was already used with a different request body",
-    ),
-}
-"""Domain errors that are the request's fault: status, code, and the message, formatted
-with the error's first argument."""
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-
-
-def error_answer(request: web.Request, exc: Exception) -> web.Response:
-    """The JSON answer to a request that raised `exc`; re-raises what is not an error
-    (aiohttp's redirects)."""
-    if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
-    for kind, (status, code, message) in CONFLICTS.items():
-        if isinstance(exc, kind):
-            return error_response(status, code, message.format(exc.args[0]))
-    if isinstance(exc, BackendMisconfigured):  # before its base, BackendUnavailable
-        _, store = _labels(request)
-        log.warning("store %s: %s", store, exc)
-        return error_response(
-            503,
-            "backend_misconfigured",
-            f"store {store!r}: {exc}; it will answer once its settings are corrected",
-        )
-    if isinstance(exc, BackendUnavailable):
-        return _backend_unavailable(request, exc)
-    if isinstance(exc, DecryptionFailed):
-        _, store = _labels(request)
-        log.error("store %s: decryption failed (key %s): %s", store, exc.key_id, exc.reason)
-        return error_response(
-            500,
-            "decryption_failed",
-            f"store {store!r}: an item could not be decrypted: {exc.reason}",
-            headers={"X-Convostore-Key-Id": exc.key_id or ""},
-        )
-    if isinstance(exc, web.HTTPException):
-        if exc.status < 400:
-            raise exc
-        return error_response(
-            exc.status,
-            HTTP_CODES.get(exc.status, "http_error"),
-            exc.reason,
-            headers={"Allow": exc.headers.get("Allow", "")} if exc.status == 405 else None,
-        )
-    if isinstance(exc, ConnectionResetError):
-        # the client left before its request was read whole: nothing was done, the
-        # answer goes nowhere, and the fault is not the sidecar's
-        log.info("client left during %s %s", request.method, request.path)
-        return error_response(400, "incomplete_body", "the client left before its body ended")
-    log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
-    return error_response(500, "internal", "unexpected error in the sidecar; see its log")
-
-
-def _backend_unavailable(request: web.Request, exc: BackendUnavailable) -> web.Response:
-    """503 naming the cause; a refused write marks the store's writes as failing."""
-    _, store = _labels(request)
-    backend = request.app[STORES].get(store).config.backend if store else ""
-    request.app[METRICS].backend_errors.labels(store, backend).inc()
-    log.warning("store %s: %s: %s", store, exc.cause, exc)
-    if store and request.method in WRITES:
-        request.app[READINESS].write_refused(store, f"{exc.cause}: {exc}")
-        request.app[METRICS].writes_failing.labels(store).set(1)
-    return error_response(
-        503,
-        exc.cause,
-        f"the backend of store {store!r} {CAUSES[exc.cause]}; retry later",
-        headers={"Retry-After": RETRY_AFTER_SECONDS},
-    )
 
 
 class TokenCheck:

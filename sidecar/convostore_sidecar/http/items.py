@@ -7,17 +7,17 @@ import binascii
 
 from aiohttp import web
 
+from ..drivers.base import MAIN, Idempotency
+from ..encryption import EncryptedDriver, refuse_ciphertext
+from ..jsonbody import dumps, items_document
+from ..stores import Store
+from ..turns import from_first_turn, latest_turns, widened_to_turns
 from . import validation
 from .answers import send
-from .drivers.base import MAIN, Idempotency
-from .encryption import EncryptedDriver, refuse_ciphertext
 from .errors import ApiError
-from .jsonbody import dumps, items_document
 from .middleware import authorized, read_body
 from .openapi import openapi_json
 from .state import ANSWER_BUDGET, METRICS, READINESS, REQUEST_LIMITS, STORES
-from .stores import Store
-from .turns import from_first_turn, latest_turns, widened_to_turns
 
 routes = web.RouteTableDef()
 SESSION = "/v1/stores/{store}/sessions/{session_id}"

@@ -8,14 +8,15 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import validation
+from ..compaction import policy
 from ..config import COMPACTION_MODES
 from ..drivers.base import BackendUnavailable
-from ..errors import ApiError
 from ..jsonbody import dumps
-from ..middleware import read_object
-from ..state import METRICS, STORES
-from . import policy
+from ..refusals import Refused
+from . import validation
+from .errors import ApiError
+from .middleware import read_object
+from .state import METRICS, STORES
 
 log = logging.getLogger("convostore.sidecar")
 routes = web.RouteTableDef()
@@ -34,7 +35,7 @@ async def compact_items(request: web.Request) -> web.Response:
     counted = request.app[METRICS].compactions
     try:
         outcome = await compactor.run(session_id, branch, asked)
-    except ApiError as exc:
+    except Refused as exc:
         counted.labels(store.name, exc.code).inc()
         log.warning("store %s: a compaction failed: %s: %s", store.name, exc.code, exc.message)
         raise
