@@ -24,18 +24,24 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from convostore import SidecarSession
 from convostore_sidecar.config import parse_config
+from convostore_sidecar.drivers import BACKENDS as DECLARED
 from convostore_sidecar.migrate import migrate_store
 
 from tests.servers import free_port
 
-BACKENDS = ("sqlite", "redis", "postgres", "dapr", "openai")
+BACKENDS = tuple(DECLARED)
 REDIS_CLUSTER = "redis-cluster"
 """The Redis driver on a Redis Cluster: the conformance suite runs it as a backend."""
 POSTGRES_POOLED = "postgres-pgbouncer"
 """The PostgreSQL driver through PgBouncer in transaction mode, as Kubernetes operators
 put it in front of PostgreSQL: the conformance suite runs it as a backend."""
-# What a backend cannot do, by the conformance marker (or `encryption`) that needs it.
-LACKS = {"openai": frozenset({"retention", "any_json", "encryption"})}
+LACKS = {
+    name: frozenset(c for c in ("retention", "encryption") if not backend.has(c))
+    | (frozenset() if backend.exact_json else {"any_json"})
+    for name, backend in DECLARED.items()
+}
+"""What a backend cannot do, by the conformance marker (or `encryption`) that needs it,
+as its driver declares it."""
 
 
 def direct_dsn(store: dict[str, Any]) -> str:

@@ -1,10 +1,16 @@
 """The sidecar's shape, beside the import contracts that `lint-imports` checks
-(`pyproject.toml`): only its HTTP layer speaks HTTP to clients."""
+(`pyproject.toml`): only its HTTP layer speaks HTTP to clients, and what each backend
+can do is declared once, truly."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
+
+import pytest
+from convostore_sidecar.drivers import BACKENDS as DECLARED
+from convostore_sidecar.drivers import CAPABILITIES
 
 SIDECAR = Path(__file__).resolve().parents[1] / "sidecar" / "convostore_sidecar"
 SERVER_MODULES = ("aiohttp.web", "aiohttp.web_", "aiohttp.typedefs", "aiohttp.http_exceptions")
@@ -34,3 +40,25 @@ def test_only_the_http_layer_imports_aiohttps_server() -> None:
     assert outside == {}
     inside = [path for path in (SIDECAR / "http").glob("*.py") if server_imports(path)]
     assert len(inside) >= 5, "the check finds the HTTP layer's own imports"
+
+
+@pytest.mark.parametrize("name", list(DECLARED))
+def test_each_backends_declared_capabilities_are_what_its_driver_implements(name: str) -> None:
+    """`drivers.BACKENDS` is the one declaration everything reads: a backend declared to
+    keep structure (and so to compact) has a driver with the structure calls, and one
+    declared without has none."""
+    backend = DECLARED[name]
+    module = importlib.import_module(backend.module)
+    [driver] = [
+        kind
+        for kind in vars(module).values()
+        if isinstance(kind, type)
+        and kind.__module__ == module.__name__
+        and kind.__name__.endswith("Driver")
+    ]
+    calls = ("append_to", "latest_in", "create_branch", "usage", "compact", "full_history")
+    assert all(hasattr(driver, call) for call in calls) == backend.has("structure")
+    assert backend.has("compaction") == backend.has("structure")
+    for capability, reason in backend.lacks.items():
+        assert capability in CAPABILITIES
+        assert len(reason) > 20

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from convostore_sidecar.config import StoreConfig, parse_config
+from convostore_sidecar.drivers import BACKENDS
 from convostore_sidecar.drivers.base import BackendMisconfigured, BackendUnavailable, Driver
 from convostore_sidecar.migrate import migrate_store
 from convostore_sidecar.stores import Store
@@ -26,10 +27,8 @@ from convostore_sidecar.stores import Store
 from .render import render
 
 PURGE_PAGE = 500
-LOCAL_BACKENDS = {
-    "sqlite": "history lives in each pod's embedded SQLite",
-    "dapr": "the Dapr state store is reached through each pod's own Dapr sidecar",
-}
+LOCAL_BACKENDS = {name: b.in_pod for name, b in BACKENDS.items() if b.in_pod is not None}
+"""The backends only a pod reaches, with why: the sidecars check those, not the operator."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from convostore_sidecar.drivers import BACKENDS as DECLARED
+from convostore_sidecar.drivers import Capability
+
 GROUP, VERSION, KIND, PLURAL, SHORT = (
     "convostore.dev",
     "v1alpha1",
@@ -18,7 +21,7 @@ GROUP, VERSION, KIND, PLURAL, SHORT = (
     "conversationstores",
     "cstore",
 )
-BACKENDS = ["sqlite", "redis", "postgres", "dapr", "openai"]
+BACKENDS = list(DECLARED)
 DURATION = r"^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]{1,253}$"
@@ -253,6 +256,33 @@ def _backend_rules(backends: list[str], where: str = "") -> list[dict[str, Any]]
     return rules
 
 
+# what each capability's rule refuses, the verb its message uses, and where it points
+CAPABILITY_RULES: dict[Capability, tuple[str, str, str]] = {
+    "retention": ("!has(self.retention)", "honour retention", ".retention"),
+    "encryption": (
+        "!has(self.encryption) || !has(self.encryption.enabled) || !self.encryption.enabled",
+        "encrypt at rest",
+        ".encryption.enabled",
+    ),
+    "compaction": ("!has(self.compaction)", "compact", ".compaction"),
+}
+
+
+def _capability_rules() -> list[dict[str, Any]]:
+    """A rule per capability a backend lacks (as `convostore_sidecar.drivers` declares
+    it), refusing the settings that need it with the backend's own reason."""
+    return [
+        {
+            "rule": f"self.backend != '{name}' || {refused}",
+            "message": f"the {name} backend cannot {verb}: {backend.lacks[capability]}",
+            "fieldPath": field,
+        }
+        for name, backend in DECLARED.items()
+        for capability, (refused, verb, field) in CAPABILITY_RULES.items()
+        if capability in backend.lacks
+    ]
+
+
 MAPPING_BACKENDS = ["sqlite", "redis", "postgres"]
 
 OPENAI_CLIENT: dict[str, Any] = {
@@ -457,31 +487,7 @@ SPEC: dict[str, Any] = {
     },
     "x-kubernetes-validations": [
         *_backend_rules(BACKENDS),
-        {
-            "rule": "self.backend != 'openai' || !has(self.retention)",
-            "message": "the openai backend cannot honour retention: the Conversations API "
-            "keeps items until they are deleted",
-            "fieldPath": ".retention",
-        },
-        {
-            "rule": "self.backend != 'openai' || !has(self.encryption) || "
-            "!has(self.encryption.enabled) || !self.encryption.enabled",
-            "message": "the openai backend cannot encrypt at rest: the Conversations API "
-            "must read the items it stores",
-            "fieldPath": ".encryption.enabled",
-        },
-        {
-            "rule": "self.backend != 'openai' || !has(self.compaction)",
-            "message": "the openai backend cannot compact: the Conversations API manages "
-            "its own history",
-            "fieldPath": ".compaction",
-        },
-        {
-            "rule": "self.backend != 'dapr' || !has(self.compaction)",
-            "message": "the dapr backend cannot compact: it keeps no structure to replace a "
-            "session's items in one step",
-            "fieldPath": ".compaction",
-        },
+        *_capability_rules(),
     ],
 }
 

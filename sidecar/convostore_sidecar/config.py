@@ -29,11 +29,17 @@ from typing import Any
 
 import yaml
 
-from .drivers import BACKENDS, parse_backend_settings, unsupported_settings
+from .drivers import BACKENDS, Capability, parse_backend_settings
 from .drivers.base import Retention
 from .encryption import Keyring
 from .sections import ConfigError, Section
 
+SETTINGS_NEEDING: dict[Capability, tuple[str, ...]] = {
+    "retention": ("ttl", "maxItems"),
+    "encryption": ("encryption",),
+    "compaction": ("compaction",),
+}
+"""A store's settings that only a backend with the capability can honour."""
 STORE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -342,9 +348,10 @@ def parse_store(name: Any, stores: Section) -> StoreConfig:
         )
     s = stores.section(name, store=name)
     backend = s.choice("backend", tuple(BACKENDS))
-    for key, reason in unsupported_settings(backend).items():
-        if s.has(key):
-            s.fail(key, f"the {backend} backend cannot honour it: {reason}")
+    for capability, reason in BACKENDS[backend].lacks.items():
+        for key in SETTINGS_NEEDING.get(capability, ()):
+            if s.has(key):
+                s.fail(key, f"the {backend} backend cannot honour it: {reason}")
     settings = parse_backend_settings(backend, s.section(backend))
     retention = Retention(
         ttl_seconds=s.duration("ttl", None, low=1, high=10 * 365 * 86400),

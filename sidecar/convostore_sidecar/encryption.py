@@ -393,11 +393,6 @@ class EncryptedDriver:
         await self.inner.clear(session_id)
 
     @property
-    def branching(self) -> bool:
-        """Structure is the inner driver's; only items pass through the keyring."""
-        return bool(getattr(self.inner, "branching", False))
-
-    @property
     def _structured(self) -> Branching:
         return cast(Branching, self.inner)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from .config import SidecarConfig, StoreConfig
-from .drivers import open_driver
+from .drivers import BACKENDS, Capability, open_driver
 from .drivers.base import (
     MAIN,
     AppendResult,
@@ -72,30 +72,30 @@ class Store:
 
     @property
     def structured(self) -> bool:
-        """Whether the driver keeps branches, turns and usage (`Branching`)."""
-        return bool(getattr(self.driver, "branching", False))
+        """Whether the driver keeps branches, turns and usage (`Branching`); behind
+        encryption too, which passes structure through and seals only items."""
+        return BACKENDS[self.config.backend].has("structure")
 
     @property
     def branching(self) -> Branching:
         """The driver's structure calls; NotSupported, naming the backend, when it has none."""
         if not self.structured:
-            raise self._unsupported(
-                "keeps no branches, turns or usage; only the main branch's items"
-            )
+            raise self._unsupported("structure", "keep branches, turns or usage")
         return cast(Branching, self.driver)
 
     @property
     def compacting(self) -> Compacting:
         """Compaction and its archive; NotSupported, naming the backend, when it keeps none."""
         if not self.structured:
-            raise self._unsupported(
-                "cannot compact histories (it keeps no structure to replace items in one step)"
-            )
+            raise self._unsupported("compaction", "compact histories")
         return cast(Compacting, self.driver)
 
-    def _unsupported(self, what: str) -> NotSupported:
+    def _unsupported(self, capability: Capability, what: str) -> NotSupported:
         backend = self.config.backend
-        return NotSupported("not_supported", f"store {self.name!r}: the {backend} backend {what}")
+        why = BACKENDS[backend].lacks[capability]
+        return NotSupported(
+            "not_supported", f"store {self.name!r}: the {backend} backend cannot {what}: {why}"
+        )
 
     @property
     def compactor(self) -> Compactor:

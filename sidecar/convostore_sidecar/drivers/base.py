@@ -25,14 +25,14 @@ the conformance suite in `tests/conformance/` checks against each of them:
 - A backend that cannot be reached raises `BackendUnavailable` quickly, instead of
   hanging, and the driver reconnects on its own when the backend is back.
 
-A driver that also keeps conversation structure implements `Branching` (and says so
-with `branching = True`): each item carries its `Meta` and the user turn it belongs to
-(a user message opens the next turn), items live on branches (`main` is the plain
-session above), a branch is copied from another one's turns before a given turn in one
-atomic step, and token usage is kept per branch and turn. Ids of branches, once used,
-stay reserved for the session, even after a delete or a clear (until the session
-expires: then it is gone whole). The others answer the
-structure calls with 501 `not_supported`.
+A driver that also keeps conversation structure implements `Branching` (and its backend
+declares the capability, `drivers.BACKENDS`): each item carries its `Meta` and the user
+turn it belongs to (a user message opens the next turn), items live on branches (`main`
+is the plain session above), a branch is copied from another one's turns before a given
+turn in one atomic step, and token usage is kept per branch and turn. Ids of branches,
+once used, stay reserved for the session, even after a delete or a clear (until the
+session expires: then it is gone whole). On the others the `Store` refuses the
+structure calls (`NotSupported`, naming the backend and its reason).
 
 Drivers that keep structure also compact (`Compacting`): the first items of a branch,
 exactly as read before the model summarised them, are replaced by the summary in one
@@ -376,8 +376,6 @@ class Compacting(Protocol):
 class KeepsStructure:
     """Base of the drivers that implement `Branching`: their plain item calls are the
     `main` branch's, for items whose kind nobody told them (the API always says)."""
-
-    branching = True
 
     async def append(
         self: Branching, session_id: str, items: Items, idempotency: Idempotency | None

@@ -58,10 +58,6 @@ if TYPE_CHECKING:
     from ..sections import Section
 
 T = TypeVar("T")
-UNSUPPORTED = {
-    "compaction": "compaction replaces a session's first items in one step, and this driver "
-    "keeps no structure to do it with (as for branches and turns)",
-}
 UPSERT, DELETE = TransactionOperationType.upsert, TransactionOperationType.delete
 READ_PAGE = (16, 256)
 """The fewest and most items a read asks the state store for at once (one bulk get)."""

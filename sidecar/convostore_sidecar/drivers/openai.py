@@ -47,8 +47,8 @@ from ..refusals import (
     UpstreamFailed,
     UpstreamRefusedKey,
 )
+from . import BACKENDS, parse_backend_settings
 from . import open_driver as open_backend
-from . import parse_backend_settings
 from .base import (
     AppendResult,
     BackendUnavailable,
@@ -76,12 +76,6 @@ PING_CONVERSATION = "conv_convostore_ping"
 MARKER = "convostore_store"
 """The metadata key that makes a conversation a store's (its value: the store's identity)."""
 MAX_METADATA_KEYS = 16
-UNSUPPORTED = {
-    "ttl": "the OpenAI Conversations API keeps items until they are deleted",
-    "maxItems": "the OpenAI Conversations API keeps items until they are deleted",
-    "encryption": "the OpenAI Conversations API must read the items it stores",
-    "compaction": "the OpenAI Conversations API manages its own history",
-}
 PASSED_ON: dict[int, type[Refused]] = {400: Invalid, 409: Conflict, 422: Unprocessable}
 """The API's refusals that are the request's own fault, passed on as what they are; any
 other is the API failing."""
@@ -316,7 +310,7 @@ class OpenAIDriver:
         return 0
 
     async def rewrite(self, session_id: str, transform: Transform) -> int:
-        raise NotImplementedError(f"store {self.name!r}: {UNSUPPORTED['encryption']}")
+        raise NotImplementedError(f"store {self.name!r}: {BACKENDS['openai'].lacks['encryption']}")
 
     async def _conversation(self, session_id: str, *, create: bool) -> str | None:
         known = await self.conversations.latest(session_id, None)
