@@ -12,7 +12,13 @@ import pytest
 from convostore_sidecar.drivers import BACKENDS as DECLARED
 from convostore_sidecar.drivers import CAPABILITIES
 
-SIDECAR = Path(__file__).resolve().parents[1] / "sidecar" / "convostore_sidecar"
+ROOT = Path(__file__).resolve().parents[1]
+SIDECAR = ROOT / "sidecar" / "convostore_sidecar"
+COMPONENTS = {
+    "Client": ROOT / "client" / "convostore",
+    "Sidecar": SIDECAR,
+    "Operator": ROOT / "operator" / "convostore_operator",
+}
 SERVER_MODULES = ("aiohttp.web", "aiohttp.web_", "aiohttp.typedefs", "aiohttp.http_exceptions")
 
 
@@ -62,3 +68,20 @@ def test_each_backends_declared_capabilities_are_what_its_driver_implements(name
     for capability, reason in backend.lacks.items():
         assert capability in CAPABILITIES
         assert len(reason) > 20
+
+
+def test_the_architecture_page_names_every_module_in_its_components_section() -> None:
+    """`docs/architecture.md` is where a reader looks a behaviour up: a module added
+    without a line there fails here."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    sections = {part.split(":", 1)[0]: part for part in page.split("\n## ")[1:]}
+    assert set(sections) == set(COMPONENTS)
+    missing = {
+        component: [
+            str(path.relative_to(folder))
+            for path in sorted(folder.rglob("*.py"))
+            if f"`{path.relative_to(folder)}`" not in sections[component]
+        ]
+        for component, folder in COMPONENTS.items()
+    }
+    assert missing == {component: [] for component in COMPONENTS}

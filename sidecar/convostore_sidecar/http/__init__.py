@@ -1,0 +1,1 @@
+"""The sidecar's HTTP layer: the only package that speaks HTTP to clients."""
