@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from convostore import AdvancedSidecarSession
 from convostore_sidecar.drivers import postgres as pg_driver
-from convostore_sidecar.drivers import sqlite as sqlite_driver
+from convostore_sidecar.drivers.sqlite import schema as sqlite_schema
 
 from tests.support import RunningSidecar, StartSidecar, unique
 
@@ -56,10 +56,10 @@ def sqlite_cost(path: str, session_id: str, branch: str) -> int:
     """VM steps of the driver's statements for the three reads, after checking plans."""
     conn = sqlite3.connect(path)
     statements = [
-        (sqlite_driver.USER_TURNS_SQL, ("chat", session_id, branch)),
-        (sqlite_driver.LATEST_SQL, ("chat", session_id, branch, float("-inf"), 20)),
-        (sqlite_driver.USAGE_SQL, ("chat", session_id, None, None)),
-        (sqlite_driver.USAGE_SQL, ("chat", session_id, branch, branch)),
+        (sqlite_schema.USER_TURNS_SQL, ("chat", session_id, branch)),
+        (sqlite_schema.LATEST_SQL, ("chat", session_id, branch, float("-inf"), 20)),
+        (sqlite_schema.USAGE_SQL, ("chat", session_id, None, None)),
+        (sqlite_schema.USAGE_SQL, ("chat", session_id, branch, branch)),
     ]
     steps = 0
 

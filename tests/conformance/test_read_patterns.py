@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from convostore_sidecar.drivers import postgres as pg_driver
-from convostore_sidecar.drivers import sqlite as sqlite_driver
+from convostore_sidecar.drivers.sqlite import schema as sqlite_schema
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
@@ -66,7 +66,7 @@ async def sqlite_reads(subject: Subject, session_id: str) -> int:
     conn = sqlite3.connect(subject.store_config["sqlite"]["path"])
     params = ("conf", session_id, "main", float("-inf"), LIMIT)
     plan = " | ".join(
-        r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sqlite_driver.LATEST_SQL, params)
+        r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sqlite_schema.LATEST_SQL, params)
     )
     assert "SCAN" not in plan, plan
     assert "TEMP B-TREE" not in plan, plan
@@ -78,7 +78,7 @@ async def sqlite_reads(subject: Subject, session_id: str) -> int:
         return 0
 
     conn.set_progress_handler(count, 1)
-    assert len(conn.execute(sqlite_driver.LATEST_SQL, params).fetchall()) == LIMIT
+    assert len(conn.execute(sqlite_schema.LATEST_SQL, params).fetchall()) == LIMIT
     conn.close()
     return steps
 

@@ -1,41 +1,17 @@
-"""SQLite driver: the embedded default, one file in WAL mode.
-
-Each operation is one function run on a dedicated thread that owns its connection: one
-writer thread, whose transactions (`BEGIN IMMEDIATE`) make appends and pops atomic, and
-one reader thread, so reads proceed while a write is in progress (WAL). Nothing touches
-the file on the event loop: a stalled disk stalls those threads, not the sidecar.
-Running a whole operation per thread hop, rather than one hop per statement, keeps a
-turn's overhead small. Several sidecar processes may share one file: SQLite's file
-locks serialize their writers and `busy_timeout` makes them wait instead of failing.
-
-Items live in a table keyed by (store, session, seq), each with its branch, user turn,
-kind and tool: the latest N of a branch are read backwards along (branch, seq), and a
-branch's user turns along (branch, kind, turn), so a long session is never read whole
-to return a few items or its turns. Branch ids (reserved forever, live or not) and
-token usage per (branch, turn) have tables of their own. A compaction moves the items
-it replaces to the branch's archive (a branch name with `/`) under fresh sequence
-numbers, and gives their old numbers to the summary, which keeps the branch in order.
-A file of schema version 1
-gains the structure columns on first open; its items count as turn 0 of `main`.
-"""
+"""The SQLite driver's operations, each one function run on the reader's or the
+writer's thread."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-import os
-import queue
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from collections.abc import Sequence
+from dataclasses import astuple
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING
 
-from ..sections import ConfigError
-from .base import (
+from ..base import (
     COMPACTED,
     MAIN,
     AppendResult,
@@ -43,7 +19,6 @@ from .base import (
     BranchIdUsed,
     BranchInfo,
     BranchNotFound,
-    Cause,
     Check,
     Gathered,
     Idempotency,
@@ -61,216 +36,28 @@ from .base import (
     stored,
     stored_at,
 )
-
-DEADLINE_MARGIN = 5.0
-"""Seconds past `busyTimeout` (the longest SQLite itself waits for a lock) after which a
-call is answered without waiting for the disk."""
+from .schema import (
+    INDEXES,
+    LATEST_SQL,
+    NEWEST_SQL,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STRUCTURE_COLUMNS,
+    USAGE_SQL,
+    USER_TURNS_SQL,
+)
+from .settings import Settings, unusable_path
+from .threads import Connection, Writer
 
 if TYPE_CHECKING:
-    from ..config import StoreConfig
-    from ..sections import Section
-
-T = TypeVar("T")
-
-SCHEMA_VERSION = 2
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS convostore_schema (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS convostore_sessions (
-    store TEXT NOT NULL, session_id TEXT NOT NULL,
-    next_seq INTEGER NOT NULL, updated_at REAL NOT NULL,
-    PRIMARY KEY (store, session_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS convostore_sessions_updated
-    ON convostore_sessions (store, updated_at);
-CREATE TABLE IF NOT EXISTS convostore_items (
-    store TEXT NOT NULL, session_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
-    branch TEXT NOT NULL DEFAULT 'main', turn INTEGER NOT NULL DEFAULT 0,
-    kind TEXT NOT NULL DEFAULT 'other', tool TEXT, created_at REAL NOT NULL DEFAULT 0,
-    PRIMARY KEY (store, session_id, seq)
-);
-CREATE TABLE IF NOT EXISTS convostore_idempotency (
-    store TEXT NOT NULL, session_id TEXT NOT NULL, key TEXT NOT NULL,
-    fingerprint TEXT NOT NULL, appended INTEGER NOT NULL, expires_at REAL NOT NULL,
-    PRIMARY KEY (store, session_id, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS convostore_branches (
-    store TEXT NOT NULL, session_id TEXT NOT NULL, branch TEXT NOT NULL,
-    live INTEGER NOT NULL, created_at REAL NOT NULL,
-    PRIMARY KEY (store, session_id, branch)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS convostore_usage (
-    store TEXT NOT NULL, session_id TEXT NOT NULL, branch TEXT NOT NULL, turn INTEGER NOT NULL,
-    requests INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-    total_tokens INTEGER NOT NULL, input_details BLOB, output_details BLOB,
-    PRIMARY KEY (store, session_id, branch, turn)
-) WITHOUT ROWID;
-"""
-# What schema version 1 lacks: its items gain these columns, then the indexes follow.
-STRUCTURE_COLUMNS = (
-    "branch TEXT NOT NULL DEFAULT 'main'",
-    "turn INTEGER NOT NULL DEFAULT 0",
-    "kind TEXT NOT NULL DEFAULT 'other'",
-    "tool TEXT",
-    "created_at REAL NOT NULL DEFAULT 0",
-)
-INDEXES = """
-CREATE INDEX IF NOT EXISTS convostore_items_branch
-    ON convostore_items (store, session_id, branch, seq);
-CREATE INDEX IF NOT EXISTS convostore_items_kind
-    ON convostore_items (store, session_id, branch, kind, turn);
-"""
-
-LATEST_SQL = """
-SELECT i.data FROM convostore_items AS i JOIN convostore_sessions AS s
-  ON s.store = i.store AND s.session_id = i.session_id
-WHERE i.store = ? AND i.session_id = ? AND i.branch = ? AND s.updated_at > ?
-ORDER BY i.seq DESC LIMIT ?
-"""
-USER_TURNS_SQL = """
-SELECT turn, data, created_at FROM convostore_items
-WHERE store = ? AND session_id = ? AND branch = ? AND kind = 'user' ORDER BY turn
-"""
-USAGE_SQL = """
-SELECT branch, turn, requests, input_tokens, output_tokens, total_tokens, input_details,
-       output_details
-FROM convostore_usage WHERE store = ? AND session_id = ? AND (? IS NULL OR branch = ?)
-ORDER BY branch, turn
-"""
-NEWEST_SQL = """
-SELECT seq, turn FROM convostore_items WHERE store = ? AND session_id = ? AND branch = ?
-ORDER BY seq DESC LIMIT 1
-"""
-
-
-@dataclass(frozen=True)
-class Settings:
-    path: str = "./convostore.db"
-    busy_timeout: float = 5.0
-    synchronous: str = "full"
-    """`full`: an acknowledged append survives a power loss (the WAL is synced at every
-    commit); `normal`: faster, and the last commits may vanish on a power loss (not on a
-    crash of the sidecar alone)."""
-
-    @classmethod
-    def parse(cls, s: Section) -> Settings:
-        path = s.string("path", cls.path)
-        if "\x00" in path:
-            s.fail("path", "must not contain NUL")
-        return cls(
-            path=path,
-            busy_timeout=s.duration("busyTimeout", cls.busy_timeout, low=0, high=600),
-            synchronous=s.choice("synchronous", ("full", "normal"), cls.synchronous),
-        )
+    from ...config import StoreConfig
 
 
 def open_driver(store: StoreConfig) -> SqliteDriver:
     return SqliteDriver(store)
 
 
-class _Connection:
-    """A connection confined to a thread of its own; `run` executes one function there.
-
-    The thread takes calls from a queue and hands each outcome back to the event loop
-    with one `call_soon_threadsafe`: a hop costs about two thirds of what
-    `run_in_executor` costs (two chained futures and a work item per call), and every
-    SQLite call pays one (see bench/NOTES.md, "Per-request cost").
-    """
-
-    def __init__(self, settings: Settings, name: str) -> None:
-        self._settings = settings
-        self._name = name
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.conn: sqlite3.Connection | None = None
-
-    def _connect(self) -> sqlite3.Connection:
-        if self.conn is None:
-            self.conn = _connect(self._settings, self._settings.busy_timeout)
-        return self.conn
-
-    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """`fn`, to be run on the thread; its outcome is the future's."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        if self._thread is None:
-            # a daemon: a driver never closed (a failed start) must not hold the exit
-            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
-            self._thread.start()
-        self._calls.put((fn, cast("asyncio.Future[object]", future)))
-        return future
-
-    def _serve(self) -> None:
-        while (call := self._calls.get()) is not None:
-            fn, future = call
-            try:
-                outcome: tuple[bool, object] = (True, fn())
-            except BaseException as exc:  # the caller's to handle, on the event loop
-                outcome = (False, exc)
-            with contextlib.suppress(RuntimeError):  # the loop closed while it ran
-                future.get_loop().call_soon_threadsafe(_deliver, future, *outcome)
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            return await _answered(
-                self._settings, self.submit(lambda: fn(self._connect())), Cause.UNAVAILABLE
-            )
-        except sqlite3.OperationalError as exc:
-            raise _unavailable(self._settings, exc) from exc
-
-    async def close(self) -> None:
-        def close() -> None:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
-
-        if self._thread is None:
-            return
-        await self.submit(close)
-        self._calls.put(None)
-        self._thread.join()
-        self._thread = None
-
-
-_Call = tuple[Callable[[], object], "asyncio.Future[object]"]
-
-
-def _deliver(future: asyncio.Future[object], ok: bool, value: object) -> None:
-    """A call's outcome, unless its caller stopped waiting (its deadline passed)."""
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(cast(BaseException, value))
-
-
-def _connect(settings: Settings, busy_timeout: float) -> sqlite3.Connection:
-    conn = sqlite3.connect(
-        settings.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-    )
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={settings.synchronous.upper()}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-async def _answered(settings: Settings, future: asyncio.Future[T], cause: Cause) -> T:
-    """A call that has not answered within `busyTimeout` and `DEADLINE_MARGIN` (a stalled
-    disk, say) is answered 503 meanwhile; its thread finishes when the disk does. A write
-    may then still be stored: `cause` says whether the caller must assume so."""
-    seconds = settings.busy_timeout + DEADLINE_MARGIN
-    try:
-        async with asyncio.timeout(seconds):
-            return await future
-    except TimeoutError:
-        raise BackendUnavailable(
-            f"sqlite {settings.path}: no answer within {seconds:g} s (a stalled disk?)", cause
-        ) from None
-
-
-def _newest_within(rows: sqlite3.Cursor, max_bytes: int | None) -> list[bytes]:
+def newest_within(rows: sqlite3.Cursor, max_bytes: int | None) -> list[bytes]:
     """Rows of one item, newest first, read one by one only as far as `max_bytes` lets
     them; then the statement is finished, so that it holds no read snapshot."""
     gathered = Gathered(max_bytes)
@@ -283,144 +70,6 @@ def _newest_within(rows: sqlite3.Cursor, max_bytes: int | None) -> list[bytes]:
     return gathered.oldest_first()
 
 
-def _unavailable(settings: Settings, exc: sqlite3.Error) -> BackendUnavailable:
-    text = str(exc)
-    cause = next((c for words, c in _CAUSES if words in text), Cause.UNAVAILABLE)
-    return BackendUnavailable(f"sqlite {settings.path}: {exc}", cause)
-
-
-_CAUSES = (
-    ("database or disk is full", Cause.DISK_FULL),
-    ("readonly database", Cause.READ_ONLY),
-    ("database is locked", Cause.LOCK_TIMEOUT),
-)
-"""SQLite names a refusal's cause only in its message (its extended codes aside)."""
-
-
-_Work = tuple[Callable[[sqlite3.Connection], object], "asyncio.Future[object]"]
-
-
-class _Writer(_Connection):
-    """The writing connection, committing in groups.
-
-    Transactions that arrive while one is being committed wait and then run together,
-    each in a savepoint of its own, under one `COMMIT`: one WAL sync and one thread
-    hand-off for the lot, instead of one each. A transaction that raises is rolled back
-    to its savepoint alone; a commit that fails fails every transaction of its group,
-    none of which was acknowledged. A lone transaction runs as before, without a
-    savepoint.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, "sqlite-writer")
-        self._waiting: list[_Work] = []
-        self._group: asyncio.Future[list[tuple[bool, object]]] | None = None
-        self._file: tuple[int, int] | None = None
-
-    def check_file(self) -> None:
-        """Raises while the database file is not the one first written: SQLite goes on
-        writing to a file deleted under it (to its unlinked inode, gone at the next
-        start), so every later append would be acknowledged and lost."""
-        try:
-            seen = os.stat(self._settings.path)
-        except FileNotFoundError:
-            now = None
-        else:
-            now = (seen.st_dev, seen.st_ino)
-        if self._file is None:
-            self._file = now
-        if now is None or now != self._file:
-            raise BackendUnavailable(
-                f"sqlite {self._settings.path}: the database file was deleted or replaced "
-                "while the sidecar used it; writes are refused (none would be kept) until "
-                "the sidecar restarts on a file that is there",
-                Cause.STORAGE_GONE,
-            )
-
-    async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[object] = loop.create_future()
-        self._waiting.append((fn, done))
-        if self._group is None:
-            self._commit_next(loop)
-        return cast(T, await _answered(self._settings, done, Cause.OUTCOME_UNKNOWN))
-
-    def _commit_next(self, loop: asyncio.AbstractEventLoop) -> None:
-        group, self._waiting = self._waiting, []
-        work = [fn for fn, _ in group]
-        self._group = self.submit(lambda: self._commit(work))
-        self._group.add_done_callback(lambda outcome: self._settle(loop, group, outcome))
-
-    def _commit(
-        self, group: list[Callable[[sqlite3.Connection], object]]
-    ) -> list[tuple[bool, object]]:
-        conn = self._connect()
-        self.check_file()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            outcomes = [_attempt(conn, fn, alone=len(group) == 1) for fn in group]
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return outcomes
-
-    def _settle(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        group: list[_Work],
-        outcome: asyncio.Future[list[tuple[bool, object]]],
-    ) -> None:
-        self._group = None
-        if self._waiting:
-            self._commit_next(loop)
-        if outcome.cancelled():
-            for _, done in group:
-                done.cancel()
-            return
-        failure = outcome.exception()
-        results = [(False, failure)] * len(group) if failure else outcome.result()
-        for (_, done), (ok, value) in zip(group, results, strict=True):
-            if done.done():
-                continue
-            if ok:
-                done.set_result(value)
-            elif isinstance(value, sqlite3.OperationalError):
-                done.set_exception(_unavailable(self._settings, value))
-            else:
-                done.set_exception(cast(BaseException, value))
-
-    async def close(self) -> None:
-        while self._group is not None:  # its callers hear how it ended; close just waits
-            await asyncio.wait({self._group})
-        await super().close()
-
-
-def _attempt(
-    conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], object], *, alone: bool
-) -> tuple[bool, object]:
-    """One transaction of a group: its result, or its exception with its writes undone."""
-    if alone:
-        return True, fn(conn)
-    conn.execute("SAVEPOINT one")
-    try:
-        result = fn(conn)
-    except Exception as exc:
-        conn.execute("ROLLBACK TO one")
-        conn.execute("RELEASE one")
-        return False, exc
-    conn.execute("RELEASE one")
-    return True, result
-
-
-def unusable_path(store: str, path: str, why: str) -> ConfigError:
-    """A path the sidecar cannot keep a database at: a start-up error naming the field."""
-    return ConfigError(
-        f"store {store!r}: field 'sqlite.path': cannot keep a database at {path!r}: {why}"
-    )
-
-
 class SqliteDriver(KeepsStructure):
     def __init__(self, store: StoreConfig) -> None:
         settings: Settings = store.settings
@@ -431,8 +80,8 @@ class SqliteDriver(KeepsStructure):
             Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._unusable(exc.strerror or str(exc)) from None
-        self._writer = _Writer(settings)
-        self._reader = _Connection(settings, "sqlite-reader")
+        self._writer = Writer(settings)
+        self._reader = Connection(settings, "sqlite-reader")
 
     def _live_after(self, now: float) -> float:
         """Sessions written after this moment have not expired."""
@@ -598,7 +247,7 @@ class SqliteDriver(KeepsStructure):
         def read(conn: sqlite3.Connection) -> list[bytes]:
             self._require_branch(conn, session_id, branch, now)
             rows = conn.execute(LATEST_SQL, (*params, -1 if limit is None else limit))
-            return _newest_within(rows, max_bytes)
+            return newest_within(rows, max_bytes)
 
         return await self._reader.run(read)
 
@@ -799,7 +448,7 @@ class SqliteDriver(KeepsStructure):
                 " AND branch IN (?, ?) AND kind <> ? ORDER BY branch = ?, seq DESC LIMIT ?",
                 (self.store, session_id, branch, archive, COMPACTED, archive, limit),
             )
-            return _newest_within(rows, max_bytes)
+            return newest_within(rows, max_bytes)
 
         return await self._reader.run(read)
 
