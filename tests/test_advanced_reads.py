@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from convostore import AdvancedSidecarSession
-from convostore_sidecar.drivers import postgres as pg_driver
+from convostore_sidecar.drivers.postgres import statements as pg_statements
 from convostore_sidecar.drivers.sqlite import schema as sqlite_schema
 
 from tests.support import RunningSidecar, StartSidecar, unique
@@ -83,10 +83,10 @@ async def postgres_cost(dsn: str, schema: str, session_id: str, branch: str) -> 
     """Rows the driver's statements touched, per `EXPLAIN ANALYZE`."""
     conn = await asyncpg.connect(dsn)
     statements = [
-        (pg_driver.USER_TURNS_SQL, ("chat", session_id, branch)),
-        (pg_driver.LATEST_SQL, ("chat", session_id, None, 20, branch, 1 << 20)),
-        (pg_driver.USAGE_SQL, ("chat", session_id, None)),
-        (pg_driver.USAGE_SQL, ("chat", session_id, branch)),
+        (pg_statements.USER_TURNS_SQL, ("chat", session_id, branch)),
+        (pg_statements.LATEST_SQL, ("chat", session_id, None, 20, branch, 1 << 20)),
+        (pg_statements.USAGE_SQL, ("chat", session_id, None)),
+        (pg_statements.USAGE_SQL, ("chat", session_id, branch)),
     ]
     rows = 0
     try:

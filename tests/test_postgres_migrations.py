@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import yaml
 from convostore import SidecarSession, StoreUnavailableError
-from convostore_sidecar.drivers.postgres_schema import SCHEMA_VERSION
+from convostore_sidecar.drivers.postgres.schema import SCHEMA_VERSION
 
 from tests.support import SidecarProcess
 from tests.test_outages import wait_until

@@ -1,6 +1,6 @@
 """`convostore migrate`: bring every store's backend schema to this version, once,
 before sidecars serve from it (they only check the version; see
-`drivers/postgres_schema`). The operator runs the same code when it reconciles a store.
+`drivers/postgres/schema.py`). The operator runs the same code when it reconciles a store.
 """
 
 from __future__ import annotations

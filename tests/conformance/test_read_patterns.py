@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from convostore_sidecar.drivers import postgres as pg_driver
+from convostore_sidecar.drivers.postgres import statements as pg_statements
 from convostore_sidecar.drivers.sqlite import schema as sqlite_schema
 
 from tests.dapr_standin import DaprStandIn
@@ -88,7 +88,7 @@ async def postgres_reads(subject: Subject, session_id: str) -> int:
     settings = subject.store_config["postgres"]
     conn = await asyncpg.connect(settings["dsn"])
     try:
-        sql = pg_driver.LATEST_SQL.format(s=settings["schema"])
+        sql = pg_statements.LATEST_SQL.format(s=settings["schema"])
         plan = await conn.fetchval(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + sql,
             "conf",

@@ -16,7 +16,7 @@ import yaml
 from aiohttp import web
 from convostore_operator.handlers import PURGE_ATTEMPTS, OperatorConfig
 from convostore_sidecar.config import load_config, parse_config
-from convostore_sidecar.drivers.postgres_schema import SCHEMA_VERSION
+from convostore_sidecar.drivers.postgres.schema import SCHEMA_VERSION
 from convostore_sidecar.stores import Store
 
 from tests.openai_standin import OpenAIStandIn

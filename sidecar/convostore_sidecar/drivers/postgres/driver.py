@@ -1,42 +1,17 @@
-"""PostgreSQL driver: a sessions table and an items table keyed by (store, session, seq).
-
-Appends and pops lock the session's row first (`SELECT ... FOR UPDATE`), so operations
-on one session are serialized and sequence numbers follow commit order: concurrent
-batches never interleave or reorder, and two pops never return the same item. An append
-is one call of the schema's `append` function, which runs that whole transaction on the
-server in one round trip. The latest N items are read backwards along the items'
-primary key. Item bytes are `bytea`,
-never `jsonb`, which would reorder keys and rewrite numbers.
-
-Each item also carries its branch, user turn, kind and tool; a branch's latest items
-are read along (branch, seq) and its user turns along (branch, kind, turn). Branch ids
-(reserved forever) and usage per (branch, turn) have tables of their own. Structure
-calls lock the session's row like appends do, so a branch is copied whole while writers
-wait, and usage is written only if the turn it was captured for still exists.
-
-The schema is made by `convostore migrate` (see `postgres_schema`), never by a sidecar
-serving requests, which only checks its version; a version 1 schema gains the structure
-columns in place (its items count as turn 0 of `main`). The pool is made lazily: a
-sidecar starts while its database is down and recovers when it returns.
-Expired sessions are swept in batches by whichever sidecar holds the sweep lock.
-"""
+"""The PostgreSQL driver's operations, each one transaction on a pooled connection."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import re
-import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import astuple, dataclass, replace
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from ..sections import is_loopback_host
-from .base import (
+from ..base import (
     COMPACTED,
     MAIN,
     AppendResult,
@@ -63,7 +38,7 @@ from .base import (
     stored,
     stored_at,
 )
-from .postgres_schema import (
+from .schema import (
     NO_BRANCH,
     SchemaTooNew,
     installed_version,
@@ -72,8 +47,12 @@ from .postgres_schema import (
 )
 
 if TYPE_CHECKING:
-    from ..config import StoreConfig
-    from ..sections import Section
+    from ...config import StoreConfig
+
+
+from .errors import CAUSES, MISCONFIGURED, UNAVAILABLE
+from .settings import Settings
+from .statements import LATEST_SQL, USAGE_SQL, USER_TURNS_SQL
 
 T = TypeVar("T")
 SWEEP_LOCK = 0x73776565  # "swee": at most one sidecar sweeps at a time
@@ -81,190 +60,6 @@ APPLICATION = "convostore-sidecar"
 STATEMENT_CACHE = 100
 """asyncpg's default: the statements a connection keeps prepared (none through a pooler)."""
 SWEEP_BATCH = 500
-IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-LATEST_SQL = """
-SELECT data FROM (
-  SELECT i.data, i.seq, sum(octet_length(i.data)) OVER newest - octet_length(i.data) AS before
-  FROM {s}.items AS i JOIN {s}.sessions AS s USING (store, session_id)
-  WHERE i.store = $1 AND i.session_id = $2 AND i.branch = $5 AND ($3::float8 IS NULL OR
-        s.updated_at > now() - make_interval(secs => $3::float8))
-  WINDOW newest AS (ORDER BY i.seq DESC ROWS UNBOUNDED PRECEDING)
-  ORDER BY i.seq DESC LIMIT $4
-) AS w WHERE $6::int8 IS NULL OR before <= $6 ORDER BY seq DESC
-"""
-"""The newest items while those before each fit `max_bytes` (see `latest`): a running sum
-of their sizes, which Postgres takes without reading a stored value (nor sends the rows
-it leaves out)."""
-USAGE_SQL = """
-SELECT branch, turn, requests, input_tokens, output_tokens, total_tokens, input_details,
-       output_details
-FROM {s}.usage WHERE store = $1 AND session_id = $2 AND ($3::text IS NULL OR branch = $3)
-ORDER BY branch COLLATE "C", turn
-"""
-USER_TURNS_SQL = """
-SELECT turn, data, extract(epoch FROM created_at) FROM {s}.items
-WHERE store = $1 AND session_id = $2 AND branch = $3 AND kind = 'user' ORDER BY turn
-"""
-
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # a connection cut between a statement and its COMMIT
-    asyncpg.CannotConnectNowError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.QueryCanceledError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.DiskFullError,
-    asyncpg.LockNotAvailableError,
-    asyncpg.OutOfMemoryError,
-)
-# refusals that name their cause; a lock_timeout is a LockNotAvailableError
-_CAUSES: tuple[tuple[type[BaseException], Cause], ...] = (
-    (asyncpg.LockNotAvailableError, Cause.LOCK_TIMEOUT),
-    (asyncpg.DiskFullError, Cause.DISK_FULL),
-    (asyncpg.TooManyConnectionsError, Cause.TOO_MANY_CONNECTIONS),
-    (asyncpg.OutOfMemoryError, Cause.OUT_OF_MEMORY),
-)
-# what the server says of the store's own settings; retrying does not help
-_MISCONFIGURED: tuple[type[BaseException], ...] = (
-    asyncpg.InvalidCatalogNameError,
-    asyncpg.InvalidAuthorizationSpecificationError,
-    asyncpg.InsufficientPrivilegeError,
-    asyncpg.InvalidSchemaNameError,
-)
-
-
-@dataclass(frozen=True)
-class Settings:
-    dsn: str = "postgresql://localhost/postgres"
-    password_file: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    schema: str = "convostore"
-    pool_min: int = 0
-    """Connections kept open however idle the sidecar is: none, by default."""
-    pool_max: int = 4
-    """Connections per sidecar at most: one pod's agent rarely has more calls at once,
-    and in a fleet every pod's connections add up on the server (or the pooler)."""
-    idle_timeout: float = 30.0
-    """A connection no call has used for this long is closed, so an idle sidecar holds
-    none."""
-    connect_timeout: float = 2.0
-    statement_timeout: float = 5.0
-    synchronous_commit: str | None = None
-    """The sessions' `synchronous_commit`; unset, the server's (`on`: with a synchronous
-    standby configured, a commit returns once the standby has it)."""
-    transaction_pooler: bool = False
-    """The DSN reaches PostgreSQL through a pooler in transaction mode (PgBouncer,
-    CloudNativePG's `Pooler`): each call then runs in a transaction of its own, its
-    settings `SET LOCAL`, with no prepared statement kept and no session state."""
-    direct_dsn: str | None = None
-    """A DSN straight to PostgreSQL, for migrations (`convostore migrate`, the operator),
-    which take a session-level lock that no pooler in transaction mode would keep."""
-
-    @classmethod
-    def parse(cls, s: Section) -> Settings:
-        dsn = s.string("dsn")
-        if dsn is None:
-            s.fail("dsn", "is required (postgresql://user@host:port/database)")
-        if not dsn.startswith(("postgresql://", "postgres://")):
-            s.fail("dsn", "must start with postgresql:// (the password may go in passwordFile)")
-        tls = s.section("tls")
-        settings = cls(
-            dsn=dsn,
-            password_file=s.string("passwordFile"),
-            ca_file=tls.string("caFile"),
-            cert_file=tls.string("certFile"),
-            key_file=tls.string("keyFile"),
-            schema=s.string("schema", cls.schema, pattern=IDENTIFIER),
-            pool_min=s.integer("poolMin", cls.pool_min, low=0, high=100),
-            pool_max=s.integer("poolMax", cls.pool_max, low=1, high=1000),
-            idle_timeout=s.duration("idleTimeout", cls.idle_timeout, low=0.1, high=86_400),
-            connect_timeout=s.duration("connectTimeout", cls.connect_timeout, low=0.1, high=60),
-            statement_timeout=s.duration(
-                "statementTimeout", cls.statement_timeout, low=0.01, high=3600
-            ),
-            synchronous_commit=(
-                s.choice("synchronousCommit", SYNCHRONOUS_COMMIT)
-                if s.has("synchronousCommit")
-                else None
-            ),
-            transaction_pooler=s.boolean("transactionPooler", False),
-            direct_dsn=s.string("directDsn"),
-        )
-        tls.done()
-        if settings.transaction_pooler and settings.direct_dsn is None:
-            s.fail(
-                "directDsn",
-                "is required with transactionPooler: migrations need a connection straight "
-                "to PostgreSQL (a pooler in transaction mode drops their lock)",
-            )
-        if settings.direct_dsn is not None and not settings.direct_dsn.startswith(
-            ("postgresql://", "postgres://")
-        ):
-            s.fail("directDsn", "must start with postgresql://")
-        if settings.pool_min > settings.pool_max:
-            s.fail("poolMin", f"must not exceed poolMax ({settings.pool_max})")
-        targets = parse_qs(urlsplit(dsn).query).get("target_session_attrs", [None])[-1]
-        if len(dsn_hosts(dsn)) > 1 and targets not in WRITABLE_TARGETS:
-            s.fail(
-                "dsn",
-                "names several hosts: add target_session_attrs=read-write, so that the "
-                "sidecar connects only to the one that accepts writes (the primary)",
-            )
-        mode = sslmode(dsn)
-        if settings.ca_file and mode not in (None, "verify-full", "verify-ca"):
-            s.fail("tls.caFile", f"verifies the server, which sslmode={mode} in the dsn turns off")
-        if bool(settings.cert_file) != bool(settings.key_file):
-            s.fail("tls", "certFile and keyFile go together")
-        return settings
-
-    def ssl(self) -> ssl_module.SSLContext | bool | None:
-        """TLS for the pool. The DSN's own `sslmode` wins; a `tls.caFile` verifies the
-        server against that CA; with neither, a server beyond loopback is verified
-        against the system's CAs (libpq's default, `prefer`, would accept anyone who
-        answers on the path) and a loopback one is reached without TLS."""
-        mode = sslmode(self.dsn)
-        if self.ca_file or (mode is None and not loopback_only(self.dsn)):
-            context = ssl_module.create_default_context(cafile=self.ca_file)
-            if mode == "verify-ca":
-                context.check_hostname = False
-            if self.cert_file and self.key_file:
-                context.load_cert_chain(self.cert_file, self.key_file)
-            return context
-        return None if mode is not None else False
-
-
-def sslmode(dsn: str) -> str | None:
-    return parse_qs(urlsplit(dsn).query).get("sslmode", [None])[-1]
-
-
-def dsn_hosts(dsn: str) -> list[str]:
-    """Every host the DSN names: in its netloc (comma-separated, as libpq allows for
-    failover) and in `host=` parameters; an empty name is the default host."""
-    parts = urlsplit(dsn)
-    hosts = parse_qs(parts.query).get("host", [])
-    for entry in parts.netloc.rpartition("@")[2].split(","):
-        if entry.startswith("["):
-            hosts.append(entry[1 : entry.find("]")])
-        else:
-            hosts.append(entry.partition(":")[0])
-    return hosts
-
-
-def loopback_only(dsn: str) -> bool:
-    """True when every host of the DSN is a loopback address or a unix socket."""
-    return all(not h or h.startswith("/") or is_loopback_host(h) for h in dsn_hosts(dsn))
-
-
-WRITABLE_TARGETS = ("read-write", "primary")
-SYNCHRONOUS_COMMIT = ("remote_apply", "on", "remote_write", "local", "off")
 
 
 def open_driver(store: StoreConfig) -> PostgresDriver:
@@ -355,7 +150,7 @@ class PostgresDriver(KeepsStructure):
                 async with conn.transaction():  # every statement on one server connection
                     await conn.execute(self._local_settings)
                     return await self._checked(conn, fn, migrated)
-        except _MISCONFIGURED as exc:
+        except MISCONFIGURED as exc:
             raise BackendMisconfigured(f"postgres refuses the store's settings: {exc}") from exc
         except asyncpg.ReadOnlySQLTransactionError as exc:
             # the server was a primary and is one no longer (a failover demoted it): every
@@ -366,8 +161,8 @@ class PostgresDriver(KeepsStructure):
             raise BackendUnavailable(
                 f"postgres: the server no longer accepts writes: {exc}", Cause.READ_ONLY
             ) from exc
-        except _UNAVAILABLE as exc:
-            cause = next((c for kind, c in _CAUSES if isinstance(exc, kind)), Cause.UNAVAILABLE)
+        except UNAVAILABLE as exc:
+            cause = next((c for kind, c in CAUSES if isinstance(exc, kind)), Cause.UNAVAILABLE)
             raise BackendUnavailable(f"postgres: {exc!r}", cause) from exc
 
     async def _checked(
