@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
@@ -16,11 +13,9 @@ from ..base import (
     MAIN,
     AppendResult,
     BackendMisconfigured,
-    BackendUnavailable,
     BranchIdUsed,
     BranchInfo,
     BranchNotFound,
-    Cause,
     Check,
     Idempotency,
     Items,
@@ -41,38 +36,24 @@ from ..base import (
 from .schema import (
     NO_BRANCH,
     SchemaTooNew,
-    installed_version,
     migrate,
-    version_problem,
 )
 
 if TYPE_CHECKING:
     from ...config import StoreConfig
 
 
-from .errors import CAUSES, MISCONFIGURED, UNAVAILABLE
+from .pool import Connections
 from .settings import Settings
 from .statements import LATEST_SQL, USAGE_SQL, USER_TURNS_SQL
 
 T = TypeVar("T")
 SWEEP_LOCK = 0x73776565  # "swee": at most one sidecar sweeps at a time
-APPLICATION = "convostore-sidecar"
-STATEMENT_CACHE = 100
-"""asyncpg's default: the statements a connection keeps prepared (none through a pooler)."""
 SWEEP_BATCH = 500
 
 
 def open_driver(store: StoreConfig) -> PostgresDriver:
     return PostgresDriver(store)
-
-
-async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
-    """What a released connection needs beyond asyncpg's own rollback of an open
-    transaction: nothing. The driver leaves no session state (settings are the
-    connection's own or `SET LOCAL`, advisory locks end with their transaction, no
-    `LISTEN`, no cursor outlives its transaction), and asyncpg's default reset query
-    costs a round trip on every release: one more for every call (bench/NOTES.md,
-    "Per-request cost")."""
 
 
 class PostgresDriver(KeepsStructure):
@@ -81,102 +62,12 @@ class PostgresDriver(KeepsStructure):
         self.settings: Settings = store.settings
         self.store = store.identity
         self.retention = store.retention
-        self._pool: asyncpg.Pool | None = None
-        self._pool_lock = asyncio.Lock()
-        self._schema_ready = False
         s = self.settings.schema
+        self._connections = Connections(self.settings, s)
         self.latest_sql = LATEST_SQL.format(s=s)
         self.user_turns_sql = USER_TURNS_SQL.format(s=s)
         self.usage_sql = USAGE_SQL.format(s=s)
         self._s = s
-
-    def _password(self) -> str | None:
-        if not self.settings.password_file:
-            return None
-        return Path(self.settings.password_file).read_text("utf-8").strip()
-
-    async def _get_pool(self) -> asyncpg.Pool:
-        if self._pool is not None:
-            return self._pool
-        async with self._pool_lock:
-            if self._pool is None:
-                pooled = self.settings.transaction_pooler
-                pool = await asyncpg.create_pool(
-                    self.settings.dsn,
-                    password=self._password(),
-                    ssl=self.settings.ssl(),
-                    min_size=self.settings.pool_min,
-                    max_size=self.settings.pool_max,
-                    timeout=self.settings.connect_timeout,
-                    command_timeout=self.settings.statement_timeout + 1,
-                    max_inactive_connection_lifetime=self.settings.idle_timeout,
-                    server_settings=(
-                        {"application_name": APPLICATION} if pooled else self._settings()
-                    ),
-                    # a statement prepared on one server connection is unknown on the next
-                    statement_cache_size=0 if pooled else STATEMENT_CACHE,
-                    reset=_nothing_to_reset,
-                )
-                self._pool = pool
-        return self._pool
-
-    def _settings(self) -> dict[str, str]:
-        """What each connection sets for its session, or, through a transaction pooler,
-        each transaction for itself (`_local_settings`)."""
-        settings = {
-            "statement_timeout": str(int(self.settings.statement_timeout * 1000)),
-            "application_name": APPLICATION,
-        }
-        if self.settings.synchronous_commit is not None:
-            settings["synchronous_commit"] = self.settings.synchronous_commit
-        return settings
-
-    @functools.cached_property
-    def _local_settings(self) -> str:
-        settings = self._settings()
-        del settings["application_name"]
-        return "".join(f"SET LOCAL {name} = '{value}';" for name, value in settings.items())
-
-    async def _run(
-        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, migrated: bool = True
-    ) -> T:
-        """`fn` on a pooled connection, with the server's errors mapped to the API's;
-        until the schema is found at this sidecar's version, only with `migrated=False`."""
-        try:
-            pool = await self._get_pool()
-            async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
-                if not self.settings.transaction_pooler:
-                    return await self._checked(conn, fn, migrated)
-                async with conn.transaction():  # every statement on one server connection
-                    await conn.execute(self._local_settings)
-                    return await self._checked(conn, fn, migrated)
-        except MISCONFIGURED as exc:
-            raise BackendMisconfigured(f"postgres refuses the store's settings: {exc}") from exc
-        except asyncpg.ReadOnlySQLTransactionError as exc:
-            # the server was a primary and is one no longer (a failover demoted it): every
-            # pooled connection goes to it, so all are replaced, each new one finding
-            # the host that now accepts writes (target_session_attrs)
-            if self._pool is not None:
-                await self._pool.expire_connections()
-            raise BackendUnavailable(
-                f"postgres: the server no longer accepts writes: {exc}", Cause.READ_ONLY
-            ) from exc
-        except UNAVAILABLE as exc:
-            cause = next((c for kind, c in CAUSES if isinstance(exc, kind)), Cause.UNAVAILABLE)
-            raise BackendUnavailable(f"postgres: {exc!r}", cause) from exc
-
-    async def _checked(
-        self,
-        conn: asyncpg.Connection,
-        fn: Callable[[asyncpg.Connection], Awaitable[T]],
-        migrated: bool,
-    ) -> T:
-        if migrated and not self._schema_ready:
-            problem = version_problem(self._s, await installed_version(conn, self._s))
-            if problem:
-                raise BackendMisconfigured(problem)
-            self._schema_ready = True
-        return await fn(conn)
 
     def _ttl(self) -> float | None:
         return self.retention.ttl_seconds
@@ -191,7 +82,9 @@ class PostgresDriver(KeepsStructure):
         direct = self.settings.direct_dsn
         try:
             if direct is None:
-                return str(await self._run(lambda conn: migrate(conn, self._s), migrated=False))
+                return str(
+                    await self._connections.run(lambda conn: migrate(conn, self._s), migrated=False)
+                )
             straight = replace(
                 self.settings, dsn=direct, direct_dsn=None, transaction_pooler=False, pool_min=0
             )
@@ -204,12 +97,10 @@ class PostgresDriver(KeepsStructure):
             raise BackendMisconfigured(str(exc)) from exc
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._connections.close()
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.fetchval("SELECT 1"))
+        await self._connections.run(lambda conn: conn.fetchval("SELECT 1"))
 
     async def append_to(
         self,
@@ -253,7 +144,9 @@ class PostgresDriver(KeepsStructure):
                 return await append(conn)
 
         try:
-            row = await self._run(in_transaction if isinstance(items, Sealed) else append)
+            row = await self._connections.run(
+                in_transaction if isinstance(items, Sealed) else append
+            )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == NO_BRANCH:
                 raise BranchNotFound(branch) from exc
@@ -273,7 +166,7 @@ class PostgresDriver(KeepsStructure):
             )
             return [row[0] for row in reversed(rows)]
 
-        return await self._run(read)
+        return await self._connections.run(read)
 
     async def _require_branch(self, conn: asyncpg.Connection, session_id: str, branch: str) -> None:
         if branch == MAIN:
@@ -348,7 +241,7 @@ class PostgresDriver(KeepsStructure):
                 data: bytes = newest["data"]
                 return data
 
-        return await self._run(pop)
+        return await self._connections.run(pop)
 
     async def clear(self, session_id: str) -> None:
         s = self._s
@@ -366,7 +259,7 @@ class PostgresDriver(KeepsStructure):
                     session_id,
                 )
 
-        await self._run(clear)
+        await self._connections.run(clear)
 
     async def branch_exists(self, session_id: str, branch: str) -> bool:
         async def exists(conn: asyncpg.Connection) -> bool:
@@ -376,10 +269,10 @@ class PostgresDriver(KeepsStructure):
                 return False
             return True
 
-        return await self._run(exists)
+        return await self._connections.run(exists)
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
-        rows = await self._run(
+        rows = await self._connections.run(
             lambda conn: conn.fetch(
                 f"SELECT i.branch, count(*), count(*) FILTER (WHERE i.kind = 'user'),"
                 f" extract(epoch FROM min(i.created_at))"
@@ -453,7 +346,7 @@ class PostgresDriver(KeepsStructure):
                     int(copied.split()[-1]),
                 )
 
-        await self._run(create)
+        await self._connections.run(create)
 
     async def delete_branch(self, session_id: str, branch: str) -> None:
         s, key = self._s, (self.store, session_id, branch)
@@ -475,7 +368,7 @@ class PostgresDriver(KeepsStructure):
                     *key,
                 )
 
-        await self._run(delete)
+        await self._connections.run(delete)
 
     async def compact(
         self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
@@ -534,7 +427,7 @@ class PostgresDriver(KeepsStructure):
                 )
                 return True
 
-        return await self._run(replace)
+        return await self._connections.run(replace)
 
     async def full_history(
         self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
@@ -562,7 +455,7 @@ class PostgresDriver(KeepsStructure):
             )
             return [row[0] for row in reversed(rows)]
 
-        return await self._run(read)
+        return await self._connections.run(read)
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         async def read(conn: asyncpg.Connection) -> list[UserTurn]:
@@ -572,7 +465,7 @@ class PostgresDriver(KeepsStructure):
             rows = await conn.fetch(self.user_turns_sql, self.store, session_id, branch)
             return [UserTurn(r[0], r[1], float(r[2])) for r in rows]
 
-        return await self._run(read)
+        return await self._connections.run(read)
 
     async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
         async def read(conn: asyncpg.Connection) -> list[ItemShape]:
@@ -588,7 +481,7 @@ class PostgresDriver(KeepsStructure):
             )
             return [ItemShape(*row) for row in rows]
 
-        return await self._run(read)
+        return await self._connections.run(read)
 
     async def _alive(self, conn: asyncpg.Connection, session_id: str) -> bool:
         alive: bool | None = await conn.fetchval(
@@ -652,7 +545,7 @@ class PostgresDriver(KeepsStructure):
                 )
                 return int(target)
 
-        return await self._run(record)
+        return await self._connections.run(record)
 
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
         async def read(conn: asyncpg.Connection) -> list[TurnUsage]:
@@ -661,10 +554,10 @@ class PostgresDriver(KeepsStructure):
             rows = await conn.fetch(self.usage_sql, self.store, session_id, branch)
             return [TurnUsage(r[0], r[1], Usage(*r[2:])) for r in rows]
 
-        return await self._run(read)
+        return await self._connections.run(read)
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
-        rows = await self._run(
+        rows = await self._connections.run(
             lambda conn: conn.fetch(
                 f"SELECT session_id FROM {self._s}.sessions WHERE store = $1"
                 f' AND session_id COLLATE "C" >= $2 AND session_id COLLATE "C" > $3'
@@ -721,10 +614,10 @@ class PostgresDriver(KeepsStructure):
                 )
                 return len(gone)
 
-        await self._run(forget_keys)
+        await self._connections.run(forget_keys)
         swept = 0
         while ttl is not None:
-            deleted = await self._run(expire_batch)
+            deleted = await self._connections.run(expire_batch)
             swept += deleted or 0
             if deleted is None or deleted < SWEEP_BATCH:
                 break
@@ -757,4 +650,4 @@ class PostgresDriver(KeepsStructure):
                 )
                 return len(changed)
 
-        return await self._run(rewrite)
+        return await self._connections.run(rewrite)
