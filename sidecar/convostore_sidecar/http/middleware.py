@@ -69,17 +69,17 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def admit(request: web.Request) -> None:
-    """Raises unless the request may go on: it needs a valid token (but for the open
-    paths); past `requests.maxConcurrent` API calls at once, more are turned away with
-    503 and `Retry-After` (the client retries them) instead of piling up in memory; a
-    query parameter given twice is refused, not read as its first value."""
-    if request.path in OPEN_PATHS:
-        return
-    if not authorized(request):
-        raise ApiError(401, "unauthorized", "a valid bearer token is required")
-    limits = request.app[REQUEST_LIMITS]
-    if request.app[IN_FLIGHT].count > limits.max_concurrent:
-        raise overloaded(f"{limits.max_concurrent} requests are in progress; retry shortly")
+    """Raises unless the request may go on. Beyond the open paths (probes, metrics, the
+    OpenAPI document) it needs a valid token, and past `requests.maxConcurrent` API
+    calls at once more are turned away with 503 and `Retry-After` (the client retries
+    them) instead of piling up in memory. On every path a query parameter given twice is
+    refused, not read as its first value."""
+    if request.path not in OPEN_PATHS:
+        if not authorized(request):
+            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+        limits = request.app[REQUEST_LIMITS]
+        if request.app[IN_FLIGHT].count > limits.max_concurrent:
+            raise overloaded(f"{limits.max_concurrent} requests are in progress; retry shortly")
     query = request.query
     if len(query) != len(query.keys() & query.keys()):
         repeated = sorted({key for key in query if len(query.getall(key)) > 1})
