@@ -188,6 +188,22 @@ class ListenConfig:
     health_host: str = "0.0.0.0"
     """The kubelet probes the pod's IP, so by default every address."""
 
+    @classmethod
+    def parse(cls, s: Section) -> ListenConfig:
+        listen = cls(
+            host=s.string("host", cls.host),
+            port=s.integer("port", cls.port, low=0, high=65535),
+            socket=s.string("socket"),
+            socket_mode=s.integer("socketMode", cls.socket_mode, low=0, high=0o777),
+            tcp=s.boolean("tcp", True),
+            health_port=(
+                s.integer("healthPort", 0, low=1, high=65535) if s.has("healthPort") else None
+            ),
+            health_host=s.string("healthHost", cls.health_host),
+        )
+        s.done()
+        return listen
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -205,6 +221,40 @@ class RequestLimits:
     max_buffered_read_bytes: int = 16 << 20
     max_connections: int = 256
     idle_timeout: float = 30.0
+
+    @classmethod
+    def parse(cls, s: Section) -> RequestLimits:
+        """The section's fields; `done()` is left to the caller, which checks each
+        store against them first (`check_room_for`)."""
+        return cls(
+            max_concurrent=s.integer("maxConcurrent", cls.max_concurrent, low=1, high=100_000),
+            body_timeout=s.duration("bodyTimeout", cls.body_timeout, low=0.1, high=3600),
+            max_buffered_bytes=s.integer(
+                "maxBufferedBytes", cls.max_buffered_bytes, low=1 << 10, high=4 << 30
+            ),
+            max_buffered_read_bytes=s.integer(
+                "maxBufferedReadBytes", cls.max_buffered_read_bytes, low=1 << 10, high=4 << 30
+            ),
+            max_connections=s.integer("maxConnections", cls.max_connections, low=1, high=100_000),
+            idle_timeout=s.duration("idleTimeout", cls.idle_timeout, low=0.1, high=3600),
+        )
+
+    def check_room_for(self, store: StoreConfig, s: Section) -> None:
+        """Refuses budgets that a store's largest request or read could never fit in."""
+        if store.limits.max_request_bytes > self.max_buffered_bytes:
+            s.fail(
+                "maxBufferedBytes",
+                f"is {self.max_buffered_bytes}, less than store {store.name!r}'s "
+                f"limits.maxRequestBytes ({store.limits.max_request_bytes}): "
+                "its largest request could never be taken",
+            )
+        if store.limits.most_read_bytes > self.max_buffered_read_bytes:
+            s.fail(
+                "maxBufferedReadBytes",
+                f"is {self.max_buffered_read_bytes}, less than store {store.name!r}'s "
+                f"limits.maxReadBytes and maxItemBytes together "
+                f"({store.limits.most_read_bytes}): its largest read could never be taken",
+            )
 
 
 @dataclass(frozen=True)
@@ -256,69 +306,20 @@ def _read(p: Path) -> Any:
 
 def parse_config(data: Any) -> SidecarConfig:
     root = Section(data, "")
-    listen_s = root.section("listen")
-    listen = ListenConfig(
-        host=listen_s.string("host", ListenConfig.host),
-        port=listen_s.integer("port", ListenConfig.port, low=0, high=65535),
-        socket=listen_s.string("socket"),
-        socket_mode=listen_s.integer("socketMode", ListenConfig.socket_mode, low=0, high=0o777),
-        tcp=listen_s.boolean("tcp", True),
-        health_port=(
-            listen_s.integer("healthPort", 0, low=1, high=65535)
-            if listen_s.has("healthPort")
-            else None
-        ),
-        health_host=listen_s.string("healthHost", ListenConfig.health_host),
-    )
-    listen_s.done()
+    listen = ListenConfig.parse(root.section("listen"))
     auth_s = root.section("auth")
     token_file = auth_s.string("tokenFile")
     auth_s.done()
     shutdown = root.duration("shutdownTimeout", 30.0, low=0, high=3600)
     requests_s = root.section("requests")
-    requests = RequestLimits(
-        max_concurrent=requests_s.integer(
-            "maxConcurrent", RequestLimits.max_concurrent, low=1, high=100_000
-        ),
-        body_timeout=requests_s.duration(
-            "bodyTimeout", RequestLimits.body_timeout, low=0.1, high=3600
-        ),
-        max_buffered_bytes=requests_s.integer(
-            "maxBufferedBytes", RequestLimits.max_buffered_bytes, low=1 << 10, high=4 << 30
-        ),
-        max_buffered_read_bytes=requests_s.integer(
-            "maxBufferedReadBytes",
-            RequestLimits.max_buffered_read_bytes,
-            low=1 << 10,
-            high=4 << 30,
-        ),
-        max_connections=requests_s.integer(
-            "maxConnections", RequestLimits.max_connections, low=1, high=100_000
-        ),
-        idle_timeout=requests_s.duration(
-            "idleTimeout", RequestLimits.idle_timeout, low=0.1, high=3600
-        ),
-    )
+    requests = RequestLimits.parse(requests_s)
     stores_s = root.section("stores")
     names = stores_s.keys()
     if not names:
         root.fail("stores", "must name at least one store")
     stores = {name: parse_store(name, stores_s) for name in names}
     for store in stores.values():
-        if store.limits.max_request_bytes > requests.max_buffered_bytes:
-            requests_s.fail(
-                "maxBufferedBytes",
-                f"is {requests.max_buffered_bytes}, less than store {store.name!r}'s "
-                f"limits.maxRequestBytes ({store.limits.max_request_bytes}): "
-                "its largest request could never be taken",
-            )
-        if store.limits.most_read_bytes > requests.max_buffered_read_bytes:
-            requests_s.fail(
-                "maxBufferedReadBytes",
-                f"is {requests.max_buffered_read_bytes}, less than store {store.name!r}'s "
-                f"limits.maxReadBytes and maxItemBytes together "
-                f"({store.limits.most_read_bytes}): its largest read could never be taken",
-            )
+        requests.check_room_for(store, requests_s)
     requests_s.done()
     root.done()
     return SidecarConfig(

@@ -133,24 +133,9 @@ class SqliteDriver(KeepsStructure):
 
         def append(conn: sqlite3.Connection) -> AppendResult:
             if idempotency is not None:
-                seen = conn.execute(
-                    "SELECT fingerprint, appended FROM convostore_idempotency"
-                    " WHERE store = ? AND session_id = ? AND key = ? AND expires_at > ?",
-                    (store, session_id, idempotency.key, now),
-                ).fetchone()
-                if seen is not None:
-                    return replay_of(idempotency, seen[0], seen[1])
-                conn.execute(
-                    "INSERT OR REPLACE INTO convostore_idempotency VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        store,
-                        session_id,
-                        idempotency.key,
-                        idempotency.fingerprint,
-                        len(items),
-                        now + idempotency.ttl_seconds,
-                    ),
-                )
+                replayed = self._replay_or_record(conn, session_id, idempotency, len(items), now)
+                if replayed is not None:
+                    return replayed
             row = conn.execute(
                 "SELECT next_seq, updated_at FROM convostore_sessions"
                 " WHERE store = ? AND session_id = ?",
@@ -189,6 +174,36 @@ class SqliteDriver(KeepsStructure):
             return AppendResult(len(items), replayed=False, turn=turn, anchor=anchor)
 
         return await self._writer.transact(append)
+
+    def _replay_or_record(
+        self,
+        conn: sqlite3.Connection,
+        session_id: str,
+        idempotency: Idempotency,
+        count: int,
+        now: float,
+    ) -> AppendResult | None:
+        """The replay of an append whose key was seen (raising if its body differed), or
+        None once the key is recorded for this one, in the append's own transaction."""
+        seen = conn.execute(
+            "SELECT fingerprint, appended FROM convostore_idempotency"
+            " WHERE store = ? AND session_id = ? AND key = ? AND expires_at > ?",
+            (self.store, session_id, idempotency.key, now),
+        ).fetchone()
+        if seen is not None:
+            return replay_of(idempotency, seen[0], seen[1])
+        conn.execute(
+            "INSERT OR REPLACE INTO convostore_idempotency VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                self.store,
+                session_id,
+                idempotency.key,
+                idempotency.fingerprint,
+                count,
+                now + idempotency.ttl_seconds,
+            ),
+        )
+        return None
 
     def _forget(self, conn: sqlite3.Connection, session_id: str, *, expired: bool) -> None:
         """Everything of a session; a clear keeps its branch ids reserved, an expiry not."""
