@@ -13,6 +13,7 @@ COPY pyproject.toml README.md ./
 COPY client ./client
 COPY sidecar ./sidecar
 COPY operator ./operator
+COPY cli ./cli
 # pip lives in a venv of its own and installs into /opt/convostore, which has none: the
 # images carry neither pip nor setuptools
 ENV PIP_NO_CACHE_DIR=1

@@ -18,6 +18,7 @@ COMPONENTS = {
     "Client": ROOT / "client" / "convostore",
     "Sidecar": SIDECAR,
     "Operator": ROOT / "operator" / "convostore_operator",
+    "Command line": ROOT / "cli" / "convostore_cli",
 }
 SERVER_MODULES = ("aiohttp.web", "aiohttp.web_", "aiohttp.typedefs", "aiohttp.http_exceptions")
 

@@ -1,7 +1,7 @@
-"""`python -m convostore` is the `convostore` command."""
+"""`python -m convostore` is the `convostore` command, whose home is `convostore_cli`."""
 
 import sys
 
-from .cli import main
+from convostore_cli.main import main
 
 sys.exit(main())

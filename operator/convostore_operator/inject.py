@@ -119,6 +119,30 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
     if already_injected(pod):
         return
     spec = pod.setdefault("spec", {})
+    refuse_unsafe(spec)
+    callers = allowed_containers(pod)
+    annotations = pod.setdefault("metadata", {}).setdefault("annotations", {})
+    volumes = spec.setdefault("volumes", [])
+    volumes.append({"name": "convostore-socket", "emptyDir": {}})
+    volumes.append(
+        {"name": "convostore-token", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+    )
+    mounts: list[dict[str, Any]] = [
+        {"name": "convostore-socket", "mountPath": SOCKET_DIR},
+        {"name": "convostore-token", "mountPath": TOKEN_DIR},
+    ]
+    args = ["sidecar", "--socket", f"{SOCKET_DIR}/sidecar.sock", "--socket-mode", "0666"]
+    args += ["--issue-token", TOKEN_FILE, "--health-port", str(HEALTH_PORT)]
+    if annotations.get(TCP) != "true":
+        args.append("--no-tcp")
+    args += mount_stores(stores, volumes, mounts)
+    spec.setdefault("initContainers", []).append(sidecar_container(image, args, mounts))
+    grant_callers(spec, callers)
+    annotations[CONFIG_HASH] = combined_hash(stores)
+
+
+def refuse_unsafe(spec: dict[str, Any]) -> None:
+    """Pods where another container could reach the sidecar's loopback or its token."""
     if spec.get("hostNetwork"):
         raise InjectionRefused(
             "convostore: a pod on the host's network cannot have the sidecar: its "
@@ -129,21 +153,14 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
             "convostore: a pod that shares its process namespace cannot have the sidecar: "
             "every container there could read the sidecar's token and memory through /proc"
         )
-    callers = allowed_containers(pod)
-    annotations = pod.setdefault("metadata", {}).setdefault("annotations", {})
-    volumes = spec.setdefault("volumes", [])
-    mounts: list[dict[str, Any]] = [
-        {"name": "convostore-socket", "mountPath": SOCKET_DIR},
-        {"name": "convostore-token", "mountPath": TOKEN_DIR},
-    ]
-    volumes.append({"name": "convostore-socket", "emptyDir": {}})
-    volumes.append(
-        {"name": "convostore-token", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
-    )
-    args = ["sidecar", "--socket", f"{SOCKET_DIR}/sidecar.sock", "--socket-mode", "0666"]
-    args += ["--issue-token", TOKEN_FILE, "--health-port", str(HEALTH_PORT)]
-    if annotations.get(TCP) != "true":
-        args.append("--no-tcp")
+
+
+def mount_stores(
+    stores: list[StoreMount], volumes: list[dict[str, Any]], mounts: list[dict[str, Any]]
+) -> list[str]:
+    """Each store's config (and key) Secret as read-only volumes of the sidecar, and a
+    data directory when one keeps SQLite in the pod; the sidecar's `--config` args."""
+    args = []
     for store in stores:
         volume = f"convostore-store-{store.name}"
         volumes.append({"name": volume, "secret": {"secretName": f"{store.name}-convostore"}})
@@ -160,7 +177,12 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
     if any(store.embedded for store in stores):
         volumes.append({"name": "convostore-data", "emptyDir": {}})
         mounts.append({"name": "convostore-data", "mountPath": DATA_DIR})
-    sidecar = {
+    return args
+
+
+def sidecar_container(image: str, args: list[str], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A native sidecar, restricted, probed over HTTP on the health-only listener."""
+    return {
         "name": SIDECAR,
         "image": image,
         "restartPolicy": "Always",
@@ -182,7 +204,11 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
             "limits": {"memory": SIDECAR_MEMORY_LIMIT},
         },
     }
-    spec.setdefault("initContainers", []).append(sidecar)
+
+
+def grant_callers(spec: dict[str, Any], callers: list[str]) -> None:
+    """The socket and token directories, read-only, and the client's env, for the
+    containers allowed to call the sidecar, and no others."""
     for container in spec.get("containers") or []:
         if container.get("name") not in callers:
             continue
@@ -197,7 +223,6 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
                 {"name": "convostore-token", "mountPath": TOKEN_DIR, "readOnly": True},
             ]
         )
-    annotations[CONFIG_HASH] = combined_hash(stores)
 
 
 def combined_hash(stores: list[StoreMount]) -> str:

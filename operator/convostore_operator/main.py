@@ -28,9 +28,9 @@ from aiohttp import web
 from convostore_sidecar.http.listener import LONGEST_HEADER, MOST_HEADERS
 
 from .crd import GROUP
-from .handlers import OperatorConfig, register
 from .kube import Kube, api_client, configuration
 from .leader import Election, LeaseSettings
+from .registration import OperatorConfig, register
 from .webhook import AdmissionServer, WebhookSettings
 
 log = logging.getLogger("convostore.operator")

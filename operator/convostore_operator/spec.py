@@ -3,6 +3,8 @@
 Both come from `crd.py`, so the operator refuses exactly what a conforming API server
 would have refused, with an error that names the field. This matters on clusters (and
 emulators) that skip some validation, and for objects stored under an older schema.
+`parse` does it once per reconcile and gives a `StoreSpec`: the facts the operator
+decides on, typed, beside the checked document that `render` translates for the sidecar.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import celpy
 import jsonschema
@@ -33,6 +35,48 @@ class InvalidSpec(Exception):
 class SecretRef:
     name: str
     key: str
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """A checked spec: what reconcile and deletion decide on, and the whole `document`."""
+
+    name: str
+    document: dict[str, Any]
+    """The validated spec, as `render`, `trust` and `backend` read its sections."""
+    backend: str
+    deletion_policy: Literal["Retain", "Delete"]
+    refs: dict[str, SecretRef]
+    """Every Secret value the spec uses, by the name the renderer gives it."""
+    keys_secret: str | None
+    """The Secret with the store's encryption keys; None when it is not encrypted."""
+    keys_named: bool
+    """True when the author names the key Secret; False when the operator generates it."""
+    primary_key: str | None
+    dapr_component: bool
+    """True when the operator writes the store's Dapr Component itself."""
+
+    @property
+    def retained(self) -> bool:
+        return self.deletion_policy == "Retain"
+
+
+def parse(name: str, raw: Any) -> StoreSpec:
+    """The store's name and spec, checked; raises `InvalidSpec` naming the field."""
+    validate_name(name)
+    document = validate(dict(raw))
+    encryption = document.get("encryption", {})
+    return StoreSpec(
+        name=name,
+        document=document,
+        backend=document["backend"],
+        deletion_policy=document.get("deletionPolicy", "Retain"),
+        refs=secret_refs(document),
+        keys_secret=keys_secret_name(name, document),
+        keys_named="keySecretRef" in encryption,
+        primary_key=encryption.get("primary"),
+        dapr_component=document["backend"] == "dapr" and "component" in document["dapr"],
+    )
 
 
 _validator = jsonschema.Draft202012Validator(SPEC)

@@ -14,9 +14,9 @@ from typing import Any
 
 import kopf
 import pytest
-from convostore_operator.handlers import OperatorConfig, register
 from convostore_operator.kube import Kube, api_client
 from convostore_operator.main import operator_settings
+from convostore_operator.registration import OperatorConfig, register
 from convostore_operator.webhook import AdmissionServer, WebhookSettings
 
 from tests.operator.emulator import STORES, RealisticEmulator, declare_resources

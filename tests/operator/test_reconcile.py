@@ -14,7 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
-from convostore_operator.handlers import PURGE_ATTEMPTS, OperatorConfig
+from convostore_operator.deletion import PURGE_ATTEMPTS
+from convostore_operator.registration import OperatorConfig
 from convostore_sidecar.config import load_config, parse_config
 from convostore_sidecar.drivers.postgres.schema import SCHEMA_VERSION
 from convostore_sidecar.stores import Store

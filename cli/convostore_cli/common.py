@@ -1,0 +1,44 @@
+"""What the commands share: running a coroutine, reaching a sidecar's store, the config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from convostore.store import SidecarStore
+
+
+def run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+def add_sidecar_options(parser: argparse.ArgumentParser) -> None:
+    """How a command reaches a running sidecar's store."""
+    parser.add_argument("--url", help="sidecar URL (default: $CONVOSTORE_URL)")
+    parser.add_argument("--store", default="default")
+    parser.add_argument("--token-file", help="bearer token file ($CONVOSTORE_TOKEN_FILE)")
+
+
+def store(args: argparse.Namespace) -> SidecarStore:
+    # imported by the commands that use it: the sidecar's process has no use for the client
+    from convostore.store import SidecarStore
+
+    return SidecarStore(args.store, args.url, token_file=args.token_file)
+
+
+def config_paths(args: argparse.Namespace) -> list[str]:
+    from_env = os.environ.get("CONVOSTORE_CONFIG")
+    paths: list[str] = args.config or ([from_env] if from_env else [])
+    return paths
+
+
+def needs_extra(extra: str, what: str, exc: ImportError) -> ValueError:
+    """An install without `extra` has the command but not what it starts."""
+    return ValueError(
+        f"{what} needs the [{extra}] extra ({exc.name} is missing): "
+        f"pip install 'convostore[{extra}]'"
+    )
