@@ -2,7 +2,8 @@
 # The whole test suite: installs the project with its dev extras into .venv (made if
 # missing), makes sure the database, pooler and file-system tools and the container engine
 # the tests use are present (starting the engine when none runs), then runs
-# ruff, ruff format --check, mypy, the import contracts and pytest. With arguments,
+# ruff, ruff format --check, mypy, the import contracts, the docs' strict build and
+# pytest. With arguments,
 # pytest runs them alone, in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,10 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/mypy examples  # each example is a script of its own, not a package
 .venv/bin/lint-imports  # the layers and boundaries in pyproject.toml's [tool.importlinter]
+site=$(mktemp -d)  # docs/ built strictly: a broken link or anchor fails the run
+.venv/bin/mkdocs build --strict --quiet --site-dir "$site" && rm -rf "$site"
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
 from ..base import (
     COMPACTED,
-    MAIN,
     AppendResult,
     BackendMisconfigured,
-    BranchIdUsed,
     BranchInfo,
     BranchNotFound,
     Check,
@@ -24,14 +22,12 @@ from ..base import (
     Meta,
     Sealed,
     Transform,
-    TurnNotFound,
     TurnUsage,
     Usage,
     UserTurn,
     archive_of,
     replay_of,
     stored,
-    stored_at,
 )
 from .schema import (
     NO_BRANCH,
@@ -43,7 +39,9 @@ if TYPE_CHECKING:
     from ...config import StoreConfig
 
 
+from . import structure
 from .pool import Connections
+from .rows import SessionRows
 from .settings import Settings
 from .statements import LATEST_SQL, USAGE_SQL, USER_TURNS_SQL
 
@@ -68,6 +66,7 @@ class PostgresDriver(KeepsStructure):
         self.user_turns_sql = USER_TURNS_SQL.format(s=s)
         self.usage_sql = USAGE_SQL.format(s=s)
         self._s = s
+        self._rows = SessionRows(s, self.store, self.retention.ttl_seconds)
 
     def _ttl(self) -> float | None:
         return self.retention.ttl_seconds
@@ -160,7 +159,7 @@ class PostgresDriver(KeepsStructure):
         self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
     ) -> list[bytes]:
         async def read(conn: asyncpg.Connection) -> list[bytes]:
-            await self._require_branch(conn, session_id, branch)
+            await self._rows.require_branch(conn, session_id, branch)
             rows = await conn.fetch(
                 self.latest_sql, self.store, session_id, self._ttl(), limit, branch, max_bytes
             )
@@ -168,42 +167,13 @@ class PostgresDriver(KeepsStructure):
 
         return await self._connections.run(read)
 
-    async def _require_branch(self, conn: asyncpg.Connection, session_id: str, branch: str) -> None:
-        if branch == MAIN:
-            return
-        live = await conn.fetchval(
-            f"SELECT b.live FROM {self._s}.branches AS b"
-            f" JOIN {self._s}.sessions AS s USING (store, session_id)"
-            f" WHERE b.store = $1 AND b.session_id = $2 AND b.branch = $3"
-            f" AND ($4::float8 IS NULL"
-            f"  OR s.updated_at > now() - make_interval(secs => $4::float8))",
-            self.store,
-            session_id,
-            branch,
-            self._ttl(),
-        )
-        if not live:
-            raise BranchNotFound(branch)
-
-    async def _lock(self, conn: asyncpg.Connection, session_id: str) -> bool:
-        """Lock the session's row; False when it does not exist or has expired."""
-        expired = await conn.fetchval(
-            f"SELECT ($3::float8 IS NOT NULL AND"
-            f" updated_at <= now() - make_interval(secs => $3::float8))"
-            f" FROM {self._s}.sessions WHERE store = $1 AND session_id = $2 FOR UPDATE",
-            self.store,
-            session_id,
-            self._ttl(),
-        )
-        return expired is False
-
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         s, store = self._s, self.store
 
         async def pop(conn: asyncpg.Connection) -> bytes | None:
             async with conn.transaction():
-                alive = await self._lock(conn, session_id)
-                await self._require_branch(conn, session_id, branch)
+                alive = await self._rows.lock(conn, session_id)
+                await self._rows.require_branch(conn, session_id, branch)
                 if not alive:
                     return None
                 newest = await conn.fetchrow(
@@ -264,7 +234,7 @@ class PostgresDriver(KeepsStructure):
     async def branch_exists(self, session_id: str, branch: str) -> bool:
         async def exists(conn: asyncpg.Connection) -> bool:
             try:
-                await self._require_branch(conn, session_id, branch)
+                await self._rows.require_branch(conn, session_id, branch)
             except BranchNotFound:
                 return False
             return True
@@ -291,150 +261,30 @@ class PostgresDriver(KeepsStructure):
         return [BranchInfo(r[0], r[1], r[2], float(r[3])) for r in rows]
 
     async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
-        s, store = self._s, self.store
-
-        async def create(conn: asyncpg.Connection) -> None:
-            async with conn.transaction():
-                alive = await self._lock(conn, session_id)
-                await self._require_branch(conn, session_id, source)
-                start = None
-                if alive:
-                    start = await conn.fetchval(
-                        f"SELECT seq FROM {s}.items WHERE store = $1 AND session_id = $2"
-                        f" AND branch = $3 AND kind = 'user' AND turn = $4",
-                        store,
-                        session_id,
-                        source,
-                        turn,
-                    )
-                if start is None:
-                    raise TurnNotFound(turn)
-                taken = await conn.fetchval(
-                    f"SELECT 1 FROM {s}.branches WHERE store = $1 AND session_id = $2"
-                    f" AND branch = $3",
-                    store,
-                    session_id,
-                    new,
-                )
-                if taken or new == MAIN:
-                    raise BranchIdUsed(new)
-                copied = await conn.execute(
-                    f"INSERT INTO {s}.items"
-                    f" (store, session_id, seq, data, branch, turn, kind, tool)"
-                    f" SELECT store, session_id,"
-                    f"  (SELECT next_seq FROM {s}.sessions WHERE store = $1 AND session_id = $2)"
-                    f"  + row_number() OVER (ORDER BY seq) - 1, data, $4, turn, kind, tool"
-                    f" FROM {s}.items WHERE store = $1 AND session_id = $2 AND branch = $3"
-                    f" AND seq < $5",
-                    store,
-                    session_id,
-                    source,
-                    new,
-                    start,
-                )
-                await conn.execute(
-                    f"INSERT INTO {s}.branches VALUES ($1, $2, $3, true, now())",
-                    store,
-                    session_id,
-                    new,
-                )
-                await conn.execute(
-                    f"UPDATE {s}.sessions SET next_seq = next_seq + $3, updated_at = now()"
-                    f" WHERE store = $1 AND session_id = $2",
-                    store,
-                    session_id,
-                    int(copied.split()[-1]),
-                )
-
-        await self._connections.run(create)
+        await self._connections.run(
+            lambda conn: structure.create_branch(conn, self._rows, session_id, source, turn, new)
+        )
 
     async def delete_branch(self, session_id: str, branch: str) -> None:
-        s, key = self._s, (self.store, session_id, branch)
-
-        async def delete(conn: asyncpg.Connection) -> None:
-            async with conn.transaction():
-                await self._lock(conn, session_id)
-                await self._require_branch(conn, session_id, branch)
-                for table in ("items", "usage"):
-                    await conn.execute(
-                        f"DELETE FROM {s}.{table} WHERE store = $1 AND session_id = $2"
-                        f" AND branch IN ($3, $4)",
-                        *key,
-                        archive_of(branch),
-                    )
-                await conn.execute(
-                    f"UPDATE {s}.branches SET live = false"
-                    f" WHERE store = $1 AND session_id = $2 AND branch = $3",
-                    *key,
-                )
-
-        await self._connections.run(delete)
+        await self._connections.run(
+            lambda conn: structure.delete_branch(conn, self._rows, session_id, branch)
+        )
 
     async def compact(
         self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
     ) -> bool:
-        s, key = self._s, (self.store, session_id)
-
-        async def replace(conn: asyncpg.Connection) -> bool:
-            async with conn.transaction():
-                alive = await self._lock(conn, session_id)
-                await self._require_branch(conn, session_id, branch)
-                rows = await conn.fetch(
-                    f"SELECT seq, data, turn, kind FROM {s}.items WHERE store = $1"
-                    f" AND session_id = $2 AND branch = $3 ORDER BY seq LIMIT $4",
-                    *key,
-                    branch,
-                    len(expected),
-                )
-                if not alive or not rows or [row["data"] for row in rows] != list(expected):
-                    return False
-                head = next(
-                    (i for i, row in enumerate(rows) if row["kind"] != COMPACTED), len(rows)
-                )
-                seqs = [row["seq"] for row in rows]
-                first = await conn.fetchval(
-                    f"UPDATE {s}.sessions SET next_seq = next_seq + $3, updated_at = now()"
-                    f" WHERE store = $1 AND session_id = $2 RETURNING next_seq - $3",
-                    *key,
-                    len(rows) - head,
-                )
-                await conn.execute(
-                    f"DELETE FROM {s}.items WHERE store = $1 AND session_id = $2"
-                    f" AND seq = ANY($3::bigint[])",
-                    *key,
-                    seqs[:head],
-                )
-                await conn.execute(
-                    f"UPDATE {s}.items AS i SET seq = m.new, branch = $3"
-                    f" FROM unnest($4::bigint[], $5::bigint[]) AS m(old, new)"
-                    f" WHERE i.store = $1 AND i.session_id = $2 AND i.seq = m.old",
-                    *key,
-                    archive_of(branch),
-                    seqs[head:],
-                    list(range(first, first + len(rows) - head)),
-                )
-                placed = seqs[: len(replacement)]
-                await conn.execute(
-                    f"INSERT INTO {s}.items (store, session_id, seq, data, branch, turn, kind)"
-                    f" SELECT $1, $2, m.seq, m.data, $3, $4, $5"
-                    f" FROM unnest($6::bigint[], $7::bytea[]) AS m(seq, data)",
-                    *key,
-                    branch,
-                    rows[-1]["turn"],
-                    COMPACTED,
-                    placed,
-                    stored_at(replacement, placed),
-                )
-                return True
-
-        return await self._connections.run(replace)
+        return await self._connections.run(
+            lambda conn: structure.compact(
+                conn, self._rows, session_id, branch, expected, replacement
+            )
+        )
 
     async def full_history(
         self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
     ) -> list[bytes]:
         async def read(conn: asyncpg.Connection) -> list[bytes]:
-            await self._require_branch(conn, session_id, branch)
-            if not await self._alive(conn, session_id):
+            await self._rows.require_branch(conn, session_id, branch)
+            if not await self._rows.alive(conn, session_id):
                 return []
             archive = archive_of(branch)
             rows = await conn.fetch(
@@ -459,8 +309,8 @@ class PostgresDriver(KeepsStructure):
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         async def read(conn: asyncpg.Connection) -> list[UserTurn]:
-            await self._require_branch(conn, session_id, branch)
-            if not await self._alive(conn, session_id):
+            await self._rows.require_branch(conn, session_id, branch)
+            if not await self._rows.alive(conn, session_id):
                 return []
             rows = await conn.fetch(self.user_turns_sql, self.store, session_id, branch)
             return [UserTurn(r[0], r[1], float(r[2])) for r in rows]
@@ -469,8 +319,8 @@ class PostgresDriver(KeepsStructure):
 
     async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
         async def read(conn: asyncpg.Connection) -> list[ItemShape]:
-            await self._require_branch(conn, session_id, branch)
-            if not await self._alive(conn, session_id):
+            await self._rows.require_branch(conn, session_id, branch)
+            if not await self._rows.alive(conn, session_id):
                 return []
             rows = await conn.fetch(
                 f"SELECT turn, kind, tool FROM {self._s}.items"
@@ -483,73 +333,18 @@ class PostgresDriver(KeepsStructure):
 
         return await self._connections.run(read)
 
-    async def _alive(self, conn: asyncpg.Connection, session_id: str) -> bool:
-        alive: bool | None = await conn.fetchval(
-            f"SELECT ($3::float8 IS NULL OR updated_at > now() - make_interval(secs => $3))"
-            f" FROM {self._s}.sessions WHERE store = $1 AND session_id = $2",
-            self.store,
-            session_id,
-            self._ttl(),
-        )
-        return bool(alive)
-
     async def record_usage(
         self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
     ) -> int | None:
-        s, store = self._s, self.store
-
-        async def record(conn: asyncpg.Connection) -> int | None:
-            async with conn.transaction():
-                alive = await self._lock(conn, session_id)
-                await self._require_branch(conn, session_id, branch)
-                if not alive:
-                    return None
-                target, start = turn, anchor
-                if target is None:
-                    target = await conn.fetchval(
-                        f"SELECT turn FROM {s}.items WHERE store = $1 AND session_id = $2"
-                        f" AND branch = $3 ORDER BY seq DESC LIMIT 1",
-                        store,
-                        session_id,
-                        branch,
-                    )
-                    if target is None:
-                        return None
-                    start = await conn.fetchval(
-                        f"SELECT {s}.turn_start($1, $2, $3, $4)", store, session_id, branch, target
-                    )
-                present = await conn.fetchval(
-                    f"SELECT 1 FROM {s}.items WHERE store = $1 AND session_id = $2"
-                    f" AND seq = $3 AND branch = $4 AND turn = $5",
-                    store,
-                    session_id,
-                    start,
-                    branch,
-                    target,
-                )
-                if not present:
-                    return None
-                await conn.execute(
-                    f"INSERT INTO {s}.usage VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-                    f" ON CONFLICT (store, session_id, branch, turn) DO UPDATE SET"
-                    f" requests = EXCLUDED.requests, input_tokens = EXCLUDED.input_tokens,"
-                    f" output_tokens = EXCLUDED.output_tokens,"
-                    f" total_tokens = EXCLUDED.total_tokens,"
-                    f" input_details = EXCLUDED.input_details,"
-                    f" output_details = EXCLUDED.output_details",
-                    store,
-                    session_id,
-                    branch,
-                    target,
-                    *astuple(usage),
-                )
-                return int(target)
-
-        return await self._connections.run(record)
+        return await self._connections.run(
+            lambda conn: structure.record_usage(
+                conn, self._rows, session_id, branch, turn, anchor, usage
+            )
+        )
 
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
         async def read(conn: asyncpg.Connection) -> list[TurnUsage]:
-            if not await self._alive(conn, session_id):
+            if not await self._rows.alive(conn, session_id):
                 return []
             rows = await conn.fetch(self.usage_sql, self.store, session_id, branch)
             return [TurnUsage(r[0], r[1], Usage(*r[2:])) for r in rows]
