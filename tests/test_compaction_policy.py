@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from agents.memory import openai_responses_compaction_session as sdk
+from convostore_sidecar import vocabulary
 from convostore_sidecar.compaction import policy
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,7 +36,9 @@ def items(draw: st.DrawFn) -> dict[str, Any]:
 def test_the_trigger_counts_what_the_sdk_counts(history: list[dict[str, Any]]) -> None:
     theirs: Any = history  # the SDK's functions take its own item types
     assert policy.candidates(history) == len(sdk.select_compaction_candidate_items(theirs))
-    assert [policy.is_user_message(i) for i in history] == [sdk._is_user_message(i) for i in theirs]
+    assert [vocabulary.is_user_message(i) for i in history] == [
+        sdk._is_user_message(i) for i in theirs
+    ]
 
 
 @given(

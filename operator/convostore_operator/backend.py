@@ -20,7 +20,7 @@ from typing import Any
 
 from convostore_sidecar.config import StoreConfig, parse_config
 from convostore_sidecar.drivers import BACKENDS
-from convostore_sidecar.drivers.base import BackendMisconfigured, BackendUnavailable, Driver
+from convostore_sidecar.drivers.base import BackendMisconfigured, BackendUnavailable
 from convostore_sidecar.migrate import migrate_store
 from convostore_sidecar.stores import Store
 
@@ -92,18 +92,18 @@ async def opened(
     secrets: dict[str, str],
     keys: dict[str, bytes],
     scope: str | None,
-) -> AsyncIterator[Driver]:
+) -> AsyncIterator[Store]:
     with materialised(name, spec, secrets, keys, scope) as config:
-        async with driver_of(config) as driver:
-            yield driver
+        async with store_of(config) as store:
+            yield store
 
 
 @contextlib.asynccontextmanager
-async def driver_of(config: StoreConfig) -> AsyncIterator[Driver]:
+async def store_of(config: StoreConfig) -> AsyncIterator[Store]:
     store = Store.open(config)
-    await store.driver.open()
+    await store.open_driver()
     try:
-        yield store.driver
+        yield store
     finally:
         await store.close()
 
@@ -120,8 +120,8 @@ async def check(
     try:
         with materialised(name, spec, secrets, keys, scope) as config:
             await migrate_store(config)
-            async with driver_of(config) as driver:
-                await driver.ping()
+            async with store_of(config) as store:
+                await store.ping()
     except BackendUnavailable as exc:
         return Reachability("False", "Unreachable", str(exc))
     except BackendMisconfigured as exc:
@@ -150,9 +150,9 @@ async def purge(
     if spec["backend"] in LOCAL_BACKENDS:
         return 0
     cleared = 0
-    async with opened(name, spec, secrets, keys, scope) as driver:
-        while ids := await driver.list_sessions("", None, PURGE_PAGE):
+    async with opened(name, spec, secrets, keys, scope) as store:
+        while ids := await store.list_sessions("", None, PURGE_PAGE):
             for session_id in ids:
-                await driver.clear(session_id)
+                await store.clear(session_id)
             cleared += len(ids)
     return cleared

@@ -70,7 +70,7 @@ class Readiness:
 
 async def _ping(store: Store) -> str | None:
     try:
-        await asyncio.wait_for(store.driver.ping(), TIMEOUT_SECONDS)
+        await asyncio.wait_for(store.ping(), TIMEOUT_SECONDS)
     except (BackendUnavailable, TimeoutError) as exc:
         return f"unavailable: {exc}" if str(exc) else "unavailable: no answer in time"
     return None

@@ -1,8 +1,10 @@
 """The stores a sidecar serves: each store's config with its open driver.
 
-Item calls on the `main` branch work on every driver; other branches, and the structure
-calls (branches, turns, usage), go to drivers that keep structure, and are refused on
-the others (`NotSupported`, naming the backend).
+`Store` is the one way to a store's backend, for the HTTP layer and the operator alike:
+every operation is a method of it. Item calls on the `main` branch work on every driver;
+other branches, and the structure calls (branches, turns, usage, compaction), go to
+drivers that keep structure, and are refused on the others (`NotSupported`, naming the
+backend).
 
 Retention sweeps run here, one background task per store, because expiry is a property
 of the store rather than of any request: drivers already hide expired sessions from
@@ -16,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import SidecarConfig, StoreConfig
 from .drivers import BACKENDS, Capability, open_driver
@@ -24,19 +26,25 @@ from .drivers.base import (
     MAIN,
     AppendResult,
     BackendUnavailable,
+    BranchInfo,
     Branching,
     Check,
     Compacting,
     Driver,
     Idempotency,
+    ItemShape,
     Meta,
+    TurnUsage,
+    Usage,
+    UserTurn,
 )
 from .encryption import EncryptedDriver
 from .metrics import Metrics
-from .refusals import Conflict, NotFound, NotSupported
+from .refusals import Conflict, Invalid, NotFound, NotSupported
 
 if TYPE_CHECKING:
     from .compaction.compactor import Compactor
+    from .compaction.policy import Request
 
 log = logging.getLogger("convostore.sidecar")
 
@@ -57,14 +65,23 @@ class Store:
             from .compaction.compactor import Compactor
 
             store._compactor = Compactor(
-                config.compaction, config.limits, store.compacting, config.name
+                config.compaction, config.limits, store._compacting, config.name
             )
         return store
+
+    async def open_driver(self) -> None:
+        await self.driver.open()
 
     async def close(self) -> None:
         if self._compactor is not None:
             await self._compactor.close()
         await self.driver.close()
+
+    async def ping(self) -> None:
+        await self.driver.ping()
+
+    async def sweep(self) -> int:
+        return await self.driver.sweep()
 
     @property
     def name(self) -> str:
@@ -77,14 +94,14 @@ class Store:
         return BACKENDS[self.config.backend].has("structure")
 
     @property
-    def branching(self) -> Branching:
+    def _branching(self) -> Branching:
         """The driver's structure calls; NotSupported, naming the backend, when it has none."""
         if not self.structured:
             raise self._unsupported("structure", "keep branches, turns or usage")
         return cast(Branching, self.driver)
 
     @property
-    def compacting(self) -> Compacting:
+    def _compacting(self) -> Compacting:
         """Compaction and its archive; NotSupported, naming the backend, when it keeps none."""
         if not self.structured:
             raise self._unsupported("compaction", "compact histories")
@@ -97,17 +114,20 @@ class Store:
             "not_supported", f"store {self.name!r}: the {backend} backend cannot {what}: {why}"
         )
 
-    @property
-    def compactor(self) -> Compactor:
+    def require_compaction(self) -> Compactor:
         """NotSupported from a backend that cannot compact, else a Conflict for a store
         whose config has no `compaction` section."""
         if self._compactor is not None:
             return self._compactor
-        _ = self.compacting  # a backend that cannot compact says so first
+        _ = self._compacting  # a backend that cannot compact says so first
         raise Conflict(
             "compaction_not_configured",
             f"store {self.name!r} has no compaction section in its config",
         )
+
+    async def compact(self, session_id: str, branch: str, asked: Request) -> dict[str, Any]:
+        """One compaction, if the store's policy says so."""
+        return await self.require_compaction().run(session_id, branch, asked)
 
     async def append(
         self,
@@ -119,19 +139,63 @@ class Store:
     ) -> AppendResult:
         if branch == MAIN and not self.structured:
             return await self.driver.append(session_id, items, idempotency)
-        return await self.branching.append_to(session_id, branch, items, meta, idempotency)
+        return await self._branching.append_to(session_id, branch, items, meta, idempotency)
 
     async def latest(
         self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
     ) -> list[bytes]:
         if branch == MAIN and not self.structured:
             return await self.driver.latest(session_id, limit, max_bytes)
-        return await self.branching.latest_in(session_id, branch, limit, max_bytes)
+        return await self._branching.latest_in(session_id, branch, limit, max_bytes)
 
     async def pop(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         if branch == MAIN and not self.structured:
             return await self.driver.pop(session_id, check)
-        return await self.branching.pop_from(session_id, branch, check)
+        return await self._branching.pop_from(session_id, branch, check)
+
+    async def full_history(
+        self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
+    ) -> list[bytes]:
+        """What compaction archived, then the live items no compaction wrote."""
+        return await self._compacting.full_history(session_id, branch, limit, max_bytes)
+
+    async def clear(self, session_id: str) -> None:
+        await self.driver.clear(session_id)
+
+    async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        return await self.driver.list_sessions(prefix, after, limit)
+
+    async def reencrypt(self, session_id: str) -> int:
+        """Re-seal a session's items under the primary key; the count re-sealed."""
+        if not isinstance(self.driver, EncryptedDriver):
+            raise Invalid("not_encrypted", f"store {self.name!r} has no encryption configured")
+        return await self.driver.reencrypt(session_id)
+
+    async def branches(self, session_id: str) -> list[BranchInfo]:
+        return await self._branching.branches(session_id)
+
+    async def branch_exists(self, session_id: str, branch: str) -> bool:
+        return await self._branching.branch_exists(session_id, branch)
+
+    async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
+        await self._branching.create_branch(session_id, source, turn, new)
+
+    async def delete_branch(self, session_id: str, branch: str) -> None:
+        await self._branching.delete_branch(session_id, branch)
+
+    async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
+        return await self._branching.user_turns(session_id, branch)
+
+    async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
+        return await self._branching.shapes(session_id, branch)
+
+    async def record_usage(
+        self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
+    ) -> int | None:
+        return await self._branching.record_usage(session_id, branch, turn, anchor, usage)
+
+    async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
+        return await self._branching.usage(session_id, branch)
 
 
 class Stores:
@@ -153,7 +217,7 @@ class Stores:
 
     async def open(self, metrics: Metrics) -> None:
         for store in self._stores.values():
-            await store.driver.open()
+            await store.open_driver()
             self._sweepers.append(asyncio.create_task(_sweep_forever(store, metrics)))
 
     async def close(self) -> None:
@@ -170,7 +234,7 @@ async def _sweep_forever(store: Store, metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(store.config.sweep_interval)
         try:
-            swept = await store.driver.sweep()
+            swept = await store.sweep()
         except BackendUnavailable as exc:
             log.warning("store %s: retention sweep skipped: %s", store.name, exc)
             continue

@@ -11,18 +11,7 @@ import orjson
 
 from .drivers.base import ItemShape, Meta
 from .jsonbody import loads
-
-# Tool calls whose type names the tool, having no `name` of their own.
-NAMELESS_TOOL_TYPES = frozenset(
-    {
-        "computer_call",
-        "file_search_call",
-        "web_search_call",
-        "code_interpreter_call",
-        "shell_call",
-        "apply_patch_call",
-    }
-)
+from .vocabulary import NAMELESS_TOOL_TYPES, opens_turn
 
 
 def shapes_of(items: list[bytes]) -> list[ItemShape]:
@@ -37,8 +26,10 @@ def shapes_of(items: list[bytes]) -> list[ItemShape]:
 
 
 def describe(item: dict[str, Any]) -> Meta:
+    if opens_turn(item):
+        return Meta("user", _tool(item))
     role, kind = item.get("role"), item.get("type")
-    if role in ("user", "assistant"):
+    if role == "assistant":
         return Meta(str(role), _tool(item))
     return Meta(str(kind) if kind else "other", _tool(item))
 

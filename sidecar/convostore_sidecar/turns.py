@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
+from .vocabulary import opens_turn
+
 Read = Callable[[int], Awaitable[list[bytes]]]
 
 FIRST_WINDOW = 32
@@ -27,7 +29,7 @@ def is_user_message(item: bytes) -> bool:
         value = orjson.loads(item)
     except orjson.JSONDecodeError:
         return False
-    return isinstance(value, dict) and value.get("role") == "user"
+    return opens_turn(value)
 
 
 async def latest_turns(read: Read, turns: int) -> list[bytes]:

@@ -9,21 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import CompactionSettings
+from ..vocabulary import CALL_OUTPUT_TYPES, OUTPUT_TYPES, SDK_ONLY_KEYS, is_user_message
 
-# A tool call and the item that answers it (the SDK's map), matched by `call_id`.
-CALL_OUTPUT_TYPES = {
-    "function_call": "function_call_output",
-    "custom_tool_call": "custom_tool_call_output",
-    "computer_call": "computer_call_output",
-    "local_shell_call": "local_shell_call_output",
-    "shell_call": "shell_call_output",
-    "apply_patch_call": "apply_patch_call_output",
-    "tool_search_call": "tool_search_output",
-    "program": "program_output",
-}
-OUTPUT_TYPES = frozenset(CALL_OUTPUT_TYPES.values())
-SDK_ONLY_KEYS = ("_agents_tool_description", "_agents_tool_title", "created_by")
-"""What the SDK keeps on stored items and strips before any item reaches the API."""
 BYTES_PER_TOKEN = 4
 
 
@@ -35,14 +22,6 @@ class Request:
     store: bool | None = None
     mode: str | None = None
     force: bool = False
-
-
-def is_user_message(item: Any) -> bool:
-    if not isinstance(item, dict):
-        return False
-    if item.get("type") == "message":
-        return item.get("role") == "user"
-    return item.get("role") == "user" and "content" in item
 
 
 def candidates(items: Sequence[Any]) -> int:

@@ -47,6 +47,7 @@ from ..refusals import (
     UpstreamFailed,
     UpstreamRefusedKey,
 )
+from ..vocabulary import KEEPS_ID, PLACEHOLDER_ID
 from . import BACKENDS, parse_backend_settings
 from . import open_driver as open_backend
 from .base import (
@@ -80,28 +81,6 @@ PASSED_ON: dict[int, type[Refused]] = {400: Invalid, 409: Conflict, 422: Unproce
 """The API's refusals that are the request's own fault, passed on as what they are; any
 other is the API failing."""
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_*\-]+")
-# The item types whose `id` names a server-side object, which the API's create-item schema
-# requires; on any other item an id is the model's, and is not sent (as the Agents SDK's
-# own Conversations session does). `__fake_id__` is the SDK's placeholder, never an id.
-KEEPS_ID = frozenset(
-    {
-        "file_search_call",
-        "web_search_call",
-        "computer_call",
-        "code_interpreter_call",
-        "image_generation_call",
-        "local_shell_call",
-        "local_shell_call_output",
-        "mcp_list_tools",
-        "mcp_approval_request",
-        "mcp_call",
-        "item_reference",
-        "program",
-        "program_output",
-        "reasoning",
-    }
-)
-PLACEHOLDER_ID = "__fake_id__"
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def _count(body: dict[str, Any], key: str, *, required: bool = True) -> int | No
 @routes.get(BRANCHES)
 async def list_branches(request: web.Request) -> web.Response:
     store, session_id = _target(request)
-    branches = await store.branching.branches(session_id)
+    branches = await store.branches(session_id)
     return _json(
         {
             "branches": [
@@ -90,9 +90,8 @@ async def create_branch(request: web.Request) -> web.Response:
     source = validation.branch_id(body.get("from_branch", MAIN))
     if ("turn" in body) == ("containing" in body):
         raise ApiError(400, "invalid_body", "give either 'turn' or 'containing'")
-    driver = store.branching
     most = store.config.limits.max_branches
-    if len(await driver.branches(session_id)) >= most:
+    if len(await store.branches(session_id)) >= most:
         raise ApiError(
             409,
             "too_many_branches",
@@ -107,7 +106,7 @@ async def create_branch(request: web.Request) -> web.Response:
         if not isinstance(body["branch_id"], str):
             raise ApiError(400, "invalid_branch_id", "'branch_id' must be a string")
         new = validation.branch_id(body["branch_id"])
-        await driver.create_branch(session_id, source, turn, new)
+        await store.create_branch(session_id, source, turn, new)
     else:
         new = await _create_with_generated_id(store, session_id, source, turn)
     return _json({"branch_id": new, "turn": turn}, status=201)
@@ -116,7 +115,7 @@ async def create_branch(request: web.Request) -> web.Response:
 async def _first_turn_containing(store: Store, session_id: str, source: str, term: Any) -> int:
     if not isinstance(term, str) or not term or len(term) > MAX_TERM:
         raise ApiError(400, "invalid_body", f"'containing' must be 1 to {MAX_TERM} characters")
-    for turn in await store.branching.user_turns(session_id, source):
+    for turn in await store.user_turns(session_id, source):
         if mentions(turn.item, term):
             return turn.turn
     raise ApiError(409, "turn_not_found", f"no user turn in branch {source!r} contains {term!r}")
@@ -128,7 +127,7 @@ async def _create_with_generated_id(store: Store, session_id: str, source: str, 
     for suffix in range(1, 1000):
         new = base if suffix == 1 else f"{base}_{suffix}"
         try:
-            await store.branching.create_branch(session_id, source, turn, new)
+            await store.create_branch(session_id, source, turn, new)
         except BranchIdUsed:
             continue
         return new
@@ -140,7 +139,7 @@ async def get_branch(request: web.Request) -> web.Response:
     """Whether the branch exists (404 otherwise) and holds items, reading at most one."""
     store, session_id = _target(request)
     branch = _branch(request)
-    newest = await store.branching.latest_in(session_id, branch, 1)
+    newest = await store.latest(session_id, branch, 1)
     return _json({"branch_id": branch, "has_items": bool(newest)})
 
 
@@ -159,7 +158,7 @@ async def delete_branch(request: web.Request) -> web.Response:
             "branch_is_current",
             f"branch {branch!r} is the current branch; switch first or delete with force",
         )
-    await store.branching.delete_branch(session_id, branch)
+    await store.delete_branch(session_id, branch)
     return web.Response(status=204)
 
 
@@ -171,7 +170,7 @@ async def list_turns(request: web.Request) -> web.Response:
     term = request.query.get("containing")
     if term is not None and not 1 <= len(term) <= MAX_TERM:
         raise ApiError(400, "invalid_containing", f"containing must be 1 to {MAX_TERM} characters")
-    turns = await store.branching.user_turns(session_id, _branch(request))
+    turns = await store.user_turns(session_id, _branch(request))
     parts = [
         b'{"turn":%d,"created_at":%s,"item":%s}' % (t.turn, dumps(_timestamp(t.created_at)), t.item)
         for t in turns
@@ -187,7 +186,7 @@ async def branch_shape(request: web.Request) -> web.Response:
     """Each item's turn, kind and tool, oldest first: enough to group a conversation by
     turns and count tool calls without reading the items."""
     store, session_id = _target(request)
-    shapes = await store.branching.shapes(session_id, _branch(request))
+    shapes = await store.shapes(session_id, _branch(request))
     return _json({"items": [{"turn": s.turn, "type": s.kind, "tool_name": s.tool} for s in shapes]})
 
 
@@ -212,7 +211,7 @@ async def record_usage(request: web.Request) -> web.Response:
         input_details=_details(body, "input_tokens_details"),
         output_details=_details(body, "output_tokens_details"),
     )
-    stored = await store.branching.record_usage(session_id, _branch(request), turn, anchor, usage)
+    stored = await store.record_usage(session_id, _branch(request), turn, anchor, usage)
     return _json({"turn": stored})
 
 
@@ -229,9 +228,9 @@ def _details(body: dict[str, Any], key: str) -> bytes | None:
 async def turn_usage(request: web.Request) -> web.Response:
     store, session_id = _target(request)
     branch = _branch(request)
-    if not await store.branching.branch_exists(session_id, branch):
+    if not await store.branch_exists(session_id, branch):
         raise ApiError(404, "branch_not_found", f"no branch {branch!r} in this session")
-    rows = await store.branching.usage(session_id, branch)
+    rows = await store.usage(session_id, branch)
     return _json({"turns": [_usage_row(row.turn, row.usage) for row in rows]})
 
 
@@ -241,7 +240,7 @@ async def session_usage(request: web.Request) -> web.Response:
     store, session_id = _target(request)
     raw = request.query.get("branch")
     branch = None if raw is None else validation.branch_id(raw)
-    rows = await store.branching.usage(session_id, branch)
+    rows = await store.usage(session_id, branch)
     if not rows:
         return _json({"usage": None})
     totals = {

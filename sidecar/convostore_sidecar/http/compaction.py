@@ -31,10 +31,10 @@ async def compact_items(request: web.Request) -> web.Response:
     session_id = validation.session_id(request.match_info["session_id"], store.config.limits)
     branch = validation.branch_id(request.query.get("branch"))
     asked = _request(await _body(request))
-    compactor = store.compactor
+    store.require_compaction()  # refused before it counts as a compaction
     counted = request.app[METRICS].compactions
     try:
-        outcome = await compactor.run(session_id, branch, asked)
+        outcome = await store.compact(session_id, branch, asked)
     except Refused as exc:
         counted.labels(store.name, exc.code).inc()
         log.warning("store %s: a compaction failed: %s: %s", store.name, exc.code, exc.message)

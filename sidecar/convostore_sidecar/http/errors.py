@@ -23,7 +23,17 @@ from ..drivers.base import (
 )
 from ..encryption import DecryptionFailed
 from ..jsonbody import dumps
-from ..refusals import Refused
+from ..refusals import (
+    Conflict,
+    Invalid,
+    NotFound,
+    NotSupported,
+    Refused,
+    Unprocessable,
+    UpstreamFailed,
+    UpstreamRefusedKey,
+    UpstreamTimedOut,
+)
 from .state import METRICS, READINESS, STORES
 
 log = logging.getLogger("convostore.sidecar")
@@ -63,15 +73,15 @@ def overloaded(message: str) -> ApiError:
     return ApiError(503, "overloaded", message, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-STATUS_OF: dict[str, int] = {
-    "invalid": 400,
-    "not_found": 404,
-    "conflict": 409,
-    "unprocessable": 422,
-    "upstream_refused_key": 500,
-    "not_supported": 501,
-    "upstream_failed": 502,
-    "upstream_timed_out": 504,
+STATUS_OF: dict[type[Refused], int] = {
+    Invalid: 400,
+    NotFound: 404,
+    Conflict: 409,
+    Unprocessable: 422,
+    UpstreamRefusedKey: 500,
+    NotSupported: 501,
+    UpstreamFailed: 502,
+    UpstreamTimedOut: 504,
 }
 """The status of each kind of refusal (`refusals.py`)."""
 DOMAIN_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
@@ -100,7 +110,7 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
         return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
     if isinstance(exc, Refused):
         retry = {"Retry-After": RETRY_AFTER_SECONDS} if exc.retry_later else None
-        return error_response(STATUS_OF[exc.kind], exc.code, exc.message, headers=retry)
+        return error_response(STATUS_OF[type(exc)], exc.code, exc.message, headers=retry)
     for kind, (status, code, message) in DOMAIN_ERRORS.items():
         if isinstance(exc, kind):
             return error_response(status, code, message.format(exc.args[0]))

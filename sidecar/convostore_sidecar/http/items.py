@@ -8,7 +8,7 @@ import binascii
 from aiohttp import web
 
 from ..drivers.base import MAIN, Idempotency
-from ..encryption import EncryptedDriver, refuse_ciphertext
+from ..encryption import refuse_ciphertext
 from ..jsonbody import dumps, items_document
 from ..stores import Store
 from ..turns import from_first_turn, latest_turns, widened_to_turns
@@ -53,7 +53,7 @@ async def get_items(request: web.Request) -> web.StreamResponse:
     view = query.get("view", "live")
     if view not in ("live", "full"):
         raise ApiError(400, "invalid_view", "view must be live or full")
-    history = store.compacting.full_history if view == "full" else store.latest
+    history = store.full_history if view == "full" else store.latest
     limits, timeout = store.config.limits, request.app[REQUEST_LIMITS].body_timeout
     most, max_bytes = limits.max_read_items, limits.max_read_bytes
 
@@ -135,16 +135,14 @@ async def reencrypt_session(request: web.Request) -> web.Response:
     """Re-encrypt a session's items under the store's primary key (key rotation)."""
     store = _store(request)
     session_id = _session(request, store)
-    if not isinstance(store.driver, EncryptedDriver):
-        raise ApiError(400, "not_encrypted", f"store {store.name!r} has no encryption configured")
-    count = await store.driver.reencrypt(session_id)
+    count = await store.reencrypt(session_id)
     return _json(dumps({"reencrypted": count}))
 
 
 @routes.delete(SESSION)
 async def clear_session(request: web.Request) -> web.Response:
     store = _store(request)
-    await store.driver.clear(_session(request, store))
+    await store.clear(_session(request, store))
     return web.Response(status=204)
 
 
@@ -160,7 +158,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     )
     assert page_size is not None
     after = _decode_cursor(request.query.get("cursor"))
-    ids = await store.driver.list_sessions(prefix, after, page_size + 1)
+    ids = await store.list_sessions(prefix, after, page_size + 1)
     more = len(ids) > page_size
     ids = ids[:page_size]
     cursor = _encode_cursor(ids[-1]) if more else None
