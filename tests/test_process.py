@@ -158,6 +158,83 @@ def test_cli_errors_are_one_clear_line(sidecar_process: Make, tmp_path: Path) ->
     assert "line 1: not a {session_id, item} record" in broken.stderr
 
 
+def test_shared_options_go_before_or_after_the_action(
+    sidecar_process: Make, tmp_path: Path
+) -> None:
+    proc = sidecar_process(sqlite_config(tmp_path / "o.db"))
+    proc.start()
+    asyncio.run(SidecarSession("x", url=proc.url).add_items([{"n": 1}]))
+    before = run_cli("sessions", "--url", proc.url, "--store", "default", "ls")
+    after = run_cli("sessions", "ls", "--store", "default", "--url", proc.url)
+    assert before.stdout.split() == after.stdout.split() == ["x"]
+    shown = run_cli("sessions", "show", "--url", proc.url, "x")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == [{"n": 1}], "the URL is not read as the session id"
+    wrong_then_right = run_cli("sessions", "--url", "http://127.0.0.1:9", "ls", "--url", proc.url)
+    assert wrong_then_right.stdout.split() == ["x"], "the action's own option wins"
+
+
+def test_a_closed_pipe_ends_the_command_quietly(sidecar_process: Make, tmp_path: Path) -> None:
+    proc = sidecar_process(sqlite_config(tmp_path / "p.db"))
+    proc.start()
+
+    async def fill() -> None:
+        for batch in range(3):
+            items = [{"n": n} for n in range(batch * 1000, batch * 1000 + 1000)]
+            await SidecarSession("long", url=proc.url).add_items(items)
+
+    asyncio.run(fill())
+    command = [sys.executable, "-m", "convostore", "sessions", "--url", proc.url, "export"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as export:
+        assert export.stdout is not None and export.stderr is not None
+        export.stdout.readline()
+        export.stdout.close()  # as `| head -1` does
+        stderr = export.stderr.read().decode()
+        assert export.wait(timeout=60) == 1
+    assert stderr == ""
+
+
+def test_an_import_checks_every_line_before_it_writes(
+    sidecar_process: Make, tmp_path: Path
+) -> None:
+    proc = sidecar_process(sqlite_config(tmp_path / "i.db"))
+    proc.start()
+    lines = [
+        json.dumps({"session_id": "a", "item": {"n": 1}}),
+        json.dumps({"session_id": "b", "item": {"n": 2}}),
+        json.dumps({"session_id": "c", "item": [3]}),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    refused = run_cli("sessions", "--url", proc.url, "import", str(bad))
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "convostore: line 3: 'item' must be a JSON object; nothing was imported"
+    )
+    assert run_cli("sessions", "--url", proc.url, "ls").stdout == ""
+
+    too_long = "s" * 300  # over the sidecar's session id limit: refused by the sidecar
+    lines[2] = json.dumps({"session_id": too_long, "item": {"n": 3}})
+    bad.write_text("\n".join(lines) + "\n")
+    stopped = run_cli("sessions", "--url", proc.url, "import", str(bad))
+    assert stopped.returncode == 1
+    message = stopped.stderr.strip()
+    assert message.startswith(f"convostore: line 3, session {too_long!r}: invalid_session_id: ")
+    assert message.endswith("imported 2 items before it (running the import again skips them)")
+    assert run_cli("sessions", "--url", proc.url, "ls").stdout.split() == ["a", "b"]
+
+
+def test_a_sqlite_path_in_a_missing_directory_is_refused_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    missing = tmp_path / "no-such-dir" / "chat.db"
+    config.write_text(f"stores:\n  chat:\n    backend: sqlite\n    sqlite: {{path: '{missing}'}}\n")
+    result = run_cli("sidecar", "--config", str(config))
+    assert result.returncode == 2
+    assert "store 'chat': field 'sqlite.path': cannot keep a database at" in result.stderr
+    assert f"its directory {str(missing.parent)!r} does not exist" in result.stderr
+    assert not missing.parent.exists(), "nothing was created"
+
+
 def test_invalid_config_exits_2_with_the_field(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("stores:\n  chat:\n    backend: redis\n    redis: {url: 'http://x'}\n")

@@ -16,11 +16,20 @@ def run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
 
 
-def add_sidecar_options(parser: argparse.ArgumentParser) -> None:
-    """How a command reaches a running sidecar's store."""
-    parser.add_argument("--url", help="sidecar URL (default: $CONVOSTORE_URL)")
-    parser.add_argument("--store", default="default")
-    parser.add_argument("--token-file", help="bearer token file ($CONVOSTORE_TOKEN_FILE)")
+def sidecar_options(*, defaults: bool) -> argparse.ArgumentParser:
+    """How a command reaches a running sidecar's store. A command group takes them with
+    their defaults and each of its actions again without (`defaults=False`), so they
+    may come before or after the action and the action's own value wins."""
+    options = argparse.ArgumentParser(add_help=False)
+    unset = {} if defaults else {"default": argparse.SUPPRESS}
+    options.add_argument("--url", help="sidecar URL (default: $CONVOSTORE_URL)", **unset)
+    options.add_argument(
+        "--store", help="the store's name (default: default)", **(unset or {"default": "default"})
+    )
+    options.add_argument(
+        "--token-file", help="bearer token file (default: $CONVOSTORE_TOKEN_FILE)", **unset
+    )
+    return options
 
 
 def store(args: argparse.Namespace) -> SidecarStore:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_sidecar_options, run, store
+from .common import run, sidecar_options, store
 
 KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what the sidecar reads from a keys directory
 
@@ -24,9 +24,10 @@ def add_commands(commands: Any) -> None:
     generate.add_argument("--id", help="the key id, with --dir")
     generate.set_defaults(run=generate_key)
     rotate = actions.add_parser(
-        "rotate", help="re-encrypt a store's items under its primary key, online"
+        "rotate",
+        help="re-encrypt a store's items under its primary key, online",
+        parents=[sidecar_options(defaults=True)],
     )
-    add_sidecar_options(rotate)
     rotate.add_argument(
         "--state", help="progress file: an interrupted rotation resumes after its last session"
     )

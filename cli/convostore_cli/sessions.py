@@ -19,23 +19,27 @@ from typing import Any, TextIO
 
 from convostore.errors import ConvostoreError
 
-from .common import add_sidecar_options, run, store
+from .common import run, sidecar_options, store
 
 IMPORT_BATCH = 500
 
 
 def add_commands(commands: Any) -> None:
-    sessions = commands.add_parser("sessions", help="inspect a running sidecar's sessions")
-    add_sidecar_options(sessions)
+    sessions = commands.add_parser(
+        "sessions",
+        help="inspect a running sidecar's sessions",
+        parents=[sidecar_options(defaults=True)],
+    )
     actions = sessions.add_subparsers(required=True, metavar="ACTION")
-    ls = actions.add_parser("ls", help="list session ids")
+    shared = [sidecar_options(defaults=False)]
+    ls = actions.add_parser("ls", help="list session ids", parents=shared)
     ls.add_argument("--prefix", default="")
     ls.set_defaults(run=lambda a: run(_ls(a)))
-    show = actions.add_parser("show", help="print a session's items as JSON")
+    show = actions.add_parser("show", help="print a session's items as JSON", parents=shared)
     show.add_argument("session_id")
     show.add_argument("--limit", type=int)
     show.set_defaults(run=lambda a: run(_show(a)))
-    export = actions.add_parser("export", help="write sessions as JSON Lines")
+    export = actions.add_parser("export", help="write sessions as JSON Lines", parents=shared)
     export.add_argument("--prefix", default="")
     export.add_argument("-o", "--output", default="-", help="file (default: stdout)")
     export.add_argument(
@@ -46,10 +50,10 @@ def add_commands(commands: Any) -> None:
         " read now, summaries included",
     )
     export.set_defaults(run=run_export)
-    imp = actions.add_parser("import", help="append sessions from JSON Lines")
+    imp = actions.add_parser("import", help="append sessions from JSON Lines", parents=shared)
     imp.add_argument("file", help="file written by export ('-' for stdin)")
     imp.set_defaults(run=run_import)
-    clear = actions.add_parser("clear", help="delete a session")
+    clear = actions.add_parser("clear", help="delete a session", parents=shared)
     clear.add_argument("session_id")
     clear.set_defaults(run=lambda a: run(_clear(a)))
 
@@ -104,19 +108,37 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 async def _import(args: argparse.Namespace, text: str) -> int:
+    """Every line is checked before anything is written; a batch the sidecar refuses
+    stops the import, naming its line and session and what was written before it."""
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    planned = list(batches(text))
     sidecar_store = store(args)
     added = replayed = 0
-    for first_line, session_id, items in batches(text):
+    for first_line, session_id, items in planned:
         key = f"import-{digest}-{first_line}"
-        answer = await sidecar_store.session(session_id)._append(items, key, {})
+        try:
+            answer = await sidecar_store.session(session_id)._append(items, key, {})
+        except ConvostoreError as exc:
+            raise ImportStopped(
+                f"line {first_line}, session {session_id!r}: {exc.code}: {exc.message}; "
+                f"{_written(added, replayed)} before it (running the import again skips "
+                "them)"
+            ) from None
         if answer.get("replayed"):
             replayed += len(items)
         else:
             added += len(items)
-    again = f"; {replayed} were imported before and left as they were" if replayed else ""
-    print(f"imported {added} items{again}", file=sys.stderr)
+    print(_written(added, replayed), file=sys.stderr)
     return 0
+
+
+class ImportStopped(ValueError):
+    """A batch the sidecar refused; the message names where, and what was written."""
+
+
+def _written(added: int, replayed: int) -> str:
+    again = f"; {replayed} were imported before and left as they were" if replayed else ""
+    return f"imported {added} items{again}"
 
 
 def batches(text: str) -> Iterator[tuple[int, str, list[Any]]]:
@@ -126,11 +148,7 @@ def batches(text: str) -> Iterator[tuple[int, str, list[Any]]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            session_id, item = record["session_id"], record["item"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"line {number}: not a {{session_id, item}} record: {exc}") from exc
+        session_id, item = _record(number, line)
         if batch and (session_id != current or len(batch) >= IMPORT_BATCH):
             yield first, current, batch
             batch = []
@@ -139,3 +157,26 @@ def batches(text: str) -> Iterator[tuple[int, str, list[Any]]]:
         batch.append(item)
     if batch:
         yield first, current, batch
+
+
+def _record(number: int, line: str) -> tuple[str, Any]:
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(
+            f"line {number}: not a {{session_id, item}} record: not JSON: {exc}; "
+            "nothing was imported"
+        ) from None
+    if not isinstance(record, dict) or set(record) != {"session_id", "item"}:
+        raise ValueError(
+            f"line {number}: not a {{session_id, item}} record (an object with exactly those "
+            "two keys, as `sessions export` writes them); nothing was imported"
+        )
+    session_id, item = record["session_id"], record["item"]
+    if not isinstance(session_id, str) or not session_id:
+        raise ValueError(
+            f"line {number}: 'session_id' must be a non-empty string; nothing was imported"
+        )
+    if not isinstance(item, dict):
+        raise ValueError(f"line {number}: 'item' must be a JSON object; nothing was imported")
+    return session_id, item

@@ -76,10 +76,12 @@ class SqliteDriver(KeepsStructure):
         self.store = store.identity
         self.retention = store.retention
         self._unusable = functools.partial(unusable_path, store.name, settings.path)
-        try:
-            Path(settings.path).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise self._unusable(exc.strerror or str(exc)) from None
+        directory = Path(settings.path).parent
+        if not directory.is_dir():
+            raise self._unusable(
+                f"its directory {str(directory)!r} does not exist: create it, or name a file "
+                "in a directory that does"
+            )
         self._writer = Writer(settings)
         self._reader = Connection(settings, "sqlite-reader")
 
