@@ -186,7 +186,8 @@ def test_a_closed_pipe_ends_the_command_quietly(sidecar_process: Make, tmp_path:
     asyncio.run(fill())
     command = [sys.executable, "-m", "convostore", "sessions", "--url", proc.url, "export"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as export:
-        assert export.stdout is not None and export.stderr is not None
+        assert export.stdout is not None
+        assert export.stderr is not None
         export.stdout.readline()
         export.stdout.close()  # as `| head -1` does
         stderr = export.stderr.read().decode()

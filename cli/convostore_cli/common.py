@@ -21,13 +21,19 @@ def sidecar_options(*, defaults: bool) -> argparse.ArgumentParser:
     their defaults and each of its actions again without (`defaults=False`), so they
     may come before or after the action and the action's own value wins."""
     options = argparse.ArgumentParser(add_help=False)
-    unset = {} if defaults else {"default": argparse.SUPPRESS}
-    options.add_argument("--url", help="sidecar URL (default: $CONVOSTORE_URL)", **unset)
+    unset: Any = argparse.SUPPRESS
     options.add_argument(
-        "--store", help="the store's name (default: default)", **(unset or {"default": "default"})
+        "--url", help="sidecar URL (default: $CONVOSTORE_URL)", default=None if defaults else unset
     )
     options.add_argument(
-        "--token-file", help="bearer token file (default: $CONVOSTORE_TOKEN_FILE)", **unset
+        "--store",
+        help="the store's name (default: default)",
+        default="default" if defaults else unset,
+    )
+    options.add_argument(
+        "--token-file",
+        help="bearer token file (default: $CONVOSTORE_TOKEN_FILE)",
+        default=None if defaults else unset,
     )
     return options
 
