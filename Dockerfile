@@ -42,7 +42,8 @@ LABEL org.opencontainers.image.title="convostore-sidecar" \
 COPY --from=build-sidecar /opt/convostore /opt/convostore
 USER 65532:65532
 EXPOSE 8790 8791
-HEALTHCHECK --interval=30s --timeout=5s CMD ["convostore", "probe", "--url", "http://127.0.0.1:8790"]
+# No HEALTHCHECK: the kubelet ignores it (the operator injects HTTP probes on the health
+# port), and where the sidecar listens depends on its args (an injected one serves no TCP)
 CMD ["sidecar"]
 
 FROM runtime AS operator

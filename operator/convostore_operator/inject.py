@@ -22,6 +22,7 @@ idempotent: a pod that has the sidecar is left alone.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from .spec import keys_secret_name, uses_embedded_sqlite
 
 INJECT, STORES = f"{GROUP}/inject", f"{GROUP}/stores"
 CONTAINERS, TCP = f"{GROUP}/containers", f"{GROUP}/tcp"
+DATA_SIZE = f"{GROUP}/data-size-limit"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 CONFIG_HASH = f"{GROUP}/config-hash"
 SIDECAR = "convostore"
@@ -42,6 +44,12 @@ SIDECAR_UID = 65532
 HEALTH_PORT = 8791
 """Where the kubelet probes the sidecar: a listener that serves `/healthz` and `/readyz`
 only (see the sidecar's `health` module), so no probe starts a process."""
+DATA_SIZE_LIMIT = "1Gi"
+"""The embedded SQLite file's volume, unless the pod's `convostore.dev/data-size-limit`
+says otherwise: an item of 1 KiB takes about 1.3 KiB with its row and indexes, so 1 GiB
+holds some 700,000 items, with room for the WAL (a few MiB between checkpoints). Past
+it the kubelet evicts the pod, as for any emptyDir over its limit."""
+QUANTITY = re.compile(r"[1-9][0-9]{0,5}(Ki|Mi|Gi|Ti)")
 SIDECAR_MEMORY_LIMIT = "256Mi"
 """What the sidecar's request limits are sized for: see "Limits" in the README."""
 
@@ -135,7 +143,7 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
     args += ["--issue-token", TOKEN_FILE, "--health-port", str(HEALTH_PORT)]
     if annotations.get(TCP) != "true":
         args.append("--no-tcp")
-    args += mount_stores(stores, volumes, mounts)
+    args += mount_stores(stores, volumes, mounts, data_size(annotations))
     spec.setdefault("initContainers", []).append(sidecar_container(image, args, mounts))
     grant_callers(spec, callers)
     annotations[CONFIG_HASH] = combined_hash(stores)
@@ -155,8 +163,21 @@ def refuse_unsafe(spec: dict[str, Any]) -> None:
         )
 
 
+def data_size(annotations: dict[str, Any]) -> str:
+    size = str(annotations.get(DATA_SIZE, DATA_SIZE_LIMIT))
+    if not QUANTITY.fullmatch(size):
+        raise InjectionRefused(
+            f"convostore: {DATA_SIZE} must be a size such as 512Mi or 2Gi (Ki, Mi, Gi or Ti), "
+            f"got {size[:40]!r}"
+        )
+    return size
+
+
 def mount_stores(
-    stores: list[StoreMount], volumes: list[dict[str, Any]], mounts: list[dict[str, Any]]
+    stores: list[StoreMount],
+    volumes: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    size_limit: str,
 ) -> list[str]:
     """Each store's config (and key) Secret as read-only volumes of the sidecar, and a
     data directory when one keeps SQLite in the pod; the sidecar's `--config` args."""
@@ -175,7 +196,7 @@ def mount_stores(
                 {"name": keys, "mountPath": f"{KEYS_ROOT}/{store.name}", "readOnly": True}
             )
     if any(store.embedded for store in stores):
-        volumes.append({"name": "convostore-data", "emptyDir": {}})
+        volumes.append({"name": "convostore-data", "emptyDir": {"sizeLimit": size_limit}})
         mounts.append({"name": "convostore-data", "mountPath": DATA_DIR})
     return args
 

@@ -1,7 +1,8 @@
 """Entry point of `convostore operator run`: what one operator replica does, start to stop.
 
 Every replica, from start to stop:
-- serves `/healthz` (liveness and readiness) on `health_address`;
+- serves `/healthz` (liveness) and `/readyz` (readiness: its webhook serves) on
+  `health_address`;
 - serves the admission webhook, when the chart enables it (`webhook.py`);
 - stands for leader (`leader.py`). The leader runs Kopf's reconcile loop in a thread of
   its own, with its own event loop, so that stopping Kopf (whose shutdown cancels every
@@ -20,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import kopf
@@ -121,14 +123,25 @@ class Reconciler:
             await asyncio.to_thread(self.thread.join)
 
 
-async def serve_health(address: tuple[str, int], healthy: Reconciler) -> web.AppRunner:
+async def serve_health(
+    address: tuple[str, int], healthy: Reconciler, admitting: Callable[[], bool]
+) -> web.AppRunner:
+    """`/healthz` (liveness): the reconcile loop has not failed. `/readyz` (readiness, so
+    the webhook's Service sends admissions here): that, and the webhook serves."""
+
     async def healthz(_: web.Request) -> web.Response:
         if healthy.failed:
             return web.json_response({"status": "reconcile loop failed"}, status=500)
         return web.json_response({"status": "ok", "leader": healthy.running})
 
+    async def readyz(request: web.Request) -> web.Response:
+        if not healthy.failed and not admitting():
+            return web.json_response({"status": "the webhook is not serving yet"}, status=503)
+        return await healthz(request)
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(
         app, access_log=None, max_field_size=LONGEST_HEADER, max_headers=MOST_HEADERS
     )
@@ -144,8 +157,12 @@ async def run_replica(settings: ReplicaSettings) -> int:
         loop.add_signal_handler(signum, stop.set)
     kube = Kube(api_client())
     reconciler = Reconciler(settings)
-    health = await serve_health(settings.health_address, reconciler)
     admission: AdmissionServer | None = None
+
+    def admitting() -> bool:
+        return settings.webhook is None or (admission is not None and admission.serving)
+
+    health = await serve_health(settings.health_address, reconciler, admitting)
     background: list[asyncio.Task[None]] = []
     if settings.webhook is not None:
         admission = AdmissionServer(kube, settings.webhook, settings.sidecar_image)

@@ -172,6 +172,10 @@ class AdmissionServer:
         )
         log.info("admission webhook serving on port %d", self.webhook.port)
 
+    @property
+    def serving(self) -> bool:
+        return self.listener is not None and self.listener.is_serving()
+
     async def keep_in_sync(self, stop: asyncio.Event) -> None:
         while True:
             try:

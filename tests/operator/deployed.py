@@ -167,9 +167,10 @@ class Deployment:
             self.api_relay.close()
 
 
-async def healthz(replica: Replica) -> int:
+async def probe(replica: Replica, path: str) -> int:
+    """What the kubelet's HTTP probe on `path` gets from the replica's health port."""
     origin = await replica.exposed(8080)
-    async with aiohttp.ClientSession() as http, http.get(f"http://{origin}/healthz") as answer:
+    async with aiohttp.ClientSession() as http, http.get(f"http://{origin}{path}") as answer:
         return answer.status
 
 

@@ -26,7 +26,7 @@ from tests.operator.deployed import (
     Replica,
     WebhookTarget,
     admission,
-    healthz,
+    probe,
     render_chart,
     webhook_target,
 )
@@ -126,8 +126,11 @@ async def test_the_charts_deployment_reconciles_hands_over_and_stops(
     webhook = any(doc["kind"] == "MutatingWebhookConfiguration" for doc in deployment.docs)
     assert webhook == (values == ())
 
-    for replica in replicas:
-        await eventually(functools.partial(_healthy, replica), within=60)
+    chart = next(doc for doc in deployment.docs if doc["kind"] == "Deployment")
+    [container] = chart["spec"]["template"]["spec"]["containers"]
+    ready_path = container["readinessProbe"]["httpGet"]["path"]
+    for replica in replicas:  # ready as the kubelet sees it: then its webhook serves
+        await eventually(functools.partial(_answers, replica, ready_path), within=60)
     leader = await eventually(lambda: leader_of(cluster, deployment), within=60)
     await create_store(cluster, "chat", {"backend": "sqlite"})
     await eventually(functools.partial(phase_is, cluster, "chat", "Ready"), within=60)
@@ -195,11 +198,11 @@ def assert_one_leader_at_a_time(replicas: list[Replica]) -> None:
         assert ended <= began, f"two replicas reconciled at once: {spans}"
 
 
-async def _healthy(replica: Replica) -> bool:
+async def _answers(replica: Replica, path: str) -> bool:
     if not replica.container.running:
         raise EngineError(f"{replica.name} stopped:\n{replica.log}")
     with contextlib.suppress(OSError, aiohttp.ClientError):
-        return await healthz(replica) == 200
+        return await probe(replica, path) == 200
     return False
 
 

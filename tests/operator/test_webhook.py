@@ -102,7 +102,9 @@ async def test_injects_the_native_sidecar_with_config_keys_and_url(
     assert volumes["convostore-keys-vault"]["secret"]["secretName"] == "vault-convostore-keys"
     assert "emptyDir" in volumes["convostore-socket"]
     assert volumes["convostore-token"]["emptyDir"]["medium"] == "Memory"
-    assert "emptyDir" in volumes["convostore-data"], "embedded SQLite needs a writable dir"
+    assert volumes["convostore-data"]["emptyDir"] == {"sizeLimit": "1Gi"}, (
+        "embedded SQLite needs a writable dir, bounded"
+    )
 
     agent, tools = result["spec"]["containers"]
     env = {e["name"]: e["value"] for e in agent["env"]}
@@ -141,6 +143,11 @@ async def test_only_the_containers_named_may_call_the_sidecar(cluster: Any, kube
         ({"metadata": {"annotations": {"convostore.dev/containers": " , "}}}, "no container"),
         ({"spec": {"hostNetwork": True}}, "host's network"),
         ({"spec": {"shareProcessNamespace": True}}, "shares its process namespace"),
+        (
+            {"metadata": {"annotations": {"convostore.dev/data-size-limit": "1Gi; rm -rf"}}},
+            "convostore.dev/data-size-limit must be a size such as 512Mi",
+        ),
+        ({"metadata": {"annotations": {"convostore.dev/data-size-limit": "0Gi"}}}, "got '0Gi'"),
     ],
 )
 async def test_pods_that_cannot_have_the_sidecar_safely_are_denied_with_the_reason(
@@ -153,6 +160,19 @@ async def test_pods_that_cannot_have_the_sidecar_safely_are_denied_with_the_reas
     answer = await admit({"namespace": NAMESPACE, "object": pod}, kube, "img")
     assert answer["allowed"] is False
     assert reason in answer["status"]["message"]
+
+
+async def test_the_sqlite_volume_takes_the_size_the_pod_asks_for(cluster: Any, kube: Kube) -> None:
+    await create_store(cluster, "chat", {"backend": "sqlite"})
+    annotations = {
+        "convostore.dev/inject": "true",
+        "convostore.dev/stores": "chat",
+        "convostore.dev/data-size-limit": "5Gi",
+    }
+    pod = agent_pod(annotations)
+    result = patched(pod, await admit({"namespace": NAMESPACE, "object": pod}, kube, "img"))
+    volumes = {v["name"]: v for v in result["spec"]["volumes"]}
+    assert volumes["convostore-data"]["emptyDir"] == {"sizeLimit": "5Gi"}
 
 
 async def test_tcp_is_served_only_when_the_pod_asks(cluster: Any, kube: Kube) -> None:
