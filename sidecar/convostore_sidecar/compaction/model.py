@@ -14,7 +14,7 @@ from typing import Any
 import openai
 
 from ..config import CompactionSettings
-from ..drivers.openai import api_client, read_key, redact
+from ..openai_api import api_client, read_key, redact
 from ..refusals import Invalid, Refused, UpstreamFailed, UpstreamTimedOut
 
 

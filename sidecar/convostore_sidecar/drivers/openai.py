@@ -28,16 +28,14 @@ accepted the batch, so only a crash between the two can repeat one request's ite
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import openai
 import orjson
-from openai import AsyncOpenAI
 
+from ..openai_api import api_client, read_key, redact
 from ..refusals import (
     Conflict,
     Invalid,
@@ -80,7 +78,6 @@ MAX_METADATA_KEYS = 16
 PASSED_ON: dict[int, type[Refused]] = {400: Invalid, 409: Conflict, 422: Unprocessable}
 """The API's refusals that are the request's own fault, passed on as what they are; any
 other is the API failing."""
-_KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_*\-]+")
 
 
 @dataclass(frozen=True)
@@ -127,44 +124,6 @@ class Settings:
 
 def open_driver(store: StoreConfig) -> OpenAIDriver:
     return OpenAIDriver(store)
-
-
-class ClientSettings(Protocol):
-    """How the sidecar reaches OpenAI's API (the openai backend's, compaction's)."""
-
-    @property
-    def base_url(self) -> str | None: ...
-    @property
-    def organization(self) -> str | None: ...
-    @property
-    def project(self) -> str | None: ...
-    @property
-    def timeout(self) -> float: ...
-    @property
-    def max_retries(self) -> int: ...
-
-
-def api_client(key: str, settings: ClientSettings) -> AsyncOpenAI:
-    return AsyncOpenAI(
-        api_key=key,
-        base_url=settings.base_url,
-        organization=settings.organization,
-        project=settings.project,
-        timeout=settings.timeout,
-        max_retries=settings.max_retries,
-    )
-
-
-def read_key(path: str, store: str) -> str:
-    try:
-        key = Path(path).read_text("utf-8").strip()
-    except OSError as exc:
-        raise RuntimeError(
-            f"store {store!r}: cannot read the OpenAI API key file {path!r}: {exc.strerror}"
-        ) from exc
-    if not key:
-        raise RuntimeError(f"store {store!r}: the OpenAI API key file {path!r} is empty")
-    return key
 
 
 class OpenAIDriver:
@@ -397,11 +356,6 @@ class OpenAIDriver:
 
     def _redact(self, text: str) -> str:
         return redact(text, self._key)
-
-
-def redact(text: str, key: str) -> str:
-    """`text` without the key, or anything shaped like one (as OpenAI echoes them masked)."""
-    return _KEY_LIKE.sub("sk-[redacted]", text.replace(key, "[redacted]"))
 
 
 def _for_api(item: dict[str, Any]) -> dict[str, Any] | None:

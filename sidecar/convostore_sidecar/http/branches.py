@@ -17,8 +17,8 @@ from ..jsonbody import dumps, loads
 from ..stores import Store
 from ..structure import mentions
 from . import validation
+from .bodies import read_object
 from .errors import ApiError
-from .middleware import read_object
 from .state import STORES
 
 routes = web.RouteTableDef()

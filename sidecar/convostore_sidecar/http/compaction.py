@@ -14,8 +14,8 @@ from ..drivers.base import BackendUnavailable
 from ..jsonbody import dumps
 from ..refusals import Refused
 from . import validation
+from .bodies import read_object
 from .errors import ApiError
-from .middleware import read_object
 from .state import METRICS, STORES
 
 log = logging.getLogger("convostore.sidecar")

@@ -14,8 +14,9 @@ from ..stores import Store
 from ..turns import from_first_turn, latest_turns, widened_to_turns
 from . import validation
 from .answers import send
+from .bodies import read_body
 from .errors import ApiError
-from .middleware import authorized, read_body
+from .middleware import authorized
 from .openapi import openapi_json
 from .state import ANSWER_BUDGET, METRICS, READINESS, REQUEST_LIMITS, STORES
 
