@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -17,7 +18,13 @@ import redis.asyncio as aioredis
 from agents import Agent, Runner
 from agents.memory import SQLiteSession
 from agents.testing import ScriptedModel, assistant_message
-from convostore import DecryptionError, EncryptedSession, SidecarSession, StoreUnavailableError
+from convostore import (
+    AdvancedSidecarSession,
+    DecryptionError,
+    EncryptedSession,
+    SidecarSession,
+    StoreUnavailableError,
+)
 from convostore_sidecar.config import parse_config
 from convostore_sidecar.encryption import Keyring, decode_key, generate_key
 from convostore_sidecar.sections import ConfigError
@@ -268,7 +275,12 @@ def test_rotation_keeps_old_items_readable_and_moves_them_to_the_new_key(
     )
     assert rotate.returncode == 0, rotate.stderr
     assert "done: 5 sessions, 5 items re-encrypted" in rotate.stderr
-    assert state.read_text() == "user-4"
+    assert json.loads(state.read_text()) == {"store": "conf", "primary": "k2", "after": "user-4"}
+    assert rotate.stdout.splitlines() == [
+        "k1: 0 items",
+        "k2 (primary): 6 items",
+        "safe to remove: k1",
+    ]
     assert key_ids(db) == {"k2": 6}
     both.stop()
 
@@ -277,6 +289,77 @@ def test_rotation_keeps_old_items_readable_and_moves_them_to_the_new_key(
     for n in range(1, 5):
         items = asyncio.run(SidecarSession(f"user-{n}", "conf", url=new_only.url).get_items())
         assert items == [{"n": n}]
+
+
+def run_keys(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "convostore", "keys", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_two_rotations_with_one_state_file_strand_nothing(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
+) -> None:
+    """The next rotation reuses the last one's --state path, as the README's procedure
+    would have an operator do: it must start over, and the census, read from the
+    backend, must never call a key removable while it seals an item."""
+    db = tmp_path / "twice.db"
+    store = {"backend": "sqlite", "sqlite": {"path": str(db)}}
+    state = str(tmp_path / "rotation.state")
+    keys = [("k1", K1), ("k2", K2), ("k3", generate_key())]
+    first = sidecar_process(encrypted(store, keys[0]))
+    first.start()
+
+    async def converse(n: int) -> None:
+        session = AdvancedSidecarSession(f"user-{n}", "conf", url=first.url)
+        for turn in (1, 2):
+            await session.add_items([{"role": "user", "content": f"q{turn}"}, {"n": n}])
+        if n == 0:  # a branch holds copies of turn 1's two items: counted and rotated too
+            await session.create_branch_from_turn(2)
+
+    for n in range(4):
+        asyncio.run(converse(n))
+    first.stop()
+
+    for old, new in ((0, 1), (1, 2)):
+        both = sidecar_process(encrypted(store, keys[old], keys[new], primary=keys[new][0]))
+        both.start()
+        args = ("--url", both.url, "--store", "conf")
+        before = run_keys("census", *args)
+        assert before.returncode == 0
+        assert before.stdout.splitlines()[-1] == "safe to remove: none", before.stdout
+        rotated = run_keys("rotate", *args, "--state", state)
+        assert rotated.returncode == 0, rotated.stderr
+        assert "done: 4 sessions, 18 items re-encrypted" in rotated.stderr
+        assert rotated.stdout.splitlines()[-1] == f"safe to remove: {keys[old][0]}"
+        assert key_ids(db) == {keys[new][0]: 18}
+        both.stop()
+
+
+def test_a_rotation_that_leaves_items_behind_fails_and_names_the_key(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
+) -> None:
+    """A progress file of this very rotation that claims more than was done (a copy
+    from elsewhere, a hand edit): the sessions it skips keep their old key, and the
+    verification says so instead of declaring the old key removable."""
+    db = tmp_path / "left.db"
+    store = {"backend": "sqlite", "sqlite": {"path": str(db)}}
+    old = sidecar_process(encrypted(store, ("k1", K1)))
+    old.start()
+    for n in range(3):
+        asyncio.run(SidecarSession(f"user-{n}", "conf", url=old.url).add_items([{"n": n}]))
+    old.stop()
+    both = sidecar_process(encrypted(store, ("k1", K1), ("k2", K2), primary="k2"))
+    both.start()
+    state = tmp_path / "rotation.state"
+    state.write_text(json.dumps({"store": "conf", "primary": "k2", "after": "user-1"}))
+    rotated = run_keys("rotate", "--url", both.url, "--store", "conf", "--state", str(state))
+    assert rotated.returncode == 1
+    assert rotated.stdout.splitlines() == [
+        "k1: 2 items",
+        "k2 (primary): 1 items",
+        "safe to remove: none",
+    ]
+    assert "not done: items remain under k1 (2)" in rotated.stderr
 
 
 def key_ids(db: Path) -> dict[str, int]:

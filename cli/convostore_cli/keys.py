@@ -1,13 +1,20 @@
-"""`convostore keys`: make a key for an encrypted store, re-encrypt a store under its
-primary key."""
+"""`convostore keys`: make a key for an encrypted store, count which key seals how many
+items, and re-encrypt a store under its primary key.
+
+A rotation ends by counting again, from the backend: it names the keys that now seal
+nothing (safe to remove) and fails while any item is under another key than the
+primary. Its progress file names the store and the primary key it rotates to, so it
+resumes only that rotation: the next one starts from the first session."""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,12 @@ def add_commands(commands: Any) -> None:
         "--state", help="progress file: an interrupted rotation resumes after its last session"
     )
     rotate.set_defaults(run=lambda a: run(_rotate(a)))
+    census = actions.add_parser(
+        "census",
+        help="count the items each key seals (every session, branch and archive)",
+        parents=[sidecar_options(defaults=True)],
+    )
+    census.set_defaults(run=lambda a: run(_census(a)))
 
 
 def generate_key(args: argparse.Namespace) -> int:
@@ -53,20 +66,104 @@ def generate_key(args: argparse.Namespace) -> int:
 
 
 async def _rotate(args: argparse.Namespace) -> int:
-    """Walk the store's sessions in order, re-encrypting each; progress goes to stderr and,
-    with --state, to a file that a re-run resumes from."""
-    state = Path(args.state) if args.state else None
-    resume_after = state.read_text().strip() if state and state.exists() else ""
+    """Re-encrypt each session in order, progress to stderr and, with --state, to a file a
+    re-run of this same rotation resumes from; then verify with a census."""
     sidecar_store = store(args)
+    primary = (await sidecar_store.keyring())["primary"]
+    progress = Progress(Path(args.state), args.store, primary) if args.state else None
+    resume_after = progress.resume_point() if progress else ""
     sessions = items = 0
     async for session_id in sidecar_store.session_ids():
         if session_id <= resume_after:
             continue
         items += await sidecar_store.session(session_id).reencrypt()
         sessions += 1
-        if state:
-            state.write_text(session_id)
+        if progress:
+            progress.save(session_id)
         if sessions % 100 == 0:
             print(f"{sessions} sessions, {items} items re-encrypted", file=sys.stderr)
     print(f"done: {sessions} sessions, {items} items re-encrypted", file=sys.stderr)
+    return report(await count_keys(args))
+
+
+async def _census(args: argparse.Namespace) -> int:
+    report(await count_keys(args))
     return 0
+
+
+@dataclass
+class Census:
+    primary: str
+    held: list[str]
+    sealed: dict[str, int]
+    plaintext: int
+
+    @property
+    def stranded(self) -> dict[str, int]:
+        """Items under a key other than the primary, by key id."""
+        return {key: n for key, n in self.sealed.items() if key != self.primary and n}
+
+
+async def count_keys(args: argparse.Namespace) -> Census:
+    sidecar_store = store(args)
+    ring = await sidecar_store.keyring()
+    sealed: dict[str, int] = {}
+    plaintext = 0
+    async for session_id in sidecar_store.session_ids():
+        counted = await sidecar_store.session(session_id).key_census()
+        for key, n in counted["sealed"].items():
+            sealed[key] = sealed.get(key, 0) + n
+        plaintext += counted["plaintext"]
+    return Census(ring["primary"], ring["keys"], sealed, plaintext)
+
+
+def report(census: Census) -> int:
+    """Print the census; 1 while any item is under another key than the primary."""
+    for key in sorted({*census.held, *census.sealed}):
+        role = " (primary)" if key == census.primary else ""
+        missing = "" if key in census.held else " (not in the store's keyring!)"
+        print(f"{key}{role}: {census.sealed.get(key, 0)} items{missing}")
+    if census.plaintext:
+        print(f"in clear: {census.plaintext} items")
+    removable = [k for k in census.held if k != census.primary and not census.sealed.get(k)]
+    print(f"safe to remove: {', '.join(removable) or 'none'}")
+    if census.stranded or census.plaintext:
+        left = ", ".join(f"{k} ({n})" for k, n in sorted(census.stranded.items()))
+        print(
+            f"convostore: not done: items remain under {left or 'no key (in clear)'}; run "
+            "`convostore keys rotate` again, and keep every key until it seals nothing",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+@dataclass
+class Progress:
+    """Where a rotation got to, for this store and this primary key only."""
+
+    path: Path
+    store: str
+    primary: str
+
+    def resume_point(self) -> str:
+        if not self.path.exists():
+            return ""
+        try:
+            saved = json.loads(self.path.read_text())
+            mine = saved["store"] == self.store and saved["primary"] == self.primary
+            after = str(saved["after"])
+        except (ValueError, KeyError, TypeError):
+            mine, after = False, ""
+        if not mine:
+            print(
+                f"{self.path} is not the progress of a rotation of store {self.store!r} to "
+                f"key {self.primary!r}: starting from the first session",
+                file=sys.stderr,
+            )
+            return ""
+        return after
+
+    def save(self, session_id: str) -> None:
+        record = {"store": self.store, "primary": self.primary, "after": session_id}
+        self.path.write_text(json.dumps(record))

@@ -315,6 +315,15 @@ class SidecarSession:
         count: int = body["reencrypted"]
         return count
 
+    async def key_census(self) -> dict[str, Any]:
+        """How many of this session's stored items each key id seals (`sealed`), and how
+        many are stored in clear (`plaintext`): every branch and the compaction archive,
+        read from the backend."""
+        census: dict[str, Any] = await self._transport.call(
+            "GET", self._path + "/keys", idempotent=True
+        )
+        return census
+
     async def clear(self) -> None:
         """Alias of `clear_session`, as in the seed documents' examples."""
         await self.clear_session()

@@ -44,6 +44,13 @@ class SidecarStore:
             if not cursor:
                 return
 
+    async def keyring(self) -> dict[str, Any]:
+        """An encrypted store's key ids: `primary`, and every one it holds (`keys`)."""
+        ring: dict[str, Any] = await self._transport.call(
+            "GET", store_path(self.store) + "/keys", idempotent=True
+        )
+        return ring
+
     def session(self, session_id: str) -> SidecarSession:
         return SidecarSession(
             session_id,

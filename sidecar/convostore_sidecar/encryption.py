@@ -504,6 +504,25 @@ class EncryptedDriver:
 
         return await self.inner.rewrite(session_id, reseal)
 
+    async def key_census(self, session_id: str) -> tuple[dict[str, int], int]:
+        """How many of the session's stored items (every branch, the compaction archive)
+        each key id seals, and how many are stored in clear (written before the store
+        encrypted). Read through `rewrite` with a transform that changes nothing, so it
+        sees exactly the items a re-encryption would."""
+        sealed: dict[str, int] = {}
+        clear = 0
+
+        def count(data: bytes) -> None:
+            nonlocal clear
+            key_id = self.keyring.key_id_of(data)
+            if key_id is None:
+                clear += 1
+            else:
+                sealed[key_id] = sealed.get(key_id, 0) + 1
+
+        await self.inner.rewrite(session_id, count)
+        return sealed, clear
+
     def _reseal(self, session_id: str, plaintext: bytes, position: int | None) -> bytes:
         """Sealed again at the position it was sealed at; a "cs1" item keeps none."""
         return self.keyring.encrypt(self.store, session_id, plaintext, position)

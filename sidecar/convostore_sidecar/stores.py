@@ -165,11 +165,24 @@ class Store:
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.driver.list_sessions(prefix, after, limit)
 
-    async def reencrypt(self, session_id: str) -> int:
-        """Re-seal a session's items under the primary key; the count re-sealed."""
+    @property
+    def _encrypted(self) -> EncryptedDriver:
         if not isinstance(self.driver, EncryptedDriver):
             raise Invalid("not_encrypted", f"store {self.name!r} has no encryption configured")
-        return await self.driver.reencrypt(session_id)
+        return self.driver
+
+    async def reencrypt(self, session_id: str) -> int:
+        """Re-seal a session's items under the primary key; the count re-sealed."""
+        return await self._encrypted.reencrypt(session_id)
+
+    def keyring(self) -> tuple[str, list[str]]:
+        """The primary key's id and every key id the store holds (ids only)."""
+        keyring = self._encrypted.keyring
+        return keyring.primary, sorted(keyring.keys)
+
+    async def key_census(self, session_id: str) -> tuple[dict[str, int], int]:
+        """The items of the session each key id seals, and those stored in clear."""
+        return await self._encrypted.key_census(session_id)
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
         return await self._branching.branches(session_id)
