@@ -152,8 +152,9 @@ async def test_nothing_is_thrown_away_and_export_writes_it_all(
         command = ["sessions", "--url", sidecar.url, "export", "--view", view, "-o", str(exported)]
         assert run_cli(*command).returncode == 0
         records = [json.loads(line) for line in exported.read_text().splitlines()]
-        assert [r["item"] for r in records] == expected
-        assert {r["session_id"] for r in records} == {session.session_id}
+        assert records[0] == {"convostore_export": 2}
+        assert [r["item"] for r in records if "item" in r] == expected
+        assert {r["session_id"] for r in records[1:]} == {session.session_id}
 
 
 def said(item_id: str) -> dict[str, Any]:
@@ -274,4 +275,6 @@ def test_export_from_a_store_that_keeps_no_archive_writes_its_live_items(
     asyncio.run(SidecarSession("s1", url=sidecar.url).add_items(history(2)))
     exported = run_cli("sessions", "--url", sidecar.url, "export")
     assert exported.returncode == 0, exported.stderr
-    assert [json.loads(line)["item"] for line in exported.stdout.splitlines()] == history(2)
+    records = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert records[0] == {"convostore_export": 2}
+    assert [record["item"] for record in records[1:]] == history(2)

@@ -155,7 +155,7 @@ def test_cli_errors_are_one_clear_line(sidecar_process: Make, tmp_path: Path) ->
     bad.write_text('{"session_id": "a"}\n')
     broken = run_cli("sessions", "--url", proc.url, "import", str(bad))
     assert broken.returncode == 1
-    assert "line 1: not a {session_id, item} record" in broken.stderr
+    assert "line 1: not a record: expected 'item'" in broken.stderr
 
 
 def test_shared_options_go_before_or_after_the_action(

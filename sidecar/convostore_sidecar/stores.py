@@ -159,6 +159,25 @@ class Store:
         """What compaction archived, then the live items no compaction wrote."""
         return await self._compacting.full_history(session_id, branch, limit, max_bytes)
 
+    async def archive_head(
+        self, session_id: str, branch: str, count: int, summary: Sequence[bytes]
+    ) -> bool:
+        """Put `summary` in place of the branch's first `count` items, which go to its
+        archive, as a compaction does (an import restores one so); False when the
+        branch holds fewer items."""
+        most = self.config.limits.max_read_items
+        snapshot = await self._compacting.snapshot(session_id, branch, most + 1)
+        if len(snapshot.stored) > most:
+            raise Conflict(
+                "history_too_long",
+                f"the branch holds more than limits.maxReadItems ({most}) items",
+            )
+        if len(snapshot.stored) < count:
+            return False
+        return await self._compacting.compact(
+            session_id, branch, snapshot.stored[:count], list(summary)
+        )
+
     async def clear(self, session_id: str) -> None:
         await self.driver.clear(session_id)
 

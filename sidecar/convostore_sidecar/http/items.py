@@ -119,6 +119,42 @@ async def append_items(request: web.Request) -> web.Response:
     return _json(dumps(answer))
 
 
+@routes.post(SESSION + "/items:archive")
+async def archive_items(request: web.Request) -> web.Response:
+    """The branch's first `count` items to its archive, `items` (at most as many) in
+    their place: what a compaction did, restored by `convostore sessions import`."""
+    store = _store(request)
+    session_id = _session(request, store)
+    limits = store.config.limits
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    count = validation.limit_param(
+        request.query.get("count"), default=None, maximum=None, name="count", minimum=1
+    )
+    if count is None:
+        raise ApiError(400, "invalid_count", "name how many items to archive: count=N")
+    if count > limits.max_read_items:
+        raise ApiError(
+            409,
+            "history_too_long",
+            f"at most limits.maxReadItems ({limits.max_read_items}) items go to the archive "
+            "in one call",
+        )
+    branch = validation.branch_id(request.query.get("branch"))
+    body = validation.append_body(await read_body(request, limits.max_request_bytes), limits)
+    if len(body.items) > count:
+        raise ApiError(
+            409,
+            "summary_too_long",
+            f"{len(body.items)} items cannot replace {count}: a compaction never grows a branch",
+        )
+    if not await store.archive_head(session_id, branch, count, body.items):
+        raise ApiError(
+            409, "too_few_items", f"the branch holds fewer than {count} items; nothing changed"
+        )
+    return _json(dumps({"archived": count, "items": len(body.items)}))
+
+
 @routes.post(SESSION + "/items:pop")
 async def pop_item(request: web.Request) -> web.Response:
     store = _store(request)
