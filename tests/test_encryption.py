@@ -235,16 +235,24 @@ async def test_a_wrong_or_missing_key_names_the_key_id(
     assert await SidecarSession("s", "conf", url=first.url).get_items() == [{"n": 1}]
 
 
+def sealed_by_k1(
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess], db: Path, sessions: int
+) -> dict[str, Any]:
+    """A SQLite store at `db` whose sessions `user-0`... hold one item each, sealed by k1."""
+    store = {"backend": "sqlite", "sqlite": {"path": str(db)}}
+    old = sidecar_process(encrypted(store, ("k1", K1)))
+    old.start()
+    for n in range(sessions):
+        asyncio.run(SidecarSession(f"user-{n}", "conf", url=old.url).add_items([{"n": n}]))
+    old.stop()
+    return store
+
+
 def test_rotation_keeps_old_items_readable_and_moves_them_to_the_new_key(
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess], tmp_path: Path
 ) -> None:
     db = tmp_path / "rot.db"
-    store = {"backend": "sqlite", "sqlite": {"path": str(db)}}
-    old = sidecar_process(encrypted(store, ("k1", K1)))
-    old.start()
-    for n in range(5):
-        asyncio.run(SidecarSession(f"user-{n}", "conf", url=old.url).add_items([{"n": n}]))
-    old.stop()
+    store = sealed_by_k1(sidecar_process, db, 5)
 
     both = sidecar_process(encrypted(store, ("k1", K1), ("k2", K2), primary="k2"))
     both.start()
@@ -341,13 +349,7 @@ def test_a_rotation_that_leaves_items_behind_fails_and_names_the_key(
     """A progress file of this very rotation that claims more than was done (a copy
     from elsewhere, a hand edit): the sessions it skips keep their old key, and the
     verification says so instead of declaring the old key removable."""
-    db = tmp_path / "left.db"
-    store = {"backend": "sqlite", "sqlite": {"path": str(db)}}
-    old = sidecar_process(encrypted(store, ("k1", K1)))
-    old.start()
-    for n in range(3):
-        asyncio.run(SidecarSession(f"user-{n}", "conf", url=old.url).add_items([{"n": n}]))
-    old.stop()
+    store = sealed_by_k1(sidecar_process, tmp_path / "left.db", 3)
     both = sidecar_process(encrypted(store, ("k1", K1), ("k2", K2), primary="k2"))
     both.start()
     state = tmp_path / "rotation.state"

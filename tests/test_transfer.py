@@ -183,3 +183,20 @@ async def test_restoring_an_archive_refuses_what_it_cannot_do_and_changes_nothin
     live = await SidecarSession("s", url=sidecar.url).get_items()
     assert live == [summary["items"][0], {"n": 2}]
     assert await SidecarSession("s", url=sidecar.url).get_full_items() == items
+
+
+async def test_an_export_stops_rather_than_leave_items_out(
+    store_config: Callable[..., dict[str, Any]],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """A session longer than one read of the sidecar (`limits.maxReadItems`) would be cut
+    to its newest items: the export fails, naming it, instead of writing part of it."""
+    store = store_config("sqlite", limits={"maxReadItems": 5})
+    sidecar = sidecar_process({"stores": {"default": store}})
+    sidecar.start()
+    await SidecarSession("short", url=sidecar.url).add_items([{"n": n} for n in range(5)])
+    await SidecarSession("long", url=sidecar.url).add_items([{"n": n} for n in range(8)])
+    exported = run_cli("sessions", "--url", sidecar.url, "export")
+    assert exported.returncode == 1
+    assert exported.stderr.startswith("convostore: session 'long' (branch 'main') holds more")
+    assert "limits.maxReadItems" in exported.stderr

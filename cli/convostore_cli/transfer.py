@@ -68,8 +68,8 @@ async def session_records(sidecar: Sidecar, session_id: str, full: bool) -> list
     except ConvostoreError as exc:
         if exc.code != "not_supported":
             raise
-        items = await sidecar.get(path + "/items")  # a backend that keeps items alone
-        return [{"session_id": session_id, "item": item} for item in items["items"]]
+        items = await whole(sidecar, session_id, {})  # a backend that keeps items alone
+        return [{"session_id": session_id, "item": item} for item in items]
     others = [b["branch_id"] for b in listed["branches"] if b["branch_id"] != MAIN]
     records: list[dict[str, Any]] = []
     for branch in [MAIN, *others]:
@@ -84,10 +84,10 @@ async def branch_records(
     named: dict[str, Any] = {"session_id": session_id}
     if branch != MAIN:
         named["branch"] = branch
-    live = (await sidecar.get(path + "/items", where))["items"]
+    live = await whole(sidecar, session_id, where)
     items, archive = live, None
     if full:
-        items = (await sidecar.get(path + "/items", {**where, "view": "full"}))["items"]
+        items = await whole(sidecar, session_id, {**where, "view": "full"})
         shape = await sidecar.get(f"{path}/branches/{quote(branch, safe='')}/shape")
         kinds = [item["type"] for item in shape["items"]]
         summary = next((i for i, kind in enumerate(kinds) if kind != "compacted"), len(kinds))
@@ -105,6 +105,20 @@ async def branch_records(
     if archive:
         records.append(named | {"archive": archive})
     return records
+
+
+async def whole(sidecar: Sidecar, session_id: str, where: dict[str, str]) -> list[Any]:
+    """Every item of the read, or a ValueError: an export never leaves items out."""
+    answer = await sidecar.get(session_path(sidecar, session_id) + "/items", where)
+    if answer.get("truncated"):
+        branch = where.get("branch", MAIN)
+        raise ValueError(
+            f"session {session_id!r} (branch {branch!r}) holds more than the sidecar answers "
+            "in one read (the store's limits.maxReadItems and limits.maxReadBytes): raise "
+            "them for the export; nothing of it was left out silently, the export stopped"
+        )
+    items: list[Any] = answer["items"]
+    return items
 
 
 def numbered(items: list[Any]) -> Iterator[tuple[int, Any, bool]]:

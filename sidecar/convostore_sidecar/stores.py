@@ -65,7 +65,7 @@ class Store:
             from .compaction.compactor import Compactor
 
             store._compactor = Compactor(
-                config.compaction, config.limits, store._compacting, config.name
+                config.compaction, config.limits.max_read_items, store._compacting, config.name
             )
         return store
 

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import CompactionSettings, Limits
 from ..drivers.base import Compacting
 from ..jsonbody import dumps, loads
 from ..refusals import Invalid, UpstreamFailed
 from . import policy
 from .model import CompactionModel
+from .settings import CompactionSettings
 
 MOST_PARSED_BYTES = 4 << 20
 """The most live history a compaction parses (JSON of many small objects takes 10 to 18
@@ -30,9 +30,9 @@ than a model's context window holds."""
 
 class Compactor:
     def __init__(
-        self, settings: CompactionSettings, limits: Limits, driver: Compacting, store: str
+        self, settings: CompactionSettings, max_read_items: int, driver: Compacting, store: str
     ) -> None:
-        self.settings, self.limits, self.driver = settings, limits, driver
+        self.settings, self.max_read_items, self.driver = settings, max_read_items, driver
         self.model = CompactionModel(settings, store)
         self._turns: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary()
@@ -50,7 +50,7 @@ class Compactor:
     async def _compact(
         self, session_id: str, branch: str, request: policy.Request
     ) -> dict[str, Any]:
-        most = self.limits.max_read_items
+        most = self.max_read_items
         snapshot = await self.driver.snapshot(session_id, branch, most + 1, MOST_PARSED_BYTES)
         if len(snapshot.items) > most:
             return _skipped(

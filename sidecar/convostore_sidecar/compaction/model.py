@@ -13,9 +13,9 @@ from typing import Any
 
 import openai
 
-from ..config import CompactionSettings
 from ..openai_api import api_client, read_key, redact
 from ..refusals import Invalid, Refused, UpstreamFailed, UpstreamTimedOut
+from .settings import CompactionSettings
 
 
 @dataclass(frozen=True)

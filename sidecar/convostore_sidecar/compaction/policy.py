@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import CompactionSettings
 from ..vocabulary import CALL_OUTPUT_TYPES, OUTPUT_TYPES, SDK_ONLY_KEYS, is_user_message
+from .settings import CompactionSettings
 
 BYTES_PER_TOKEN = 4
 

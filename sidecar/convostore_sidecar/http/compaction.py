@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from ..compaction import policy
-from ..config import COMPACTION_MODES
+from ..compaction.settings import COMPACTION_MODES
 from ..drivers.base import BackendUnavailable
 from ..jsonbody import dumps
 from ..refusals import Refused
