@@ -43,6 +43,7 @@ async def test_the_plain_install_applies_to_an_empty_cluster(cluster: Any) -> No
         created.append(doc["kind"])
     assert created[:2] == ["CustomResourceDefinition", "Namespace"]
     assert {"Deployment", "MutatingWebhookConfiguration", "Role"} <= set(created)
+    assert "Pod" not in created, "the chart's `helm test` Pod is for Helm users alone"
     for name in ("convostore-system", "agents"):
         assert namespace_exists(cluster, name)
     deployment = cluster.objects["apps/v1/deployments", "convostore-system", "convostore"]
