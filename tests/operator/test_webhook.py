@@ -162,28 +162,26 @@ async def test_pods_that_cannot_have_the_sidecar_safely_are_denied_with_the_reas
     assert reason in answer["status"]["message"]
 
 
-async def test_the_sqlite_volume_takes_the_size_the_pod_asks_for(cluster: Any, kube: Kube) -> None:
+async def admitted_with(cluster: Any, kube: Kube, annotation: str, value: str) -> Any:
+    """A pod asking for a SQLite store, with one more annotation, as the webhook patches it."""
     await create_store(cluster, "chat", {"backend": "sqlite"})
     annotations = {
         "convostore.dev/inject": "true",
         "convostore.dev/stores": "chat",
-        "convostore.dev/data-size-limit": "5Gi",
+        annotation: value,
     }
     pod = agent_pod(annotations)
-    result = patched(pod, await admit({"namespace": NAMESPACE, "object": pod}, kube, "img"))
+    return patched(pod, await admit({"namespace": NAMESPACE, "object": pod}, kube, "img"))
+
+
+async def test_the_sqlite_volume_takes_the_size_the_pod_asks_for(cluster: Any, kube: Kube) -> None:
+    result = await admitted_with(cluster, kube, "convostore.dev/data-size-limit", "5Gi")
     volumes = {v["name"]: v for v in result["spec"]["volumes"]}
     assert volumes["convostore-data"]["emptyDir"] == {"sizeLimit": "5Gi"}
 
 
 async def test_tcp_is_served_only_when_the_pod_asks(cluster: Any, kube: Kube) -> None:
-    await create_store(cluster, "chat", {"backend": "sqlite"})
-    annotations = {
-        "convostore.dev/inject": "true",
-        "convostore.dev/stores": "chat",
-        "convostore.dev/tcp": "true",
-    }
-    pod = agent_pod(annotations)
-    result = patched(pod, await admit({"namespace": NAMESPACE, "object": pod}, kube, "img"))
+    result = await admitted_with(cluster, kube, "convostore.dev/tcp", "true")
     [sidecar] = result["spec"]["initContainers"]
     assert "--no-tcp" not in sidecar["args"]
     assert "--issue-token" in sidecar["args"], "the token still guards the port"
