@@ -16,10 +16,19 @@ from convostore_sidecar.http.app import build_app
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
-from tests.servers import PgBouncer, PostgresServer, RedisClusterNodes, RedisServer, free_port
+from tests.servers import (
+    MariaDbServer,
+    PgBouncer,
+    PostgresServer,
+    RedisClusterNodes,
+    RedisServer,
+    free_port,
+)
 from tests.support import (
     POSTGRES_POOLED,
     REDIS_CLUSTER,
+    SQLALCHEMY_POSTGRES,
+    SQLALCHEMY_SQLITE,
     RunningSidecar,
     SidecarProcess,
     StartSidecar,
@@ -70,6 +79,14 @@ def pgbouncer_dsn(postgres_dsn: str) -> Iterator[str]:
     pooler.start()
     yield pooler.dsn.rsplit("/", 1)[0] + upstream.path
     pooler.destroy()
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDbServer]:
+    server = MariaDbServer()
+    server.start()
+    yield server
+    server.destroy()
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +154,13 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
                 "schema": "t_" + uuid.uuid4().hex[:12],
             }
             migrate({"stores": {"schema": config}})
+        elif backend in ("sqlalchemy", SQLALCHEMY_POSTGRES, SQLALCHEMY_SQLITE):
+            config["backend"] = "sqlalchemy"
+            config["sqlalchemy"] = {
+                "url": sqlalchemy_url(backend, request, tmp_path),
+                "tablePrefix": "t" + uuid.uuid4().hex[:12] + "_",
+            }
+            migrate({"stores": {"schema": config}})
         elif backend == "openai":
             config["openai"] = {
                 "baseURL": request.getfixturevalue("openai_api").base_url,
@@ -147,6 +171,17 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
         return config
 
     return make
+
+
+def sqlalchemy_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The `sqlalchemy` backend's database: MariaDB, or PostgreSQL or SQLite through it."""
+    if backend == SQLALCHEMY_SQLITE:
+        return f"sqlite+aiosqlite:///{tmp_path / 'sqlalchemy.db'}"
+    if backend == SQLALCHEMY_POSTGRES:
+        dsn = urlsplit(request.getfixturevalue("postgres_dsn"))
+        return dsn._replace(scheme="postgresql+asyncpg").geturl()
+    url: str = request.getfixturevalue("mariadb").url()
+    return url
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Private Redis and PostgreSQL servers for tests, on free loopback ports.
+"""Private Redis, PostgreSQL and MariaDB servers for tests, on free loopback ports.
 
 Tests own these servers, so they can stop and restart them to test outages. Both keep
 their data on disk across a restart (Redis with an fsync-always append-only file). When
@@ -481,4 +481,90 @@ class PgBouncer:
         if self.process is not None:
             self.process.terminate()
             self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+INSTALL = ("--auth-root-authentication-method=normal", "--skip-test-db")
+MARIADB_SETTINGS = (
+    "--innodb-buffer-pool-size=32M",
+    "--innodb-flush-log-at-trx-commit=2",
+    "--max-connections=500",
+)
+
+
+class MariaDbServer:
+    """A throw-away MariaDB made with mariadb-install-db (Debian's MariaDB 10.11), its
+    root user reachable over loopback TCP without a password. InnoDB writes its log at
+    every commit (a killed server loses no acknowledged write) without syncing it to
+    disk, as the PostgreSQL servers here run with `fsync=off`."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+        installer = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
+        if not Path(self.binary).exists() or not Path(installer).exists():
+            require("MariaDB (mariadbd)")
+        self.dir = Path(tempfile.mkdtemp(prefix="convostore-mariadb-"))
+        self.data = self.dir / "data"
+        self._user = ["--user=root"] if os.geteuid() == 0 else []
+        subprocess.run(
+            [installer, "--no-defaults", f"--datadir={self.data}", *self._user, *INSTALL],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "socket"
+
+    def url(self, database: str = "convostore", user: str = "root") -> str:
+        return f"mysql+asyncmy://{user}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        fixed = self.port
+        for _ in range(PORT_ATTEMPTS):
+            self.port = fixed or free_port()
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    "--no-defaults",
+                    f"--datadir={self.data}",
+                    *self._user,
+                    f"--port={self.port}",
+                    "--bind-address=127.0.0.1",
+                    f"--socket={self.socket}",
+                    f"--pid-file={self.dir / 'pid'}",
+                    f"--log-error={self.dir / 'log'}",
+                    *MARIADB_SETTINGS,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if _serving(self.port, self.process, timeout=60):
+                self.sql("CREATE DATABASE IF NOT EXISTS convostore")
+                return
+        raise RuntimeError(f"MariaDB did not start: {(self.dir / 'log').read_text()}")
+
+    def sql(self, statement: str) -> str:
+        """Run SQL as root over the server's socket; what it printed."""
+        client = shutil.which("mariadb") or "/usr/bin/mariadb"
+        done = subprocess.run(
+            [client, "--no-defaults", f"--socket={self.socket}", "-uroot", "-N", "-e", statement],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout
+
+    def stop(self, kill: bool = False) -> None:
+        """A clean shutdown, or with `kill` the process killed as a crash would."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

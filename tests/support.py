@@ -35,6 +35,10 @@ REDIS_CLUSTER = "redis-cluster"
 POSTGRES_POOLED = "postgres-pgbouncer"
 """The PostgreSQL driver through PgBouncer in transaction mode, as Kubernetes operators
 put it in front of PostgreSQL: the conformance suite runs it as a backend."""
+SQLALCHEMY_POSTGRES = "sqlalchemy-postgres"
+SQLALCHEMY_SQLITE = "sqlalchemy-sqlite"
+"""The `sqlalchemy` driver on PostgreSQL and on SQLite (its own backend name runs it on
+MariaDB): the conformance suite runs each as a backend."""
 LACKS = {
     name: frozenset(c for c in ("retention", "encryption") if not backend.has(c))
     | (frozenset() if backend.exact_json else {"any_json"})

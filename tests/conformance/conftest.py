@@ -1,10 +1,11 @@
 """The conformance suite runs every test once per driver, through the sidecar's API.
 
 Each driver runs it twice, as it is and behind encryption at rest; the Redis driver
-also runs it on a Redis Cluster, and the PostgreSQL driver through PgBouncer in
-transaction mode. A test marked with a
-capability (`retention`, `any_json`) runs only on the drivers that have it; `LACKS` in
-`tests/support.py` says which lack what, so nothing is skipped at run time.
+also runs it on a Redis Cluster, the PostgreSQL driver through PgBouncer in
+transaction mode, and the `sqlalchemy` driver (on MariaDB) on PostgreSQL and SQLite
+too. A test marked with a capability (`retention`, `any_json`) runs only on the drivers
+that have it; `LACKS` in `tests/support.py` says which lack what, so nothing is skipped
+at run time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tests.support import (
     LACKS,
     POSTGRES_POOLED,
     REDIS_CLUSTER,
+    SQLALCHEMY_POSTGRES,
+    SQLALCHEMY_SQLITE,
     StartSidecar,
     Subject,
 )
@@ -33,7 +36,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     needs = {m.name for m in metafunc.definition.iter_markers() if m.name in CAPABILITIES}
     combos = [
         (backend, at_rest)
-        for backend in (*BACKENDS, REDIS_CLUSTER, POSTGRES_POOLED)
+        for backend in (
+            *BACKENDS,
+            REDIS_CLUSTER,
+            POSTGRES_POOLED,
+            SQLALCHEMY_POSTGRES,
+            SQLALCHEMY_SQLITE,
+        )
         for at_rest in ("plain", "encrypted")
         if not LACKS.get(backend, frozenset())
         & (needs | ({"encryption"} if at_rest == "encrypted" else set()))

@@ -9,6 +9,7 @@ items the Conversations API stand-in returned.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from typing import Any
 
@@ -16,11 +17,20 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from convostore_sidecar.drivers.postgres import statements as pg_statements
+from convostore_sidecar.drivers.sqlalchemy import tables as sa_tables
 from convostore_sidecar.drivers.sqlite import schema as sqlite_schema
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.dapr_standin import DaprStandIn
 from tests.openai_standin import OpenAIStandIn
-from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, Subject, unique
+from tests.support import (
+    POSTGRES_POOLED,
+    REDIS_CLUSTER,
+    SQLALCHEMY_POSTGRES,
+    SQLALCHEMY_SQLITE,
+    Subject,
+    unique,
+)
 
 LONG, SHORT, LIMIT = 10_000, 20, 20
 
@@ -53,6 +63,9 @@ async def test_latest_20_of_10000_reads_about_20_items(
             POSTGRES_POOLED: postgres_reads,
             "redis": redis_reads,
             REDIS_CLUSTER: redis_reads,
+            "sqlalchemy": sqlalchemy_reads,
+            SQLALCHEMY_POSTGRES: sqlalchemy_reads,
+            SQLALCHEMY_SQLITE: sqlalchemy_reads,
         }
         long_cost = await inspect[subject.backend](subject, long_id)
         short_cost = await inspect[subject.backend](subject, short_id)
@@ -100,11 +113,60 @@ async def postgres_reads(subject: Subject, session_id: str) -> int:
         )
     finally:
         await conn.close()
-    import json
-
     nodes = list(_plan_nodes(json.loads(plan)[0]["Plan"]))
     assert not any(n["Node Type"] in ("Seq Scan", "Sort") for n in nodes), nodes
     return sum(int(n.get("Actual Rows", 0)) * int(n.get("Actual Loops", 1)) for n in nodes)
+
+
+async def sqlalchemy_reads(subject: Subject, session_id: str) -> int:
+    """Rows the `sqlalchemy` driver's latest-N statement read, by the database's own
+    account: MariaDB's `ANALYZE` (`r_rows`), PostgreSQL's `EXPLAIN ANALYZE`, SQLite's
+    virtual-machine steps, each after checking the plan uses the index."""
+    settings = subject.store_config["sqlalchemy"]
+    items = sa_tables.tables(settings["tablePrefix"]).items
+    where = sa_tables.on_branch(items, "conf", session_id, "main")
+    engine = create_async_engine(settings["url"])
+    sql = str(
+        sa_tables.newest_first(items, where, None, LIMIT).compile(
+            dialect=engine.dialect, compile_kwargs={"literal_binds": True}
+        )
+    )
+    try:
+        async with engine.connect() as conn:
+            if engine.dialect.name == "mysql":
+                report = (await conn.exec_driver_sql("ANALYZE FORMAT=JSON " + sql)).scalar()
+                block = json.loads(str(report))["query_block"]
+                tables = [step["table"] for step in block["nested_loop"]]
+                assert all(t["access_type"] != "ALL" for t in tables), tables
+                assert "filesort" not in str(report), report
+                return sum(int(t["r_rows"] * t["r_loops"]) for t in tables)
+            if engine.dialect.name == "postgresql":
+                plan = (
+                    await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)
+                ).scalar()
+                report = json.loads(plan) if isinstance(plan, str) else plan
+                nodes = list(_plan_nodes(report[0]["Plan"]))
+                assert not any(n["Node Type"] in ("Seq Scan", "Sort") for n in nodes), nodes
+                return sum(
+                    int(n.get("Actual Rows", 0)) * int(n.get("Actual Loops", 1)) for n in nodes
+                )
+    finally:
+        await engine.dispose()
+    conn = sqlite3.connect(str(engine.url.database))
+    plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+    assert "SCAN" not in plan, plan
+    assert "TEMP B-TREE" not in plan, plan
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(count, 1)
+    assert len(conn.execute(sql).fetchall()) == LIMIT
+    conn.close()
+    return steps
 
 
 def _plan_nodes(node: dict[str, Any]) -> Any:

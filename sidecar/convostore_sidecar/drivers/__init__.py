@@ -52,6 +52,7 @@ BACKENDS: dict[str, Backend] = {
     ),
     "redis": Backend("convostore_sidecar.drivers.redis"),
     "postgres": Backend("convostore_sidecar.drivers.postgres"),
+    "sqlalchemy": Backend("convostore_sidecar.drivers.sqlalchemy"),
     "dapr": Backend(
         "convostore_sidecar.drivers.dapr",
         lacks={

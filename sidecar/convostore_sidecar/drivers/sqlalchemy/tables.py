@@ -1,0 +1,216 @@
+"""The tables, as SQLAlchemy Core declares them for every dialect, and their migration.
+
+Item bytes are a binary column (`LONGBLOB` on MySQL and MariaDB, `bytea`, `BLOB`), never
+JSON, which would reorder keys. Ids (stores, sessions, branches) are ASCII and compared
+byte by byte (`ascii_bin`, `"C"`, SQLite's `BINARY`), so sessions list in byte order
+and an index over them stays within MySQL's 3,072 bytes. Migrations are explicit
+(`convostore migrate`, the operator), never run by a sidecar that serves: they take a
+lock of the dialect's own (MySQL's `GET_LOCK`, PostgreSQL's advisory lock, SQLite's
+write lock), so concurrent runs apply each step once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ColumnElement,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Select,
+    String,
+    Table,
+    Text,
+    select,
+    text,
+)
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+SCHEMA_VERSION = 1
+LOCK_NAME = "convostore-migrate"
+LOCK_ID = 0x636F6E766F  # the PostgreSQL driver's migration lock: one migration at a time
+LOCK_WAIT = 60
+
+
+def _id(length: int) -> String:
+    """An ASCII id compared byte by byte, on every dialect."""
+    return (
+        String(length)
+        .with_variant(
+            mysql.VARCHAR(length, charset="ascii", collation="ascii_bin"), "mysql", "mariadb"
+        )
+        .with_variant(postgresql.VARCHAR(length, collation="C"), "postgresql")
+    )
+
+
+BYTES = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+TEXT = Text().with_variant(mysql.TEXT(collation="utf8mb4_bin"), "mysql", "mariadb")
+STORE, SESSION, BRANCH = _id(160), _id(1024), _id(160)
+KIND_PREFIX = 64
+"""Characters of an item's kind that MySQL indexes (kinds are unbounded text)."""
+
+
+@dataclass(frozen=True)
+class Tables:
+    metadata: MetaData
+    version: Table
+    sessions: Table
+    items: Table
+    branches: Table
+    usage: Table
+    idempotency: Table
+
+
+def tables(prefix: str) -> Tables:
+    m = MetaData()
+    mysql_options = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+    sessions = Table(
+        f"{prefix}sessions",
+        m,
+        Column("store", STORE, primary_key=True),
+        Column("session_id", SESSION, primary_key=True),
+        Column("next_seq", BigInteger, nullable=False),
+        Column("updated_at", Float(53), nullable=False),
+        Index(f"{prefix}sessions_updated", "store", "updated_at"),
+        **mysql_options,
+    )
+    items = Table(
+        f"{prefix}items",
+        m,
+        Column("store", STORE, primary_key=True),
+        Column("session_id", SESSION, primary_key=True),
+        Column("seq", BigInteger, primary_key=True, autoincrement=False),
+        Column("data", BYTES, nullable=False),
+        Column("branch", BRANCH, nullable=False),
+        Column("turn", BigInteger, nullable=False),
+        Column("kind", TEXT, nullable=False),
+        Column("tool", TEXT),
+        Column("created_at", Float(53), nullable=False),
+        Index(f"{prefix}items_branch", "store", "session_id", "branch", "seq"),
+        Index(
+            f"{prefix}items_kind",
+            "store",
+            "session_id",
+            "branch",
+            "kind",
+            "turn",
+            mysql_length={"kind": KIND_PREFIX},
+            mariadb_length={"kind": KIND_PREFIX},
+        ),
+        **mysql_options,
+    )
+    branches = Table(
+        f"{prefix}branches",
+        m,
+        Column("store", STORE, primary_key=True),
+        Column("session_id", SESSION, primary_key=True),
+        Column("branch", BRANCH, primary_key=True),
+        Column("live", Boolean, nullable=False),
+        Column("created_at", Float(53), nullable=False),
+        **mysql_options,
+    )
+    usage = Table(
+        f"{prefix}usage",
+        m,
+        Column("store", STORE, primary_key=True),
+        Column("session_id", SESSION, primary_key=True),
+        Column("branch", BRANCH, primary_key=True),
+        Column("turn", BigInteger, primary_key=True, autoincrement=False),
+        Column("requests", BigInteger, nullable=False),
+        Column("input_tokens", BigInteger, nullable=False),
+        Column("output_tokens", BigInteger, nullable=False),
+        Column("total_tokens", BigInteger, nullable=False),
+        Column("input_details", BYTES),
+        Column("output_details", BYTES),
+        **mysql_options,
+    )
+    idempotency = Table(
+        f"{prefix}idempotency",
+        m,
+        Column("store", STORE, primary_key=True),
+        Column("session_id", SESSION, primary_key=True),
+        Column("idempotency_key", _id(255), primary_key=True),
+        Column("fingerprint", _id(255), nullable=False),
+        Column("appended", Integer, nullable=False),
+        Column("expires_at", Float(53), nullable=False),
+        Index(f"{prefix}idempotency_expiry", "store", "expires_at"),
+        **mysql_options,
+    )
+    version = Table(
+        f"{prefix}schema",
+        m,
+        Column("version", Integer, primary_key=True, autoincrement=False),
+        **mysql_options,
+    )
+    return Tables(m, version, sessions, items, branches, usage, idempotency)
+
+
+def on_branch(items: Table, store: str, session_id: str, branch: str) -> list[ColumnElement[bool]]:
+    return [items.c.store == store, items.c.session_id == session_id, items.c.branch == branch]
+
+
+def newest_first(
+    items: Table, where: Sequence[ColumnElement[bool]], before: int | None, size: int | None
+) -> Select[tuple[int, bytes]]:
+    """A page of items newest first, along the (store, session, branch, seq) index: how
+    every read of the latest items goes (the read-pattern test explains it)."""
+    query = select(items.c.seq, items.c.data).where(*where).order_by(items.c.seq.desc())
+    if before is not None:
+        query = query.where(items.c.seq < before)
+    return query if size is None else query.limit(size)
+
+
+class SchemaProblem(Exception):
+    """The database's tables are missing or newer than this sidecar's."""
+
+
+async def installed_version(conn: AsyncConnection, t: Tables) -> int | None:
+    exists = await conn.run_sync(lambda sync: sync.dialect.has_table(sync, t.version.name))
+    if not exists:
+        return None
+    return (await conn.execute(select(t.version.c.version))).scalar()
+
+
+def version_problem(version: int | None) -> str | None:
+    if version is None:
+        return "the store's tables are missing: run `convostore migrate` (or let the operator)"
+    if version > SCHEMA_VERSION:
+        return (
+            f"the store's tables are at version {version}, newer than this sidecar's "
+            f"({SCHEMA_VERSION}): upgrade the sidecar"
+        )
+    return None
+
+
+async def migrate(conn: AsyncConnection, t: Tables) -> str:
+    """Make the tables (under the dialect's lock, in `conn`'s session); one line saying
+    what was done."""
+    dialect = conn.dialect.name
+    if dialect in ("mysql", "mariadb"):
+        got = (
+            await conn.execute(text("SELECT GET_LOCK(:n, :w)"), {"n": LOCK_NAME, "w": LOCK_WAIT})
+        ).scalar()
+        if got != 1:
+            raise SchemaProblem(f"another migration held the lock for {LOCK_WAIT}s")
+    elif dialect == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": LOCK_ID})
+    try:
+        found = await installed_version(conn, t)
+        if found is not None and found > SCHEMA_VERSION:
+            raise SchemaProblem(version_problem(found) or "")
+        if found == SCHEMA_VERSION:
+            return f"tables at version {SCHEMA_VERSION}, nothing to do"
+        await conn.run_sync(t.metadata.create_all)
+        await conn.execute(t.version.insert().values(version=SCHEMA_VERSION))
+        return f"tables made at version {SCHEMA_VERSION}"
+    finally:
+        if dialect in ("mysql", "mariadb"):
+            await conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": LOCK_NAME})
