@@ -178,10 +178,9 @@ def sqlalchemy_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path)
     if backend == SQLALCHEMY_SQLITE:
         return f"sqlite+aiosqlite:///{tmp_path / 'sqlalchemy.db'}"
     if backend == SQLALCHEMY_POSTGRES:
-        dsn = urlsplit(request.getfixturevalue("postgres_dsn"))
+        dsn = urlsplit(str(request.getfixturevalue("postgres_dsn")))
         return dsn._replace(scheme="postgresql+asyncpg").geturl()
-    url: str = request.getfixturevalue("mariadb").url()
-    return url
+    return str(request.getfixturevalue("mariadb").url())
 
 
 @pytest.fixture

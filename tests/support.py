@@ -25,7 +25,10 @@ from aiohttp.test_utils import TestServer
 from convostore import SidecarSession
 from convostore_sidecar.config import parse_config
 from convostore_sidecar.drivers import BACKENDS as DECLARED
+from convostore_sidecar.drivers.sqlalchemy.tables import tables
 from convostore_sidecar.migrate import migrate_store
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.servers import free_port
 
@@ -52,6 +55,37 @@ def direct_dsn(store: dict[str, Any]) -> str:
     """Where a test reaches a postgres store's database itself: past the pooler, if any."""
     settings: dict[str, str] = store["postgres"]
     return settings.get("directDsn", settings["dsn"])
+
+
+async def sqlalchemy_items(store: dict[str, Any], session_id: str) -> list[tuple[int, bytes]]:
+    """A session's stored (seq, bytes) in a `sqlalchemy` store's own table, oldest first."""
+    settings = store["sqlalchemy"]
+    items = tables(settings["tablePrefix"]).items
+    engine = create_async_engine(settings["url"])
+    try:
+        async with engine.connect() as conn:
+            query = select(items.c.seq, items.c.data).where(items.c.session_id == session_id)
+            rows = (await conn.execute(query.order_by(items.c.seq))).all()
+    finally:
+        await engine.dispose()
+    return [(int(seq), bytes(data)) for seq, data in rows]
+
+
+async def overwrite_sqlalchemy_items(
+    store: dict[str, Any], session_id: str, data: dict[int, bytes]
+) -> None:
+    """Put other bytes in place of stored items (by seq), as someone with write access
+    to the database could."""
+    settings = store["sqlalchemy"]
+    items = tables(settings["tablePrefix"]).items
+    engine = create_async_engine(settings["url"])
+    try:
+        async with engine.begin() as conn:
+            for seq, value in data.items():
+                mine = (items.c.session_id == session_id) & (items.c.seq == seq)
+                await conn.execute(update(items).where(mine).values(data=value))
+    finally:
+        await engine.dispose()
 
 
 def migrate(config: dict[str, Any]) -> None:

@@ -18,9 +18,26 @@ from agents.usage import Usage
 from convostore import AdvancedSidecarSession
 from convostore_sidecar.encryption import generate_key
 
-from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, StartSidecar, lookup_weather, unique
+from tests.support import (
+    POSTGRES_POOLED,
+    REDIS_CLUSTER,
+    SQLALCHEMY_POSTGRES,
+    SQLALCHEMY_SQLITE,
+    StartSidecar,
+    lookup_weather,
+    unique,
+)
 
-BRANCHING = ("sqlite", "postgres", "redis", REDIS_CLUSTER, POSTGRES_POOLED)
+BRANCHING = (
+    "sqlite",
+    "postgres",
+    "redis",
+    REDIS_CLUSTER,
+    POSTGRES_POOLED,
+    "sqlalchemy",
+    SQLALCHEMY_POSTGRES,
+    SQLALCHEMY_SQLITE,
+)
 StoreConfig = Callable[..., dict[str, Any]]
 
 

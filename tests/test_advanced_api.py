@@ -16,7 +16,7 @@ from convostore.errors import RequestRejectedError
 
 from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, RunningSidecar, StartSidecar, unique
 
-STRUCTURED = ("sqlite", "postgres", "redis", REDIS_CLUSTER, POSTGRES_POOLED)
+STRUCTURED = ("sqlite", "postgres", "redis", REDIS_CLUSTER, POSTGRES_POOLED, "sqlalchemy")
 StoreConfig = Callable[..., dict[str, Any]]
 
 

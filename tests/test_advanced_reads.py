@@ -21,6 +21,7 @@ from convostore import AdvancedSidecarSession
 from convostore_sidecar.drivers.postgres import statements as pg_statements
 from convostore_sidecar.drivers.sqlite import schema as sqlite_schema
 
+from tests.servers import MariaDbServer
 from tests.support import RunningSidecar, StartSidecar, unique
 
 TURNS, LONG_TURN, SHORT_TURN = 20, 500, 2
@@ -102,6 +103,18 @@ async def postgres_cost(dsn: str, schema: str, session_id: str, branch: str) -> 
     return rows
 
 
+async def mariadb_rows_read(server: MariaDbServer, sidecar: RunningSidecar, target: str) -> int:
+    """Rows the server read (`Rows_read`, by its own count) while the sidecar did the
+    reads: the server is this test worker's alone, and nothing else runs meanwhile."""
+
+    def rows_read() -> int:
+        return int(server.sql("SHOW GLOBAL STATUS LIKE 'Rows_read'").split()[1])
+
+    before = rows_read()
+    await reads(sidecar, target)
+    return rows_read() - before
+
+
 def _nodes(node: dict[str, Any]) -> Any:
     yield node
     for child in node.get("Plans", []):
@@ -127,7 +140,7 @@ async def redis_commands(url: str, sidecar: RunningSidecar, target: str) -> list
     return [c.split() for c in seen if target.split("\n")[0] in c]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres", "redis", "sqlalchemy"])
 async def test_turns_latest_20_and_usage_do_not_read_the_session_whole(
     backend: str,
     request: pytest.FixtureRequest,
@@ -162,7 +175,12 @@ async def test_turns_latest_20_and_usage_do_not_read_the_session_whole(
                     assert -20 <= int(words[-2]) <= int(words[-1]) < 0, words
         return
     session_ids = [t.split("\n") for t in (long, short)]
-    if backend == "sqlite":
+    if backend == "sqlalchemy":
+        costs = [
+            await mariadb_rows_read(request.getfixturevalue("mariadb"), sidecar, t)
+            for t in (long, short)
+        ]
+    elif backend == "sqlite":
         path = config["sqlite"]["path"]
         costs = [sqlite_cost(path, *ids) for ids in session_ids]
     else:

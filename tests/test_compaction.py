@@ -23,7 +23,7 @@ from tests.openai_standin import OpenAIStandIn
 from tests.support import POSTGRES_POOLED, SidecarProcess, unique
 from tests.test_process import run_cli
 
-COMPACTING = ("sqlite", "postgres", "redis", POSTGRES_POOLED)
+COMPACTING = ("sqlite", "postgres", "redis", POSTGRES_POOLED, "sqlalchemy")
 
 
 @pytest.mark.parametrize("backend", COMPACTING)

@@ -23,7 +23,7 @@ from tests.compaction_support import compaction_config, converse, history
 from tests.openai_standin import OpenAIStandIn
 from tests.support import POSTGRES_POOLED, SidecarProcess, eventually, unique
 
-COMPACTING = ("sqlite", "postgres", "redis", POSTGRES_POOLED)
+COMPACTING = ("sqlite", "postgres", "redis", POSTGRES_POOLED, "sqlalchemy")
 Start = Callable[..., SidecarProcess]
 
 

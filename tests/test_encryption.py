@@ -26,8 +26,11 @@ from convostore import (
     StoreUnavailableError,
 )
 from convostore_sidecar.config import parse_config
+from convostore_sidecar.drivers.sqlalchemy.tables import tables
 from convostore_sidecar.encryption import Keyring, decode_key, generate_key
 from convostore_sidecar.sections import ConfigError
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.support import (
     POSTGRES_POOLED,
@@ -36,6 +39,8 @@ from tests.support import (
     StartSidecar,
     backends_with,
     direct_dsn,
+    overwrite_sqlalchemy_items,
+    sqlalchemy_items,
     unique,
 )
 
@@ -99,6 +104,13 @@ async def raw_backend_bytes(backend: str, store: dict[str, Any], redis_url: str)
                 blob += cast(bytes, await client.hget(key, "data") or b"")
         await client.aclose()
         return blob
+    if backend == "sqlalchemy":
+        items = tables(store["sqlalchemy"]["tablePrefix"]).items
+        engine = create_async_engine(store["sqlalchemy"]["url"])
+        async with engine.connect() as db:
+            found = (await db.execute(select(items.c.data, items.c.tool, items.c.kind))).all()
+        await engine.dispose()
+        return b"".join(data + f"{tool}{kind}".encode() for data, tool, kind in found)
     conn = await asyncpg.connect(direct_dsn(store))
     schema = store["postgres"]["schema"]
     rows = await conn.fetch(f"SELECT data, coalesce(tool, '') AS tool FROM {schema}.items")
@@ -117,7 +129,7 @@ CONVERSATION: list[dict[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres", POSTGRES_POOLED])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres", POSTGRES_POOLED, "sqlalchemy"])
 async def test_hidden_tool_names_stay_out_of_the_backend_and_shapes_agree(
     backend: str,
     start_sidecar: StartSidecar,
@@ -523,6 +535,8 @@ class StoredItems:
             )
             await conn.close()
             return [row["data"] for row in rows]
+        if self.backend == "sqlalchemy":
+            return [data for _, data in await sqlalchemy_items(self.store, self.session)]
         assert self.redis is not None
         keys = await self._redis_keys()
         if self.backend == "redis":
@@ -556,6 +570,11 @@ class StoredItems:
                     row["seq"],
                 )
             await conn.close()
+            return
+        if self.backend == "sqlalchemy":
+            stored = await sqlalchemy_items(self.store, self.session)
+            changed = {seq: data for (seq, _), data in zip(stored, items, strict=True)}
+            await overwrite_sqlalchemy_items(self.store, self.session, changed)
             return
         assert self.redis is not None
         keys = await self._redis_keys()

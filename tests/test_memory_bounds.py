@@ -232,7 +232,7 @@ async def fill(http: aiohttp.ClientSession, url: str, items: list[dict[str, str]
             assert resp.status == 200, await resp.text()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres", "sqlalchemy"])
 async def test_concurrent_unbounded_reads_of_large_items_stay_under_the_container_limit(
     backend: str,
     sidecar_process: Callable[[dict[str, Any]], SidecarProcess],

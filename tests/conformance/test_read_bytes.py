@@ -12,7 +12,7 @@ import orjson
 from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, Subject
 
 CAP, ITEM = 4096, 1024
-STRUCTURED = ("sqlite", "redis", "postgres", REDIS_CLUSTER, POSTGRES_POOLED)
+STRUCTURED = ("sqlite", "redis", "postgres", REDIS_CLUSTER, POSTGRES_POOLED, "sqlalchemy")
 
 
 async def read(subject: Subject, session_id: str, **params: str) -> dict[str, Any]:

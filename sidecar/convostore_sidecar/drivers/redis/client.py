@@ -63,7 +63,7 @@ def _watched_primary(
         own["username"] = sentinel.username
     if sentinel.password_file:
         own["password"] = Path(sentinel.password_file).read_text("utf-8").strip()
-    manager = Sentinel(  # type: ignore[no-untyped-call]
+    manager = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
         list(sentinel.hosts), sentinel_kwargs=own, **options
     )
     primary = manager.master_for(sentinel.service_name, db=sentinel.database)

@@ -51,8 +51,6 @@ if TYPE_CHECKING:
     from ...config import StoreConfig
 
 SWEEP_BATCH = 500
-PAGE = 50
-"""Items a byte-capped read asks for at first, before it knows their sizes."""
 
 
 def open_driver(store: StoreConfig) -> SqlAlchemyDriver:
@@ -297,25 +295,17 @@ class SqlAlchemyDriver(KeepsStructure):
         limit: int | None,
         gathered: Gathered,
     ) -> bool:
-        """Rows of one item, newest first, taken into `gathered` page by page until
-        `limit` in all or its byte cap; whether the read may go on (to older rows
-        elsewhere)."""
-        i = self.t.items
-        before: int | None = None
-        while limit is None or len(gathered) < limit:
-            room = None if limit is None else limit - len(gathered)
-            if gathered.max_bytes is None:
-                size = room
-            else:
-                size = gathered.page(min(PAGE, room or PAGE), room or 10 * PAGE)
-            rows = (await conn.execute(newest_first(i, where, before, size))).all()
-            for seq, data in rows:
-                before = seq
-                if not gathered.take(data):
-                    return False
-            if size is None or len(rows) < size:
-                return True
-        return False
+        """Items newest first into `gathered`, up to `limit` in all and its byte cap;
+        whether the read may go on (to older items elsewhere)."""
+        room = None if limit is None else limit - len(gathered)
+        cap = None if gathered.max_bytes is None else gathered.max_bytes - gathered.total
+        if room == 0:
+            return False
+        rows = (await conn.execute(newest_first(self.t.items, where, room, cap))).all()
+        for (data,) in rows:
+            if not gathered.take(data):
+                return False
+        return room is None or len(rows) < room
 
     async def latest_in(
         self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
@@ -643,7 +633,9 @@ class SqlAlchemyDriver(KeepsStructure):
                 query = query.where(u.c.branch == branch)
             rows = await _all(conn, query.order_by(u.c.branch, u.c.turn))
             return [
-                TurnUsage(r[0], int(r[1]), Usage(*(int(n) for n in r[2:6]), r[6], r[7]))
+                TurnUsage(
+                    r[0], int(r[1]), Usage(int(r[2]), int(r[3]), int(r[4]), int(r[5]), r[6], r[7])
+                )
                 for r in rows
             ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
     select,
     text,
 )
@@ -69,10 +71,14 @@ class Tables:
     idempotency: Table
 
 
+def _table(name: str, metadata: MetaData, *parts: Column[Any] | Index) -> Table:
+    """A table; on MySQL and MariaDB, InnoDB (row locks, crash safety) in utf8mb4."""
+    return Table(name, metadata, *parts, mysql_engine="InnoDB", mysql_charset="utf8mb4")
+
+
 def tables(prefix: str) -> Tables:
     m = MetaData()
-    mysql_options = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
-    sessions = Table(
+    sessions = _table(
         f"{prefix}sessions",
         m,
         Column("store", STORE, primary_key=True),
@@ -80,9 +86,8 @@ def tables(prefix: str) -> Tables:
         Column("next_seq", BigInteger, nullable=False),
         Column("updated_at", Float(53), nullable=False),
         Index(f"{prefix}sessions_updated", "store", "updated_at"),
-        **mysql_options,
     )
-    items = Table(
+    items = _table(
         f"{prefix}items",
         m,
         Column("store", STORE, primary_key=True),
@@ -105,9 +110,8 @@ def tables(prefix: str) -> Tables:
             mysql_length={"kind": KIND_PREFIX},
             mariadb_length={"kind": KIND_PREFIX},
         ),
-        **mysql_options,
     )
-    branches = Table(
+    branches = _table(
         f"{prefix}branches",
         m,
         Column("store", STORE, primary_key=True),
@@ -115,9 +119,8 @@ def tables(prefix: str) -> Tables:
         Column("branch", BRANCH, primary_key=True),
         Column("live", Boolean, nullable=False),
         Column("created_at", Float(53), nullable=False),
-        **mysql_options,
     )
-    usage = Table(
+    usage = _table(
         f"{prefix}usage",
         m,
         Column("store", STORE, primary_key=True),
@@ -130,9 +133,8 @@ def tables(prefix: str) -> Tables:
         Column("total_tokens", BigInteger, nullable=False),
         Column("input_details", BYTES),
         Column("output_details", BYTES),
-        **mysql_options,
     )
-    idempotency = Table(
+    idempotency = _table(
         f"{prefix}idempotency",
         m,
         Column("store", STORE, primary_key=True),
@@ -142,13 +144,11 @@ def tables(prefix: str) -> Tables:
         Column("appended", Integer, nullable=False),
         Column("expires_at", Float(53), nullable=False),
         Index(f"{prefix}idempotency_expiry", "store", "expires_at"),
-        **mysql_options,
     )
-    version = Table(
+    version = _table(
         f"{prefix}schema",
         m,
         Column("version", Integer, primary_key=True, autoincrement=False),
-        **mysql_options,
     )
     return Tables(m, version, sessions, items, branches, usage, idempotency)
 
@@ -158,14 +158,26 @@ def on_branch(items: Table, store: str, session_id: str, branch: str) -> list[Co
 
 
 def newest_first(
-    items: Table, where: Sequence[ColumnElement[bool]], before: int | None, size: int | None
-) -> Select[tuple[int, bytes]]:
-    """A page of items newest first, along the (store, session, branch, seq) index: how
-    every read of the latest items goes (the read-pattern test explains it)."""
-    query = select(items.c.seq, items.c.data).where(*where).order_by(items.c.seq.desc())
-    if before is not None:
-        query = query.where(items.c.seq < before)
-    return query if size is None else query.limit(size)
+    items: Table,
+    where: Sequence[ColumnElement[bool]],
+    limit: int | None,
+    max_bytes: int | None,
+) -> Select[bytes]:
+    """Items newest first, along the (store, session, branch, seq) index: the newest
+    `limit`, and of those, with `max_bytes`, only as far as the first whose bytes take
+    the total past it (the total before each is summed by the database, so no item
+    beyond it is sent). How every read of the latest items goes; the read-pattern test
+    explains it."""
+    newest = select(items.c.data).where(*where).order_by(items.c.seq.desc())
+    if limit is not None:
+        newest = newest.limit(limit)
+    if max_bytes is None:
+        return newest
+    page = newest.add_columns(items.c.seq).subquery()
+    size = func.length(page.c.data)
+    before = func.sum(size).over(order_by=page.c.seq.desc(), rows=(None, 0)) - size
+    summed = select(page.c.seq, page.c.data, before.label("before")).subquery()
+    return select(summed.c.data).where(summed.c.before <= max_bytes).order_by(summed.c.seq.desc())
 
 
 class SchemaProblem(Exception):
