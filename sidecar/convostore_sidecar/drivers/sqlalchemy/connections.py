@@ -146,11 +146,13 @@ class Connections:
 
 
 def _prepare_sessions(engine: AsyncEngine, url: URL, settings: Settings) -> None:
-    """Each new connection's session settings: the time a statement and a lock wait may
-    take; on SQLite, the write-ahead log, full syncs and transactions that take the
+    """Each new connection's session settings: the time a lock wait may take, and a
+    statement a second more (so a lock wait that runs out says so, not that the statement
+    did); on SQLite, the write-ahead log, full syncs and transactions that take the
     write lock when they begin (two writers never both read, then both wait)."""
     backend = url.get_backend_name()
     seconds = settings.statement_timeout
+    lock_wait = max(1, math.ceil(seconds))  # MySQL counts lock waits in whole seconds
 
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -162,12 +164,12 @@ def _prepare_sessions(engine: AsyncEngine, url: URL, settings: Settings) -> None
             cursor.execute(f"SET statement_timeout = {int(seconds * 1000)}")
             cursor.execute(f"SET lock_timeout = {int(seconds * 1000)}")
         else:
-            cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(seconds))}")
+            cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {lock_wait}")
             cursor.execute("SELECT VERSION()")
             if "mariadb" in str(cursor.fetchone()[0]).lower():  # a bound on any statement
-                cursor.execute(f"SET SESSION max_statement_time = {seconds}")
+                cursor.execute(f"SET SESSION max_statement_time = {lock_wait + 1}")
             else:  # MySQL's bounds reads only
-                cursor.execute(f"SET SESSION max_execution_time = {int(seconds * 1000)}")
+                cursor.execute(f"SET SESSION max_execution_time = {(lock_wait + 1) * 1000}")
         cursor.close()
 
     if backend == "sqlite":
