@@ -15,12 +15,14 @@ COPY sidecar ./sidecar
 COPY operator ./operator
 COPY cli ./cli
 # pip lives in a venv of its own and installs into /opt/convostore, which has none: the
-# images carry neither pip nor setuptools
+# images carry neither pip nor setuptools. Wheels that ship their C and Cython sources
+# (asyncmy: 14 MB) lose them; only the compiled modules run.
 ENV PIP_NO_CACHE_DIR=1
 RUN python -m venv --without-pip /opt/convostore \
     && python -m venv /opt/pip \
     && /opt/pip/bin/pip install --upgrade pip==24.3.1 \
-    && /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar]'
+    && /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar]' \
+    && find /opt/convostore -type f \( -name '*.c' -o -name '*.pyx' -o -name '*.pxd' \) -delete
 
 FROM build-sidecar AS build-operator
 RUN /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar,operator]'

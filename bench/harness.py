@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from tests.servers import PostgresServer, RedisClusterNodes, RedisServer, free_port
+from tests.servers import MariaDbServer, PostgresServer, RedisClusterNodes, RedisServer, free_port
+from tests.support import make_sdk_tables_on_mysql
 
 SessionFactory = Callable[[str], Any]
 
@@ -59,7 +60,8 @@ class Sidecar:
     def command(self) -> list[str]:
         config = self.workdir / f"sidecar-{self.port}.yaml"
         config.write_text(yaml.safe_dump({"stores": {"default": self.store}}))
-        if self.store["backend"] == "postgres" and not self.migrated:  # as the operator does
+        if self.store["backend"] in ("postgres", "sqlalchemy") and not self.migrated:
+            # as the operator does
             subprocess.run(
                 [sys.executable, "-m", "convostore", "migrate", "--config", str(config)],
                 check=True,
@@ -132,7 +134,7 @@ class Floor(Sidecar):
 
 
 class Servers:
-    """Private Redis and PostgreSQL, shared by the sidecar and the SDK sessions."""
+    """Private Redis, PostgreSQL and MariaDB, shared by the sidecar and the SDK sessions."""
 
     def __init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="convostore-bench-"))
@@ -141,11 +143,14 @@ class Servers:
         self.cluster = RedisClusterNodes(appendfsync="always")
         """Started only by the section that compares it with one Redis."""
         self.postgres = PostgresServer()
+        self.mariadb = MariaDbServer()
+        """The `sqlalchemy` backend's, as `mariadb` in the tables."""
 
     def __enter__(self) -> Servers:
         self.redis.start()
         self.replica.start()
         self.postgres.start()
+        self.mariadb.start()
         _wait_for_replica(self.redis.url)
         return self
 
@@ -154,6 +159,7 @@ class Servers:
         self.replica.destroy()
         self.redis.destroy()
         self.postgres.destroy()
+        self.mariadb.destroy()
 
     def store(self, backend: str) -> dict[str, Any]:
         """The store's config; (f) makes one branch per repetition in a single session,
@@ -175,6 +181,10 @@ class Servers:
             replicas = 1 if backend.endswith("-replicated") else 0
             redis = {**where, "keyPrefix": f"b{run}", "waitReplicas": replicas}
             return {"backend": "redis", "redis": redis}
+        if backend == "mariadb":
+            url = self.mariadb.url()
+            sqlalchemy = {"url": url, "tablePrefix": f"b{run}_", "poolMax": 16}
+            return {"backend": "sqlalchemy", "sqlalchemy": sqlalchemy}
         return {
             "backend": "postgres",
             "postgres": {"dsn": self.postgres.dsn, "schema": f"b_{run}", "poolMax": 16},
@@ -219,10 +229,15 @@ class SdkSessions:
         from agents.extensions.memory import SQLAlchemySession
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        dsn = self.servers.postgres.dsn.replace("postgresql://", "postgresql+asyncpg://")
-        engine = create_async_engine(dsn, pool_size=16)
+        if backend == "mariadb":
+            url = self.servers.mariadb.url()
+        else:
+            url = self.servers.postgres.dsn.replace("postgresql://", "postgresql+asyncpg://")
+        engine = create_async_engine(url, pool_size=16)
         self._closers.append(engine.dispose)
         sessions, messages = f"s_{run}", f"m_{run}"
+        if backend == "mariadb":  # its create_tables cannot make them there
+            await make_sdk_tables_on_mysql(engine, sessions, messages)
         first = SQLAlchemySession(
             "warmup",
             engine=engine,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the project with its dev extras into .venv (made if
-# missing), makes sure the database, pooler and file-system tools and the container engine
+# missing), makes sure the database servers, pooler and file-system tools and the container engine
 # the tests use are present (starting the engine when none runs), then runs
 # ruff, ruff format --check, mypy, the import contracts, the docs' strict build and
 # pytest. With arguments,
@@ -15,6 +15,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/n
   || need_packages+=(postgresql)
 # PostgreSQL through a pooler in transaction mode, as Kubernetes operators deploy it
 command -v pgbouncer >/dev/null || need_packages+=(pgbouncer)
+# the sqlalchemy backend on the MySQL family: a private MariaDB per test run
+command -v mariadbd >/dev/null || need_packages+=(mariadb-server)
 # the disk-fault tests make their own file systems (a loop-mounted ext4, a small tmpfs)
 command -v mkfs.ext4 >/dev/null || need_packages+=(e2fsprogs)
 command -v fsfreeze >/dev/null || need_packages+=(util-linux)

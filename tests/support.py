@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 import yaml
 from agents import function_tool
+from agents.extensions.memory import SQLAlchemySession
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from convostore import SidecarSession
@@ -27,8 +28,8 @@ from convostore_sidecar.config import parse_config
 from convostore_sidecar.drivers import BACKENDS as DECLARED
 from convostore_sidecar.drivers.sqlalchemy.tables import tables
 from convostore_sidecar.migrate import migrate_store
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import String, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tests.servers import free_port
 
@@ -265,3 +266,21 @@ async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
             return result
         assert asyncio.get_running_loop().time() < deadline, "the condition was never met"
         await asyncio.sleep(0.1)
+
+
+async def make_sdk_tables_on_mysql(
+    engine: AsyncEngine,
+    sessions_table: str = "agent_sessions",
+    messages_table: str = "agent_messages",
+) -> None:
+    """The Agents SDK's `SQLAlchemySession` tables, made as a MySQL or MariaDB user has
+    to: its `create_tables=True` asks for `VARCHAR` without a length, which both refuse."""
+    session = SQLAlchemySession(
+        "tables", engine=engine, sessions_table=sessions_table, messages_table=messages_table
+    )
+    for table in (session._sessions, session._messages):
+        for column in table.columns:
+            if isinstance(column.type, String) and column.type.length is None:
+                column.type.length = 255
+    async with engine.begin() as conn:
+        await conn.run_sync(session._metadata.create_all)

@@ -37,14 +37,14 @@ def test_smoke_run_writes_every_table_and_target(tmp_path: Path) -> None:
     )
     for heading in (*headings, *later):
         assert heading in report
-    for backend in ("sqlite", "redis", "postgres"):
+    for backend in ("sqlite", "redis", "postgres", "mariadb"):
         assert f"| {backend} (" in report
         assert f"{backend}: cold start ≤ 1.5 s" in report
         assert f"{backend}: sidecar ≤ " in report
     assert "| tasks | one Redis turns/s | cluster turns/s |" in report
     assert "| tasks | cluster, answered at once turns/s | cluster, after WAIT turns/s |" in report
     assert "| hop floor (bench/floor.py) |" in report
-    for backend in ("sqlite", "redis", "postgres"):
+    for backend in ("sqlite", "redis", "postgres", "mariadb"):
         assert f"| {backend} | 73, " in report  # 24 turns: 4 items on even ones, 2 on odd
     assert "(hop floor " in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "ms" in line]

@@ -252,6 +252,7 @@ async def test_concurrent_unbounded_reads_of_large_items_stay_under_the_containe
     async def read(http: aiohttp.ClientSession) -> tuple[int, list[str], bool]:
         async with http.get(url) as resp:
             document = orjson.loads(await resp.read())
+            assert resp.status == 200, document
             return resp.status, [i["n"] for i in document["items"]], document["truncated"]
 
     async with aiohttp.ClientSession() as http:

@@ -16,9 +16,15 @@ from agents.extensions.memory import SQLAlchemySession
 from agents.memory import Session, SessionSettings
 from agents.testing import ScriptedModel, assistant_message
 from convostore import SidecarSession
-from sqlalchemy import String
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.support import SQLALCHEMY_POSTGRES, SQLALCHEMY_SQLITE, StartSidecar, unique
+from tests.support import (
+    SQLALCHEMY_POSTGRES,
+    SQLALCHEMY_SQLITE,
+    StartSidecar,
+    make_sdk_tables_on_mysql,
+    unique,
+)
 
 Scenario = Callable[[Callable[..., Session]], Awaitable[Any]]
 
@@ -56,7 +62,9 @@ async def both(
     on_mysql = url.startswith("mysql")
     engines: list[Any] = []
     if on_mysql:
-        await make_sdk_tables_on_mysql(url)
+        engine = create_async_engine(url)
+        await make_sdk_tables_on_mysql(engine)
+        await engine.dispose()
 
     def sdk(session_id: str | None = None, **options: Any) -> Session:
         session = SQLAlchemySession.from_url(
@@ -71,19 +79,6 @@ async def both(
     yield Both(sdk, ours, url)
     for engine in engines:
         await engine.dispose()
-
-
-async def make_sdk_tables_on_mysql(url: str) -> None:
-    """The SDK's own tables, made as a MySQL user has to: its `create_tables=True` asks
-    MySQL for `VARCHAR` without a length, which MySQL and MariaDB refuse."""
-    session = SQLAlchemySession.from_url("tables", url=url)
-    for table in (session._sessions, session._messages):
-        for column in table.columns:
-            if isinstance(column.type, String) and column.type.length is None:
-                column.type.length = 255
-    async with session.engine.begin() as conn:
-        await conn.run_sync(session._metadata.create_all)
-    await session.engine.dispose()
 
 
 def contents(items: list[Any]) -> list[Any]:

@@ -218,6 +218,36 @@ POSTGRES: dict[str, Any] = {
 }
 
 
+SQLALCHEMY: dict[str, Any] = {
+    "type": "object",
+    "description": "MySQL, MariaDB or PostgreSQL (or another database with a SQLAlchemy "
+    "asyncio dialect) through SQLAlchemy; the tables are made by the operator.",
+    "properties": {
+        "urlSecretRef": _secret_ref(
+            "a SQLAlchemy URL, dialect+driver://user@host:port/database "
+            "(mysql+asyncmy, postgresql+asyncpg)"
+        ),
+        "passwordSecretRef": _secret_ref("the password, if not in the URL"),
+        "caSecretRef": _secret_ref(
+            "the PEM CA that signed the server's certificate (verified, hostname too)"
+        ),
+        "tablePrefix": {
+            "type": "string",
+            "pattern": r"^[a-z_][a-z0-9_]{0,40}$",
+            "description": "The tables' names start with it (convostore_ unset).",
+        },
+        "poolMax": _int(1, 1000, "Connections per sidecar (4 unset)."),
+        "idleTimeout": _duration(
+            "Connections are closed once the store has been idle this long "
+            "(30s unset; 0.1s to 24h)."
+        ),
+        "statementTimeout": _duration(
+            "How long a wait for another writer's lock may take (5s unset; 1s to 1h)."
+        ),
+    },
+}
+
+
 def _backend_rules(backends: list[str], where: str = "") -> list[dict[str, Any]]:
     """CEL rules tying `<where>backend` to its section: a section only with its backend,
     and what each backend cannot do without."""
@@ -232,6 +262,11 @@ def _backend_rules(backends: list[str], where: str = "") -> list[dict[str, Any]]
             " || has(self.redis.sentinel) || has(self.redis.cluster))",
             "redis.url, {w}redis.urlSecretRef, {w}redis.sentinel or {w}redis.cluster",
             "redis.url",
+        ),
+        "sqlalchemy": (
+            "has(self.sqlalchemy) && has(self.sqlalchemy.urlSecretRef)",
+            "sqlalchemy.urlSecretRef",
+            "sqlalchemy.urlSecretRef",
         ),
         "dapr": ("has(self.dapr)", "dapr.stateStore", "dapr.stateStore"),
         "openai": ("has(self.openai)", "openai.apiKeySecretRef", "openai.apiKeySecretRef"),
@@ -380,6 +415,7 @@ SPEC: dict[str, Any] = {
         "sqlite": SQLITE,
         "redis": REDIS,
         "postgres": POSTGRES,
+        "sqlalchemy": SQLALCHEMY,
         "openai": OPENAI,
         "dapr": {
             "type": "object",

@@ -14,8 +14,10 @@ import hmac
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
+from convostore_sidecar.sections import ConfigError
 
 from .crd import DATA_DIR, OPENAI_CLIENT
 
@@ -114,7 +116,7 @@ def _database(
     data_root: str | None,
     prefix: str = "",
 ) -> dict[str, Any]:
-    """A sqlite, redis or postgres section; `prefix` names the secrets and files of the
+    """A sqlite, redis, postgres or sqlalchemy section; `prefix` names the secrets and files of the
     openai backend's map store apart from the store's own."""
     if backend == "sqlite":
         path = section.get("path", DEFAULT_SQLITE_PATH)
@@ -130,6 +132,16 @@ def _database(
         if "username" in section:
             rendered["username"] = section["username"]
         for key in ("keyPrefix", "waitReplicas", "maxConnections", "idleTimeout"):
+            if key in section:
+                rendered[key] = section[key]
+    elif backend == "sqlalchemy":
+        rendered["url"] = secrets["urlSecretRef"].strip()
+        if urlsplit(rendered["url"]).scheme.partition("+")[0] == "sqlite":
+            raise ConfigError(
+                "field 'sqlalchemy.urlSecretRef': names a SQLite file, which each pod would "
+                "keep apart: use backend: sqlite"
+            )
+        for key in ("tablePrefix", "poolMax", "idleTimeout", "statementTimeout"):
             if key in section:
                 rendered[key] = section[key]
     else:

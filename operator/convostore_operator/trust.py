@@ -22,7 +22,9 @@ Redis URL through redis-py's own parser (its query parameters can move the host 
 or turn certificate checks off, so a URL with parameters beyond a few harmless ones has
 no origin that can be listed), a PostgreSQL DSN by its hosts and ports, `host=` and
 `port=` parameters included (a `service`, `servicefile`, `hostaddr` or `passfile`
-parameter hides where it connects, so it too has no listable origin). Sentinels and a
+parameter hides where it connects, so it too has no listable origin), a SQLAlchemy URL
+by its dialect, host and port (any parameter but `charset` goes to its driver, and
+could move it: unlistable). Sentinels and a
 cluster's seed nodes are endpoints for both passwords: they name the servers the data
 password goes to. A Dapr Component is sent by Dapr, not the operator, but the rule is the
 same: its metadata fields that name a server (`DAPR_ENDPOINT_FIELDS`) are its endpoints.
@@ -41,6 +43,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from redis.connection import parse_url
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .crd import GROUP
 from .kube import StoredSecret
@@ -49,13 +53,24 @@ from .spec import SecretRef
 ALLOWED_STORES = f"{GROUP}/allowed-stores"
 ALLOWED_ENDPOINTS = f"{GROUP}/allowed-endpoints"
 OPENAI_API = "https://api.openai.com"
-DEFAULT_PORTS = {"https": 443, "http": 80, "redis": 6379, "rediss": 6379, "postgresql": 5432}
+DEFAULT_PORTS = {
+    "https": 443,
+    "http": 80,
+    "redis": 6379,
+    "rediss": 6379,
+    "postgresql": 5432,
+    "mysql": 3306,
+    "mariadb": 3306,
+}
 UNLISTABLE = "unlistable://"
 """The origin of an endpoint that cannot be known before connecting: no Secret lists it."""
 REDIS_QUERY_KEPT = frozenset({"db", "client_name", "socket_timeout", "socket_connect_timeout"})
 """Parameters that change neither where nor how securely redis-py connects. `protocol` is
 not one: RESP3 lets a server redirect clients elsewhere (MOVING notifications)."""
 POSTGRES_QUERY_HIDING = frozenset({"service", "servicefile", "hostaddr", "passfile"})
+SQLALCHEMY_QUERY_KEPT = frozenset({"charset"})
+"""The only URL parameter the sqlalchemy backend's drivers read that moves nothing: the
+others go to the driver's `connect()` (a socket path, another host, TLS turned off)."""
 DAPR_ENDPOINT_FIELDS = frozenset(
     name.lower()
     for name in (
@@ -158,6 +173,20 @@ def postgres_origins(dsn: str) -> list[str]:
     return found
 
 
+def sqlalchemy_origin(url: str) -> str:
+    """`dialect://host:port` a SQLAlchemy URL connects to; unlistable when it has
+    parameters its driver may read as another place to connect, or no host (a socket, a
+    file). The URL itself is never kept: it may hold a password."""
+    try:
+        parsed = make_url(url.strip())
+    except ArgumentError:
+        return UNLISTABLE + "sqlalchemy"
+    backend, host = parsed.get_backend_name(), (parsed.host or "").lower()
+    if set(parsed.query) - SQLALCHEMY_QUERY_KEPT or not host or backend == "sqlite":
+        return UNLISTABLE + "sqlalchemy"
+    return f"{backend}://{host}:{parsed.port or DEFAULT_PORTS.get(backend, 0)}"
+
+
 def _host_port(entry: str) -> tuple[str, str]:
     if entry.startswith("["):
         host, _, rest = entry[1:].partition("]")
@@ -194,6 +223,10 @@ def flows(spec: dict[str, Any], secrets: dict[str, str]) -> list[Flow]:
     found: list[Flow] = []
     if backend in ("redis", "postgres"):
         found += _database_flows(backend, section, secrets, f"spec.{backend}", "")
+    if backend == "sqlalchemy":
+        ref = "urlSecretRef"
+        data = (Endpoint(f"the URL of {ref}", sqlalchemy_origin(secrets.get(ref, "")), ref),)
+        found += [Flow(name, data) for name in (ref, "passwordSecretRef", "caSecretRef")]
     if backend == "openai":
         found.append(_openai_flow(section.get("baseURL"), "spec.openai.baseURL", "apiKeySecretRef"))
         mapping = section.get("mapping", {})

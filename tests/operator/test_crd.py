@@ -63,7 +63,14 @@ def test_every_example_store_is_valid(path: Path) -> None:
 
 def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
     specs = [yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES]
-    assert {s["backend"] for s in specs} == {"sqlite", "redis", "postgres", "dapr", "openai"}
+    assert {s["backend"] for s in specs} == {
+        "sqlite",
+        "redis",
+        "postgres",
+        "sqlalchemy",
+        "dapr",
+        "openai",
+    }
     assert any(s.get("encryption", {}).get("enabled") for s in specs)
     assert any("compaction" in s for s in specs)
 
@@ -110,6 +117,22 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             {"backend": "postgres", "postgres": {"dsnSecretRef": KEY, "idleTimeout": "30 s"}},
             "spec.postgres.idleTimeout",
             "does not match",
+        ),
+        ({"backend": "sqlalchemy"}, "spec.sqlalchemy.urlSecretRef", "needs sqlalchemy.urlSecret"),
+        (
+            {"backend": "sqlalchemy", "sqlalchemy": {"urlSecretRef": KEY, "tablePrefix": "A-b"}},
+            "spec.sqlalchemy.tablePrefix",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlalchemy", "sqlalchemy": {"urlSecretRef": KEY, "poolMax": 0}},
+            "spec.sqlalchemy.poolMax",
+            "less than the minimum of 1",
+        ),
+        (
+            {"backend": "sqlite", "sqlalchemy": {"urlSecretRef": KEY}},
+            "spec.sqlalchemy",
+            "sqlalchemy settings need backend: sqlalchemy",
         ),
         (
             {"backend": "redis", "redis": {"url": "redis://r:6379", "idleTimeout": "9" * 40 + "s"}},

@@ -38,7 +38,13 @@ from tests.operator.conftest import (
     store_object,
 )
 from tests.operator.emulator import STORES, RealisticEmulator
-from tests.servers import RedisClusterNodes, RedisSentinel, RedisServer, free_port
+from tests.servers import (
+    MariaDbServer,
+    RedisClusterNodes,
+    RedisSentinel,
+    RedisServer,
+    free_port,
+)
 from tests.support import Lure, eventually, unique
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
@@ -228,6 +234,35 @@ async def test_postgres_store_bootstraps_the_schema(
         await conn.close()
     config = yaml.safe_load(rendered(cluster, "audit")["config.yaml"])
     assert config["stores"]["audit"]["postgres"]["dsn"] == dsn
+
+
+async def test_sqlalchemy_store_makes_its_tables_and_refuses_a_sqlite_url(
+    cluster: Any, operator: Operator, mariadb: MariaDbServer
+) -> None:
+    """On MariaDB: the operator makes the tables (the same code as `convostore migrate`)
+    and checks the store answers; a URL naming SQLite, which each pod would keep apart,
+    is refused before anything is written."""
+    url = mariadb.url().replace("root@", "root:@")
+    await create_secret(cluster, "maria", {"url": url, "sqlite": "sqlite+aiosqlite:////tmp/x.db"})
+    await operator()
+    section = {"urlSecretRef": {"name": "maria", "key": "url"}, "tablePrefix": "op_chat_"}
+    await create_store(cluster, "chat", {"backend": "sqlalchemy", "sqlalchemy": section})
+    obj = await eventually(
+        lambda: (o := store_object(cluster, "chat")) and condition(o, "BackendReachable") and o
+    )
+    assert condition(obj, "BackendReachable")["status"] == "True"
+    assert mariadb.sql("SELECT version FROM convostore.op_chat_schema").split() == ["1"]
+    config = yaml.safe_load(rendered(cluster, "chat")["config.yaml"])
+    assert config["stores"]["chat"]["sqlalchemy"] == {"url": url, "tablePrefix": "op_chat_"}
+
+    elsewhere = {"urlSecretRef": {"name": "maria", "key": "sqlite"}}
+    await create_store(cluster, "local", {"backend": "sqlalchemy", "sqlalchemy": elsewhere})
+    refused = await eventually(
+        lambda: (o := store_object(cluster, "local")) and o.get("status", {}).get("phase") and o
+    )
+    assert refused["status"]["phase"] == "Failed"
+    assert "use backend: sqlite" in condition(refused, "Ready")["message"]
+    assert not await asyncio.to_thread(Path("/tmp/x.db").exists)
 
 
 async def test_openai_store_renders_its_key_and_checks_the_api_with_it(

@@ -14,6 +14,7 @@ from convostore_operator.trust import (
     dapr_origins,
     postgres_origins,
     redis_origin,
+    sqlalchemy_origin,
 )
 
 PASSWORD = {"name": "victim", "key": "password"}
@@ -150,3 +151,42 @@ def test_a_password_goes_to_the_direct_dsn_only_where_its_secret_lists_it() -> N
     with pytest.raises(NotAllowed, match="from the DSN of directDsnSecretRef"):
         check(spec, "postgresql://pooler.data:5432", secrets)
     check(spec, "postgresql://pooler.data:5432,postgresql://evil.example:5432", secrets)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql+asyncmy://app@MariaDB.data/chat", "mysql://mariadb.data:3306"),
+        ("mysql+aiomysql://app:pw@db.data:3307/chat?charset=utf8mb4", "mysql://db.data:3307"),
+        ("postgresql+asyncpg://app@pg.data/chat", "postgresql://pg.data:5432"),
+    ],
+)
+def test_a_sqlalchemy_url_is_read_by_its_dialect_host_and_port(url: str, expected: str) -> None:
+    assert sqlalchemy_origin(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql+asyncmy://app@db.data/chat?unix_socket=/run/mysqld.sock",
+        "mysql+asyncmy://app@db.data/chat?host=evil.example",
+        "mysql+asyncmy://app@db.data/chat?ssl=false",
+        "postgresql+asyncpg://app@/chat?host=/var/run/postgresql",
+        "sqlite+aiosqlite:////var/lib/convostore/c.db",
+        "not a url",
+    ],
+)
+def test_a_sqlalchemy_url_that_may_connect_elsewhere_cannot_be_listed(url: str) -> None:
+    origin = sqlalchemy_origin(url)
+    assert origin.startswith(UNLISTABLE)
+    assert "pw" not in origin
+
+
+def test_a_password_goes_only_to_the_url_its_own_secret_chose_or_lists() -> None:
+    """A store author's URL Secret cannot borrow another Secret's password for its host."""
+    section = {"urlSecretRef": {"name": "author", "key": "url"}, "passwordSecretRef": PASSWORD}
+    spec = {"backend": "sqlalchemy", "sqlalchemy": section}
+    secrets = {"urlSecretRef": "mysql+asyncmy://app@evil.example/chat"}
+    with pytest.raises(NotAllowed, match="from the URL of urlSecretRef"):
+        check(spec, "mysql://mariadb.data:3306", secrets)
+    check(spec, "mysql://evil.example:3306", secrets)

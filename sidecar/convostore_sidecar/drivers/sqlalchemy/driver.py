@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Table, and_, case, delete, func, insert, select, text, update
-from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy import ColumnElement, and_, case, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..base import (
     COMPACTED,
-    MAIN,
     AppendResult,
     BackendMisconfigured,
-    BranchIdUsed,
     BranchInfo,
     BranchNotFound,
     Check,
@@ -34,16 +30,16 @@ from ..base import (
     KeepsStructure,
     Meta,
     Transform,
-    TurnNotFound,
     TurnUsage,
     Usage,
     UserTurn,
     archive_of,
     replay_of,
     stored,
-    stored_at,
 )
+from . import structure
 from .connections import Connections
+from .rows import SessionRows, upsert
 from .settings import Settings
 from .tables import SchemaProblem, migrate, newest_first, on_branch, tables
 
@@ -64,15 +60,7 @@ class SqlAlchemyDriver(KeepsStructure):
         self.retention = store.retention
         self.t = tables(self.settings.table_prefix)
         self._connections = Connections(self.settings, self.t)
-
-    def _live_after(self, now: float) -> float:
-        """Sessions written after this moment have not expired: without a TTL, the epoch
-        (a finite bound, which every dialect can compare with)."""
-        ttl = self.retention.ttl_seconds
-        return now - ttl if ttl else 0.0
-
-    def _of(self, table: Table, session_id: str) -> ColumnElement[bool]:
-        return and_(table.c.store == self.store, table.c.session_id == session_id)
+        self.db = SessionRows(self.t, self.store, self.retention)
 
     async def open(self) -> None:
         """The engine is made on first use, so a database outage at start-up does not
@@ -92,78 +80,6 @@ class SqlAlchemyDriver(KeepsStructure):
     async def ping(self) -> None:
         await self._connections.transact(lambda conn: conn.execute(text("SELECT 1")))
 
-    async def _lock(self, conn: AsyncConnection, session_id: str) -> Any:
-        """The session's row (next sequence number, last write), locked until commit."""
-        s = self.t.sessions
-        query = select(s.c.next_seq, s.c.updated_at).where(self._of(s, session_id))
-        return (await conn.execute(query.with_for_update())).first()
-
-    async def _alive(self, conn: AsyncConnection, session_id: str, now: float) -> bool:
-        s = self.t.sessions
-        updated = (
-            await conn.execute(select(s.c.updated_at).where(self._of(s, session_id)))
-        ).scalar()
-        return updated is not None and updated > self._live_after(now)
-
-    async def _require_branch(
-        self, conn: AsyncConnection, session_id: str, branch: str, now: float
-    ) -> None:
-        if branch == MAIN:
-            return
-        b, s = self.t.branches, self.t.sessions
-        live = (
-            await conn.execute(
-                select(b.c.live)
-                .join(s, and_(s.c.store == b.c.store, s.c.session_id == b.c.session_id))
-                .where(
-                    self._of(b, session_id),
-                    b.c.branch == branch,
-                    b.c.live.is_(True),
-                    s.c.updated_at > self._live_after(now),
-                )
-            )
-        ).first()
-        if live is None:
-            raise BranchNotFound(branch)
-
-    async def _newest(self, conn: AsyncConnection, session_id: str, branch: str) -> Any:
-        i = self.t.items
-        query = (
-            select(i.c.seq, i.c.turn)
-            .where(self._of(i, session_id), i.c.branch == branch)
-            .order_by(i.c.seq.desc())
-            .limit(1)
-        )
-        return (await conn.execute(query)).first()
-
-    async def _turn_start(
-        self, conn: AsyncConnection, session_id: str, branch: str, turn: int
-    ) -> int | None:
-        """The sequence number of the turn's first item: its user message, or for turn 0
-        (items before any user message) the branch's first item."""
-        i = self.t.items
-        query = select(i.c.seq).where(self._of(i, session_id), i.c.branch == branch)
-        if turn == 0:
-            query = query.order_by(i.c.seq).limit(1)
-        else:
-            query = query.where(i.c.kind == "user", i.c.turn == turn)
-        seq = (await conn.execute(query)).scalar()
-        return None if seq is None else int(seq)
-
-    def _upsert(self, conn: AsyncConnection, table: Table, row: dict[str, Any]) -> Any:
-        """Insert `row`, or overwrite the row with its primary key, in the dialect's own
-        statement."""
-        keys = [c.name for c in table.primary_key.columns]
-        dialect = conn.dialect.name
-        if dialect in ("mysql", "mariadb"):
-            mine = mysql.insert(table).values(row)
-            return mine.on_duplicate_key_update({c: mine.inserted[c] for c in row if c not in keys})
-        module = postgresql if dialect == "postgresql" else sqlite
-        other = module.insert(table).values(row)
-        return other.on_conflict_do_update(
-            index_elements=keys, set_={c: other.excluded[c] for c in row if c not in keys}
-        )
-
     async def append_to(
         self,
         session_id: str,
@@ -176,20 +92,20 @@ class SqlAlchemyDriver(KeepsStructure):
         now = time.time()
 
         async def append(conn: AsyncConnection) -> AppendResult:
-            row = await self._lock(conn, session_id)
+            row = await self.db.lock(conn, session_id)
             if idempotency is not None:
                 replayed = await self._replay(conn, session_id, idempotency, now)
                 if replayed is not None:
                     return replayed
             first = 0 if row is None else int(row.next_seq)
-            if row is not None and row.updated_at <= self._live_after(now):
+            if row is not None and row.updated_at <= self.db.live_after(now):
                 await self._forget(conn, session_id, expired=True)
                 row = None
             if row is None:  # a concurrent first append makes this a duplicate: run again
                 values = {"store": self.store, "session_id": session_id}
                 await conn.execute(insert(s).values(**values, next_seq=first, updated_at=now))
-            await self._require_branch(conn, session_id, branch, now)
-            newest = await self._newest(conn, session_id, branch)
+            await self.db.require_branch(conn, session_id, branch, now)
+            newest = await self.db.newest(conn, session_id, branch)
             turn = 0 if newest is None else int(newest.turn)
             rows, anchor = [], None
             for offset, (data, shape) in enumerate(zip(stored(items, first), meta, strict=True)):
@@ -201,6 +117,7 @@ class SqlAlchemyDriver(KeepsStructure):
                         "session_id": session_id,
                         "seq": first + offset,
                         "data": data,
+                        "size": len(data),
                         "branch": branch,
                         "turn": turn,
                         "kind": shape.kind,
@@ -211,7 +128,7 @@ class SqlAlchemyDriver(KeepsStructure):
             await conn.execute(insert(i), rows)
             await conn.execute(
                 update(s)
-                .where(self._of(s, session_id))
+                .where(self.db.of(s, session_id))
                 .values(next_seq=first + len(items), updated_at=now)
             )
             if self.retention.max_items:
@@ -219,7 +136,7 @@ class SqlAlchemyDriver(KeepsStructure):
             if idempotency is not None:
                 await self._record(conn, session_id, idempotency, len(items), now)
             if anchor is None:
-                anchor = await self._turn_start(conn, session_id, branch, turn)
+                anchor = await self.db.turn_start(conn, session_id, branch, turn)
             return AppendResult(len(items), replayed=False, turn=turn, anchor=anchor)
 
         return await self._connections.transact(append)
@@ -231,7 +148,7 @@ class SqlAlchemyDriver(KeepsStructure):
         seen = (
             await conn.execute(
                 select(k.c.fingerprint, k.c.appended).where(
-                    self._of(k, session_id),
+                    self.db.of(k, session_id),
                     k.c.idempotency_key == idempotency.key,
                     k.c.expires_at > now,
                 )
@@ -255,7 +172,7 @@ class SqlAlchemyDriver(KeepsStructure):
             "appended": count,
             "expires_at": now + idempotency.ttl_seconds,
         }
-        await conn.execute(self._upsert(conn, self.t.idempotency, row))
+        await conn.execute(upsert(conn, self.t.idempotency, row))
 
     async def _trim(self, conn: AsyncConnection, session_id: str, branch: str, keep: int) -> None:
         """Drop the branch's items older than its newest `keep` (two statements: MySQL
@@ -264,7 +181,7 @@ class SqlAlchemyDriver(KeepsStructure):
         oldest_kept = (
             await conn.execute(
                 select(i.c.seq)
-                .where(self._of(i, session_id), i.c.branch == branch)
+                .where(self.db.of(i, session_id), i.c.branch == branch)
                 .order_by(i.c.seq.desc())
                 .limit(1)
                 .offset(keep - 1)
@@ -273,19 +190,19 @@ class SqlAlchemyDriver(KeepsStructure):
         if oldest_kept is not None:
             await conn.execute(
                 delete(i).where(
-                    self._of(i, session_id), i.c.branch == branch, i.c.seq < oldest_kept
+                    self.db.of(i, session_id), i.c.branch == branch, i.c.seq < oldest_kept
                 )
             )
 
     async def _forget(self, conn: AsyncConnection, session_id: str, *, expired: bool) -> None:
         """Everything of a session; a clear keeps its branch ids reserved, an expiry not."""
         for table in (self.t.items, self.t.usage, self.t.sessions):
-            await conn.execute(delete(table).where(self._of(table, session_id)))
+            await conn.execute(delete(table).where(self.db.of(table, session_id)))
         b = self.t.branches
         await conn.execute(
-            delete(b).where(self._of(b, session_id))
+            delete(b).where(self.db.of(b, session_id))
             if expired
-            else update(b).where(self._of(b, session_id)).values(live=False)
+            else update(b).where(self.db.of(b, session_id)).values(live=False)
         )
 
     async def _gather(
@@ -314,9 +231,9 @@ class SqlAlchemyDriver(KeepsStructure):
         now = time.time()
 
         async def read(conn: AsyncConnection) -> list[bytes]:
-            await self._require_branch(conn, session_id, branch, now)
+            await self.db.require_branch(conn, session_id, branch, now)
             gathered = Gathered(max_bytes)
-            if await self._alive(conn, session_id, now):
+            if await self.db.alive(conn, session_id, now):
                 where = on_branch(i, self.store, session_id, branch)
                 await self._gather(conn, where, limit, gathered)
             return gathered.oldest_first()
@@ -328,14 +245,14 @@ class SqlAlchemyDriver(KeepsStructure):
         now = time.time()
 
         async def pop(conn: AsyncConnection) -> bytes | None:
-            row = await self._lock(conn, session_id)
-            await self._require_branch(conn, session_id, branch, now)
-            if row is None or row.updated_at <= self._live_after(now):
+            row = await self.db.lock(conn, session_id)
+            await self.db.require_branch(conn, session_id, branch, now)
+            if row is None or row.updated_at <= self.db.live_after(now):
                 return None
             newest = (
                 await conn.execute(
                     select(i.c.seq, i.c.data, i.c.turn)
-                    .where(self._of(i, session_id), i.c.branch == branch)
+                    .where(self.db.of(i, session_id), i.c.branch == branch)
                     .order_by(i.c.seq.desc())
                     .limit(1)
                 )
@@ -344,15 +261,15 @@ class SqlAlchemyDriver(KeepsStructure):
                 return None
             if check is not None:
                 check(newest.data)
-            await conn.execute(delete(i).where(self._of(i, session_id), i.c.seq == newest.seq))
-            after = await self._newest(conn, session_id, branch)
+            await conn.execute(delete(i).where(self.db.of(i, session_id), i.c.seq == newest.seq))
+            after = await self.db.newest(conn, session_id, branch)
             if after is None or after.turn != newest.turn:
                 await conn.execute(
                     delete(u).where(
-                        self._of(u, session_id), u.c.branch == branch, u.c.turn == newest.turn
+                        self.db.of(u, session_id), u.c.branch == branch, u.c.turn == newest.turn
                     )
                 )
-            await conn.execute(update(s).where(self._of(s, session_id)).values(updated_at=now))
+            await conn.execute(update(s).where(self.db.of(s, session_id)).values(updated_at=now))
             data: bytes = newest.data
             return data
 
@@ -360,7 +277,7 @@ class SqlAlchemyDriver(KeepsStructure):
 
     async def clear(self, session_id: str) -> None:
         async def clear(conn: AsyncConnection) -> None:
-            await self._lock(conn, session_id)
+            await self.db.lock(conn, session_id)
             await self._forget(conn, session_id, expired=False)
 
         await self._connections.transact(clear)
@@ -368,7 +285,7 @@ class SqlAlchemyDriver(KeepsStructure):
     async def branch_exists(self, session_id: str, branch: str) -> bool:
         async def exists(conn: AsyncConnection) -> bool:
             try:
-                await self._require_branch(conn, session_id, branch, time.time())
+                await self.db.require_branch(conn, session_id, branch, time.time())
             except BranchNotFound:
                 return False
             return True
@@ -387,8 +304,8 @@ class SqlAlchemyDriver(KeepsStructure):
             )
             .join(s, and_(s.c.store == i.c.store, s.c.session_id == i.c.session_id))
             .where(
-                self._of(i, session_id),
-                s.c.updated_at > self._live_after(time.time()),
+                self.db.of(i, session_id),
+                s.c.updated_at > self.db.live_after(time.time()),
                 ~i.c.branch.contains("/", autoescape=True),
             )
             .group_by(i.c.branch)
@@ -398,127 +315,26 @@ class SqlAlchemyDriver(KeepsStructure):
         return [BranchInfo(r[0], int(r[1]), int(r[2]), float(r[3])) for r in rows]
 
     async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
-        s, i, b = self.t.sessions, self.t.items, self.t.branches
         now = time.time()
-
-        async def create(conn: AsyncConnection) -> None:
-            row = await self._lock(conn, session_id)
-            await self._require_branch(conn, session_id, source, now)
-            alive = row is not None and row.updated_at > self._live_after(now)
-            start = (
-                await conn.execute(
-                    select(i.c.seq).where(
-                        self._of(i, session_id),
-                        i.c.branch == source,
-                        i.c.kind == "user",
-                        i.c.turn == turn,
-                    )
-                )
-            ).scalar()
-            if start is None or not alive:
-                raise TurnNotFound(turn)
-            taken = (
-                await conn.execute(
-                    select(b.c.live).where(self._of(b, session_id), b.c.branch == new)
-                )
-            ).first()
-            if taken is not None or new == MAIN:
-                raise BranchIdUsed(new)
-            first = int(row.next_seq)
-            copied = (
-                await conn.execute(
-                    select(i.c.data, i.c.turn, i.c.kind, i.c.tool)
-                    .where(self._of(i, session_id), i.c.branch == source, i.c.seq < start)
-                    .order_by(i.c.seq)
-                )
-            ).all()
-            key = {"store": self.store, "session_id": session_id}
-            if copied:
-                await conn.execute(
-                    insert(i),
-                    [
-                        {**key, "seq": first + n, "data": r.data, "branch": new, "turn": r.turn}
-                        | {"kind": r.kind, "tool": r.tool, "created_at": now}
-                        for n, r in enumerate(copied)
-                    ],
-                )
-            await conn.execute(insert(b).values(**key, branch=new, live=True, created_at=now))
-            await conn.execute(
-                update(s)
-                .where(self._of(s, session_id))
-                .values(next_seq=first + len(copied), updated_at=now)
-            )
-
-        await self._connections.transact(create)
+        await self._connections.transact(
+            lambda conn: structure.create_branch(self.db, conn, session_id, source, turn, new, now)
+        )
 
     async def delete_branch(self, session_id: str, branch: str) -> None:
-        b = self.t.branches
-        gone = (branch, archive_of(branch))
-
-        async def remove(conn: AsyncConnection) -> None:
-            await self._lock(conn, session_id)
-            await self._require_branch(conn, session_id, branch, time.time())
-            for table in (self.t.items, self.t.usage):
-                await conn.execute(
-                    delete(table).where(self._of(table, session_id), table.c.branch.in_(gone))
-                )
-            await conn.execute(
-                update(b).where(self._of(b, session_id), b.c.branch == branch).values(live=False)
-            )
-
-        await self._connections.transact(remove)
+        now = time.time()
+        await self._connections.transact(
+            lambda conn: structure.delete_branch(self.db, conn, session_id, branch, now)
+        )
 
     async def compact(
         self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
     ) -> bool:
-        s, i = self.t.sessions, self.t.items
         now = time.time()
-
-        async def replace(conn: AsyncConnection) -> bool:
-            row = await self._lock(conn, session_id)
-            await self._require_branch(conn, session_id, branch, now)
-            if row is None or row.updated_at <= self._live_after(now):
-                return False
-            rows = (
-                await conn.execute(
-                    select(i.c.seq, i.c.data, i.c.turn, i.c.kind)
-                    .where(self._of(i, session_id), i.c.branch == branch)
-                    .order_by(i.c.seq)
-                    .limit(len(expected))
-                )
-            ).all()
-            if not rows or [r.data for r in rows] != list(expected):
-                return False
-            head = next((n for n, r in enumerate(rows) if r.kind != COMPACTED), len(rows))
-            first = int(row.next_seq)
-            mine = self._of(i, session_id)
-            if head:
-                await conn.execute(delete(i).where(mine, i.c.seq.in_([r.seq for r in rows[:head]])))
-            for offset, r in enumerate(rows[head:]):
-                await conn.execute(
-                    update(i)
-                    .where(mine, i.c.seq == r.seq)
-                    .values(seq=first + offset, branch=archive_of(branch))
-                )
-            seqs = [r.seq for r in rows[: len(replacement)]]
-            turn = rows[-1].turn
-            await conn.execute(
-                insert(i),
-                [
-                    {"store": self.store, "session_id": session_id, "seq": seq, "data": data}
-                    | {"branch": branch, "turn": turn, "kind": COMPACTED, "tool": None}
-                    | {"created_at": now}
-                    for seq, data in zip(seqs, stored_at(replacement, seqs), strict=True)
-                ],
+        return await self._connections.transact(
+            lambda conn: structure.compact(
+                self.db, conn, session_id, branch, expected, replacement, now
             )
-            await conn.execute(
-                update(s)
-                .where(self._of(s, session_id))
-                .values(next_seq=first + len(rows) - head, updated_at=now)
-            )
-            return True
-
-        return await self._connections.transact(replace)
+        )
 
     async def full_history(
         self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
@@ -527,11 +343,11 @@ class SqlAlchemyDriver(KeepsStructure):
         now = time.time()
 
         async def read(conn: AsyncConnection) -> list[bytes]:
-            await self._require_branch(conn, session_id, branch, now)
+            await self.db.require_branch(conn, session_id, branch, now)
             gathered = Gathered(max_bytes)
-            if not await self._alive(conn, session_id, now):
+            if not await self.db.alive(conn, session_id, now):
                 return []
-            mine = self._of(i, session_id)
+            mine = self.db.of(i, session_id)
             live = [mine, i.c.branch == branch, i.c.kind != COMPACTED]
             if await self._gather(conn, live, limit, gathered):
                 archive = [mine, i.c.branch == archive_of(branch), i.c.kind != COMPACTED]
@@ -545,12 +361,12 @@ class SqlAlchemyDriver(KeepsStructure):
         now = time.time()
 
         async def read(conn: AsyncConnection) -> list[UserTurn]:
-            await self._require_branch(conn, session_id, branch, now)
-            if not await self._alive(conn, session_id, now):
+            await self.db.require_branch(conn, session_id, branch, now)
+            if not await self.db.alive(conn, session_id, now):
                 return []
             query = (
                 select(i.c.turn, i.c.data, i.c.created_at)
-                .where(self._of(i, session_id), i.c.branch == branch, i.c.kind == "user")
+                .where(self.db.of(i, session_id), i.c.branch == branch, i.c.kind == "user")
                 .order_by(i.c.turn)
             )
             return [UserTurn(int(r[0]), r[1], float(r[2])) for r in await _all(conn, query)]
@@ -562,12 +378,12 @@ class SqlAlchemyDriver(KeepsStructure):
         now = time.time()
 
         async def read(conn: AsyncConnection) -> list[ItemShape]:
-            await self._require_branch(conn, session_id, branch, now)
-            if not await self._alive(conn, session_id, now):
+            await self.db.require_branch(conn, session_id, branch, now)
+            if not await self.db.alive(conn, session_id, now):
                 return []
             query = (
                 select(i.c.turn, i.c.kind, i.c.tool)
-                .where(self._of(i, session_id), i.c.branch == branch)
+                .where(self.db.of(i, session_id), i.c.branch == branch)
                 .order_by(i.c.seq)
             )
             return [ItemShape(int(r[0]), r[1], r[2]) for r in await _all(conn, query)]
@@ -577,47 +393,19 @@ class SqlAlchemyDriver(KeepsStructure):
     async def record_usage(
         self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
     ) -> int | None:
-        i = self.t.items
         now = time.time()
-
-        async def record(conn: AsyncConnection) -> int | None:
-            row = await self._lock(conn, session_id)
-            await self._require_branch(conn, session_id, branch, now)
-            if row is None or row.updated_at <= self._live_after(now):
-                return None
-            at_turn, at_seq = turn, anchor
-            if at_turn is None:
-                newest = await self._newest(conn, session_id, branch)
-                if newest is None:
-                    return None
-                at_turn = int(newest.turn)
-                at_seq = await self._turn_start(conn, session_id, branch, at_turn)
-            present = (
-                await conn.execute(
-                    select(i.c.seq).where(
-                        self._of(i, session_id),
-                        i.c.seq == at_seq,
-                        i.c.branch == branch,
-                        i.c.turn == at_turn,
-                    )
-                )
-            ).first()
-            if present is None:
-                return None
-            key = {"store": self.store, "session_id": session_id, "branch": branch}
-            await conn.execute(
-                self._upsert(conn, self.t.usage, {**key, "turn": at_turn, **asdict(usage)})
+        return await self._connections.transact(
+            lambda conn: structure.record_usage(
+                self.db, conn, session_id, branch, turn, anchor, usage, now
             )
-            return at_turn
-
-        return await self._connections.transact(record)
+        )
 
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
         u = self.t.usage
         now = time.time()
 
         async def read(conn: AsyncConnection) -> list[TurnUsage]:
-            if not await self._alive(conn, session_id, now):
+            if not await self.db.alive(conn, session_id, now):
                 return []
             query = select(
                 u.c.branch,
@@ -628,7 +416,7 @@ class SqlAlchemyDriver(KeepsStructure):
                 u.c.total_tokens,
                 u.c.input_details,
                 u.c.output_details,
-            ).where(self._of(u, session_id))
+            ).where(self.db.of(u, session_id))
             if branch is not None:
                 query = query.where(u.c.branch == branch)
             rows = await _all(conn, query.order_by(u.c.branch, u.c.turn))
@@ -650,7 +438,7 @@ class SqlAlchemyDriver(KeepsStructure):
                 s.c.session_id >= prefix,
                 s.c.session_id > (after or ""),
                 s.c.session_id < prefix + "\x7f",
-                s.c.updated_at > self._live_after(time.time()),
+                s.c.updated_at > self.db.live_after(time.time()),
             )
             .order_by(s.c.session_id)
             .limit(limit)
@@ -661,7 +449,7 @@ class SqlAlchemyDriver(KeepsStructure):
     async def sweep(self) -> int:
         s, k = self.t.sessions, self.t.idempotency
         now = time.time()
-        cutoff = self._live_after(now)
+        cutoff = self.db.live_after(now)
 
         async def sweep(conn: AsyncConnection) -> int:
             await conn.execute(delete(k).where(k.c.store == self.store, k.c.expires_at <= now))
@@ -674,7 +462,7 @@ class SqlAlchemyDriver(KeepsStructure):
             ]
             swept = 0
             for session_id in ids:  # in id order, so two sweeping sidecars never deadlock
-                row = await self._lock(conn, session_id)
+                row = await self.db.lock(conn, session_id)
                 if row is not None and row.updated_at <= cutoff:
                     await self._forget(conn, session_id, expired=True)
                     swept += 1
@@ -686,12 +474,14 @@ class SqlAlchemyDriver(KeepsStructure):
         i = self.t.items
 
         async def rewrite(conn: AsyncConnection) -> int:
-            await self._lock(conn, session_id)
-            rows = await _all(conn, select(i.c.seq, i.c.data).where(self._of(i, session_id)))
+            await self.db.lock(conn, session_id)
+            rows = await _all(conn, select(i.c.seq, i.c.data).where(self.db.of(i, session_id)))
             changed = [(seq, new) for seq, data in rows if (new := transform(data)) is not None]
             for seq, new in changed:
                 await conn.execute(
-                    update(i).where(self._of(i, session_id), i.c.seq == seq).values(data=new)
+                    update(i)
+                    .where(self.db.of(i, session_id), i.c.seq == seq)
+                    .values(data=new, size=len(new))
                 )
             return len(changed)
 

@@ -94,12 +94,13 @@ def tables(prefix: str) -> Tables:
         Column("session_id", SESSION, primary_key=True),
         Column("seq", BigInteger, primary_key=True, autoincrement=False),
         Column("data", BYTES, nullable=False),
+        Column("size", BigInteger, nullable=False),
         Column("branch", BRANCH, nullable=False),
         Column("turn", BigInteger, nullable=False),
         Column("kind", TEXT, nullable=False),
         Column("tool", TEXT),
         Column("created_at", Float(53), nullable=False),
-        Index(f"{prefix}items_branch", "store", "session_id", "branch", "seq"),
+        Index(f"{prefix}items_branch", "store", "session_id", "branch", "seq", "size"),
         Index(
             f"{prefix}items_kind",
             "store",
@@ -163,21 +164,24 @@ def newest_first(
     limit: int | None,
     max_bytes: int | None,
 ) -> Select[bytes]:
-    """Items newest first, along the (store, session, branch, seq) index: the newest
-    `limit`, and of those, with `max_bytes`, only as far as the first whose bytes take
-    the total past it (the total before each is summed by the database, so no item
-    beyond it is sent). How every read of the latest items goes; the read-pattern test
-    explains it."""
+    """Items newest first, along the (store, session, branch, seq, size) index: the
+    newest `limit`, and of those, with `max_bytes`, only as far as the first whose bytes
+    take the total past it. The running total is summed by the database over the stored
+    `size` column, from the index alone; as it grows with age, what fits is every item
+    from one seq on, which the read then takes by range, so no item's bytes are read
+    (or sent) beyond the cap. How every read of the latest items goes; the read-pattern
+    test explains it."""
     newest = select(items.c.data).where(*where).order_by(items.c.seq.desc())
     if limit is not None:
         newest = newest.limit(limit)
     if max_bytes is None:
         return newest
-    page = newest.add_columns(items.c.seq).subquery()
-    size = func.length(page.c.data)
-    before = func.sum(size).over(order_by=page.c.seq.desc(), rows=(None, 0)) - size
-    summed = select(page.c.seq, page.c.data, before.label("before")).subquery()
-    return select(summed.c.data).where(summed.c.before <= max_bytes).order_by(summed.c.seq.desc())
+    sizes = select(items.c.seq, items.c.size).where(*where).order_by(items.c.seq.desc())
+    page = (sizes if limit is None else sizes.limit(limit)).subquery()
+    total = func.sum(page.c.size).over(order_by=page.c.seq.desc(), rows=(None, 0))
+    summed = select(page.c.seq, (total - page.c.size).label("before")).subquery()
+    oldest = select(func.min(summed.c.seq)).where(summed.c.before <= max_bytes)
+    return newest.where(items.c.seq >= oldest.scalar_subquery())
 
 
 class SchemaProblem(Exception):
