@@ -13,7 +13,20 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, case, delete, func, insert, select, text, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..base import (
@@ -39,7 +52,7 @@ from ..base import (
 )
 from . import structure
 from .connections import Connections
-from .rows import SessionRows, upsert
+from .rows import BRANCH, SESSION, STORE, SessionRows, upsert
 from .settings import Settings
 from .tables import SchemaProblem, migrate, newest_first, on_branch, tables
 
@@ -61,6 +74,21 @@ class SqlAlchemyDriver(KeepsStructure):
         self.t = tables(self.settings.table_prefix)
         self._connections = Connections(self.settings, self.t)
         self.db = SessionRows(self.t, self.store, self.retention)
+        s, i, k = self.t.sessions, self.t.items, self.t.idempotency
+        self._add = insert(i)
+        self._touch = (
+            update(s)
+            .where(s.c.store == STORE, s.c.session_id == SESSION)
+            .values(next_seq=bindparam("next"), updated_at=bindparam("now"))
+        )
+        self._replayed = select(k.c.fingerprint, k.c.appended).where(
+            k.c.store == STORE,
+            k.c.session_id == SESSION,
+            k.c.idempotency_key == bindparam("key"),
+            k.c.expires_at > bindparam("now"),
+        )
+        self._latest: dict[tuple[bool, bool], Select[bytes]] = {}
+        self._recorded: Any = None
 
     async def open(self) -> None:
         """The engine is made on first use, so a database outage at start-up does not
@@ -88,7 +116,7 @@ class SqlAlchemyDriver(KeepsStructure):
         meta: Sequence[Meta],
         idempotency: Idempotency | None,
     ) -> AppendResult:
-        s, i = self.t.sessions, self.t.items
+        s = self.t.sessions
         now = time.time()
 
         async def append(conn: AsyncConnection) -> AppendResult:
@@ -125,12 +153,9 @@ class SqlAlchemyDriver(KeepsStructure):
                         "created_at": now,
                     }
                 )
-            await conn.execute(insert(i), rows)
-            await conn.execute(
-                update(s)
-                .where(self.db.of(s, session_id))
-                .values(next_seq=first + len(items), updated_at=now)
-            )
+            await conn.execute(self._add, rows)
+            next_seq = {"next": first + len(items), "now": now}
+            await conn.execute(self._touch, {**self.db.keys(session_id), **next_seq})
             if self.retention.max_items:
                 await self._trim(conn, session_id, branch, self.retention.max_items)
             if idempotency is not None:
@@ -144,16 +169,8 @@ class SqlAlchemyDriver(KeepsStructure):
     async def _replay(
         self, conn: AsyncConnection, session_id: str, idempotency: Idempotency, now: float
     ) -> AppendResult | None:
-        k = self.t.idempotency
-        seen = (
-            await conn.execute(
-                select(k.c.fingerprint, k.c.appended).where(
-                    self.db.of(k, session_id),
-                    k.c.idempotency_key == idempotency.key,
-                    k.c.expires_at > now,
-                )
-            )
-        ).first()
+        which = {**self.db.keys(session_id), "key": idempotency.key, "now": now}
+        seen = (await conn.execute(self._replayed, which)).first()
         return None if seen is None else replay_of(idempotency, seen[0], seen[1])
 
     async def _record(
@@ -172,7 +189,10 @@ class SqlAlchemyDriver(KeepsStructure):
             "appended": count,
             "expires_at": now + idempotency.ttl_seconds,
         }
-        await conn.execute(upsert(conn, self.t.idempotency, row))
+        if self._recorded is None:  # the dialect's own upsert, built on first use
+            keys: dict[str, Any] = {name: bindparam(f"v_{name}") for name in row}
+            self._recorded = upsert(conn, self.t.idempotency, keys)
+        await conn.execute(self._recorded, {f"v_{name}": value for name, value in row.items()})
 
     async def _trim(self, conn: AsyncConnection, session_id: str, branch: str, keep: int) -> None:
         """Drop the branch's items older than its newest `keep` (two statements: MySQL
@@ -224,18 +244,35 @@ class SqlAlchemyDriver(KeepsStructure):
                 return False
         return room is None or len(rows) < room
 
+    def _latest_read(self, limited: bool, capped: bool) -> Select[bytes]:
+        """The latest-items read, with or without `limit` and `cap`, built once each."""
+        key = (limited, capped)
+        if key not in self._latest:
+            i = self.t.items
+            where = on_branch(i, STORE, SESSION, BRANCH)
+            limit: BindParameter[int] | None = bindparam("limit") if limited else None
+            cap: BindParameter[int] | None = bindparam("cap") if capped else None
+            self._latest[key] = newest_first(i, where, limit, cap)
+        return self._latest[key]
+
     async def latest_in(
         self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
     ) -> list[bytes]:
-        i = self.t.items
         now = time.time()
+        query = self._latest_read(limit is not None, max_bytes is not None)
+        bounds = {"limit": limit, "cap": max_bytes}
+        params = {
+            **self.db.keys(session_id, branch),
+            **{k: v for k, v in bounds.items() if v is not None},
+        }
 
         async def read(conn: AsyncConnection) -> list[bytes]:
             await self.db.require_branch(conn, session_id, branch, now)
             gathered = Gathered(max_bytes)
-            if await self.db.alive(conn, session_id, now):
-                where = on_branch(i, self.store, session_id, branch)
-                await self._gather(conn, where, limit, gathered)
+            if limit != 0 and await self.db.alive(conn, session_id, now):
+                for (data,) in await _all(conn, query, params):
+                    if not gathered.take(data):
+                        break
             return gathered.oldest_first()
 
         return await self._connections.transact(read)
@@ -488,5 +525,7 @@ class SqlAlchemyDriver(KeepsStructure):
         return await self._connections.transact(rewrite)
 
 
-async def _all(conn: AsyncConnection, query: Any) -> list[Any]:
-    return list((await conn.execute(query)).all())
+async def _all(
+    conn: AsyncConnection, query: Any, params: dict[str, Any] | None = None
+) -> list[Any]:
+    return list((await conn.execute(query, params)).all())

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     Boolean,
     Column,
     ColumnElement,
@@ -56,6 +57,9 @@ def _id(length: int) -> String:
 BYTES = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 TEXT = Text().with_variant(mysql.TEXT(collation="utf8mb4_bin"), "mysql", "mariadb")
 STORE, SESSION, BRANCH = _id(160), _id(1024), _id(160)
+Id: TypeAlias = "str | BindParameter[str]"
+Number: TypeAlias = "int | BindParameter[int]"
+"""A value, or a parameter bound at execution (for a statement built once)."""
 KIND_PREFIX = 64
 """Characters of an item's kind that MySQL indexes (kinds are unbounded text)."""
 
@@ -154,15 +158,15 @@ def tables(prefix: str) -> Tables:
     return Tables(m, version, sessions, items, branches, usage, idempotency)
 
 
-def on_branch(items: Table, store: str, session_id: str, branch: str) -> list[ColumnElement[bool]]:
+def on_branch(items: Table, store: Id, session_id: Id, branch: Id) -> list[ColumnElement[bool]]:
     return [items.c.store == store, items.c.session_id == session_id, items.c.branch == branch]
 
 
 def newest_first(
     items: Table,
     where: Sequence[ColumnElement[bool]],
-    limit: int | None,
-    max_bytes: int | None,
+    limit: Number | None,
+    max_bytes: Number | None,
 ) -> Select[bytes]:
     """Items newest first, along the (store, session, branch, seq, size) index: the
     newest `limit`, and of those, with `max_bytes`, only as far as the first whose bytes
