@@ -26,7 +26,7 @@ from collections.abc import Generator, Mapping
 from typing import Any, Self
 from urllib.parse import quote
 
-from .errors import ConvostoreError
+from .errors import ConvostoreError, NotFoundError
 from .sdk_options import check_store_name, refuse_storage_options, sidecar_url
 from .transport import BearerToken, Endpoint, Transport
 
@@ -107,6 +107,16 @@ class Closed:
         yield from ()
 
 
+def _labels(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise TypeError("metadata must map label names to string values")
+    return dict(metadata)
+
+
 def store_path(store: str) -> str:
     return f"/v1/stores/{quote(store, safe='')}"
 
@@ -128,11 +138,16 @@ class SidecarSession:
         history_turns: int | None = None,
         whole_turns: bool = False,
         logger: logging.Logger | None = None,
+        metadata: Mapping[str, str] | None = None,
         **sdk_options: Any,
     ) -> None:
         """`store` names one of the stores the sidecar serves. The options of the SDK's
         own session classes are taken as they mean there (`logger`, `create_tables`) or
-        refused with the store-side setting to use instead (`db_path`, `ttl`, clients)."""
+        refused with the store-side setting to use instead (`db_path`, `ttl`, clients).
+
+        `metadata` labels the session (`{"user_id": "42", "tenant": "acme"}`), so that
+        it can be listed and erased by them: applied before this object's first write,
+        and again after its `clear_session`."""
         cls = type(self).__name__
         refuse_storage_options(cls, sdk_options)
         check_store_name(cls, store)
@@ -146,6 +161,8 @@ class SidecarSession:
             raise ValueError(f"history_turns must be a positive integer, got {history_turns!r}")
         self.session_id = session_id
         self.store = store
+        self._labels = _labels(metadata)
+        self._labels_pending = bool(self._labels)
         self.session_settings = coerce_settings(session_settings)
         register_as_sdk_session(type(self))
         self.log = logger or log
@@ -210,6 +227,8 @@ class SidecarSession:
     async def _append(
         self, items: list[Item], idempotency_key: str | None, where: dict[str, str]
     ) -> dict[str, Any]:
+        if self._labels_pending:
+            await self.set_metadata(self._labels)
         answer: dict[str, Any] = await self._transport.call(
             "POST",
             self._path + "/items",
@@ -236,6 +255,29 @@ class SidecarSession:
         """Remove every item of this session."""
         await self._transport.call("DELETE", self._path, idempotent=True)
         self._forget_responses()
+        self._labels_pending = bool(self._labels)
+
+    async def set_metadata(self, labels: Mapping[str, str | None]) -> dict[str, Any]:
+        """Set the session's labels (None removes one), keeping the others; answers its
+        record: `session_id`, `created_at`, `updated_at`, `labels`."""
+        body = json.dumps({"labels": dict(labels)}, ensure_ascii=False).encode("utf-8")
+        record: dict[str, Any] = await self._transport.call(
+            "PATCH", self._path + "/metadata", body=body, idempotent=True
+        )
+        self._labels_pending = False
+        return record
+
+    async def get_metadata(self) -> dict[str, Any] | None:
+        """The session's record (see `set_metadata`); None while it holds nothing."""
+        try:
+            record: dict[str, Any] = await self._transport.call(
+                "GET", self._path + "/metadata", idempotent=True
+            )
+        except NotFoundError as exc:
+            if exc.code == "session_not_found":
+                return None
+            raise
+        return record
 
     def _forget_responses(self) -> None:
         """A pop or a clear ends the response chain compaction would summarise (as in

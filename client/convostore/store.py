@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
 from typing import Any
 
 from .session import SidecarSession, store_path
@@ -40,6 +41,43 @@ class SidecarStore:
             )
             for session_id in page["sessions"]:
                 yield session_id
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    async def find_sessions(
+        self,
+        labels: Mapping[str, str] | None = None,
+        *,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The records (`session_id`, `created_at`, `updated_at`, `labels`) of the
+        sessions carrying every label in `labels`, created and last written within the
+        bounds given (aware datetimes, exclusive), newest first, fetched page by page. A
+        listing neither repeats nor skips a session that existed when it began."""
+        params = [("label", f"{name}={value}") for name, value in (labels or {}).items()]
+        bounds = {
+            "created_after": created_after,
+            "created_before": created_before,
+            "updated_after": updated_after,
+            "updated_before": updated_before,
+        }
+        params += [(key, when.isoformat()) for key, when in bounds.items() if when is not None]
+        params.append(("limit", str(page_size)))
+        cursor: str | None = None
+        while True:
+            page: dict[str, Any] = await self._transport.call(
+                "GET",
+                store_path(self.store) + "/sessions:find",
+                params=params + ([("cursor", cursor)] if cursor else []),
+                idempotent=True,
+            )
+            for record in page["sessions"]:
+                yield record
             cursor = page["next_cursor"]
             if not cursor:
                 return

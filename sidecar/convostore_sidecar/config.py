@@ -33,12 +33,14 @@ from .compaction.settings import CompactionSettings
 from .drivers import BACKENDS, Capability, parse_backend_settings
 from .drivers.base import Retention
 from .encryption import Keyring
+from .labels import LabelRules
 from .sections import ConfigError, Section
 
 SETTINGS_NEEDING: dict[Capability, tuple[str, ...]] = {
     "retention": ("ttl", "maxItems"),
     "encryption": ("encryption",),
     "compaction": ("compaction",),
+    "structure": ("labels",),
 }
 """A store's settings that only a backend with the capability can honour."""
 STORE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -104,6 +106,7 @@ class StoreConfig:
     scope: str | None = None
     """The namespace the operator rendered the store for; part of its identity."""
     compaction: CompactionSettings | None = None
+    labels: LabelRules = field(default_factory=LabelRules)
 
     @property
     def identity(self) -> str:
@@ -308,6 +311,7 @@ def parse_store(name: Any, stores: Section) -> StoreConfig:
         compaction=(
             CompactionSettings.parse(s.section("compaction")) if s.has("compaction") else None
         ),
+        labels=LabelRules.parse(s.section("labels")),
     )
     s.done()
     return store

@@ -48,8 +48,12 @@ from .drivers.base import (
     Idempotency,
     Items,
     ItemShape,
+    LabelChanges,
+    Labelled,
     Meta,
     Sealed,
+    SessionInfo,
+    SessionQuery,
     Snapshot,
     Transform,
     TurnUsage,
@@ -476,6 +480,16 @@ class EncryptedDriver:
 
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
         return await self._structured.usage(session_id, branch)
+
+    async def label(self, session_id: str, changes: LabelChanges, most: int) -> SessionInfo:
+        """Labels are kept in clear: the backend finds sessions by them."""
+        return await cast(Labelled, self.inner).label(session_id, changes, most)
+
+    async def session_info(self, session_id: str) -> SessionInfo | None:
+        return await cast(Labelled, self.inner).session_info(session_id)
+
+    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
+        return await cast(Labelled, self.inner).find_sessions(query)
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.inner.list_sessions(prefix, after, limit)

@@ -33,7 +33,11 @@ from .drivers.base import (
     Driver,
     Idempotency,
     ItemShape,
+    LabelChanges,
+    Labelled,
     Meta,
+    SessionInfo,
+    SessionQuery,
     TurnUsage,
     Usage,
     UserTurn,
@@ -183,6 +187,25 @@ class Store:
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.driver.list_sessions(prefix, after, limit)
+
+    @property
+    def _labelled(self) -> Labelled:
+        if not self.structured:
+            raise self._unsupported("structure", "keep labels on sessions")
+        return cast(Labelled, self.driver)
+
+    async def label(self, session_id: str, changes: LabelChanges) -> SessionInfo:
+        """Set and remove a session's labels, making its record when it has none."""
+        return await self._labelled.label(session_id, changes, self.config.labels.most)
+
+    async def session_info(self, session_id: str) -> SessionInfo:
+        info = await self._labelled.session_info(session_id)
+        if info is None:
+            raise NotFound("session_not_found", f"store {self.name!r} holds no such session")
+        return info
+
+    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
+        return await self._labelled.find_sessions(query)
 
     @property
     def _encrypted(self) -> EncryptedDriver:

@@ -43,7 +43,8 @@ earlier compaction wrote (kind `compacted`), so the archive holds each original 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -167,6 +168,14 @@ class Idempotency:
     key: str
     fingerprint: str
     ttl_seconds: float
+
+
+class TooManyLabels(Exception):
+    """A label change would leave the session more labels than the store allows."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__(f"a session holds at most {most} labels")
+        self.most = most
 
 
 class BranchNotFound(Exception):
@@ -342,6 +351,67 @@ class Branching(Protocol):
 
 
 @dataclass(frozen=True)
+class SessionInfo:
+    """A session's record: when it began and was last written, and its labels."""
+
+    session_id: str
+    created_at: float
+    updated_at: float
+    labels: Mapping[str, str]
+
+
+Cursor = tuple[float, str]
+"""Where a listing newest first stopped: the last session's creation time and id."""
+
+
+@dataclass(frozen=True)
+class SessionQuery:
+    """Sessions newest first (by creation, then id, descending) that carry every label in
+    `labels`, created and written within the bounds (each exclusive), after `cursor`."""
+
+    labels: Mapping[str, str]
+    limit: int
+    cursor: Cursor | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    updated_after: float | None = None
+    updated_before: float | None = None
+
+    def admits(self, info: SessionInfo) -> bool:
+        """Whether a session's record matches; for drivers whose index is a hint."""
+        return (
+            all(info.labels.get(name) == value for name, value in self.labels.items())
+            and _within(info.created_at, self.created_after, self.created_before)
+            and _within(info.updated_at, self.updated_after, self.updated_before)
+            and (self.cursor is None or (info.created_at, info.session_id) < self.cursor)
+        )
+
+
+def _within(value: float, after: float | None, before: float | None) -> bool:
+    return (after is None or value > after) and (before is None or value < before)
+
+
+LabelChanges = Mapping[str, str | None]
+"""Labels to set, and (as None) to remove."""
+
+
+class Labelled(Protocol):
+    """Sessions carry labels (`user_id`, `tenant`, ...) and are found by them: every
+    driver that keeps structure. A label change is one atomic step that also makes the
+    session's record when there is none (it counts as a write, for `ttl`); a clear or an
+    expiry forgets the labels with the rest of the session. Listings read an index, in
+    pages newest first, never the whole store."""
+
+    async def label(self, session_id: str, changes: LabelChanges, most: int) -> SessionInfo:
+        """Apply `changes`; `TooManyLabels`, changing nothing, past `most` labels."""
+
+    async def session_info(self, session_id: str) -> SessionInfo | None:
+        """The session's record; None for a session that holds nothing."""
+
+    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]: ...
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """A branch as read before a compaction: the items to summarise (`items`, readable)
     and the same items as stored (`stored`), which the replacement expects to find."""
@@ -395,6 +465,12 @@ class KeepsStructure:
     ) -> Snapshot:
         items = await self.latest_in(session_id, branch, limit, max_bytes)
         return Snapshot(items, items)
+
+
+def wall_clock() -> float:
+    """Now, in seconds since the epoch, to the microsecond: what the API shows of a time,
+    so that a time read from it and given back (a listing's bounds) is the same number."""
+    return round(time.time(), 6)
 
 
 def scoped_prefix(key_prefix: str | None, store: StoreConfig, separator: str, default: str) -> str:

@@ -10,7 +10,7 @@ from ..config import SidecarConfig
 from ..metrics import Metrics
 from ..readiness import Readiness
 from ..stores import Stores
-from . import branches, compaction, keys
+from . import branches, compaction, keys, metadata
 from .answers import AnswerBudget
 from .items import routes
 from .middleware import (
@@ -52,6 +52,7 @@ def build_app(config: SidecarConfig) -> web.Application:
     app.add_routes(branches.routes)
     app.add_routes(compaction.routes)
     app.add_routes(keys.routes)
+    app.add_routes(metadata.routes)
     return app
 
 

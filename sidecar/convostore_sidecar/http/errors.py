@@ -19,6 +19,7 @@ from ..drivers.base import (
     BranchIdUsed,
     BranchNotFound,
     IdempotencyKeyReused,
+    TooManyLabels,
     TurnNotFound,
 )
 from ..encryption import DecryptionFailed
@@ -37,7 +38,7 @@ from ..refusals import (
 from .state import METRICS, READINESS, STORES
 
 log = logging.getLogger("convostore.sidecar")
-WRITES = frozenset({"POST", "DELETE"})
+WRITES = frozenset({"POST", "PATCH", "DELETE"})
 
 RETRY_AFTER_SECONDS = "1"
 
@@ -92,6 +93,11 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
         "branch id {0!r} was already used in this session; choose a new one",
     ),
     TurnNotFound: (409, "turn_not_found", "turn {0} does not contain a user message"),
+    TooManyLabels: (
+        409,
+        "too_many_labels",
+        "{0}; remove some (set them to null) before adding others",
+    ),
     IdempotencyKeyReused: (
         409,
         "idempotency_key_reused",

@@ -66,12 +66,16 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
+REPEATABLE = frozenset({"label"})
+"""Query parameters given once per value: the labels a listing selects by."""
+
+
 def admit(request: web.Request) -> None:
     """Raises unless the request may go on. Beyond the open paths (probes, metrics, the
     OpenAPI document) it needs a valid token, and past `requests.maxConcurrent` API
     calls at once more are turned away with 503 and `Retry-After` (the client retries
     them) instead of piling up in memory. On every path a query parameter given twice is
-    refused, not read as its first value."""
+    refused, not read as its first value, unless it is one that repeats (`REPEATABLE`)."""
     if request.path not in OPEN_PATHS:
         if not authorized(request):
             raise ApiError(401, "unauthorized", "a valid bearer token is required")
@@ -80,10 +84,13 @@ def admit(request: web.Request) -> None:
             raise overloaded(f"{limits.max_concurrent} requests are in progress; retry shortly")
     query = request.query
     if len(query) != len(query.keys() & query.keys()):
-        repeated = sorted({key for key in query if len(query.getall(key)) > 1})
-        raise ApiError(
-            400, "invalid_query", f"give each parameter once: {', '.join(map(repr, repeated))}"
+        repeated = sorted(
+            {key for key in query if key not in REPEATABLE and len(query.getall(key)) > 1}
         )
+        if repeated:
+            raise ApiError(
+                400, "invalid_query", f"give each parameter once: {', '.join(map(repr, repeated))}"
+            )
 
 
 class TokenCheck:

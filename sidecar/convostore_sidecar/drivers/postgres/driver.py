@@ -19,8 +19,11 @@ from ..base import (
     Items,
     ItemShape,
     KeepsStructure,
+    LabelChanges,
     Meta,
     Sealed,
+    SessionInfo,
+    SessionQuery,
     Transform,
     TurnUsage,
     Usage,
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
     from ...config import StoreConfig
 
 
-from . import structure
+from . import labels, structure
 from .pool import Connections
 from .rows import SessionRows
 from .settings import Settings
@@ -350,6 +353,21 @@ class PostgresDriver(KeepsStructure):
             return [TurnUsage(r[0], r[1], Usage(*r[2:])) for r in rows]
 
         return await self._connections.run(read)
+
+    async def label(self, session_id: str, changes: LabelChanges, most: int) -> SessionInfo:
+        return await self._connections.run(
+            lambda conn: labels.label(conn, self._rows, session_id, changes, most)
+        )
+
+    async def session_info(self, session_id: str) -> SessionInfo | None:
+        return await self._connections.run(
+            lambda conn: labels.session_info(conn, self._rows, session_id)
+        )
+
+    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
+        return await self._connections.run(
+            lambda conn: labels.find_sessions(conn, self._rows, query)
+        )
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         rows = await self._connections.run(

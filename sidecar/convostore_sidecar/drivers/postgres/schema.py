@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NO_BRANCH = "CVB01"  # SQLSTATE the append function raises for a branch that is not live
 MIGRATION_LOCK = 0x636F6E766F  # "convo": one advisory lock id for every migration
 
@@ -28,6 +28,19 @@ CREATE TABLE IF NOT EXISTS {s}.sessions (
     next_seq bigint NOT NULL, updated_at timestamptz NOT NULL,
     PRIMARY KEY (store, session_id));
 CREATE INDEX IF NOT EXISTS sessions_updated ON {s}.sessions (store, updated_at);
+ALTER TABLE {s}.sessions ADD COLUMN IF NOT EXISTS created_at timestamptz;
+UPDATE {s}.sessions SET created_at = updated_at WHERE created_at IS NULL;
+ALTER TABLE {s}.sessions ALTER COLUMN created_at SET DEFAULT now(),
+    ALTER COLUMN created_at SET NOT NULL;
+CREATE INDEX IF NOT EXISTS sessions_created
+    ON {s}.sessions (store, created_at, session_id);
+CREATE TABLE IF NOT EXISTS {s}.session_labels (
+    store text NOT NULL, session_id text NOT NULL, name text NOT NULL, value text NOT NULL,
+    created_at timestamptz NOT NULL,
+    PRIMARY KEY (store, session_id, name),
+    FOREIGN KEY (store, session_id) REFERENCES {s}.sessions ON DELETE CASCADE);
+CREATE INDEX IF NOT EXISTS session_labels_find
+    ON {s}.session_labels (store, name, value, created_at, session_id);
 CREATE TABLE IF NOT EXISTS {s}.items (
     store text NOT NULL, session_id text NOT NULL, seq bigint NOT NULL, data bytea NOT NULL,
     PRIMARY KEY (store, session_id, seq),
@@ -102,6 +115,10 @@ BEGIN
         DELETE FROM {s}.items AS i WHERE i.store = p_store AND i.session_id = p_session;
         DELETE FROM {s}.usage AS u WHERE u.store = p_store AND u.session_id = p_session;
         DELETE FROM {s}.branches AS b WHERE b.store = p_store AND b.session_id = p_session;
+        DELETE FROM {s}.session_labels AS l
+            WHERE l.store = p_store AND l.session_id = p_session;
+        UPDATE {s}.sessions AS s SET created_at = now()
+            WHERE s.store = p_store AND s.session_id = p_session;
     END IF;
     IF p_branch <> 'main' AND NOT EXISTS (SELECT 1 FROM {s}.branches AS b
             WHERE b.store = p_store AND b.session_id = p_session AND b.branch = p_branch

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import astuple
 from pathlib import Path
@@ -25,7 +24,11 @@ from ..base import (
     Items,
     ItemShape,
     KeepsStructure,
+    LabelChanges,
     Meta,
+    SessionInfo,
+    SessionQuery,
+    TooManyLabels,
     Transform,
     TurnNotFound,
     TurnUsage,
@@ -35,13 +38,16 @@ from ..base import (
     replay_of,
     stored,
     stored_at,
+    wall_clock,
 )
+from ..finding import Dialect, find_sql
 from .schema import (
     INDEXES,
     LATEST_SQL,
     NEWEST_SQL,
     SCHEMA,
     SCHEMA_VERSION,
+    SESSION_CREATED,
     STRUCTURE_COLUMNS,
     USAGE_SQL,
     USER_TURNS_SQL,
@@ -51,6 +57,8 @@ from .threads import Connection, Writer
 
 if TYPE_CHECKING:
     from ...config import StoreConfig
+
+DIALECT = Dialect("convostore_sessions", "convostore_labels", "{}", float)
 
 
 def open_driver(store: StoreConfig) -> SqliteDriver:
@@ -99,9 +107,12 @@ class SqliteDriver(KeepsStructure):
                 raise RuntimeError(
                     f"the SQLite file's schema version {row[0]} is newer than this sidecar's"
                 )
-            elif row[0] == 1:
-                for column in STRUCTURE_COLUMNS:
-                    conn.execute(f"ALTER TABLE convostore_items ADD COLUMN {column}")
+            elif row[0] < SCHEMA_VERSION:
+                if row[0] == 1:
+                    for column in STRUCTURE_COLUMNS:
+                        conn.execute(f"ALTER TABLE convostore_items ADD COLUMN {column}")
+                conn.execute(f"ALTER TABLE convostore_sessions ADD COLUMN {SESSION_CREATED}")
+                conn.execute("UPDATE convostore_sessions SET created_at = updated_at")
                 conn.execute("UPDATE convostore_schema SET version = ?", (SCHEMA_VERSION,))
 
         try:
@@ -131,7 +142,7 @@ class SqliteDriver(KeepsStructure):
         meta: Sequence[Meta],
         idempotency: Idempotency | None,
     ) -> AppendResult:
-        store, now = self.store, time.time()
+        store, now = self.store, wall_clock()
 
         def append(conn: sqlite3.Connection) -> AppendResult:
             if idempotency is not None:
@@ -158,10 +169,10 @@ class SqliteDriver(KeepsStructure):
             conn.executemany("INSERT INTO convostore_items VALUES (?,?,?,?,?,?,?,?,?)", rows)
             next_seq = first + len(items)
             conn.execute(
-                "INSERT INTO convostore_sessions VALUES (?, ?, ?, ?)"
+                "INSERT INTO convostore_sessions VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (store, session_id) DO UPDATE"
                 " SET next_seq = excluded.next_seq, updated_at = excluded.updated_at",
-                (store, session_id, next_seq, now),
+                (store, session_id, next_seq, now, now),
             )
             if self.retention.max_items:
                 conn.execute(
@@ -210,7 +221,13 @@ class SqliteDriver(KeepsStructure):
     def _forget(self, conn: sqlite3.Connection, session_id: str, *, expired: bool) -> None:
         """Everything of a session; a clear keeps its branch ids reserved, an expiry not."""
         key = (self.store, session_id)
-        for table in ("convostore_items", "convostore_sessions", "convostore_usage"):
+        tables = (
+            "convostore_items",
+            "convostore_sessions",
+            "convostore_usage",
+            "convostore_labels",
+        )
+        for table in tables:
             conn.execute(f"DELETE FROM {table} WHERE store = ? AND session_id = ?", key)
         conn.execute(
             "DELETE FROM convostore_branches WHERE store = ? AND session_id = ?"
@@ -258,7 +275,7 @@ class SqliteDriver(KeepsStructure):
     async def latest_in(
         self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
     ) -> list[bytes]:
-        now = time.time()
+        now = wall_clock()
         params = (self.store, session_id, branch, self._live_after(now))
 
         def read(conn: sqlite3.Connection) -> list[bytes]:
@@ -269,7 +286,7 @@ class SqliteDriver(KeepsStructure):
         return await self._reader.run(read)
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
-        store, now = self.store, time.time()
+        store, now = self.store, wall_clock()
 
         def pop(conn: sqlite3.Connection) -> bytes | None:
             self._require_branch(conn, session_id, branch, now)
@@ -311,7 +328,7 @@ class SqliteDriver(KeepsStructure):
     async def branch_exists(self, session_id: str, branch: str) -> bool:
         def exists(conn: sqlite3.Connection) -> bool:
             try:
-                self._require_branch(conn, session_id, branch, time.time())
+                self._require_branch(conn, session_id, branch, wall_clock())
             except BranchNotFound:
                 return False
             return True
@@ -319,7 +336,7 @@ class SqliteDriver(KeepsStructure):
         return await self._reader.run(exists)
 
     async def branches(self, session_id: str) -> list[BranchInfo]:
-        params = (self.store, session_id, self._live_after(time.time()))
+        params = (self.store, session_id, self._live_after(wall_clock()))
 
         def read(conn: sqlite3.Connection) -> list[BranchInfo]:
             rows = conn.execute(
@@ -336,7 +353,7 @@ class SqliteDriver(KeepsStructure):
         return await self._reader.run(read)
 
     async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
-        store, now = self.store, time.time()
+        store, now = self.store, wall_clock()
 
         def create(conn: sqlite3.Connection) -> None:
             self._require_branch(conn, session_id, source, now)
@@ -384,7 +401,7 @@ class SqliteDriver(KeepsStructure):
         key = (self.store, session_id, branch)
 
         def delete(conn: sqlite3.Connection) -> None:
-            self._require_branch(conn, session_id, branch, time.time())
+            self._require_branch(conn, session_id, branch, wall_clock())
             for table in ("convostore_items", "convostore_usage"):
                 conn.execute(
                     f"DELETE FROM {table} WHERE store = ? AND session_id = ? AND branch IN (?, ?)",
@@ -401,7 +418,7 @@ class SqliteDriver(KeepsStructure):
     async def compact(
         self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
     ) -> bool:
-        store, now = self.store, time.time()
+        store, now = self.store, wall_clock()
 
         def replace(conn: sqlite3.Connection) -> bool:
             self._require_branch(conn, session_id, branch, now)
@@ -453,7 +470,7 @@ class SqliteDriver(KeepsStructure):
     async def full_history(
         self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
     ) -> list[bytes]:
-        now = time.time()
+        now = wall_clock()
         archive = archive_of(branch)
 
         def read(conn: sqlite3.Connection) -> list[bytes]:
@@ -470,7 +487,7 @@ class SqliteDriver(KeepsStructure):
         return await self._reader.run(read)
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
-        now = time.time()
+        now = wall_clock()
 
         def read(conn: sqlite3.Connection) -> list[UserTurn]:
             self._require_branch(conn, session_id, branch, now)
@@ -482,7 +499,7 @@ class SqliteDriver(KeepsStructure):
         return await self._reader.run(read)
 
     async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
-        now = time.time()
+        now = wall_clock()
 
         def read(conn: sqlite3.Connection) -> list[ItemShape]:
             self._require_branch(conn, session_id, branch, now)
@@ -507,7 +524,7 @@ class SqliteDriver(KeepsStructure):
     async def record_usage(
         self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
     ) -> int | None:
-        store, now = self.store, time.time()
+        store, now = self.store, wall_clock()
 
         def record(conn: sqlite3.Connection) -> int | None:
             self._require_branch(conn, session_id, branch, now)
@@ -536,7 +553,7 @@ class SqliteDriver(KeepsStructure):
         return await self._writer.transact(record)
 
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
-        now = time.time()
+        now = wall_clock()
 
         def read(conn: sqlite3.Connection) -> list[TurnUsage]:
             if not self._alive(conn, session_id, now):
@@ -546,13 +563,103 @@ class SqliteDriver(KeepsStructure):
 
         return await self._reader.run(read)
 
+    async def label(self, session_id: str, changes: LabelChanges, most: int) -> SessionInfo:
+        store, now = self.store, wall_clock()
+
+        def label(conn: sqlite3.Connection) -> SessionInfo:
+            row = conn.execute(
+                "SELECT created_at, updated_at FROM convostore_sessions"
+                " WHERE store = ? AND session_id = ?",
+                (store, session_id),
+            ).fetchone()
+            if row is not None and row[1] <= self._live_after(now):
+                self._forget(conn, session_id, expired=True)
+                row = None
+            created = now if row is None else row[0]
+            conn.execute(
+                "INSERT INTO convostore_sessions VALUES (?, ?, 0, ?, ?)"
+                " ON CONFLICT (store, session_id) DO UPDATE SET updated_at = excluded.updated_at",
+                (store, session_id, now, created),
+            )
+            for name, value in changes.items():
+                if value is None:
+                    conn.execute(
+                        "DELETE FROM convostore_labels WHERE store = ? AND session_id = ?"
+                        " AND name = ?",
+                        (store, session_id, name),
+                    )
+                else:
+                    conn.execute(
+                        "INSERT INTO convostore_labels VALUES (?, ?, ?, ?, ?)"
+                        " ON CONFLICT (store, session_id, name) DO UPDATE"
+                        " SET value = excluded.value",
+                        (store, session_id, name, value, created),
+                    )
+            labels = self._labels_of(conn, [session_id])[session_id]
+            if len(labels) > most:
+                raise TooManyLabels(most)
+            return SessionInfo(session_id, created, now, labels)
+
+        return await self._writer.transact(label)
+
+    def _labels_of(
+        self, conn: sqlite3.Connection, session_ids: Sequence[str]
+    ) -> dict[str, dict[str, str]]:
+        found: dict[str, dict[str, str]] = {session_id: {} for session_id in session_ids}
+        marks = ",".join("?" * len(session_ids))
+        for session_id, name, value in conn.execute(
+            "SELECT session_id, name, value FROM convostore_labels"
+            f" WHERE store = ? AND session_id IN ({marks})",
+            (self.store, *session_ids),
+        ):
+            found[session_id][name] = value
+        return found
+
+    async def session_info(self, session_id: str) -> SessionInfo | None:
+        params = (self.store, session_id, self._live_after(wall_clock()))
+
+        def read(conn: sqlite3.Connection) -> SessionInfo | None:
+            row = conn.execute(
+                "SELECT created_at, updated_at FROM convostore_sessions"
+                " WHERE store = ? AND session_id = ? AND updated_at > ?",
+                params,
+            ).fetchone()
+            if row is None:
+                return None
+            return SessionInfo(
+                session_id, row[0], row[1], self._labels_of(conn, [session_id])[session_id]
+            )
+
+        return await self._reader.run(read)
+
+    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
+        params: list[object] = []
+
+        def bind(value: object) -> str:
+            params.append(value)
+            return "?"
+
+        live_after = self._live_after(wall_clock())
+        sql = find_sql(
+            query, DIALECT, bind, self.store, lambda bind: f"s.updated_at > {bind(live_after)}"
+        )
+
+        def read(conn: sqlite3.Connection) -> list[SessionInfo]:
+            rows = conn.execute(sql, params).fetchall()
+            labels = self._labels_of(conn, [row[0] for row in rows]) if rows else {}
+            return [
+                SessionInfo(sid, created, updated, labels[sid]) for sid, created, updated in rows
+            ]
+
+        return await self._reader.run(read)
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         params = (
             self.store,
             prefix,
             after or "",
             prefix + "\x7f",
-            self._live_after(time.time()),
+            self._live_after(wall_clock()),
             limit,
         )
 
@@ -568,7 +675,7 @@ class SqliteDriver(KeepsStructure):
         return await self._reader.run(list_ids)
 
     async def sweep(self) -> int:
-        store, now = self.store, time.time()
+        store, now = self.store, wall_clock()
         cutoff = self._live_after(now)
 
         def sweep(conn: sqlite3.Connection) -> int:

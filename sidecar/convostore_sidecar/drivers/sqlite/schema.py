@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS convostore_schema (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS convostore_sessions (
     store TEXT NOT NULL, session_id TEXT NOT NULL,
-    next_seq INTEGER NOT NULL, updated_at REAL NOT NULL,
+    next_seq INTEGER NOT NULL, updated_at REAL NOT NULL, created_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (store, session_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS convostore_sessions_updated
     ON convostore_sessions (store, updated_at);
+CREATE TABLE IF NOT EXISTS convostore_labels (
+    store TEXT NOT NULL, session_id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (store, session_id, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS convostore_items (
     store TEXT NOT NULL, session_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
     branch TEXT NOT NULL DEFAULT 'main', turn INTEGER NOT NULL DEFAULT 0,
@@ -36,6 +41,7 @@ CREATE TABLE IF NOT EXISTS convostore_usage (
 ) WITHOUT ROWID;
 """
 # What schema version 1 lacks: its items gain these columns, then the indexes follow.
+# Version 2's sessions gain their creation time (taken as their last write's).
 STRUCTURE_COLUMNS = (
     "branch TEXT NOT NULL DEFAULT 'main'",
     "turn INTEGER NOT NULL DEFAULT 0",
@@ -43,7 +49,12 @@ STRUCTURE_COLUMNS = (
     "tool TEXT",
     "created_at REAL NOT NULL DEFAULT 0",
 )
+SESSION_CREATED = "created_at REAL NOT NULL DEFAULT 0"
 INDEXES = """
+CREATE INDEX IF NOT EXISTS convostore_sessions_created
+    ON convostore_sessions (store, created_at, session_id);
+CREATE INDEX IF NOT EXISTS convostore_labels_find
+    ON convostore_labels (store, name, value, created_at, session_id);
 CREATE INDEX IF NOT EXISTS convostore_items_branch
     ON convostore_items (store, session_id, branch, seq);
 CREATE INDEX IF NOT EXISTS convostore_items_kind
