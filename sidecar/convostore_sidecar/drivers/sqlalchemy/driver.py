@@ -9,7 +9,6 @@ Statements are SQLAlchemy Core, so each dialect gets its own SQL; none needs
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,10 @@ from ..base import (
     Items,
     ItemShape,
     KeepsStructure,
+    LabelChanges,
     Meta,
+    SessionInfo,
+    SessionQuery,
     Transform,
     TurnUsage,
     Usage,
@@ -49,8 +51,9 @@ from ..base import (
     archive_of,
     replay_of,
     stored,
+    wall_clock,
 )
-from . import structure
+from . import labels, structure
 from .connections import Connections
 from .rows import BRANCH, SESSION, STORE, SessionRows, upsert
 from .settings import Settings
@@ -117,7 +120,7 @@ class SqlAlchemyDriver(KeepsStructure):
         idempotency: Idempotency | None,
     ) -> AppendResult:
         s = self.t.sessions
-        now = time.time()
+        now = wall_clock()
 
         async def append(conn: AsyncConnection) -> AppendResult:
             row = await self.db.lock(conn, session_id)
@@ -131,7 +134,9 @@ class SqlAlchemyDriver(KeepsStructure):
                 row = None
             if row is None:  # a concurrent first append makes this a duplicate: run again
                 values = {"store": self.store, "session_id": session_id}
-                await conn.execute(insert(s).values(**values, next_seq=first, updated_at=now))
+                await conn.execute(
+                    insert(s).values(**values, next_seq=first, updated_at=now, created_at=now)
+                )
             await self.db.require_branch(conn, session_id, branch, now)
             newest = await self.db.newest(conn, session_id, branch)
             turn = 0 if newest is None else int(newest.turn)
@@ -216,7 +221,7 @@ class SqlAlchemyDriver(KeepsStructure):
 
     async def _forget(self, conn: AsyncConnection, session_id: str, *, expired: bool) -> None:
         """Everything of a session; a clear keeps its branch ids reserved, an expiry not."""
-        for table in (self.t.items, self.t.usage, self.t.sessions):
+        for table in (self.t.items, self.t.usage, self.t.labels, self.t.sessions):
             await conn.execute(delete(table).where(self.db.of(table, session_id)))
         b = self.t.branches
         await conn.execute(
@@ -258,7 +263,7 @@ class SqlAlchemyDriver(KeepsStructure):
     async def latest_in(
         self, session_id: str, branch: str, limit: int | None, max_bytes: int | None = None
     ) -> list[bytes]:
-        now = time.time()
+        now = wall_clock()
         query = self._latest_read(limit is not None, max_bytes is not None)
         bounds = {"limit": limit, "cap": max_bytes}
         params = {
@@ -279,7 +284,7 @@ class SqlAlchemyDriver(KeepsStructure):
 
     async def pop_from(self, session_id: str, branch: str, check: Check | None) -> bytes | None:
         s, i, u = self.t.sessions, self.t.items, self.t.usage
-        now = time.time()
+        now = wall_clock()
 
         async def pop(conn: AsyncConnection) -> bytes | None:
             row = await self.db.lock(conn, session_id)
@@ -322,7 +327,7 @@ class SqlAlchemyDriver(KeepsStructure):
     async def branch_exists(self, session_id: str, branch: str) -> bool:
         async def exists(conn: AsyncConnection) -> bool:
             try:
-                await self.db.require_branch(conn, session_id, branch, time.time())
+                await self.db.require_branch(conn, session_id, branch, wall_clock())
             except BranchNotFound:
                 return False
             return True
@@ -342,7 +347,7 @@ class SqlAlchemyDriver(KeepsStructure):
             .join(s, and_(s.c.store == i.c.store, s.c.session_id == i.c.session_id))
             .where(
                 self.db.of(i, session_id),
-                s.c.updated_at > self.db.live_after(time.time()),
+                s.c.updated_at > self.db.live_after(wall_clock()),
                 ~i.c.branch.contains("/", autoescape=True),
             )
             .group_by(i.c.branch)
@@ -352,13 +357,13 @@ class SqlAlchemyDriver(KeepsStructure):
         return [BranchInfo(r[0], int(r[1]), int(r[2]), float(r[3])) for r in rows]
 
     async def create_branch(self, session_id: str, source: str, turn: int, new: str) -> None:
-        now = time.time()
+        now = wall_clock()
         await self._connections.transact(
             lambda conn: structure.create_branch(self.db, conn, session_id, source, turn, new, now)
         )
 
     async def delete_branch(self, session_id: str, branch: str) -> None:
-        now = time.time()
+        now = wall_clock()
         await self._connections.transact(
             lambda conn: structure.delete_branch(self.db, conn, session_id, branch, now)
         )
@@ -366,7 +371,7 @@ class SqlAlchemyDriver(KeepsStructure):
     async def compact(
         self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
     ) -> bool:
-        now = time.time()
+        now = wall_clock()
         return await self._connections.transact(
             lambda conn: structure.compact(
                 self.db, conn, session_id, branch, expected, replacement, now
@@ -377,7 +382,7 @@ class SqlAlchemyDriver(KeepsStructure):
         self, session_id: str, branch: str, limit: int, max_bytes: int | None = None
     ) -> list[bytes]:
         i = self.t.items
-        now = time.time()
+        now = wall_clock()
 
         async def read(conn: AsyncConnection) -> list[bytes]:
             await self.db.require_branch(conn, session_id, branch, now)
@@ -395,7 +400,7 @@ class SqlAlchemyDriver(KeepsStructure):
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         i = self.t.items
-        now = time.time()
+        now = wall_clock()
 
         async def read(conn: AsyncConnection) -> list[UserTurn]:
             await self.db.require_branch(conn, session_id, branch, now)
@@ -412,7 +417,7 @@ class SqlAlchemyDriver(KeepsStructure):
 
     async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
         i = self.t.items
-        now = time.time()
+        now = wall_clock()
 
         async def read(conn: AsyncConnection) -> list[ItemShape]:
             await self.db.require_branch(conn, session_id, branch, now)
@@ -430,7 +435,7 @@ class SqlAlchemyDriver(KeepsStructure):
     async def record_usage(
         self, session_id: str, branch: str, turn: int | None, anchor: int | None, usage: Usage
     ) -> int | None:
-        now = time.time()
+        now = wall_clock()
         return await self._connections.transact(
             lambda conn: structure.record_usage(
                 self.db, conn, session_id, branch, turn, anchor, usage, now
@@ -439,7 +444,7 @@ class SqlAlchemyDriver(KeepsStructure):
 
     async def usage(self, session_id: str, branch: str | None) -> list[TurnUsage]:
         u = self.t.usage
-        now = time.time()
+        now = wall_clock()
 
         async def read(conn: AsyncConnection) -> list[TurnUsage]:
             if not await self.db.alive(conn, session_id, now):
@@ -466,6 +471,28 @@ class SqlAlchemyDriver(KeepsStructure):
 
         return await self._connections.transact(read)
 
+    async def label(self, session_id: str, changes: LabelChanges, most: int) -> SessionInfo:
+        now = wall_clock()
+
+        async def forget_expired(conn: AsyncConnection, session_id: str) -> None:
+            await self._forget(conn, session_id, expired=True)
+
+        return await self._connections.transact(
+            lambda conn: labels.label(self.db, conn, session_id, changes, most, now, forget_expired)
+        )
+
+    async def session_info(self, session_id: str) -> SessionInfo | None:
+        now = wall_clock()
+        return await self._connections.transact(
+            lambda conn: labels.session_info(self.db, conn, session_id, now)
+        )
+
+    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
+        now = wall_clock()
+        return await self._connections.transact(
+            lambda conn: labels.find_sessions(self.db, conn, query, now)
+        )
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         s = self.t.sessions
         query = (
@@ -475,7 +502,7 @@ class SqlAlchemyDriver(KeepsStructure):
                 s.c.session_id >= prefix,
                 s.c.session_id > (after or ""),
                 s.c.session_id < prefix + "\x7f",
-                s.c.updated_at > self.db.live_after(time.time()),
+                s.c.updated_at > self.db.live_after(wall_clock()),
             )
             .order_by(s.c.session_id)
             .limit(limit)
@@ -485,7 +512,7 @@ class SqlAlchemyDriver(KeepsStructure):
 
     async def sweep(self) -> int:
         s, k = self.t.sessions, self.t.idempotency
-        now = time.time()
+        now = wall_clock()
         cutoff = self.db.live_after(now)
 
         async def sweep(conn: AsyncConnection) -> int:

@@ -30,7 +30,9 @@ class SessionRows:
         self.t, self.store, self.retention = t, store, retention
         s, i = t.sessions, t.items
         row = (s.c.store == STORE, s.c.session_id == SESSION)
-        self._lock = select(s.c.next_seq, s.c.updated_at).where(*row).with_for_update()
+        self._lock = (
+            select(s.c.next_seq, s.c.updated_at, s.c.created_at).where(*row).with_for_update()
+        )
         self._updated = select(s.c.updated_at).where(*row)
         self._newest = (
             select(i.c.seq, i.c.turn)
@@ -54,7 +56,8 @@ class SessionRows:
         return and_(table.c.store == self.store, table.c.session_id == session_id)
 
     async def lock(self, conn: AsyncConnection, session_id: str) -> Any:
-        """The session's row (next sequence number, last write), locked until commit."""
+        """The session's row (next sequence number, last write, creation), locked until
+        commit."""
         return (await conn.execute(self._lock, self.keys(session_id))).first()
 
     async def alive(self, conn: AsyncConnection, session_id: str, now: float) -> bool:

@@ -57,6 +57,12 @@ def _id(length: int) -> String:
 BYTES = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 TEXT = Text().with_variant(mysql.TEXT(collation="utf8mb4_bin"), "mysql", "mariadb")
 STORE, SESSION, BRANCH = _id(160), _id(1024), _id(160)
+LABEL_NAME = _id(63)
+LABEL_VALUE = String(256).with_variant(
+    mysql.VARCHAR(256, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+)
+"""Label values are text of up to 256 characters, compared exactly: an index over a
+store, a name, a value and a session id stays within MySQL's 3,072 bytes."""
 Id: TypeAlias = "str | BindParameter[str]"
 Number: TypeAlias = "int | BindParameter[int]"
 """A value, or a parameter bound at execution (for a statement built once)."""
@@ -73,6 +79,7 @@ class Tables:
     branches: Table
     usage: Table
     idempotency: Table
+    labels: Table
 
 
 def _table(name: str, metadata: MetaData, *parts: Column[Any] | Index) -> Table:
@@ -89,7 +96,19 @@ def tables(prefix: str) -> Tables:
         Column("session_id", SESSION, primary_key=True),
         Column("next_seq", BigInteger, nullable=False),
         Column("updated_at", Float(53), nullable=False),
+        Column("created_at", Float(53), nullable=False),
         Index(f"{prefix}sessions_updated", "store", "updated_at"),
+        Index(f"{prefix}sessions_created", "store", "created_at", "session_id"),
+    )
+    labels = _table(
+        f"{prefix}labels",
+        m,
+        Column("store", STORE, primary_key=True),
+        Column("session_id", SESSION, primary_key=True),
+        Column("name", LABEL_NAME, primary_key=True),
+        Column("value", LABEL_VALUE, nullable=False),
+        Column("created_at", Float(53), nullable=False),
+        Index(f"{prefix}labels_find", "store", "name", "value", "created_at", "session_id"),
     )
     items = _table(
         f"{prefix}items",
@@ -155,7 +174,7 @@ def tables(prefix: str) -> Tables:
         m,
         Column("version", Integer, primary_key=True, autoincrement=False),
     )
-    return Tables(m, version, sessions, items, branches, usage, idempotency)
+    return Tables(m, version, sessions, items, branches, usage, idempotency, labels)
 
 
 def on_branch(items: Table, store: Id, session_id: Id, branch: Id) -> list[ColumnElement[bool]]:
