@@ -40,8 +40,12 @@ from ..base import (
     Items,
     ItemShape,
     KeepsStructure,
+    LabelChanges,
     Meta,
     Sealed,
+    SessionInfo,
+    SessionQuery,
+    TooManyLabels,
     Transform,
     TurnNotFound,
     TurnUsage,
@@ -51,6 +55,7 @@ from ..base import (
     scoped_prefix,
     stored,
     stored_at,
+    wall_clock,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +63,7 @@ if TYPE_CHECKING:
 
 
 from .client import connect
+from .labels import Listings, record_of
 from .scripts import (
     APPEND,
     BRANCH_KEYS,
@@ -65,6 +71,7 @@ from .scripts import (
     COMPACT,
     CREATE_BRANCH,
     DELETE_BRANCH,
+    LABEL,
     POP,
     READ,
     RECORD_USAGE,
@@ -113,6 +120,8 @@ class RedisDriver(KeepsStructure):
         self._compact = self.client.register_script(COMPACT)
         self._read = self.client.register_script(READ)
         self._index = f"{self.prefix}:sessions"
+        self._label = self.client.register_script(LABEL)
+        self._listings = Listings(self.client, self.prefix, self._about, self._through_migration)
 
     def _declared(
         self, session_id: str, branches: Sequence[str], extra: Sequence[str]
@@ -295,7 +304,7 @@ class RedisDriver(KeepsStructure):
             int(idempotency.ttl_seconds * 1000) if idempotency else 0,
             self._ttl_ms(),
             self.retention.max_items or 0,
-            f"{time.time():.6f}",
+            f"{wall_clock():.6f}",
             len(items),
         ]
         shapes = [f"{clean(m.kind)}\t{clean(m.tool or '')}" for m in meta]
@@ -322,6 +331,8 @@ class RedisDriver(KeepsStructure):
             if outcome[0] == Outcome.DONE and outcome[1] == 1:  # the append began it
                 index = {session_id: 0}
                 await self._through_migration(lambda: self.client.zadd(self._index, index))
+            if outcome[0] == Outcome.DONE and outcome[4] == 1:  # its record, too
+                await self._listings.added(session_id, float(outcome[5]), True, [])
             return outcome
 
         outcome = await self._call(lambda: self._replicated(session_id, run))
@@ -526,6 +537,32 @@ class RedisDriver(KeepsStructure):
                 rows.append(TurnUsage(name, int(turn), decode_usage(value)))
         return sorted(rows, key=lambda row: (row.branch, row.turn))
 
+    def _about(self, session_id: str) -> str:
+        return f"{self._base(session_id)}:about"
+
+    async def label(self, session_id: str, changes: LabelChanges, most: int) -> SessionInfo:
+        args = [f"{wall_clock():.6f}", self._ttl_ms(), most, len(changes)]
+        for name, value in changes.items():
+            args += [name, value or ""]
+
+        async def run() -> SessionInfo:
+            outcome = await self._session_script(self._label, session_id, args)
+            if outcome[0] == Outcome.TOO_MANY_LABELS:
+                raise TooManyLabels(most)
+            began, created, updated = outcome[1] == 1, float(outcome[2]), float(outcome[3])
+            labels = _pairs(outcome[4])
+            await self._listings.added(session_id, created, began, labels, _pairs(outcome[5]))
+            return SessionInfo(session_id, created, updated, dict(labels))
+
+        return await self._call(lambda: self._replicated(session_id, run))
+
+    async def session_info(self, session_id: str) -> SessionInfo | None:
+        fields = await self._call(lambda: self.client.hgetall(self._about(session_id)))
+        return record_of(session_id, cast(dict[bytes, bytes], fields))
+
+    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
+        return await self._call(lambda: self._listings.find(query))
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         low = f"({after}" if after and after >= prefix else f"[{prefix}"
         found: list[str] = []
@@ -602,3 +639,7 @@ class RedisDriver(KeepsStructure):
                 except WatchError:
                     continue
         raise BackendUnavailable(f"redis: session {session_id!r} changed too often to rewrite")
+
+
+def _pairs(flat: Sequence[bytes]) -> list[tuple[str, str]]:
+    return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]

@@ -24,12 +24,13 @@ class Outcome(IntEnum):
     TURN_NOT_FOUND = 7
     HISTORY_CHANGED = 8
     """The items a compaction read were changed meanwhile."""
+    TOO_MANY_LABELS = 9
 
 
 _OUTCOMES = "local {} = {}\n".format(
     ", ".join(o.name for o in Outcome), ", ".join(str(o.value) for o in Outcome)
 )
-SESSION_KEYS = ("seq", "ids", "branches", "usage")
+SESSION_KEYS = ("seq", "ids", "branches", "usage", "about")
 BRANCH_KEYS = ("items", "meta", "users", "turns", "trim", "archive")
 """The keys of a session, and of each of its branches, under its hash tag."""
 
@@ -39,6 +40,14 @@ COMMON = (
     + """
 local base = KEYS[1]
 local usage = base .. ':usage'
+local about = base .. ':about'
+-- the session's record: 'created' and 'updated' (times), 'l:<name>' (its labels); a
+-- first write sets 'created' and answers 1, so the caller adds it to the listings
+local function stamp(now)
+  local began = redis.call('HSETNX', about, 'created', now)
+  redis.call('HSET', about, 'updated', now)
+  return began
+end
 local function keys_of(sfx)
   return base .. ':items' .. sfx, base .. ':meta' .. sfx, base .. ':users' .. sfx,
          base .. ':turns' .. sfx, base .. ':trim' .. sfx, base .. ':archive' .. sfx
@@ -65,7 +74,7 @@ local function touch(ttl_ms)
   for _, sfx in ipairs(sfxs) do
     for _, key in ipairs({keys_of(sfx)}) do redis.call('PEXPIRE', key, ttl_ms) end
   end
-  for _, key in ipairs({base .. ':seq', base .. ':ids', base .. ':branches', usage}) do
+  for _, key in ipairs({base .. ':seq', base .. ':ids', base .. ':branches', usage, about}) do
     redis.call('PEXPIRE', key, ttl_ms)
   end
 end
@@ -144,10 +153,11 @@ if max_items > 0 then
   end
 end
 local total = redis.call('INCRBY', base .. ':seq', n)
+local began = stamp(now)
 touch(ttl_ms)
 if use_idem then redis.call('SET', KEYS[2], fingerprint .. ' ' .. n, 'PX', idem_ms) end
 if not anchor then anchor = turn_start(sfx, turn) end
-return {DONE, total == n and 1 or 0, turn, anchor}
+return {DONE, total == n and 1 or 0, turn, anchor, began, redis.call('HGET', about, 'created')}
 """
 )
 
@@ -238,7 +248,7 @@ CLEAR = (
     COMMON
     + """
 if undeclared() then return {UNDECLARED} end
-redis.call('DEL', base .. ':seq', usage, keys_of(''))
+redis.call('DEL', base .. ':seq', usage, about, keys_of(''))
 for _, b in ipairs(redis.call('HKEYS', base .. ':branches')) do
   redis.call('DEL', keys_of('@' .. b))
   redis.call('HSET', base .. ':branches', b, '0')
@@ -343,5 +353,42 @@ if not anchor then return {DONE} end
 redis.call('HSET', usage, usage_field(sfx, turn), usage_json)
 touch(ttl_ms)
 return {DONE, turn}
+"""
+)
+
+LABEL = (
+    COMMON
+    + """
+if undeclared() then return {UNDECLARED} end
+local now, ttl_ms, most, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local before = {}
+local fields = redis.call('HGETALL', about)
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 2) == 'l:' then before[string.sub(fields[i], 3)] = fields[i + 1] end
+end
+local after, count = {}, 0
+for name, value in pairs(before) do after[name] = value end
+for i = 0, n - 1 do
+  local name, value = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
+  if value == '' then after[name] = nil else after[name] = value end
+end
+for _ in pairs(after) do count = count + 1 end
+if count > most then return {TOO_MANY_LABELS} end
+local began = stamp(now)
+for name, _ in pairs(before) do
+  if after[name] == nil then redis.call('HDEL', about, 'l:' .. name) end
+end
+local flat = {}
+for name, value in pairs(after) do
+  redis.call('HSET', about, 'l:' .. name, value)
+  flat[#flat + 1] = name
+  flat[#flat + 1] = value
+end
+touch(ttl_ms)
+local gone = {}
+for name, value in pairs(before) do
+  if after[name] ~= value then gone[#gone + 1] = name; gone[#gone + 1] = value end
+end
+return {DONE, began, redis.call('HGET', about, 'created'), now, flat, gone}
 """
 )
