@@ -119,9 +119,9 @@ async def test_listing_by_time_bounds(sidecar_on: RunningSidecar) -> None:
     assert await found(
         sidecar_on, labels=labels, updated_after=written - timedelta(microseconds=1)
     ) == [first.session_id]
-    assert await found(
-        sidecar_on, labels=labels, created_after=middle, updated_before=written
-    ) == [second.session_id]
+    assert await found(sidecar_on, labels=labels, created_after=middle, updated_before=written) == [
+        second.session_id
+    ]
 
 
 async def test_paging_while_others_write_neither_repeats_nor_skips(
@@ -185,7 +185,7 @@ async def test_too_many_labels_changes_nothing(sidecar_on: RunningSidecar) -> No
     before = await chat.get_metadata()
     with pytest.raises(RequestRejectedError) as refused:
         await chat.set_metadata({"one-more": "v", "l1": "changed"})
-    assert refused.value.code == "too_many_labels" and refused.value.status == 409
+    assert (refused.value.code, refused.value.status) == ("too_many_labels", 409)
     assert await chat.get_metadata() == before
 
 
@@ -245,7 +245,7 @@ JSON = {"Content-Type": "application/json"}
 HOSTILE_QUERIES: list[tuple[str, str]] = [
     ("label=user_id", "invalid_labels"),
     ("label==x", "invalid_labels"),
-    ("label=a=1&label=a=2", "invalid_labels"),
+    ("label=" + "&label=".join(f"n{n}=v" for n in range(65)), "invalid_labels"),
     ("label=user_id=a%00b", "invalid_labels"),
     ("label=" + "n" * 70 + "=v", "invalid_labels"),
     ("created_after=yesterday", "invalid_created_after"),
@@ -281,8 +281,8 @@ async def test_backends_without_structure_refuse_labels(
     chat = session(sidecar, unique(), user_id="u1")
     with pytest.raises(RequestRejectedError) as refused:
         await chat.add_items([{"role": "user", "content": "x"}])
-    assert refused.value.status == 501 and refused.value.code == "not_supported"
-    assert backend in refused.value.message and "labels" in refused.value.message
+    assert (refused.value.status, refused.value.code) == (501, "not_supported")
+    assert f"the {backend} backend cannot keep labels" in refused.value.message
     assert await SidecarSession(chat.session_id, "chat", sidecar.url).get_items() == []
     with pytest.raises(RequestRejectedError) as refused:
         await found(sidecar, labels={"user_id": "u1"})

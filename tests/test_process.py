@@ -396,3 +396,45 @@ def test_a_plain_sqlite_sidecar_loads_no_library_its_stores_do_not_use(
     assert secret.process is not None
     asyncio.run(SidecarSession("s", url=secret.url).add_items([{"n": 1}]))
     assert "/cryptography/" in loaded_libraries(secret.process.pid)
+
+
+def test_sessions_are_labelled_and_listed_by_label_from_the_command_line(
+    sidecar_process: Make, tmp_path: Path
+) -> None:
+    proc = sidecar_process(sqlite_config(tmp_path / "l.db"))
+    proc.start()
+    for name, user in (("a", "u1"), ("b", "u2"), ("c", "u1")):
+        chat = SidecarSession(name, url=proc.url, metadata={"user_id": user, "tenant": "t"})
+        asyncio.run(chat.add_items([{"n": name}]))
+    listed = run_cli("sessions", "ls", "--url", proc.url, "--label", "user_id=u1")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == ["c", "a"]
+    labelled = run_cli(
+        "sessions", "label", "--url", proc.url, "a", "plan=free", "--remove", "tenant"
+    )
+    assert labelled.returncode == 0, labelled.stderr
+    assert json.loads(labelled.stdout)["labels"] == {"plan": "free", "user_id": "u1"}
+    long = run_cli(
+        "sessions",
+        "ls",
+        "--url",
+        proc.url,
+        "--label",
+        "plan=free",
+        "--label",
+        "user_id=u1",
+        "--long",
+    )
+    assert [json.loads(line)["session_id"] for line in long.stdout.splitlines()] == ["a"]
+    created = json.loads(long.stdout)["created_at"]
+    newer = run_cli("sessions", "ls", "--url", proc.url, "--created-after", created)
+    assert newer.stdout.split() == ["c", "b"]
+    for bad, message in (
+        (["--label", "user_id"], "is not NAME=VALUE"),
+        (["--created-after", "yesterday"], "is not an RFC 3339 time"),
+        (["--label", "user_id=u1", "--prefix", "a"], "does not combine"),
+        (["--label", "bad name=x"], "invalid_labels"),
+    ):
+        refused = run_cli("sessions", "ls", "--url", proc.url, *bad)
+        assert refused.returncode != 0
+        assert message in refused.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime
 from typing import Any, TextIO
 
 from convostore import AdvancedSidecarSession
@@ -19,6 +20,7 @@ from .common import run, sidecar_options, store
 from .wire import Sidecar
 
 IMPORT_BATCH = 500
+TIME_BOUNDS = ("created_after", "created_before", "updated_after", "updated_before")
 
 
 def add_commands(commands: Any) -> None:
@@ -29,9 +31,35 @@ def add_commands(commands: Any) -> None:
     )
     actions = sessions.add_subparsers(required=True, metavar="ACTION")
     shared = [sidecar_options(defaults=False)]
-    ls = actions.add_parser("ls", help="list session ids", parents=shared)
+    ls = actions.add_parser(
+        "ls",
+        help="list session ids: by prefix in byte order, or by labels and time newest first",
+        parents=shared,
+    )
     ls.add_argument("--prefix", default="")
+    ls.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        type=_label,
+        metavar="NAME=VALUE",
+        help="only sessions with this label (repeat for several)",
+    )
+    for bound in TIME_BOUNDS:
+        ls.add_argument(
+            f"--{bound.replace('_', '-')}", type=_instant, metavar="TIME", help="RFC 3339"
+        )
+    ls.add_argument(
+        "--long", action="store_true", help="print each session's record as a JSON line"
+    )
     ls.set_defaults(run=lambda a: run(_ls(a)))
+    label = actions.add_parser("label", help="set or remove a session's labels", parents=shared)
+    label.add_argument("session_id")
+    label.add_argument("labels", nargs="*", type=_label, metavar="NAME=VALUE")
+    label.add_argument(
+        "--remove", action="append", default=[], metavar="NAME", help="remove this label"
+    )
+    label.set_defaults(run=lambda a: run(_set_labels(a)))
     show = actions.add_parser("show", help="print a session's items as JSON", parents=shared)
     show.add_argument("session_id")
     show.add_argument("--limit", type=int)
@@ -57,9 +85,43 @@ def add_commands(commands: Any) -> None:
 
 
 async def _ls(args: argparse.Namespace) -> int:
-    async for session_id in store(args).session_ids(args.prefix):
-        print(session_id)
+    bounds = {bound: getattr(args, bound) for bound in TIME_BOUNDS if getattr(args, bound)}
+    if not (args.label or bounds or args.long):
+        async for session_id in store(args).session_ids(args.prefix):
+            print(session_id)
+        return 0
+    if args.prefix:
+        raise ValueError("--prefix lists in byte order; it does not combine with labels or times")
+    async for record in store(args).find_sessions(dict(args.label), **bounds):
+        print(json.dumps(record, ensure_ascii=False) if args.long else record["session_id"])
     return 0
+
+
+async def _set_labels(args: argparse.Namespace) -> int:
+    changes: dict[str, str | None] = dict(args.labels)
+    changes.update(dict.fromkeys(args.remove))
+    if not changes:
+        raise ValueError("give labels to set (NAME=VALUE) or to remove (--remove NAME)")
+    record = await store(args).session(args.session_id).set_metadata(changes)
+    print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def _label(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def _instant(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time with an offset")
+    return when
 
 
 async def _show(args: argparse.Namespace) -> int:

@@ -57,19 +57,20 @@ class LabelRules:
             for name, value in raw.items()
         }
 
-    def selector(self, pairs: Iterable[str]) -> dict[str, str]:
-        """`name=value` pairs, each name once, as a listing's `label` parameters give them."""
+    def selector(self, pairs: Iterable[str]) -> dict[str, str] | None:
+        """`name=value` pairs, as a listing's `label` parameters give them; None when two
+        ask for different values of one name, which no session carries."""
         found: dict[str, str] = {}
-        for pair in pairs:
+        contradictory = False
+        for count, pair in enumerate(pairs, 1):
             name, sep, value = pair.partition("=")
             if not sep:
                 raise Invalid("invalid_labels", f"label {pair[:80]!r} is not name=value")
-            if name in found:
-                raise Invalid("invalid_labels", f"label {name[:80]!r} is given twice")
-            found[self.name(name)] = self.value(name, value)
-        if len(found) > self.most:
-            raise Invalid("invalid_labels", f"at most {self.most} labels select sessions")
-        return found
+            if count > HIGHEST:
+                raise Invalid("invalid_labels", f"at most {HIGHEST} labels select sessions")
+            value = self.value(self.name(name), value)
+            contradictory |= found.setdefault(name, value) != value
+        return None if contradictory else found
 
     def name(self, name: object) -> str:
         if not isinstance(name, str) or not NAME.fullmatch(name):

@@ -79,19 +79,15 @@ async def find_sessions(request: web.Request) -> web.Response:
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown parameter {sorted(unknown)[0]!r}")
     bounds = {name: _instant(name, query.get(name)) for name in TIME_BOUNDS}
-    found = await store.find_sessions(
-        SessionQuery(
-            labels=store.config.labels.selector(query.getall("label", [])),
-            limit=limit + 1,
-            cursor=_decode_cursor(query.get("cursor"), store.config.limits.max_session_id_length),
-            **bounds,
-        )
-    )
+    labels = store.config.labels.selector(query.getall("label", []))
+    cursor = _decode_cursor(query.get("cursor"), store.config.limits.max_session_id_length)
+    asked = SessionQuery(labels or {}, limit + 1, cursor, **bounds)
+    found = [] if labels is None else await store.find_sessions(asked)
     page = found[:limit]
-    cursor = (
+    next_cursor = (
         _encode_cursor((page[-1].created_at, page[-1].session_id)) if len(found) > limit else None
     )
-    answer = {"sessions": [record(info) for info in page], "next_cursor": cursor}
+    answer = {"sessions": [record(info) for info in page], "next_cursor": next_cursor}
     return web.json_response(body=dumps(answer))
 
 
