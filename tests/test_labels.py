@@ -7,13 +7,15 @@ clear code and changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
-from convostore import SidecarSession, SidecarStore
+from convostore import AdvancedSidecarSession, SidecarSession, SidecarStore
 from convostore.errors import RequestRejectedError
 from convostore_sidecar.encryption import generate_key
 
@@ -33,6 +35,60 @@ async def sidecar_on(
     else:
         config = store_config(request.param)
     return await start_sidecar({"stores": {"chat": config}})
+
+
+async def raw_contents(sidecar: RunningSidecar) -> bytes:
+    """Everything the store's backend holds for it, as the database returns it: every
+    row of every table, every key's name and value."""
+    from convostore_sidecar.http.state import STORES
+
+    driver = sidecar.app[STORES].get("chat").driver
+    driver = getattr(driver, "inner", driver)
+    kind = type(driver).__name__
+    if kind == "SqliteDriver":
+        path = driver._writer._settings.path
+        with sqlite3.connect(path) as conn:
+            tables = [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            ]
+            rows = [repr(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables]
+        return "".join(rows).encode()
+    if kind == "PostgresDriver":
+        conn = await asyncpg.connect(driver.settings.dsn)
+        try:
+            tables = await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = $1", driver.settings.schema
+            )
+            rows = [
+                repr(await conn.fetch(f"SELECT * FROM {driver.settings.schema}.{t[0]}"))
+                for t in tables
+            ]
+        finally:
+            await conn.close()
+        return "".join(rows).encode()
+    if kind == "SqlAlchemyDriver":
+        engine = await driver._connections._get_engine()
+        async with engine.connect() as conn:
+            rows = [
+                repr((await conn.execute(table.select())).all())
+                for table in driver.t.metadata.sorted_tables
+            ]
+        return "".join(rows).encode()
+    assert kind == "RedisDriver"
+    found = []
+    async for key in driver.client.scan_iter(match=driver.prefix + "*"):
+        found.append(key)
+        kind_of = (await driver.client.type(key)).decode()
+        if kind_of == "list":
+            found += await driver.client.lrange(key, 0, -1)
+        elif kind_of == "hash":
+            for field, value in (await driver.client.hgetall(key)).items():
+                found += [field, value]
+        elif kind_of == "zset":
+            found += await driver.client.zrange(key, 0, -1)
+        elif kind_of == "string":
+            found.append(await driver.client.get(key))
+    return b"".join(found)
 
 
 @pytest.fixture
@@ -287,3 +343,100 @@ async def test_backends_without_structure_refuse_labels(
     with pytest.raises(RequestRejectedError) as refused:
         await found(sidecar, labels={"user_id": "u1"})
     assert refused.value.status == 501
+
+
+async def test_erasing_a_subject_leaves_nothing_of_theirs(
+    sidecar_on: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    """Every session of one person, with branches, usage, a compaction archive and
+    idempotency records, erased by their label; another person's untouched."""
+    subject, other, tenant = unique("subject"), unique("other"), unique("t")
+    said = unique("said")
+    chats = []
+    for person in (subject, subject, other):
+        chat = AdvancedSidecarSession(
+            unique(), "chat", sidecar_on.url, metadata={"user_id": person, "tenant": tenant}
+        )
+        for n in (1, 2):
+            await chat.add_items(
+                [
+                    {"role": "user", "content": f"{said} {person} q{n}"},
+                    {"role": "assistant", "content": f"{said} {person} a{n}"},
+                ],
+                idempotency_key=f"key-{n}",
+            )
+        await chat.create_branch_from_turn(2, "alt")
+        chats.append(chat)
+    base = f"{sidecar_on.url}/v1/stores/chat/sessions/{chats[0].session_id}"
+    usage = {"requests": 1, "input_tokens": 3, "output_tokens": 4, "total_tokens": 7}
+    async with http.post(base + "/branches/main/usage", json=usage) as resp:
+        assert resp.status == 200
+    archived = {"items": [{"type": "compaction", "summary": "short"}]}
+    async with http.post(base + "/items:archive?count=2", json=archived) as resp:
+        assert resp.status == 200, await resp.text()
+    before = await raw_contents(sidecar_on)
+    assert subject.encode() in before
+    assert other.encode() in before
+
+    store = SidecarStore("chat", sidecar_on.url)
+    erased = await store.erase({"user_id": subject, "tenant": tenant})
+    assert erased == {"erased_sessions": 2, "erased_items": 2 * 4 + 2 * 2 + 1 - 2 + 2}
+
+    for chat in chats[:2]:
+        assert await chat.get_metadata() is None
+        fresh = AdvancedSidecarSession(chat.session_id, "chat", sidecar_on.url)
+        assert await fresh.get_items() == []
+        assert await fresh.list_branches() == []
+        assert await fresh.get_session_usage() is None
+        await fresh.add_items([{"role": "user", "content": "new"}], idempotency_key="key-1")
+        assert await fresh.get_items() == [{"role": "user", "content": "new"}], "key forgotten"
+        await fresh.create_branch_from_turn(1, "alt")  # the branch id is free again
+        await fresh.clear_session()
+    assert await found(sidecar_on, labels={"user_id": subject}) == []
+    assert await found(sidecar_on, labels={"tenant": tenant}) == [chats[2].session_id]
+    survivor = await chats[2].get_items(branch_id="main")
+    assert survivor[0] == {"role": "user", "content": f"{said} {other} q1"}
+    assert len(survivor) == 4
+    after = await raw_contents(sidecar_on)
+    assert subject.encode() not in after
+    assert other.encode() in after
+    again = await store.erase({"user_id": subject, "tenant": tenant})
+    assert again == {"erased_sessions": 0, "erased_items": 0}
+
+
+async def test_an_erasure_goes_on_where_it_stopped(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession
+) -> None:
+    subject = unique("subject")
+    for n in range(105):  # more than one page of the erasure's batches
+        chat = SidecarSession(f"{subject}-{n}", url=sidecar.url, metadata={"user_id": subject})
+        await chat.add_items([{"role": "user", "content": "x"}])
+    url = f"{sidecar.url}/v1/stores/default/sessions:erase"
+    async with http.post(url, json={"labels": {"user_id": subject}}) as resp:
+        first = await resp.json()
+    assert first["complete"] is True
+    assert first["erased_sessions"] == 105
+    async with http.post(url, json={"labels": {"user_id": subject}}) as resp:
+        assert await resp.json() == {"erased_sessions": 0, "erased_items": 0, "complete": True}
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({}, "invalid_body"),
+        ({"labels": {}}, "invalid_labels"),
+        ({"labels": {"user_id": None}}, "invalid_labels"),
+        ({"labels": {"user_id": ""}}, "invalid_labels"),
+        ({"labels": {"user_id": "x"}, "all": True}, "invalid_body"),
+        ({"labels": "user_id=x"}, "invalid_labels"),
+    ],
+)
+async def test_hostile_erasures_are_refused_and_erase_nothing(
+    sidecar: RunningSidecar, http: aiohttp.ClientSession, body: Any, code: str
+) -> None:
+    chat = SidecarSession(unique(), url=sidecar.url, metadata={"user_id": "x"})
+    await chat.add_items([{"role": "user", "content": "kept"}])
+    async with http.post(f"{sidecar.url}/v1/stores/default/sessions:erase", json=body) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == code
+    assert await chat.get_items() == [{"role": "user", "content": "kept"}]

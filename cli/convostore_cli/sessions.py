@@ -60,6 +60,20 @@ def add_commands(commands: Any) -> None:
         "--remove", action="append", default=[], metavar="NAME", help="remove this label"
     )
     label.set_defaults(run=lambda a: run(_set_labels(a)))
+    erase = actions.add_parser(
+        "erase",
+        help="erase every session with the labels given (a person's, a tenant's)",
+        parents=shared,
+    )
+    erase.add_argument(
+        "--label",
+        action="append",
+        required=True,
+        type=_label,
+        metavar="NAME=VALUE",
+        help="erase the sessions with this label (repeat: with all of them)",
+    )
+    erase.set_defaults(run=lambda a: run(_erase(a)))
     show = actions.add_parser("show", help="print a session's items as JSON", parents=shared)
     show.add_argument("session_id")
     show.add_argument("--limit", type=int)
@@ -104,6 +118,12 @@ async def _set_labels(args: argparse.Namespace) -> int:
         raise ValueError("give labels to set (NAME=VALUE) or to remove (--remove NAME)")
     record = await store(args).session(args.session_id).set_metadata(changes)
     print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+async def _erase(args: argparse.Namespace) -> int:
+    totals = await store(args).erase(dict(args.label))
+    print(json.dumps(totals))
     return 0
 
 

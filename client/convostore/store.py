@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from .session import SidecarSession, store_path
 from .transport import BearerToken, Endpoint, Transport
+
+ERASE_TIMEOUT = 60.0
+"""An erasure call erases for up to 20 s before it answers, asking to be called again."""
 
 
 class SidecarStore:
@@ -81,6 +85,25 @@ class SidecarStore:
             cursor = page["next_cursor"]
             if not cursor:
                 return
+
+    async def erase(self, labels: Mapping[str, str]) -> dict[str, int]:
+        """Erase every session carrying all of `labels` (a person's, a tenant's): every
+        branch, the compaction archive, usage, labels and idempotency records. Safe to
+        run again, and to resume after an interruption; answers the totals erased."""
+        body = json.dumps({"labels": dict(labels)}, ensure_ascii=False).encode("utf-8")
+        totals = {"erased_sessions": 0, "erased_items": 0}
+        while True:
+            answer: dict[str, Any] = await self._transport.call(
+                "POST",
+                store_path(self.store) + "/sessions:erase",
+                body=body,
+                idempotent=True,
+                answer_within=ERASE_TIMEOUT,
+            )
+            for key in totals:
+                totals[key] += answer[key]
+            if answer["complete"]:
+                return totals
 
     async def keyring(self) -> dict[str, Any]:
         """An encrypted store's key ids: `primary`, and every one it holds (`keys`)."""

@@ -491,6 +491,9 @@ class EncryptedDriver:
     async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
         return await cast(Labelled, self.inner).find_sessions(query)
 
+    async def erase(self, session_id: str) -> int:
+        return await cast(Labelled, self.inner).erase(session_id)
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.inner.list_sessions(prefix, after, limit)
 

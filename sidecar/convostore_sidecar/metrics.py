@@ -62,6 +62,12 @@ class Metrics:
             ["store"],
             registry=self.registry,
         )
+        self.sessions_erased = Counter(
+            "convostore_sessions_erased",
+            "Sessions erased whole because they carried the labels an erasure named.",
+            ["store"],
+            registry=self.registry,
+        )
 
     def observe(self, route: str, store: str, method: str, status: int, started: float) -> None:
         """Count one request and its latency; label children are looked up once."""

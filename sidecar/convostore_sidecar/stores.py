@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -51,6 +51,16 @@ if TYPE_CHECKING:
     from .compaction.policy import Request
 
 log = logging.getLogger("convostore.sidecar")
+ERASE_BATCH = 100
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What one erasure call did: sessions and items erased, and whether none is left."""
+
+    sessions: int
+    items: int
+    complete: bool
 
 
 @dataclass
@@ -206,6 +216,21 @@ class Store:
 
     async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
         return await self._labelled.find_sessions(query)
+
+    async def erase(self, labels: Mapping[str, str], budget: float) -> Erasure:
+        """Erase every session that carries all of `labels`, a page at a time, until none
+        is left or `budget` seconds have passed (then the erasure is incomplete and is
+        simply asked for again: it goes on where it stopped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        sessions = items = 0
+        while True:
+            page = await self._labelled.find_sessions(SessionQuery(labels, ERASE_BATCH))
+            for info in page:
+                items += await self._labelled.erase(info.session_id)
+                sessions += 1
+            if not page or loop.time() > deadline:
+                return Erasure(sessions, items, complete=not page)
 
     @property
     def _encrypted(self) -> EncryptedDriver:

@@ -410,6 +410,11 @@ class Labelled(Protocol):
 
     async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]: ...
 
+    async def erase(self, session_id: str) -> int:
+        """Forget the session whole, as if it had never been: its items on every branch
+        and in the compaction archive, usage, labels, reserved branch ids and
+        idempotency records. Returns how many items it held."""
+
 
 @dataclass(frozen=True)
 class Snapshot:

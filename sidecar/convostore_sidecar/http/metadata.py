@@ -1,9 +1,11 @@
-"""Session records: a session's labels and times, and finding sessions by them."""
+"""Session records: a session's labels and times, finding sessions by them, and erasing
+every session of a person or tenant by them."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 from datetime import UTC, datetime
 
@@ -16,9 +18,12 @@ from . import validation
 from .bodies import read_object
 from .errors import ApiError
 from .items import DEFAULT_PAGE, SESSION
-from .state import STORES
+from .state import METRICS, STORES
 
+log = logging.getLogger("convostore.sidecar")
 routes = web.RouteTableDef()
+ERASE_BUDGET = 20.0
+"""Seconds an erasure call erases for before it answers (incomplete, to be asked again)."""
 MAX_LABELS_BODY = 64 << 10
 TIME_BOUNDS = ("created_after", "created_before", "updated_after", "updated_before")
 
@@ -88,6 +93,36 @@ async def find_sessions(request: web.Request) -> web.Response:
         _encode_cursor((page[-1].created_at, page[-1].session_id)) if len(found) > limit else None
     )
     answer = {"sessions": [record(info) for info in page], "next_cursor": next_cursor}
+    return web.json_response(body=dumps(answer))
+
+
+@routes.post("/v1/stores/{store}/sessions:erase")
+async def erase_sessions(request: web.Request) -> web.Response:
+    """`{"labels": {name: value}}`: erase every session carrying all of them. An answer
+    with `"complete": false` ran out of its time: ask again to go on."""
+    store = _store(request)
+    body = await read_object(request, MAX_LABELS_BODY)
+    if set(body) != {"labels"}:
+        raise ApiError(400, "invalid_body", 'the body is {"labels": {name: value}}')
+    changes = store.config.labels.changes(body["labels"])
+    if None in changes.values():
+        raise ApiError(400, "invalid_labels", "an erasure names labels by their values")
+    selector = {name: value for name, value in changes.items() if value is not None}
+    erasure = await store.erase(selector, ERASE_BUDGET)
+    request.app[METRICS].sessions_erased.labels(store.name).inc(erasure.sessions)
+    log.info(
+        "store %s: erased %d session(s), %d item(s), selected by the labels %s%s",
+        store.name,
+        erasure.sessions,
+        erasure.items,
+        ", ".join(sorted(selector)),
+        "" if erasure.complete else " (more to erase: asked to go on)",
+    )
+    answer = {
+        "erased_sessions": erasure.sessions,
+        "erased_items": erasure.items,
+        "complete": erasure.complete,
+    }
     return web.json_response(body=dumps(answer))
 
 

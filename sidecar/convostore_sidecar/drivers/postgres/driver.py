@@ -369,6 +369,26 @@ class PostgresDriver(KeepsStructure):
             lambda conn: labels.find_sessions(conn, self._rows, query)
         )
 
+    async def erase(self, session_id: str) -> int:
+        s, store = self._s, self.store
+
+        async def erase(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                held = await conn.fetchval(
+                    f"SELECT count(*) FROM {s}.items WHERE store = $1 AND session_id = $2",
+                    store,
+                    session_id,
+                )
+                for table in ("sessions", "branches", "idempotency_keys"):
+                    await conn.execute(
+                        f"DELETE FROM {s}.{table} WHERE store = $1 AND session_id = $2",
+                        store,
+                        session_id,
+                    )
+                return int(held)
+
+        return await self._connections.run(erase)
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         rows = await self._connections.run(
             lambda conn: conn.fetch(

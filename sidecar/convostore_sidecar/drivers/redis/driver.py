@@ -71,6 +71,7 @@ from .scripts import (
     COMPACT,
     CREATE_BRANCH,
     DELETE_BRANCH,
+    ERASE,
     LABEL,
     POP,
     READ,
@@ -121,6 +122,7 @@ class RedisDriver(KeepsStructure):
         self._read = self.client.register_script(READ)
         self._index = f"{self.prefix}:sessions"
         self._label = self.client.register_script(LABEL)
+        self._erase = self.client.register_script(ERASE)
         self._listings = Listings(self.client, self.prefix, self._about, self._through_migration)
 
     def _declared(
@@ -563,6 +565,33 @@ class RedisDriver(KeepsStructure):
     async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
         return await self._call(lambda: self._listings.find(query))
 
+    async def erase(self, session_id: str) -> int:
+        async def run() -> int:
+            outcome = await self._session_script(self._erase, session_id, [])
+            await self._through_migration(lambda: self.client.zrem(self._index, session_id))
+            await self._listings.removed(session_id, _pairs(outcome[2]))
+            await self._forget_idempotency(session_id)
+            return int(outcome[1])
+
+        return await self._call(lambda: self._replicated(session_id, run))
+
+    async def _forget_idempotency(self, session_id: str) -> None:
+        """The session's idempotency records, each a key of its own (to expire on its
+        own): found by a scan of the nodes, so an erasure costs a walk of the keyspace."""
+        pattern = _glob_escape(self._base(session_id)) + ":idem:*"
+        if self._cluster is None:
+            found = [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+        else:
+            node = self._cluster.get_node_from_key(self._base(session_id))
+            found = [
+                key
+                async for key in self._cluster.scan_iter(
+                    match=pattern, count=1000, target_nodes=node
+                )
+            ]
+        for key in found:
+            await self._through_migration(functools.partial(self.client.delete, key))
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         low = f"({after}" if after and after >= prefix else f"[{prefix}"
         found: list[str] = []
@@ -643,3 +672,8 @@ class RedisDriver(KeepsStructure):
 
 def _pairs(flat: Sequence[bytes]) -> list[tuple[str, str]]:
     return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a SCAN pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)

@@ -62,6 +62,11 @@ class Listings:
             key = self.of_label(name, value)
             await self._guarded(functools.partial(self.client.zrem, key, session_id))
 
+    async def removed(self, session_id: str, labels: Sequence[tuple[str, str]]) -> None:
+        """After the session was erased: out of every listing."""
+        for key in [self.created, *(self.of_label(n, v) for n, v in labels)]:
+            await self._guarded(functools.partial(self.client.zrem, key, session_id))
+
     async def records(self, session_ids: Sequence[str]) -> list[SessionInfo | None]:
         async with self.client.pipeline(transaction=False) as pipe:
             for session_id in session_ids:

@@ -392,3 +392,27 @@ end
 return {DONE, began, redis.call('HGET', about, 'created'), now, flat, gone}
 """
 )
+
+ERASE = (
+    COMMON
+    + """
+if undeclared() then return {UNDECLARED} end
+local held, labels = 0, {}
+local fields = redis.call('HGETALL', about)
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 2) == 'l:' then
+    labels[#labels + 1] = string.sub(fields[i], 3)
+    labels[#labels + 1] = fields[i + 1]
+  end
+end
+local sfxs = {''}
+for _, b in ipairs(redis.call('HKEYS', base .. ':branches')) do sfxs[#sfxs + 1] = '@' .. b end
+for _, sfx in ipairs(sfxs) do
+  local items, _, _, _, _, archive = keys_of(sfx)
+  held = held + redis.call('LLEN', items) + redis.call('LLEN', archive)
+  redis.call('DEL', keys_of(sfx))
+end
+redis.call('DEL', base .. ':seq', base .. ':ids', base .. ':branches', usage, about)
+return {DONE, held, labels}
+"""
+)

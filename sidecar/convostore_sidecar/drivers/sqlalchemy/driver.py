@@ -493,6 +493,20 @@ class SqlAlchemyDriver(KeepsStructure):
             lambda conn: labels.find_sessions(self.db, conn, query, now)
         )
 
+    async def erase(self, session_id: str) -> int:
+        i, k = self.t.items, self.t.idempotency
+
+        async def erase(conn: AsyncConnection) -> int:
+            await self.db.lock(conn, session_id)
+            held = (
+                await conn.execute(select(func.count()).where(self.db.of(i, session_id)))
+            ).scalar()
+            await self._forget(conn, session_id, expired=True)
+            await conn.execute(delete(k).where(self.db.of(k, session_id)))
+            return int(held or 0)
+
+        return await self._connections.transact(erase)
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         s = self.t.sessions
         query = (

@@ -653,6 +653,21 @@ class SqliteDriver(KeepsStructure):
 
         return await self._reader.run(read)
 
+    async def erase(self, session_id: str) -> int:
+        key = (self.store, session_id)
+
+        def erase(conn: sqlite3.Connection) -> int:
+            (held,) = conn.execute(
+                "SELECT count(*) FROM convostore_items WHERE store = ? AND session_id = ?", key
+            ).fetchone()
+            self._forget(conn, session_id, expired=True)
+            conn.execute(
+                "DELETE FROM convostore_idempotency WHERE store = ? AND session_id = ?", key
+            )
+            return int(held)
+
+        return await self._writer.transact(erase)
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         params = (
             self.store,
