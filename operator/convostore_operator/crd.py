@@ -13,6 +13,7 @@ from typing import Any
 
 from convostore_sidecar.drivers import BACKENDS as DECLARED
 from convostore_sidecar.drivers import Capability
+from convostore_sidecar.labels import NAME as LABEL_NAME
 
 GROUP, VERSION, KIND, PLURAL, SHORT = (
     "convostore.dev",
@@ -300,6 +301,7 @@ CAPABILITY_RULES: dict[Capability, tuple[str, str, str]] = {
         ".encryption.enabled",
     ),
     "compaction": ("!has(self.compaction)", "compact", ".compaction"),
+    "structure": ("!has(self.labels)", "keep labels on sessions", ".labels"),
 }
 
 
@@ -492,6 +494,21 @@ SPEC: dict[str, Any] = {
                     "budget for answers in flight.",
                 ),
                 "maxBranches": _int(1, 100_000, "Branches holding items per session."),
+            },
+        },
+        "labels": {
+            "type": "object",
+            "description": "The labels sessions may carry (user_id, tenant): what they "
+            "are listed and erased by.",
+            "properties": {
+                "allowed": {
+                    "type": "array",
+                    "maxItems": 64,
+                    "x-kubernetes-list-type": "set",
+                    "description": "The label names allowed; without it, any.",
+                    "items": {"type": "string", "pattern": f"^{LABEL_NAME.pattern}$"},
+                },
+                "maxPerSession": _int(1, 64, "Labels one session carries (default 16)."),
             },
         },
         "encryption": {

@@ -82,6 +82,8 @@ def render(
         store["maxItems"] = retention["maxItems"]
     if spec.get("limits"):
         store["limits"] = dict(spec["limits"])
+    if spec.get("labels"):
+        store["labels"] = dict(spec["labels"])
     if spec.get("encryption", {}).get("enabled"):
         encryption: dict[str, Any] = {"keysDir": f"{keys_root}/{name}"}
         if primary_key:

@@ -311,6 +311,21 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "spec.limits.maxBranches",
             "is not of type 'integer'",
         ),
+        (
+            {"backend": "sqlite", "labels": {"allowed": ["user id"]}},
+            "spec.labels.allowed.0",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "labels": {"maxPerSession": 65}},
+            "spec.labels.maxPerSession",
+            "greater than the maximum",
+        ),
+        (
+            {"backend": "dapr", "dapr": {"stateStore": "x"}, "labels": {"maxPerSession": 2}},
+            "spec.labels",
+            "the dapr backend cannot keep labels on sessions",
+        ),
         ({"backend": "dapr"}, "spec.dapr.stateStore", "needs dapr.stateStore"),
         ({"backend": "sqlite", "dapr": {"stateStore": "x"}}, "spec.dapr", "need backend: dapr"),
         (

@@ -272,3 +272,17 @@ def test_connection_budgets_reach_the_sidecar_as_it_reads_them(tmp_path: Path) -
     specs["kv"]["redis"]["idleTimeout"] = "0s"
     with pytest.raises(ConfigError, match=r"idleTimeout.*must be a duration from 0\.1s"):
         parse_config(render("kv", validate(specs["kv"]), {}).config)
+
+
+def test_labels_render_as_the_sidecar_reads_them(tmp_path: Path) -> None:
+    spec = validate(
+        {"backend": "sqlite", "labels": {"allowed": ["user_id", "tenant"], "maxPerSession": 4}}
+    )
+    rendered = render("chat", spec, {}, stores_root=str(tmp_path))
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    for name, data in rendered.secret_data().items():
+        (folder / name).write_bytes(data)
+    labels = load_config(folder / "config.yaml").stores["chat"].labels
+    assert labels.allowed == frozenset({"user_id", "tenant"})
+    assert labels.most == 4
