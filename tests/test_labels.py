@@ -42,8 +42,8 @@ async def raw_contents(sidecar: RunningSidecar) -> bytes:
     row of every table, every key's name and value."""
     from convostore_sidecar.http.state import STORES
 
-    driver = sidecar.app[STORES].get("chat").driver
-    driver = getattr(driver, "inner", driver)
+    served: Any = sidecar.app[STORES].get("chat").driver
+    driver: Any = getattr(served, "inner", served)
     kind = type(driver).__name__
     if kind == "SqliteDriver":
         path = driver._writer._settings.path

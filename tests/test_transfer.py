@@ -1,5 +1,5 @@
-"""Export and import lose nothing: a conversation with tool calls, usage per turn, a branch
-and a compaction goes SQLite → PostgreSQL → Redis → SQLite through `convostore sessions
+"""Export and import lose nothing: a labelled conversation with tool calls, usage per turn,
+a branch and a compaction goes SQLite → PostgreSQL → Redis → SQLite through `convostore sessions
 export` and `import`, and every read the API offers answers the same on each store;
 each store's export is the same file."""
 
@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from agents import Agent, Runner
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.usage import Usage
 from convostore import AdvancedSidecarSession, SidecarSession
+from convostore_cli import transfer
 
 from tests.compaction_support import compaction_config
 from tests.openai_standin import OpenAIStandIn
@@ -41,7 +43,7 @@ async def converse(url: str) -> None:
     a compaction of `main`; and a second session of plain items."""
     model = ScriptedModel([step for turn in range(1, 7) for step in turn_steps(turn)])
     agent = Agent(name="planner", model=model, tools=[lookup_weather])
-    session = AdvancedSidecarSession("trip", url=url)
+    session = AdvancedSidecarSession("trip", url=url, metadata={"user_id": "ada", "tier": "é"})
     questions = ["Oslo in May?", "And Bergen?", "Trains?", "Hotels?"]
     for question in questions:
         await session.store_run_usage(await Runner.run(agent, question, session=session))
@@ -66,6 +68,7 @@ async def every_read(url: str) -> dict[str, Any]:
             listed = sorted(branches, key=lambda b: b["branch_id"])
             reads[f"{session_id} branches"] = [without_time(b) for b in listed]
             reads[f"{session_id} usage"] = await get(http, base + "/usage")
+            reads[f"{session_id} labels"] = (await get(http, base + "/metadata"))["labels"]
             for branch in [b["branch_id"] for b in branches] or ["main"]:
                 where = f"{session_id}@{branch}"
                 one = f"{base}/branches/{branch}"
@@ -135,6 +138,9 @@ async def test_sessions_move_across_backends_with_everything_they_hold(
     kinds = [set(json.loads(line)) - {"session_id", "branch"} for line in exports[0].splitlines()]
     assert {"usage", "turn"} in kinds
     assert {"archive"} in kinds
+    assert {"labels"} in kinds
+    assert said["trip labels"] == {"tier": "é", "user_id": "ada"}
+    assert said["notes labels"] == {}
     assert set() in kinds
 
     again = run_cli("sessions", "--url", sidecars[1].url, "import", str(tmp_path / "from-0.jsonl"))
@@ -200,3 +206,19 @@ async def test_an_export_stops_rather_than_leave_items_out(
     assert exported.returncode == 1
     assert exported.stderr.startswith("convostore: session 'long' (branch 'main') holds more")
     assert "limits.maxReadItems" in exported.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ('{"session_id": "a", "labels": {}}', "'labels' must be a non-empty object"),
+        ('{"session_id": "a", "labels": ["user_id"]}', "'labels' must be a non-empty object"),
+        ('{"session_id": "a", "labels": {"user_id": 42}}', "'labels' must map names to string"),
+        ('{"session_id": "a", "branch": "b", "labels": {"u": "1"}}', "not a record"),
+    ],
+)
+def test_malformed_label_records_stop_an_import_before_it_writes(line: str, why: str) -> None:
+    text = '{"convostore_export": 2}\n{"session_id": "a", "item": {"n": 1}}\n' + line + "\n"
+    with pytest.raises(ValueError, match="line 3: ") as refused:
+        transfer.parse(text)
+    assert why in str(refused.value)

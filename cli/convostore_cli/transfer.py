@@ -10,6 +10,8 @@ per session, its `main` branch and then each other branch, every line naming its
   compacts, the items compaction archived come first (the conversation as it was said);
 - `{"session_id", "turn", "usage"}` is the usage recorded for that user turn, right
   after the turn's last item;
+- `{"session_id", "labels": {...}}`, first of a session's records when it carries
+  labels, sets them;
 - `{"session_id", "archive": {"count", "summary"}}`, after every branch of the session
   (a branch is made from `main`'s first user turn, which a restored compaction would
   have moved to the archive), says a branch was compacted: its first `count` items went
@@ -72,6 +74,9 @@ async def session_records(sidecar: Sidecar, session_id: str, full: bool) -> list
         return [{"session_id": session_id, "item": item} for item in items]
     others = [b["branch_id"] for b in listed["branches"] if b["branch_id"] != MAIN]
     records: list[dict[str, Any]] = []
+    labels = (await sidecar.get(path + "/metadata"))["labels"]
+    if labels:
+        records.append({"session_id": session_id, "labels": labels})
     for branch in [MAIN, *others]:
         records += await branch_records(sidecar, session_id, branch, full)
     return sorted(records, key=lambda record: "archive" in record)  # stable: archives last
@@ -137,7 +142,7 @@ class Record:
     line: int
     session_id: str
     branch: str
-    kind: str  # "item", "branch", "usage" or "archive"
+    kind: str  # "item", "branch", "usage", "archive" or "labels"
     value: Any = None
     turn: int = 0
     count: int = 0
@@ -187,9 +192,17 @@ def record(number: int, raw: dict[str, Any]) -> Record:
         return usage_record(number, session_id, branch, raw)
     if kinds == {"archive"}:
         return archive_record(number, session_id, branch, raw["archive"])
+    if kinds == {"labels"} and "branch" not in raw:
+        labels = raw["labels"]
+        if not isinstance(labels, dict) or not labels:
+            raise refused(number, "'labels' must be a non-empty object of names to values")
+        if not all(isinstance(v, str) for v in labels.values()):
+            raise refused(number, "'labels' must map names to string values")
+        return Record(number, session_id, MAIN, "labels", labels)
     raise refused(
         number,
-        "not a record: expected 'item', 'turn' with 'usage', 'archive', or a branch alone, "
+        "not a record: expected 'item', 'turn' with 'usage', 'archive', 'labels', or a "
+        "branch alone, "
         "beside 'session_id' (as `sessions export` writes them)",
     )
 
@@ -229,15 +242,16 @@ class Tally:
     usage: int = 0
     usage_skipped: int = 0
     archives: int = 0
+    labelled: int = 0
 
     def __str__(self) -> str:
         said = f"imported {self.items} items"
         if self.before:
             said += f"; {self.before} were imported before and left as they were"
-        if self.branches or self.usage or self.archives:
+        if self.branches or self.usage or self.archives or self.labelled:
             said += (
                 f"; {self.branches} branches, {self.usage} usage records, "
-                f"{self.archives} compactions restored"
+                f"{self.archives} compactions restored, {self.labelled} sessions labelled"
             )
         if self.usage_skipped:
             said += (
@@ -295,6 +309,10 @@ class Importer:
             await self.open_branch(entry)
         elif entry.kind == "usage":
             await self.record_usage(entry, key)
+        elif entry.kind == "labels":
+            path = session_path(self.sidecar, entry.session_id) + "/metadata"
+            await self.sidecar.patch(path, json_body({"labels": entry.value}))
+            self.tally.labelled += 1
         else:
             await self.restore_archive(entry)
 

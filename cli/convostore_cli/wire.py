@@ -44,6 +44,10 @@ class Sidecar:
             "POST", path, params=params, body=body, headers=headers, idempotent=key is not None
         )
 
+    async def patch(self, path: str, body: bytes) -> Any:
+        """A change that states its result (as setting labels does): safe to retry."""
+        return await self.transport.call("PATCH", path, body=body, idempotent=True)
+
 
 def json_body(value: dict[str, Any]) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
