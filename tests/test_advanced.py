@@ -15,7 +15,7 @@ from agents import Agent, Runner
 from agents.extensions.memory import AdvancedSQLiteSession
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.usage import Usage
-from convostore import AdvancedSidecarSession
+from convostore import AdvancedSidecarSession, SidecarStore
 from convostore_sidecar.encryption import generate_key
 
 from tests.support import (
@@ -237,4 +237,9 @@ async def test_a_version_1_sqlite_file_gains_structure_and_keeps_its_items(
     await session.create_branch_from_turn(1, "fresh")
     assert [i["content"] for i in await session.get_items()] == ["before", "a"]
     with sqlite3.connect(version_1_file) as conn:
-        assert conn.execute("SELECT version FROM convostore_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM convostore_schema").fetchall() == [(3,)]
+    # sessions made before they had a creation time are taken as made at their last write
+    record = await session.set_metadata({"user_id": "u1"})
+    assert record["created_at"] == "2100-01-01T00:00:00Z"
+    listed = SidecarStore("chat", sidecar.url).find_sessions({"user_id": "u1"})
+    assert [r["session_id"] async for r in listed] == ["old"]

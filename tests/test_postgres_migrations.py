@@ -16,7 +16,7 @@ from urllib.error import HTTPError
 import asyncpg
 import pytest
 import yaml
-from convostore import SidecarSession, StoreUnavailableError
+from convostore import SidecarSession, SidecarStore, StoreUnavailableError
 from convostore_sidecar.drivers.postgres.schema import SCHEMA_VERSION
 
 from tests.support import SidecarProcess
@@ -171,3 +171,38 @@ async def test_a_schema_newer_than_the_sidecar_is_refused_by_both(
     status, body = readiness(proc.url)
     assert status == 503
     assert body["stores"] == {"audit": "unavailable"}
+
+
+async def test_a_version_2_schema_migrates_and_its_sessions_are_found(
+    sidecar_process: Make, tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Version 2 had no creation times and no labels: `migrate` adds them, each session
+    taken as made at its last write, and keeps every item."""
+    schema = "mig_" + uuid.uuid4().hex[:10]
+    config = pg_config(postgres_dsn, schema)
+    path = write_config(tmp_path, config)
+    assert finish(start_migrate(path))[0] == 0
+    proc = sidecar_process(config)
+    proc.start()
+    await SidecarSession("old", "audit", url=proc.url).add_items([{"n": 1}])
+    proc.stop()
+    conn = await asyncpg.connect(postgres_dsn)
+    try:  # back to what version 2 had
+        await conn.execute(
+            f"DROP TABLE {schema}.session_labels; ALTER TABLE {schema}.sessions DROP COLUMN"
+            f" created_at; UPDATE {schema}.sessions SET updated_at = '2030-01-02T03:04:05Z';"
+            f" DELETE FROM {schema}.schema_version; INSERT INTO {schema}.schema_version"
+            " (version) VALUES (2)"
+        )
+    finally:
+        await conn.close()
+    code, out, _ = finish(start_migrate(path))
+    assert code == 0
+    assert f"migrated from version 2 to {SCHEMA_VERSION}" in out
+    proc.start()
+    session = SidecarSession("old", "audit", url=proc.url)
+    assert await session.get_items() == [{"n": 1}]
+    record = await session.set_metadata({"user_id": "u1"})
+    assert record["created_at"] == "2030-01-02T03:04:05Z"
+    listed = SidecarStore("audit", proc.url).find_sessions({"user_id": "u1"})
+    assert [r["session_id"] async for r in listed] == ["old"]
