@@ -137,3 +137,20 @@ def test_the_cost_benchmark_sets_each_backend_beside_the_floor(tmp_path: Path) -
         assert float(extra) == pytest.approx(float(rss) - floor_rss, abs=0.11)
         assert cpu_met == ("yes" if ratio <= 2 else "**no**")
         assert rss_met == ("yes" if float(extra) <= 5 else "**no**")
+
+
+def test_the_listing_benchmark_fills_each_store_and_pages_through_it(tmp_path: Path) -> None:
+    """Small stores, every backend: each listing answered a full page (a user's ten
+    sessions), and each ratio is computed from the two figures beside it."""
+    options = ["--sessions", "3000", "--small", "1000", "--repeat", "2"]
+    rows = table_rows("bench.listing", *options, out=tmp_path / "listing.md")
+    cells = [[cell.strip() for cell in row] for row in rows if len(row) == 6][2:]
+    assert {row[0] for row in cells} == {"sqlite", "postgres", "redis", "mariadb"}
+    assert len(cells) == 16
+    for backend, listing, small, large, times, held in cells:
+        assert float(small) > 0
+        assert float(large) > 0
+        assert float(times.removesuffix("×")) == pytest.approx(
+            float(large) / float(small), abs=0.01
+        )
+        assert int(held) == (10 if listing == "a user's sessions" else 100), (backend, listing)
