@@ -9,7 +9,8 @@ session `i` is made at one-millisecond steps, belongs to user `u<i mod users>` (
 sessions per user) and tenant `t<i mod 10>`. A `convostore sidecar` process serves
 each store; every listing is a real `GET .../sessions:find` over HTTP, timed as the
 median of `--repeat` calls: a user's sessions (ten of them), a tenant's first page
-(100 of a tenth of the store), the store's first page, and a tenant's page after
+(100 of a tenth of the store), a user's within their tenant (found from the user's ten,
+not the tenant's many), the store's first page, and a tenant's page after
 five pages of cursor. The ratio large/small says whether a listing reads an index
 or the store.
 """
@@ -41,6 +42,7 @@ PER_USER = 10
 QUERIES: dict[str, Callable[[int], list[tuple[str, str]]]] = {
     "a user's sessions": lambda n: [("label", f"user_id=u{(n // 2) % max(1, n // PER_USER)}")],
     "a tenant's first page": lambda n: [("label", "tenant=t3")],
+    "a user within a tenant": lambda n: [("label", "tenant=t3"), ("label", "user_id=u3")],
     "the store's first page": lambda n: [],
 }
 DEEP_PAGES = 5

@@ -1,21 +1,26 @@
 """A listing of sessions newest first, by labels and time, as SQL text for the drivers
 that write their own (SQLite, PostgreSQL).
 
-The first label asked for drives the read along the labels index (store, name, value,
-created_at, session_id), in the order the listing wants, so a page reads about a page
-of rows whatever the store holds; each further label is one primary-key probe per row.
+The first label of the query drives the read along the labels index (store, name,
+value, created_at, session_id), in the order the listing wants, so a page reads about a
+page of rows whatever the store holds; each further label is one primary-key probe per
+row. With several labels, the drivers put first the one fewest sessions carry (counted
+along the same index, up to `COUNT_CAP`): a user's sessions within a large tenant are
+found from the user's few, not by probing the tenant's many.
 Without labels the read goes along the sessions' (store, created_at, session_id) index.
 The creation time is copied into each label row for that reason: it never changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from .base import SessionQuery
 
 Bind = Callable[[object], str]
+COUNT_CAP = 10_000
+"""Sessions counted per label, at most, to choose the one that drives a listing."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ def find_sql(
     parameter and answers its placeholder, in the order they appear; `alive` makes the
     condition (on the sessions, `s`) that they have not expired."""
     if query.labels:
-        (first_name, first_value), *others = sorted(query.labels.items())
+        (first_name, first_value), *others = query.labels.items()
         driving = (
             f"FROM {d.labels} AS f JOIN {d.sessions} AS s"
             " ON s.store = f.store AND s.session_id = f.session_id"
@@ -78,3 +83,17 @@ def find_sql(
         + " ".join(where)
         + f" ORDER BY {created} DESC, {order}.session_id DESC LIMIT {bind(query.limit)}"
     )
+
+
+def count_sql(d: Dialect, bind: Bind, store: str, name: str, value: str) -> str:
+    """How many sessions carry the label, up to `COUNT_CAP`."""
+    return (
+        f"SELECT count(*) FROM (SELECT 1 FROM {d.labels} WHERE store = {bind(store)}"
+        f" AND name = {bind(name)} AND value = {bind(value)} LIMIT {COUNT_CAP}) AS c"
+    )
+
+
+def fewest_first(query: SessionQuery, counts: Sequence[int]) -> SessionQuery:
+    """The query with its labels in the order of `counts` (one per label, as given)."""
+    ordered = sorted(zip(counts, query.labels.items(), strict=True), key=lambda pair: pair[0])
+    return replace(query, labels=dict(label for _, label in ordered))

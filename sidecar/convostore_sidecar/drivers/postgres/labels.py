@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from ..base import LabelChanges, SessionInfo, SessionQuery, TooManyLabels
-from ..finding import Bind, Dialect, find_sql
+from ..finding import Bind, Dialect, count_sql, fewest_first, find_sql
 from .rows import SessionRows
 
 EPOCH = "extract(epoch from {})::float8"
@@ -115,8 +115,21 @@ async def find_sessions(
         return f"s.updated_at > now() - make_interval(secs => {ttl}::float8)"
 
     dialect = Dialect(f"{rows.s}.sessions", f"{rows.s}.session_labels", EPOCH, _instant)
+    if len(query.labels) > 1:
+        counts = [await _count(conn, dialect, rows.store, *label) for label in query.labels.items()]
+        query = fewest_first(query, counts)
     sql = find_sql(query, dialect, bind, rows.store, None if rows.ttl is None else alive)
     async with conn.transaction():
         found = await conn.fetch(sql, *params)
         labels = await labels_of(conn, rows, [row[0] for row in found])
     return [SessionInfo(sid, created, updated, labels[sid]) for sid, created, updated in found]
+
+
+async def _count(conn: asyncpg.Connection, d: Dialect, store: str, name: str, value: str) -> int:
+    params: list[object] = []
+
+    def bind(param: object) -> str:
+        params.append(param)
+        return f"${len(params)}"
+
+    return int(await conn.fetchval(count_sql(d, bind, store, name, value), *params))

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 from ..base import SessionInfo, SessionQuery
+from ..finding import fewest_first
 
 PAGE = 200
 
@@ -78,7 +79,12 @@ class Listings:
         ]
 
     async def find(self, query: SessionQuery) -> list[SessionInfo]:
-        label = min(query.labels.items()) if query.labels else None
+        if len(query.labels) > 1:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name, value in query.labels.items():
+                    pipe.zcard(self.of_label(name, value))
+                query = fewest_first(query, await pipe.execute())
+        label = next(iter(query.labels.items()), None)
         key = self.created if label is None else self.of_label(*label)
         high = "+inf"
         if query.created_before is not None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..base import LabelChanges, SessionInfo, SessionQuery, TooManyLabels
+from ..finding import COUNT_CAP, fewest_first
 from .rows import SessionRows, upsert
 
 Forget = Callable[[AsyncConnection, str], Awaitable[None]]
@@ -90,8 +91,11 @@ async def find_sessions(
 ) -> list[SessionInfo]:
     s, labels = db.t.sessions, db.t.labels
     joined: Any
+    if len(query.labels) > 1:
+        counts = [await _count(db, conn, *label) for label in query.labels.items()]
+        query = fewest_first(query, counts)
     if query.labels:
-        (name, value), *others = sorted(query.labels.items())
+        (name, value), *others = query.labels.items()
         f = labels.alias("f")
         created, session = f.c.created_at, f.c.session_id
         joined = f.join(s, and_(s.c.store == f.c.store, s.c.session_id == f.c.session_id))
@@ -136,3 +140,14 @@ async def find_sessions(
     rows = (await conn.execute(statement)).all()
     found = await labels_of(db, conn, [row[0] for row in rows]) if rows else {}
     return [SessionInfo(sid, at, updated, found[sid]) for sid, at, updated in rows]
+
+
+async def _count(db: SessionRows, conn: AsyncConnection, name: str, value: str) -> int:
+    labels = db.t.labels
+    carrying = (
+        select(labels.c.session_id)
+        .where(labels.c.store == db.store, labels.c.name == name, labels.c.value == value)
+        .limit(COUNT_CAP)
+        .subquery()
+    )
+    return int((await conn.execute(select(func.count()).select_from(carrying))).scalar() or 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import astuple
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +40,7 @@ from ..base import (
     stored_at,
     wall_clock,
 )
-from ..finding import Dialect, find_sql
+from ..finding import Bind, Dialect, count_sql, fewest_first, find_sql
 from .schema import (
     INDEXES,
     LATEST_SQL,
@@ -632,19 +632,32 @@ class SqliteDriver(KeepsStructure):
 
         return await self._reader.run(read)
 
-    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
+    def _sql(self, build: Callable[[Bind], str]) -> tuple[str, list[object]]:
+        """A statement that `build` writes with `?` placeholders, and its parameters."""
         params: list[object] = []
 
         def bind(value: object) -> str:
             params.append(value)
             return "?"
 
+        return build(bind), params
+
+    async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
         live_after = self._live_after(wall_clock())
-        sql = find_sql(
-            query, DIALECT, bind, self.store, lambda bind: f"s.updated_at > {bind(live_after)}"
-        )
+
+        def alive(bind: Bind) -> str:
+            return f"s.updated_at > {bind(live_after)}"
+
+        def count(conn: sqlite3.Connection, name: str, value: str) -> int:
+            sql, params = self._sql(lambda bind: count_sql(DIALECT, bind, self.store, name, value))
+            return int(conn.execute(sql, params).fetchone()[0])
 
         def read(conn: sqlite3.Connection) -> list[SessionInfo]:
+            asked = query
+            if len(query.labels) > 1:
+                counts = [count(conn, *label) for label in query.labels.items()]
+                asked = fewest_first(query, counts)
+            sql, params = self._sql(lambda bind: find_sql(asked, DIALECT, bind, self.store, alive))
             rows = conn.execute(sql, params).fetchall()
             labels = self._labels_of(conn, [row[0] for row in rows]) if rows else {}
             return [
