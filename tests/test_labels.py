@@ -10,6 +10,7 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -440,3 +441,34 @@ async def test_hostile_erasures_are_refused_and_erase_nothing(
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == code
     assert await chat.get_items() == [{"role": "user", "content": "kept"}]
+
+
+async def test_an_erased_persons_words_leave_the_sqlite_file_itself(
+    start_sidecar: StartSidecar, store_config: StoreConfig, tmp_path: Path
+) -> None:
+    """Not only the rows: the file's pages and its write-ahead log no longer hold a byte
+    of what was erased (a copy of the file taken before still does)."""
+    config = store_config("sqlite")
+    sidecar = await start_sidecar({"stores": {"chat": config}})
+    subject, other = unique("subject"), unique("other")
+    for person in (subject, other):
+        for n in range(3):
+            chat = session(sidecar, f"{person}-{n}", user_id=person)
+            long_words = [{"role": "user", "content": f"{person} says {n} " * 200}]
+            await chat.add_items(long_words * 5)
+    database = Path(config["sqlite"]["path"])
+
+    def file_bytes() -> bytes:
+        wal = database.with_name(database.name + "-wal")
+        return database.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+    backup = tmp_path / "before-erasure.db"
+    backup.write_bytes(file_bytes())
+    assert subject.encode() in file_bytes()
+    erased = await SidecarStore("chat", sidecar.url).erase({"user_id": subject})
+    assert erased == {"erased_sessions": 3, "erased_items": 15}
+    after = file_bytes()
+    assert subject.encode() not in after
+    assert other.encode() in after
+    assert subject.encode() in backup.read_bytes(), "what the README says remains"
+    assert len(await SidecarSession(f"{other}-0", "chat", sidecar.url).get_items()) == 5

@@ -494,6 +494,9 @@ class EncryptedDriver:
     async def erase(self, session_id: str) -> int:
         return await cast(Labelled, self.inner).erase(session_id)
 
+    async def settle_erasures(self) -> None:
+        await cast(Labelled, self.inner).settle_erasures()
+
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.inner.list_sessions(prefix, after, limit)
 

@@ -230,6 +230,7 @@ class Store:
                 items += await self._labelled.erase(info.session_id)
                 sessions += 1
             if not page or loop.time() > deadline:
+                await self._labelled.settle_erasures()
                 return Erasure(sessions, items, complete=not page)
 
     @property

@@ -415,6 +415,10 @@ class Labelled(Protocol):
         and in the compaction archive, usage, labels, reserved branch ids and
         idempotency records. Returns how many items it held."""
 
+    async def settle_erasures(self) -> None:
+        """After erasures: clear what the backend keeps of erased data beside its tables
+        (SQLite's write-ahead log); called by every erasure call, so a retry settles."""
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -470,6 +474,9 @@ class KeepsStructure:
     ) -> Snapshot:
         items = await self.latest_in(session_id, branch, limit, max_bytes)
         return Snapshot(items, items)
+
+    async def settle_erasures(self) -> None:
+        """Nothing but the deletes themselves, unless the driver says otherwise."""
 
 
 def wall_clock() -> float:

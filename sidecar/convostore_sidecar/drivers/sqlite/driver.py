@@ -3,6 +3,7 @@ writer's thread."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -58,6 +59,7 @@ from .threads import Connection, Writer
 if TYPE_CHECKING:
     from ...config import StoreConfig
 
+TRUNCATE_ATTEMPTS = 50
 DIALECT = Dialect("convostore_sessions", "convostore_labels", "{}", float)
 
 
@@ -83,6 +85,7 @@ class SqliteDriver(KeepsStructure):
         settings: Settings = store.settings
         self.store = store.identity
         self.retention = store.retention
+        self._path = settings.path
         self._unusable = functools.partial(unusable_path, store.name, settings.path)
         directory = Path(settings.path).parent
         if not directory.is_dir():
@@ -667,19 +670,42 @@ class SqliteDriver(KeepsStructure):
         return await self._reader.run(read)
 
     async def erase(self, session_id: str) -> int:
+        """With SQLite's `secure_delete` on for the erasure, so the pages it frees are
+        zeroed (`settle_erasures` then clears the write-ahead log)."""
         key = (self.store, session_id)
 
         def erase(conn: sqlite3.Connection) -> int:
-            (held,) = conn.execute(
-                "SELECT count(*) FROM convostore_items WHERE store = ? AND session_id = ?", key
-            ).fetchone()
-            self._forget(conn, session_id, expired=True)
-            conn.execute(
-                "DELETE FROM convostore_idempotency WHERE store = ? AND session_id = ?", key
-            )
+            conn.execute("PRAGMA secure_delete = ON")
+            try:
+                (held,) = conn.execute(
+                    "SELECT count(*) FROM convostore_items WHERE store = ? AND session_id = ?",
+                    key,
+                ).fetchone()
+                self._forget(conn, session_id, expired=True)
+                conn.execute(
+                    "DELETE FROM convostore_idempotency WHERE store = ? AND session_id = ?", key
+                )
+            finally:
+                conn.execute("PRAGMA secure_delete = OFF")
             return int(held)
 
         return await self._writer.transact(erase)
+
+    async def settle_erasures(self) -> None:
+        """The write-ahead log checkpointed and truncated: it held the erased pages as they
+        were before. Readers in the way make it wait, then answer unavailable (the erasure
+        is asked again, and settles then)."""
+        for attempt in range(TRUNCATE_ATTEMPTS):
+            busy = await self._writer.run(
+                lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            )
+            if not busy:
+                return
+            await asyncio.sleep(0.01 * (attempt + 1))
+        raise BackendUnavailable(
+            f"sqlite {self._path}: readers kept the write-ahead log, which still holds erased "
+            "pages, from being truncated"
+        )
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         params = (
