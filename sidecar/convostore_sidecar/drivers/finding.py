@@ -4,7 +4,8 @@ that write their own (SQLite, PostgreSQL).
 The first label of the query drives the read along the labels index (store, name,
 value, created_at, session_id), in the order the listing wants, so a page reads about a
 page of rows whatever the store holds; each further label is one primary-key probe per
-row. With several labels, the drivers put first the one fewest sessions carry (counted
+row (a subquery the planner cannot turn into a join that reads the other label's every
+row). With several labels, the drivers put first the one fewest sessions carry (counted
 along the same index, up to `COUNT_CAP`): a user's sessions within a large tenant are
 found from the user's few, not by probing the tenant's many.
 Without labels the read goes along the sessions' (store, created_at, session_id) index.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 from .base import SessionQuery
 
 Bind = Callable[[object], str]
-COUNT_CAP = 10_000
+COUNT_CAP = 1_000
 """Sessions counted per label, at most, to choose the one that drives a listing."""
 
 
@@ -72,11 +73,10 @@ def find_sql(
     ):
         if bound is not None:
             where.append(f"AND {column} {op} {bind(d.instant(bound))}")
-    for name, value in others:
+    for name, value in others:  # a scalar subquery: a probe per row, never a join
         where.append(
-            f"AND EXISTS (SELECT 1 FROM {d.labels} AS o WHERE o.store = s.store"
-            f" AND o.session_id = s.session_id AND o.name = {bind(name)}"
-            f" AND o.value = {bind(value)})"
+            f"AND (SELECT o.value FROM {d.labels} AS o WHERE o.store = s.store"
+            f" AND o.session_id = s.session_id AND o.name = {bind(name)}) = {bind(value)}"
         )
     return (
         f"SELECT s.session_id, {d.epoch.format(created)}, {d.epoch.format('s.updated_at')} "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..base import LabelChanges, SessionInfo, SessionQuery, TooManyLabels
@@ -120,16 +120,12 @@ async def find_sessions(
     ):
         if bound is not None:
             where.append(column > bound if after else column < bound)
-    for name, value in others:
+    for name, value in others:  # a scalar subquery: a probe per row, never a join
         o = labels.alias()
-        where.append(
-            exists().where(
-                o.c.store == s.c.store,
-                o.c.session_id == s.c.session_id,
-                o.c.name == name,
-                o.c.value == value,
-            )
+        carried = select(o.c.value).where(
+            o.c.store == s.c.store, o.c.session_id == s.c.session_id, o.c.name == name
         )
+        where.append(carried.scalar_subquery() == value)
     statement = (
         select(s.c.session_id, created, s.c.updated_at)
         .select_from(joined)
