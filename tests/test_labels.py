@@ -7,6 +7,7 @@ clear code and changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -403,6 +404,11 @@ async def test_erasing_a_subject_leaves_nothing_of_theirs(
     assert other.encode() in after
     again = await store.erase({"user_id": subject, "tenant": tenant})
     assert again == {"erased_sessions": 0, "erased_items": 0}
+    records = await store.erasures()
+    assert [r["erased_sessions"] for r in records] == [0, 2]
+    assert records[1]["label_names"] == ["tenant", "user_id"]
+    assert subject not in json.dumps(records)
+    assert subject.encode() not in await raw_contents(sidecar_on), "the records name no one"
 
 
 async def test_an_erasure_goes_on_where_it_stopped(
@@ -418,7 +424,12 @@ async def test_an_erasure_goes_on_where_it_stopped(
     assert first["complete"] is True
     assert first["erased_sessions"] == 105
     async with http.post(url, json={"labels": {"user_id": subject}}) as resp:
-        assert await resp.json() == {"erased_sessions": 0, "erased_items": 0, "complete": True}
+        again = await resp.json()
+    assert (again["erased_sessions"], again["erased_items"], again["complete"]) == (0, 0, True)
+    records = await SidecarStore("default", sidecar.url).erasures()
+    assert [r["erased_sessions"] for r in records] == [0, 105]
+    assert [r["erasure_id"] for r in records] == [again["erasure_id"], first["erasure_id"]]
+    assert records[1]["label_names"] == ["user_id"]
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,18 @@ class SidecarStore:
             if answer["complete"]:
                 return totals
 
+    async def erasures(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The store's latest erasure records, newest first: `erasure_id`, `at`,
+        `label_names`, `erased_sessions`, `erased_items`, `complete` (no label values)."""
+        answer: dict[str, Any] = await self._transport.call(
+            "GET",
+            store_path(self.store) + "/erasures",
+            params={"limit": str(limit)},
+            idempotent=True,
+        )
+        records: list[dict[str, Any]] = answer["erasures"]
+        return records
+
     async def keyring(self) -> dict[str, Any]:
         """An encrypted store's key ids: `primary`, and every one it holds (`keys`)."""
         ring: dict[str, Any] = await self._transport.call(

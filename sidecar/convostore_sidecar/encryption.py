@@ -45,6 +45,7 @@ from .drivers.base import (
     Check,
     Compacting,
     Driver,
+    ErasureRecord,
     Idempotency,
     Items,
     ItemShape,
@@ -496,6 +497,12 @@ class EncryptedDriver:
 
     async def settle_erasures(self) -> None:
         await cast(Labelled, self.inner).settle_erasures()
+
+    async def record_erasure(self, record: ErasureRecord) -> None:
+        await cast(Labelled, self.inner).record_erasure(record)
+
+    async def erasures(self, limit: int) -> list[ErasureRecord]:
+        return await cast(Labelled, self.inner).erasures(limit)
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         return await self.inner.list_sessions(prefix, after, limit)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -31,6 +32,7 @@ from .drivers.base import (
     Check,
     Compacting,
     Driver,
+    ErasureRecord,
     Idempotency,
     ItemShape,
     LabelChanges,
@@ -41,6 +43,7 @@ from .drivers.base import (
     TurnUsage,
     Usage,
     UserTurn,
+    wall_clock,
 )
 from .encryption import EncryptedDriver
 from .metrics import Metrics
@@ -52,15 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("convostore.sidecar")
 ERASE_BATCH = 100
-
-
-@dataclass(frozen=True)
-class Erasure:
-    """What one erasure call did: sessions and items erased, and whether none is left."""
-
-    sessions: int
-    items: int
-    complete: bool
 
 
 @dataclass
@@ -217,10 +211,11 @@ class Store:
     async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
         return await self._labelled.find_sessions(query)
 
-    async def erase(self, labels: Mapping[str, str], budget: float) -> Erasure:
+    async def erase(self, labels: Mapping[str, str], budget: float) -> ErasureRecord:
         """Erase every session that carries all of `labels`, a page at a time, until none
         is left or `budget` seconds have passed (then the erasure is incomplete and is
-        simply asked for again: it goes on where it stopped)."""
+        simply asked for again: it goes on where it stopped). Each call leaves a record
+        of what it erased, which names no one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         sessions = items = 0
@@ -230,8 +225,16 @@ class Store:
                 items += await self._labelled.erase(info.session_id)
                 sessions += 1
             if not page or loop.time() > deadline:
-                await self._labelled.settle_erasures()
-                return Erasure(sessions, items, complete=not page)
+                break
+        await self._labelled.settle_erasures()
+        record = ErasureRecord(
+            uuid.uuid4().hex, wall_clock(), tuple(sorted(labels)), sessions, items, not page
+        )
+        await self._labelled.record_erasure(record)
+        return record
+
+    async def erasures(self, limit: int) -> list[ErasureRecord]:
+        return await self._labelled.erasures(limit)
 
     @property
     def _encrypted(self) -> EncryptedDriver:

@@ -170,6 +170,10 @@ class Idempotency:
     ttl_seconds: float
 
 
+ERASURES_KEPT = 10_000
+"""Erasure records a store keeps; older ones go as new ones come."""
+
+
 class TooManyLabels(Exception):
     """A label change would leave the session more labels than the store allows."""
 
@@ -391,6 +395,27 @@ def _within(value: float, after: float | None, before: float | None) -> bool:
     return (after is None or value > after) and (before is None or value < before)
 
 
+@dataclass(frozen=True)
+class ErasureRecord:
+    """That an erasure happened, and nothing of whom: when, the label names it selected
+    by (never their values), what it erased, and whether it was complete."""
+
+    erasure_id: str
+    at: float
+    label_names: tuple[str, ...]
+    sessions: int
+    items: int
+    complete: bool
+
+
+def erasure_of(
+    erasure_id: str, at: float, names: str, sessions: int, items: int, complete: object
+) -> ErasureRecord:
+    """A record as a table row holds it (label names joined by commas)."""
+    split = tuple(names.split(",")) if names else ()
+    return ErasureRecord(erasure_id, float(at), split, int(sessions), int(items), bool(complete))
+
+
 LabelChanges = Mapping[str, str | None]
 """Labels to set, and (as None) to remove."""
 
@@ -418,6 +443,12 @@ class Labelled(Protocol):
     async def settle_erasures(self) -> None:
         """After erasures: clear what the backend keeps of erased data beside its tables
         (SQLite's write-ahead log); called by every erasure call, so a retry settles."""
+
+    async def record_erasure(self, record: ErasureRecord) -> None:
+        """Keep the record, newest first among the store's last `ERASURES_KEPT`."""
+
+    async def erasures(self, limit: int) -> list[ErasureRecord]:
+        """The store's latest erasure records, newest first."""
 
 
 @dataclass(frozen=True)

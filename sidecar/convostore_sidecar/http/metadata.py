@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from ..drivers.base import Cursor, SessionInfo, SessionQuery
+from ..drivers.base import Cursor, ErasureRecord, SessionInfo, SessionQuery
 from ..jsonbody import dumps, loads
 from ..stores import Store
 from . import validation
@@ -118,12 +118,34 @@ async def erase_sessions(request: web.Request) -> web.Response:
         ", ".join(sorted(selector)),
         "" if erasure.complete else " (more to erase: asked to go on)",
     )
-    answer = {
-        "erased_sessions": erasure.sessions,
-        "erased_items": erasure.items,
-        "complete": erasure.complete,
+    return web.json_response(body=dumps(erasure_answer(erasure)))
+
+
+@routes.get("/v1/stores/{store}/erasures")
+async def list_erasures(request: web.Request) -> web.Response:
+    """The store's latest erasure records, newest first: when, by which label names, what
+    was erased; never whose."""
+    store = _store(request)
+    limit = validation.limit_param(
+        request.query.get("limit"),
+        default=DEFAULT_PAGE,
+        maximum=validation.MAX_LIST_LIMIT,
+        minimum=1,
+    )
+    assert limit is not None
+    records = [erasure_answer(r) for r in await store.erasures(limit)]
+    return web.json_response(body=dumps({"erasures": records}))
+
+
+def erasure_answer(record: ErasureRecord) -> dict[str, object]:
+    return {
+        "erasure_id": record.erasure_id,
+        "at": timestamp(record.at),
+        "label_names": list(record.label_names),
+        "erased_sessions": record.sessions,
+        "erased_items": record.items,
+        "complete": record.complete,
     }
-    return web.json_response(body=dumps(answer))
 
 
 def _instant(name: str, raw: str | None) -> float | None:

@@ -15,6 +15,7 @@ from ..base import (
     BranchInfo,
     BranchNotFound,
     Check,
+    ErasureRecord,
     Idempotency,
     Items,
     ItemShape,
@@ -388,6 +389,12 @@ class PostgresDriver(KeepsStructure):
                 return int(held)
 
         return await self._connections.run(erase)
+
+    async def record_erasure(self, record: ErasureRecord) -> None:
+        await self._connections.run(lambda conn: labels.record_erasure(conn, self._rows, record))
+
+    async def erasures(self, limit: int) -> list[ErasureRecord]:
+        return await self._connections.run(lambda conn: labels.erasures(conn, self._rows, limit))
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         rows = await self._connections.run(

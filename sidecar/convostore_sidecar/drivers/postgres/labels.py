@@ -8,7 +8,15 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from ..base import LabelChanges, SessionInfo, SessionQuery, TooManyLabels
+from ..base import (
+    ERASURES_KEPT,
+    ErasureRecord,
+    LabelChanges,
+    SessionInfo,
+    SessionQuery,
+    TooManyLabels,
+    erasure_of,
+)
 from ..finding import Bind, Dialect, count_sql, fewest_first, find_sql
 from .rows import SessionRows
 
@@ -133,3 +141,36 @@ async def _count(conn: asyncpg.Connection, d: Dialect, store: str, name: str, va
         return f"${len(params)}"
 
     return int(await conn.fetchval(count_sql(d, bind, store, name, value), *params))
+
+
+async def record_erasure(
+    conn: asyncpg.Connection, rows: SessionRows, record: ErasureRecord
+) -> None:
+    s = rows.s
+    async with conn.transaction():
+        await conn.execute(
+            f"INSERT INTO {s}.erasures VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            rows.store,
+            record.erasure_id,
+            _instant(record.at),
+            ",".join(record.label_names),
+            record.sessions,
+            record.items,
+            record.complete,
+        )
+        await conn.execute(
+            f"DELETE FROM {s}.erasures WHERE store = $1 AND at < (SELECT at FROM {s}.erasures"
+            " WHERE store = $1 ORDER BY at DESC LIMIT 1 OFFSET $2)",
+            rows.store,
+            ERASURES_KEPT - 1,
+        )
+
+
+async def erasures(conn: asyncpg.Connection, rows: SessionRows, limit: int) -> list[ErasureRecord]:
+    found = await conn.fetch(
+        f"SELECT erasure_id, {EPOCH.format('at')}, label_names, sessions, items, complete"
+        f" FROM {rows.s}.erasures WHERE store = $1 ORDER BY at DESC LIMIT $2",
+        rows.store,
+        limit,
+    )
+    return [erasure_of(*row) for row in found]

@@ -34,6 +34,12 @@ ALTER TABLE {s}.sessions ALTER COLUMN created_at SET DEFAULT now(),
     ALTER COLUMN created_at SET NOT NULL;
 CREATE INDEX IF NOT EXISTS sessions_created
     ON {s}.sessions (store, created_at, session_id);
+CREATE TABLE IF NOT EXISTS {s}.erasures (
+    store text NOT NULL, erasure_id text NOT NULL, at timestamptz NOT NULL,
+    label_names text NOT NULL, sessions bigint NOT NULL, items bigint NOT NULL,
+    complete boolean NOT NULL,
+    PRIMARY KEY (store, erasure_id));
+CREATE INDEX IF NOT EXISTS erasures_at ON {s}.erasures (store, at);
 CREATE TABLE IF NOT EXISTS {s}.session_labels (
     store text NOT NULL, session_id text NOT NULL, name text NOT NULL, value text NOT NULL,
     created_at timestamptz NOT NULL,

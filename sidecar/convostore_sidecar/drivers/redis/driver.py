@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +30,7 @@ from redis.exceptions import (
 )
 
 from ..base import (
+    ERASURES_KEPT,
     MAIN,
     AppendResult,
     BackendUnavailable,
@@ -36,6 +39,7 @@ from ..base import (
     BranchNotFound,
     Cause,
     Check,
+    ErasureRecord,
     Idempotency,
     Items,
     ItemShape,
@@ -591,6 +595,26 @@ class RedisDriver(KeepsStructure):
             ]
         for key in found:
             await self._through_migration(functools.partial(self.client.delete, key))
+
+    async def record_erasure(self, record: ErasureRecord) -> None:
+        """In a list, newest first, each record as JSON."""
+        entry = json.dumps(dataclasses.asdict(record))
+        key = f"{self.prefix}:erasures"
+
+        async def keep() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, entry)
+                pipe.ltrim(key, 0, ERASURES_KEPT - 1)
+                await pipe.execute()
+
+        await self._call(keep)
+
+    async def erasures(self, limit: int) -> list[ErasureRecord]:
+        entries = await self._call(
+            lambda: self.client.lrange(f"{self.prefix}:erasures", 0, limit - 1)
+        )
+        found = [json.loads(entry) for entry in cast(list[bytes], entries)]
+        return [ErasureRecord(**{**e, "label_names": tuple(e["label_names"])}) for e in found]
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         low = f"({after}" if after and after >= prefix else f"[{prefix}"

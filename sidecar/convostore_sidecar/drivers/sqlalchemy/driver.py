@@ -35,6 +35,7 @@ from ..base import (
     BranchInfo,
     BranchNotFound,
     Check,
+    ErasureRecord,
     Gathered,
     Idempotency,
     Items,
@@ -506,6 +507,12 @@ class SqlAlchemyDriver(KeepsStructure):
             return int(held or 0)
 
         return await self._connections.transact(erase)
+
+    async def record_erasure(self, record: ErasureRecord) -> None:
+        await self._connections.transact(lambda conn: labels.record_erasure(self.db, conn, record))
+
+    async def erasures(self, limit: int) -> list[ErasureRecord]:
+        return await self._connections.transact(lambda conn: labels.erasures(self.db, conn, limit))
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         s = self.t.sessions

@@ -9,7 +9,15 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..base import LabelChanges, SessionInfo, SessionQuery, TooManyLabels
+from ..base import (
+    ERASURES_KEPT,
+    ErasureRecord,
+    LabelChanges,
+    SessionInfo,
+    SessionQuery,
+    TooManyLabels,
+    erasure_of,
+)
 from ..finding import COUNT_CAP, fewest_first
 from .rows import SessionRows, upsert
 
@@ -147,3 +155,39 @@ async def _count(db: SessionRows, conn: AsyncConnection, name: str, value: str) 
         .subquery()
     )
     return int((await conn.execute(select(func.count()).select_from(carrying))).scalar() or 0)
+
+
+async def record_erasure(db: SessionRows, conn: AsyncConnection, record: ErasureRecord) -> None:
+    e = db.t.erasures
+    values = {
+        "store": db.store,
+        "erasure_id": record.erasure_id,
+        "at": record.at,
+        "label_names": ",".join(record.label_names),
+        "sessions": record.sessions,
+        "items": record.items,
+        "complete": record.complete,
+    }
+    await conn.execute(insert(e).values(values))
+    oldest_kept = (
+        await conn.execute(
+            select(e.c.at)
+            .where(e.c.store == db.store)
+            .order_by(e.c.at.desc())
+            .limit(1)
+            .offset(ERASURES_KEPT - 1)
+        )
+    ).scalar()
+    if oldest_kept is not None:
+        await conn.execute(delete(e).where(e.c.store == db.store, e.c.at < oldest_kept))
+
+
+async def erasures(db: SessionRows, conn: AsyncConnection, limit: int) -> list[ErasureRecord]:
+    e = db.t.erasures
+    rows = await conn.execute(
+        select(e.c.erasure_id, e.c.at, e.c.label_names, e.c.sessions, e.c["items"], e.c.complete)
+        .where(e.c.store == db.store)
+        .order_by(e.c.at.desc())
+        .limit(limit)
+    )
+    return [erasure_of(*row) for row in rows]

@@ -80,6 +80,7 @@ class Tables:
     usage: Table
     idempotency: Table
     labels: Table
+    erasures: Table
 
 
 def _table(name: str, metadata: MetaData, *parts: Column[Any] | Index) -> Table:
@@ -174,7 +175,19 @@ def tables(prefix: str) -> Tables:
         m,
         Column("version", Integer, primary_key=True, autoincrement=False),
     )
-    return Tables(m, version, sessions, items, branches, usage, idempotency, labels)
+    erasures = _table(
+        f"{prefix}erasures",
+        m,
+        Column("store", STORE, primary_key=True),
+        Column("erasure_id", _id(64), primary_key=True),
+        Column("at", Float(53), nullable=False),
+        Column("label_names", TEXT, nullable=False),
+        Column("sessions", BigInteger, nullable=False),
+        Column("items", BigInteger, nullable=False),
+        Column("complete", Boolean, nullable=False),
+        Index(f"{prefix}erasures_at", "store", "at"),
+    )
+    return Tables(m, version, sessions, items, branches, usage, idempotency, labels, erasures)
 
 
 def on_branch(items: Table, store: Id, session_id: Id, branch: Id) -> list[ColumnElement[bool]]:

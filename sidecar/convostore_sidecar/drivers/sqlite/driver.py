@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..base import (
     COMPACTED,
+    ERASURES_KEPT,
     MAIN,
     AppendResult,
     BackendUnavailable,
@@ -20,6 +21,7 @@ from ..base import (
     BranchInfo,
     BranchNotFound,
     Check,
+    ErasureRecord,
     Gathered,
     Idempotency,
     Items,
@@ -36,6 +38,7 @@ from ..base import (
     Usage,
     UserTurn,
     archive_of,
+    erasure_of,
     replay_of,
     stored,
     stored_at,
@@ -706,6 +709,31 @@ class SqliteDriver(KeepsStructure):
             f"sqlite {self._path}: readers kept the write-ahead log, which still holds erased "
             "pages, from being truncated"
         )
+
+    async def record_erasure(self, record: ErasureRecord) -> None:
+        row = (self.store, record.erasure_id, record.at, ",".join(record.label_names))
+        counts = (record.sessions, record.items, int(record.complete))
+
+        def keep(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO convostore_erasures VALUES (?,?,?,?,?,?,?)", row + counts)
+            conn.execute(
+                "DELETE FROM convostore_erasures WHERE store = ? AND at < (SELECT at FROM"
+                " convostore_erasures WHERE store = ? ORDER BY at DESC LIMIT 1 OFFSET ?)",
+                (self.store, self.store, ERASURES_KEPT - 1),
+            )
+
+        await self._writer.transact(keep)
+
+    async def erasures(self, limit: int) -> list[ErasureRecord]:
+        def read(conn: sqlite3.Connection) -> list[ErasureRecord]:
+            rows = conn.execute(
+                "SELECT erasure_id, at, label_names, sessions, items, complete"
+                " FROM convostore_erasures WHERE store = ? ORDER BY at DESC LIMIT ?",
+                (self.store, limit),
+            ).fetchall()
+            return [erasure_of(*row) for row in rows]
+
+        return await self._reader.run(read)
 
     async def list_sessions(self, prefix: str, after: str | None, limit: int) -> list[str]:
         params = (

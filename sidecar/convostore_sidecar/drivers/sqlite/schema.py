@@ -12,6 +12,12 @@ CREATE TABLE IF NOT EXISTS convostore_sessions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS convostore_sessions_updated
     ON convostore_sessions (store, updated_at);
+CREATE TABLE IF NOT EXISTS convostore_erasures (
+    store TEXT NOT NULL, erasure_id TEXT NOT NULL, at REAL NOT NULL, label_names TEXT NOT NULL,
+    sessions INTEGER NOT NULL, items INTEGER NOT NULL, complete INTEGER NOT NULL,
+    PRIMARY KEY (store, erasure_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS convostore_erasures_at ON convostore_erasures (store, at);
 CREATE TABLE IF NOT EXISTS convostore_labels (
     store TEXT NOT NULL, session_id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
     created_at REAL NOT NULL,
