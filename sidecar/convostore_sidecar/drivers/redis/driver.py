@@ -128,6 +128,7 @@ class RedisDriver(KeepsStructure):
         self._label = self.client.register_script(LABEL)
         self._erase = self.client.register_script(ERASE)
         self._listings = Listings(self.client, self.prefix, self._about, self._through_migration)
+        self._idempotency_to_forget: set[str] = set()
 
     def _declared(
         self, session_id: str, branches: Sequence[str], extra: Sequence[str]
@@ -574,25 +575,30 @@ class RedisDriver(KeepsStructure):
             outcome = await self._session_script(self._erase, session_id, [])
             await self._through_migration(lambda: self.client.zrem(self._index, session_id))
             await self._listings.removed(session_id, _pairs(outcome[2]))
-            await self._forget_idempotency(session_id)
+            self._idempotency_to_forget.add(session_id)
             return int(outcome[1])
 
         return await self._call(lambda: self._replicated(session_id, run))
 
-    async def _forget_idempotency(self, session_id: str) -> None:
-        """The session's idempotency records, each a key of its own (to expire on its
-        own): found by a scan of the nodes, so an erasure costs a walk of the keyspace."""
-        pattern = _glob_escape(self._base(session_id)) + ":idem:*"
+    async def settle_erasures(self) -> None:
+        """The erased sessions' idempotency records: each a key of its own (to expire on
+        its own), found by one scan of the store's keys for every session erased since
+        the last settling (a scan that fails is made again by the retried erasure)."""
+        erased = set(self._idempotency_to_forget)
+        if erased:
+            await self._call(functools.partial(self._forget_idempotency, erased))
+            self._idempotency_to_forget -= erased
+
+    async def _forget_idempotency(self, erased: set[str]) -> None:
+        pattern = _glob_escape(self.prefix) + ":{*}:idem:*"
         if self._cluster is None:
-            found = [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+            keys = self.client.scan_iter(match=pattern, count=1000)
         else:
-            node = self._cluster.get_node_from_key(self._base(session_id))
-            found = [
-                key
-                async for key in self._cluster.scan_iter(
-                    match=pattern, count=1000, target_nodes=node
-                )
-            ]
+            keys = self._cluster.scan_iter(
+                match=pattern, count=1000, target_nodes=RedisCluster.PRIMARIES
+            )
+        base = len(self.prefix) + 2
+        found = [key async for key in keys if key[base:].decode().split("}:idem:")[0] in erased]
         for key in found:
             await self._through_migration(functools.partial(self.client.delete, key))
 
