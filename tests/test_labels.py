@@ -19,7 +19,11 @@ import asyncpg
 import pytest
 from convostore import AdvancedSidecarSession, SidecarSession, SidecarStore
 from convostore.errors import RequestRejectedError
+from convostore_sidecar.config import parse_config
+from convostore_sidecar.drivers.base import wall_clock
 from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.http.state import STORES
+from convostore_sidecar.sections import ConfigError
 
 from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, RunningSidecar, StartSidecar, unique
 
@@ -42,8 +46,6 @@ async def sidecar_on(
 async def raw_contents(sidecar: RunningSidecar) -> bytes:
     """Everything the store's backend holds for it, as the database returns it: every
     row of every table, every key's name and value."""
-    from convostore_sidecar.http.state import STORES
-
     served: Any = sidecar.app[STORES].get("chat").driver
     driver: Any = getattr(served, "inner", served)
     kind = type(driver).__name__
@@ -483,3 +485,50 @@ async def test_an_erased_persons_words_leave_the_sqlite_file_itself(
     assert other.encode() in after
     assert subject.encode() in backup.read_bytes(), "what the README says remains"
     assert len(await SidecarSession(f"{other}-0", "chat", sidecar.url).get_items()) == 5
+
+
+@pytest.mark.parametrize("backend", LABELLED)
+async def test_a_retention_class_expires_its_idle_sessions_and_no_other(
+    start_sidecar: StartSidecar, store_config: StoreConfig, backend: str
+) -> None:
+    classes = {"label": "plan", "classes": {"free": "1s", "paid": "30d"}}
+    config = store_config(backend, sweepInterval=0.1, labels={"retention": classes})
+    sidecar = await start_sidecar({"stores": {"chat": config}})
+    free = session(sidecar, unique(), plan="free")
+    paid = session(sidecar, unique(), plan="paid")
+    plain = session(sidecar, unique())
+    for chat in (free, paid, plain):
+        await chat.add_items([{"role": "user", "content": "hello"}])
+    driver: Any = sidecar.app[STORES].get("chat").driver
+    kept = await driver.erase(paid.session_id, idle_since=wall_clock() - 3600)
+    assert kept is None, "written since: an erasure by idleness leaves it"
+    deadline = asyncio.get_running_loop().time() + 30
+    while await free.get_metadata() is not None:
+        assert asyncio.get_running_loop().time() < deadline, "the free session was never swept"
+        await asyncio.sleep(0.05)
+    assert await SidecarSession(free.session_id, "chat", sidecar.url).get_items() == []
+    for chat in (paid, plain):
+        assert await chat.get_items() == [{"role": "user", "content": "hello"}]
+    assert (await paid.get_metadata() or {})["labels"] == {"plan": "paid"}
+
+
+@pytest.mark.parametrize(
+    ("retention", "message"),
+    [
+        ({"classes": {"free": "7d"}}, "name the label"),
+        ({"label": "plan"}, "map each class"),
+        ({"label": "bad name", "classes": {"free": "7d"}}, "label name"),
+        ({"label": "plan", "classes": {"free": "soon"}}, "must be a duration"),
+        ({"label": "plan", "classes": {"free": "0s"}}, "must be a duration"),
+        ({"label": "plan", "classes": {"a\nb": "7d"}}, "without control characters"),
+        ({"label": "plan", "classes": {"free": "7d"}, "extra": 1}, "extra"),
+    ],
+)
+def test_malformed_retention_classes_are_refused_naming_the_field(
+    retention: dict[str, Any], message: str
+) -> None:
+    store = {"backend": "sqlite", "labels": {"retention": retention}}
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"stores": {"chat": store}})
+    assert "labels.retention" in str(refused.value)
+    assert message in str(refused.value)

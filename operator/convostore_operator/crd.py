@@ -509,6 +509,27 @@ SPEC: dict[str, Any] = {
                     "items": {"type": "string", "pattern": f"^{LABEL_NAME.pattern}$"},
                 },
                 "maxPerSession": _int(1, 64, "Labels one session carries (default 16)."),
+                "retention": {
+                    "type": "object",
+                    "description": "How long a session is kept after its last write, by "
+                    "the value of one label (its class): the sweep erases it after that.",
+                    "required": ["label", "classes"],
+                    "properties": {
+                        "label": {"type": "string", "pattern": f"^{LABEL_NAME.pattern}$"},
+                        "classes": {
+                            "type": "object",
+                            "minProperties": 1,
+                            "maxProperties": 64,
+                            "description": "Each class (a value of the label) to a duration, "
+                            "e.g. free: 7d, paid: 90d.",
+                            "additionalProperties": {
+                                "type": "string",
+                                "pattern": DURATION,
+                                "maxLength": 32,
+                            },
+                        },
+                    },
+                },
             },
         },
         "encryption": {

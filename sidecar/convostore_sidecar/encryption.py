@@ -492,8 +492,8 @@ class EncryptedDriver:
     async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
         return await cast(Labelled, self.inner).find_sessions(query)
 
-    async def erase(self, session_id: str) -> int:
-        return await cast(Labelled, self.inner).erase(session_id)
+    async def erase(self, session_id: str, idle_since: float | None = None) -> int | None:
+        return await cast(Labelled, self.inner).erase(session_id, idle_since)
 
     async def settle_erasures(self) -> None:
         await cast(Labelled, self.inner).settle_erasures()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .refusals import Invalid
 from .sections import Section
@@ -28,6 +28,7 @@ class LabelRules:
     allowed: frozenset[str] | None = None
     """The names a session may carry; None: any well-formed name."""
     most: int = MOST
+    retention: Retention | None = None
 
     @classmethod
     def parse(cls, s: Section) -> LabelRules:
@@ -41,6 +42,8 @@ class LabelRules:
             allowed=None if allowed is None else frozenset(allowed),
             most=s.integer("maxPerSession", MOST, low=1, high=HIGHEST),
         )
+        if s.has("retention"):
+            rules = replace(rules, retention=Retention.parse(s.section("retention"), rules))
         s.done()
         return rules
 
@@ -108,3 +111,37 @@ def _encodable(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long a session of each class is kept after its last write: the class is the
+    value of one label (`plan: free` 7 days, `plan: paid` 90). The sweep erases a session
+    once its class's time has passed since its last write."""
+
+    label: str
+    classes: dict[str, float]
+
+    @classmethod
+    def parse(cls, s: Section, rules: LabelRules) -> Retention:
+        raw = s.string("label")
+        if raw is None:
+            s.fail("label", "name the label whose value is a session's retention class")
+        try:
+            label = rules.name(raw)
+        except Invalid as exc:
+            s.fail("label", exc.message)
+        classes_s = s.section("classes")
+        names = classes_s.keys()
+        if not names:
+            s.fail("classes", "map each class (a value of the label) to how long it is kept")
+        classes = {}
+        for name in names:
+            try:
+                value = rules.value(label, name)
+            except Invalid as exc:
+                classes_s.fail(None, exc.message)
+            classes[value] = classes_s.duration(name, 0.0, low=1, high=10 * 365 * 86400)
+        classes_s.done()
+        s.done()
+        return cls(label, classes)

@@ -89,7 +89,22 @@ class Store:
         await self.driver.ping()
 
     async def sweep(self) -> int:
-        return await self.driver.sweep()
+        """Expired sessions deleted: by the store's `ttl`, then by retention class."""
+        swept = await self.driver.sweep()
+        retention = self.config.labels.retention
+        if retention is None or not self.structured:
+            return swept
+        now = wall_clock()
+        for value, kept in retention.classes.items():
+            cutoff = now - kept  # a session made after it was written after it too
+            stale = SessionQuery(
+                {retention.label: value}, ERASE_BATCH, created_before=cutoff, updated_before=cutoff
+            )
+            for info in await self._labelled.find_sessions(stale):
+                # written since it was found: kept, in the erasure's own atomic step
+                swept += await self._labelled.erase(info.session_id, cutoff) is not None
+        await self._labelled.settle_erasures()
+        return swept
 
     @property
     def name(self) -> str:
@@ -222,7 +237,7 @@ class Store:
         while True:
             page = await self._labelled.find_sessions(SessionQuery(labels, ERASE_BATCH))
             for info in page:
-                items += await self._labelled.erase(info.session_id)
+                items += await self._labelled.erase(info.session_id) or 0
                 sessions += 1
             if not page or loop.time() > deadline:
                 break

@@ -317,6 +317,19 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "does not match",
         ),
         (
+            {"backend": "sqlite", "labels": {"retention": {"label": "plan", "classes": {}}}},
+            "spec.labels.retention.classes",
+            "should be non-empty",
+        ),
+        (
+            {
+                "backend": "sqlite",
+                "labels": {"retention": {"label": "plan", "classes": {"free": "soon"}}},
+            },
+            "spec.labels.retention.classes.free",
+            "does not match",
+        ),
+        (
             {"backend": "sqlite", "labels": {"maxPerSession": 65}},
             "spec.labels.maxPerSession",
             "greater than the maximum",

@@ -275,14 +275,17 @@ def test_connection_budgets_reach_the_sidecar_as_it_reads_them(tmp_path: Path) -
 
 
 def test_labels_render_as_the_sidecar_reads_them(tmp_path: Path) -> None:
-    spec = validate(
-        {"backend": "sqlite", "labels": {"allowed": ["user_id", "tenant"], "maxPerSession": 4}}
-    )
+    retention = {"label": "plan", "classes": {"free": "7d", "paid": "90d"}}
+    labels = {"allowed": ["user_id", "plan"], "maxPerSession": 4, "retention": retention}
+    spec = validate({"backend": "sqlite", "labels": labels})
     rendered = render("chat", spec, {}, stores_root=str(tmp_path))
     folder = tmp_path / "chat"
     folder.mkdir()
     for name, data in rendered.secret_data().items():
         (folder / name).write_bytes(data)
-    labels = load_config(folder / "config.yaml").stores["chat"].labels
-    assert labels.allowed == frozenset({"user_id", "tenant"})
-    assert labels.most == 4
+    rules = load_config(folder / "config.yaml").stores["chat"].labels
+    assert rules.allowed == frozenset({"user_id", "plan"})
+    assert rules.most == 4
+    assert rules.retention is not None
+    assert rules.retention.label == "plan"
+    assert rules.retention.classes == {"free": 7 * 86400.0, "paid": 90 * 86400.0}

@@ -39,6 +39,9 @@ exactly as read before the model summarised them, are replaced by the summary in
 atomic step, unless any of them changed meanwhile; items appended since stay after the
 summary. The replaced items move to the branch's archive (`archive_of`), except those an
 earlier compaction wrote (kind `compacted`), so the archive holds each original once.
+
+They also keep each session's record (`Labelled`): its creation and last write, and its
+labels, which listings find sessions by along an index and erasures erase them by.
 """
 
 from __future__ import annotations
@@ -435,10 +438,11 @@ class Labelled(Protocol):
 
     async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]: ...
 
-    async def erase(self, session_id: str) -> int:
+    async def erase(self, session_id: str, idle_since: float | None = None) -> int | None:
         """Forget the session whole, as if it had never been: its items on every branch
         and in the compaction archive, usage, labels, reserved branch ids and
-        idempotency records. Returns how many items it held."""
+        idempotency records. Returns how many items it held; with `idle_since`, only if
+        it was last written no later than then, in the same atomic step (else None)."""
 
     async def settle_erasures(self) -> None:
         """After erasures: clear what the backend keeps of erased data beside its tables

@@ -370,11 +370,19 @@ class PostgresDriver(KeepsStructure):
             lambda conn: labels.find_sessions(conn, self._rows, query)
         )
 
-    async def erase(self, session_id: str) -> int:
+    async def erase(self, session_id: str, idle_since: float | None = None) -> int | None:
         s, store = self._s, self.store
 
-        async def erase(conn: asyncpg.Connection) -> int:
+        async def erase(conn: asyncpg.Connection) -> int | None:
             async with conn.transaction():
+                written = await conn.fetchval(
+                    f"SELECT extract(epoch from updated_at)::float8 FROM {s}.sessions"
+                    " WHERE store = $1 AND session_id = $2 FOR UPDATE",
+                    store,
+                    session_id,
+                )
+                if idle_since is not None and written is not None and written > idle_since:
+                    return None
                 held = await conn.fetchval(
                     f"SELECT count(*) FROM {s}.items WHERE store = $1 AND session_id = $2",
                     store,

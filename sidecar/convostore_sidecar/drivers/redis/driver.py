@@ -570,9 +570,13 @@ class RedisDriver(KeepsStructure):
     async def find_sessions(self, query: SessionQuery) -> list[SessionInfo]:
         return await self._call(lambda: self._listings.find(query))
 
-    async def erase(self, session_id: str) -> int:
-        async def run() -> int:
-            outcome = await self._session_script(self._erase, session_id, [])
+    async def erase(self, session_id: str, idle_since: float | None = None) -> int | None:
+        cutoff = "" if idle_since is None else f"{idle_since:.6f}"
+
+        async def run() -> int | None:
+            outcome = await self._session_script(self._erase, session_id, [cutoff])
+            if outcome[1] == -1:  # written since
+                return None
             await self._through_migration(lambda: self.client.zrem(self._index, session_id))
             await self._listings.removed(session_id, _pairs(outcome[2]))
             self._idempotency_to_forget.add(session_id)

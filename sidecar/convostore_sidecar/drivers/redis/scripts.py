@@ -397,6 +397,11 @@ ERASE = (
     COMMON
     + """
 if undeclared() then return {UNDECLARED} end
+local idle_since = ARGV[1]
+if idle_since ~= '' then
+  local written = redis.call('HGET', about, 'updated')
+  if written and tonumber(written) > tonumber(idle_since) then return {DONE, -1, {}} end
+end
 local held, labels = 0, {}
 local fields = redis.call('HGETALL', about)
 for i = 1, #fields, 2 do

@@ -494,11 +494,13 @@ class SqlAlchemyDriver(KeepsStructure):
             lambda conn: labels.find_sessions(self.db, conn, query, now)
         )
 
-    async def erase(self, session_id: str) -> int:
+    async def erase(self, session_id: str, idle_since: float | None = None) -> int | None:
         i, k = self.t.items, self.t.idempotency
 
-        async def erase(conn: AsyncConnection) -> int:
-            await self.db.lock(conn, session_id)
+        async def erase(conn: AsyncConnection) -> int | None:
+            row = await self.db.lock(conn, session_id)
+            if idle_since is not None and row is not None and row.updated_at > idle_since:
+                return None
             held = (
                 await conn.execute(select(func.count()).where(self.db.of(i, session_id)))
             ).scalar()

@@ -672,12 +672,19 @@ class SqliteDriver(KeepsStructure):
 
         return await self._reader.run(read)
 
-    async def erase(self, session_id: str) -> int:
+    async def erase(self, session_id: str, idle_since: float | None = None) -> int | None:
         """With SQLite's `secure_delete` on for the erasure, so the pages it frees are
         zeroed (`settle_erasures` then clears the write-ahead log)."""
         key = (self.store, session_id)
 
-        def erase(conn: sqlite3.Connection) -> int:
+        def erase(conn: sqlite3.Connection) -> int | None:
+            if idle_since is not None:
+                row = conn.execute(
+                    "SELECT updated_at FROM convostore_sessions WHERE store = ? AND session_id = ?",
+                    key,
+                ).fetchone()
+                if row is not None and row[0] > idle_since:
+                    return None
             conn.execute("PRAGMA secure_delete = ON")
             try:
                 (held,) = conn.execute(
