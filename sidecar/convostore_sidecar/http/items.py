@@ -22,7 +22,6 @@ from .state import ANSWER_BUDGET, METRICS, READINESS, REQUEST_LIMITS, STORES
 
 routes = web.RouteTableDef()
 SESSION = "/v1/stores/{store}/sessions/{session_id}"
-DEFAULT_PAGE = 100
 MAX_TURNS = 100_000
 
 
@@ -187,13 +186,7 @@ async def clear_session(request: web.Request) -> web.Response:
 async def list_sessions(request: web.Request) -> web.Response:
     store = _store(request)
     prefix = validation.session_prefix(request.query.get("prefix", ""), store.config.limits)
-    page_size = validation.limit_param(
-        request.query.get("limit"),
-        default=DEFAULT_PAGE,
-        maximum=validation.MAX_LIST_LIMIT,
-        minimum=1,
-    )
-    assert page_size is not None
+    page_size = validation.page_size(request.query.get("limit"))
     after = _decode_cursor(request.query.get("cursor"))
     ids = await store.list_sessions(prefix, after, page_size + 1)
     more = len(ids) > page_size

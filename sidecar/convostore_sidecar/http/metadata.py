@@ -17,7 +17,7 @@ from ..stores import Store
 from . import validation
 from .bodies import read_object
 from .errors import ApiError
-from .items import DEFAULT_PAGE, SESSION
+from .items import SESSION
 from .state import METRICS, STORES
 
 log = logging.getLogger("convostore.sidecar")
@@ -76,10 +76,7 @@ async def find_sessions(request: web.Request) -> web.Response:
     that existed when it began."""
     store = _store(request)
     query = request.query
-    limit = validation.limit_param(
-        query.get("limit"), default=DEFAULT_PAGE, maximum=validation.MAX_LIST_LIMIT, minimum=1
-    )
-    assert limit is not None
+    limit = validation.page_size(query.get("limit"))
     unknown = set(query) - {"label", "limit", "cursor", *TIME_BOUNDS}
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown parameter {sorted(unknown)[0]!r}")
@@ -126,13 +123,7 @@ async def list_erasures(request: web.Request) -> web.Response:
     """The store's latest erasure records, newest first: when, by which label names, what
     was erased; never whose."""
     store = _store(request)
-    limit = validation.limit_param(
-        request.query.get("limit"),
-        default=DEFAULT_PAGE,
-        maximum=validation.MAX_LIST_LIMIT,
-        minimum=1,
-    )
-    assert limit is not None
+    limit = validation.page_size(request.query.get("limit"))
     records = [erasure_answer(r) for r in await store.erasures(limit)]
     return web.json_response(body=dumps({"erasures": records}))
 

@@ -19,6 +19,7 @@ SESSION_ID = re.compile(r"[A-Za-z0-9._:@-]+")
 BRANCH_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 MAX_LIST_LIMIT = 1000
+DEFAULT_PAGE = 100
 
 
 def session_id(value: str, limits: Limits) -> str:
@@ -86,6 +87,13 @@ def limit_param(
             400, f"invalid_{name}", f"{name} must be from {minimum} to {highest}, got {raw[:40]}"
         )
     return value
+
+
+def page_size(raw: str | None) -> int:
+    """A listing's `limit`: 1 to `MAX_LIST_LIMIT`, `DEFAULT_PAGE` when not given."""
+    size = limit_param(raw, default=DEFAULT_PAGE, maximum=MAX_LIST_LIMIT, minimum=1)
+    assert size is not None
+    return size
 
 
 def flag_param(raw: str | None, name: str) -> bool:
