@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import asyncpg
 import yaml
 from agents import function_tool
 from agents.extensions.memory import SQLAlchemySession
@@ -27,6 +29,7 @@ from convostore import SidecarSession
 from convostore_sidecar.config import parse_config
 from convostore_sidecar.drivers import BACKENDS as DECLARED
 from convostore_sidecar.drivers.sqlalchemy.tables import tables
+from convostore_sidecar.http.state import STORES
 from convostore_sidecar.migrate import migrate_store
 from sqlalchemy import String, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -284,3 +287,55 @@ async def make_sdk_tables_on_mysql(
                 column.type.length = 255
     async with engine.begin() as conn:
         await conn.run_sync(session._metadata.create_all)
+
+
+async def raw_contents(sidecar: RunningSidecar) -> bytes:
+    """Everything the store's backend holds for it, as the database returns it: every
+    row of every table, every key's name and value."""
+    served: Any = sidecar.app[STORES].get("chat").driver
+    driver: Any = getattr(served, "inner", served)
+    kind = type(driver).__name__
+    if kind == "SqliteDriver":
+        path = driver._writer._settings.path
+        with sqlite3.connect(path) as conn:
+            tables = [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            ]
+            rows = [repr(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables]
+        return "".join(rows).encode()
+    if kind == "PostgresDriver":
+        conn = await asyncpg.connect(driver.settings.dsn)
+        try:
+            tables = await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = $1", driver.settings.schema
+            )
+            rows = [
+                repr(await conn.fetch(f"SELECT * FROM {driver.settings.schema}.{t[0]}"))
+                for t in tables
+            ]
+        finally:
+            await conn.close()
+        return "".join(rows).encode()
+    if kind == "SqlAlchemyDriver":
+        engine = await driver._connections._get_engine()
+        async with engine.connect() as conn:
+            rows = [
+                repr((await conn.execute(table.select())).all())
+                for table in driver.t.metadata.sorted_tables
+            ]
+        return "".join(rows).encode()
+    assert kind == "RedisDriver"
+    found = []
+    async for key in driver.client.scan_iter(match=driver.prefix + "*"):
+        found.append(key)
+        kind_of = (await driver.client.type(key)).decode()
+        if kind_of == "list":
+            found += await driver.client.lrange(key, 0, -1)
+        elif kind_of == "hash":
+            for field, value in (await driver.client.hgetall(key)).items():
+                found += [field, value]
+        elif kind_of == "zset":
+            found += await driver.client.zrange(key, 0, -1)
+        elif kind_of == "string":
+            found.append(await driver.client.get(key))
+    return b"".join(found)

@@ -16,7 +16,7 @@ from agents.extensions.memory import AdvancedSQLiteSession
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
 from agents.usage import Usage
 from convostore import AdvancedSidecarSession, SidecarStore
-from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.keyring import generate_key
 
 from tests.support import (
     POSTGRES_POOLED,

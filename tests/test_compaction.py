@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from agents.memory import OpenAIResponsesCompactionSession, SQLiteSession
-from convostore import SidecarSession
+from convostore import SidecarSession, SidecarStore
 from convostore.errors import RequestRejectedError
-from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.keyring import generate_key
 from openai import AsyncOpenAI
 
 from tests.compaction_support import compaction_config, converse, history
@@ -264,6 +264,49 @@ async def test_compacted_and_archived_items_stay_encrypted_through_a_key_rotatio
     reread = SidecarSession(session_id, url=compacting_sidecar(config).url)
     assert await reread.get_items() == live
     assert await reread.get_full_items() == full
+
+
+@pytest.mark.parametrize("backend", COMPACTING)
+async def test_a_subjects_compacted_history_rotates_exports_and_is_shredded(
+    backend: str,
+    compacting_store: Callable[..., dict[str, Any]],
+    compacting_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    """With a subject label, the summary and the archive are sealed under the subject's
+    key: a rotation re-wraps that key and seals no item again, the export reads them,
+    and the subject's erasure leaves nothing."""
+    old, new = {"id": "old", "value": generate_key()}, {"id": "new", "value": generate_key()}
+    config = compacting_store(backend, encryption={"keys": [old], "subjectLabel": "user_id"})
+    sidecar = compacting_sidecar(config)
+    session_id, person = unique(), unique("person")
+    labelled = SidecarSession(session_id, url=sidecar.url, metadata={"user_id": person})
+    await converse(labelled, store=False)
+    live = await SidecarSession(session_id, url=sidecar.url).get_items()
+    full = await SidecarSession(session_id, url=sidecar.url).get_full_items()
+    assert any(item.get("type") == "compaction" for item in live)
+    sidecar.stop()
+
+    encryption = {"keys": [new, old], "primary": "new", "subjectLabel": "user_id"}
+    config["stores"]["default"]["encryption"] = encryption
+    rotating = compacting_sidecar(config)
+    assert await SidecarStore("default", rotating.url).rewrap_subject_keys() == 1
+    assert await SidecarSession(session_id, url=rotating.url).reencrypt() == 0
+    rotating.stop()
+
+    config["stores"]["default"]["encryption"] = {"keys": [new], "subjectLabel": "user_id"}
+    current = compacting_sidecar(config)
+    reread = SidecarSession(session_id, url=current.url)
+    assert await reread.get_items() == live
+    assert await reread.get_full_items() == full
+    exported = run_cli("sessions", "--url", current.url, "export")
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(line) for line in exported.stdout.splitlines()]
+    mine = [r for r in records if r.get("session_id") == session_id]
+    assert mine[0] == {"session_id": session_id, "labels": {"user_id": person}}
+    assert [r["item"] for r in mine if "item" in r] == full
+    erased = await SidecarStore("default", current.url).erase({"user_id": person})
+    assert erased["erased_sessions"] == 1
+    assert await reread.get_full_items() == []
 
 
 def test_export_from_a_store_that_keeps_no_archive_writes_its_live_items(

@@ -27,7 +27,7 @@ from convostore import (
 )
 from convostore_sidecar.config import parse_config
 from convostore_sidecar.drivers.sqlalchemy.tables import tables
-from convostore_sidecar.encryption import Keyring, decode_key, generate_key
+from convostore_sidecar.keyring import Keyring, decode_key, generate_key
 from convostore_sidecar.sections import ConfigError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine

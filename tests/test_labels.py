@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 from convostore import AdvancedSidecarSession, SidecarSession, SidecarStore
 from convostore.errors import RequestRejectedError
 from convostore_sidecar.config import parse_config
 from convostore_sidecar.drivers.base import wall_clock
-from convostore_sidecar.encryption import generate_key
 from convostore_sidecar.http.state import STORES
+from convostore_sidecar.keyring import generate_key
 from convostore_sidecar.sections import ConfigError
 
-from tests.support import POSTGRES_POOLED, REDIS_CLUSTER, RunningSidecar, StartSidecar, unique
+from tests.support import (
+    POSTGRES_POOLED,
+    REDIS_CLUSTER,
+    RunningSidecar,
+    StartSidecar,
+    raw_contents,
+    unique,
+)
 
 LABELLED = ("sqlite", "postgres", "redis", REDIS_CLUSTER, POSTGRES_POOLED, "sqlalchemy")
 StoreConfig = Callable[..., dict[str, Any]]
@@ -41,58 +46,6 @@ async def sidecar_on(
     else:
         config = store_config(request.param)
     return await start_sidecar({"stores": {"chat": config}})
-
-
-async def raw_contents(sidecar: RunningSidecar) -> bytes:
-    """Everything the store's backend holds for it, as the database returns it: every
-    row of every table, every key's name and value."""
-    served: Any = sidecar.app[STORES].get("chat").driver
-    driver: Any = getattr(served, "inner", served)
-    kind = type(driver).__name__
-    if kind == "SqliteDriver":
-        path = driver._writer._settings.path
-        with sqlite3.connect(path) as conn:
-            tables = [
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            ]
-            rows = [repr(conn.execute(f"SELECT * FROM {t}").fetchall()) for t in tables]
-        return "".join(rows).encode()
-    if kind == "PostgresDriver":
-        conn = await asyncpg.connect(driver.settings.dsn)
-        try:
-            tables = await conn.fetch(
-                "SELECT tablename FROM pg_tables WHERE schemaname = $1", driver.settings.schema
-            )
-            rows = [
-                repr(await conn.fetch(f"SELECT * FROM {driver.settings.schema}.{t[0]}"))
-                for t in tables
-            ]
-        finally:
-            await conn.close()
-        return "".join(rows).encode()
-    if kind == "SqlAlchemyDriver":
-        engine = await driver._connections._get_engine()
-        async with engine.connect() as conn:
-            rows = [
-                repr((await conn.execute(table.select())).all())
-                for table in driver.t.metadata.sorted_tables
-            ]
-        return "".join(rows).encode()
-    assert kind == "RedisDriver"
-    found = []
-    async for key in driver.client.scan_iter(match=driver.prefix + "*"):
-        found.append(key)
-        kind_of = (await driver.client.type(key)).decode()
-        if kind_of == "list":
-            found += await driver.client.lrange(key, 0, -1)
-        elif kind_of == "hash":
-            for field, value in (await driver.client.hgetall(key)).items():
-                found += [field, value]
-        elif kind_of == "zset":
-            found += await driver.client.zrange(key, 0, -1)
-        elif kind_of == "string":
-            found.append(await driver.client.get(key))
-    return b"".join(found)
 
 
 @pytest.fixture

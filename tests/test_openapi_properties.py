@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import schemathesis
 import yaml
-from convostore_sidecar.encryption import generate_key
 from convostore_sidecar.http.openapi import openapi_document
+from convostore_sidecar.keyring import generate_key
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import allow_header_conformance
 

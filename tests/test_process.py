@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from convostore import SidecarSession
-from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.keyring import generate_key
 
 from tests.support import SidecarProcess
 

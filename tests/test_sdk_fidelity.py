@@ -14,7 +14,7 @@ from agents.extensions.memory import EncryptedSession as SdkEncryptedSession
 from agents.memory import SessionSettings
 from agents.testing import ScriptedModel, assistant_message
 from convostore import AdvancedSidecarSession, EncryptedSession, SessionClosedError, SidecarSession
-from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.keyring import generate_key
 from cryptography.fernet import Fernet
 
 from tests.support import StartSidecar, unique

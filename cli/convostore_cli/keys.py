@@ -1,9 +1,11 @@
 """`convostore keys`: make a key for an encrypted store, count which key seals how many
 items, and re-encrypt a store under its primary key.
 
-A rotation ends by counting again, from the backend: it names the keys that now seal
-nothing (safe to remove) and fails while any item is under another key than the
-primary. Its progress file names the store and the primary key it rotates to, so it
+A rotation first re-wraps the subjects' keys (a store with a subject label), which is
+all their items need, then re-encrypts what is sealed under store keys, session by
+session. It ends by counting again, from the backend: it names the keys that now seal
+nothing (safe to remove) and fails while any item or subject key is under another key
+than the primary. Its progress file names the store and the primary key it rotates to, so it
 resumes only that rotation: the next one starts from the first session."""
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ async def _rotate(args: argparse.Namespace) -> int:
     sidecar_store = store(args)
     primary = (await sidecar_store.keyring())["primary"]
     progress = Progress(Path(args.state), args.store, primary) if args.state else None
+    rewrapped = await sidecar_store.rewrap_subject_keys()
+    if rewrapped:
+        print(f"{rewrapped} subject keys re-wrapped", file=sys.stderr)
     resume_after = progress.resume_point() if progress else ""
     sessions = items = 0
     async for session_id in sidecar_store.session_ids():
@@ -97,35 +102,46 @@ class Census:
     held: list[str]
     sealed: dict[str, int]
     plaintext: int
+    subject_keys: dict[str, int]
+    shredded: int
 
     @property
     def stranded(self) -> dict[str, int]:
-        """Items under a key other than the primary, by key id."""
-        return {key: n for key, n in self.sealed.items() if key != self.primary and n}
+        """Items and subject keys under a key other than the primary, by key id."""
+        under = {*self.sealed, *self.subject_keys}
+        counts = {k: self.sealed.get(k, 0) + self.subject_keys.get(k, 0) for k in under}
+        return {key: n for key, n in counts.items() if key != self.primary and n}
 
 
 async def count_keys(args: argparse.Namespace) -> Census:
     sidecar_store = store(args)
     ring = await sidecar_store.keyring()
     sealed: dict[str, int] = {}
-    plaintext = 0
+    plaintext = shredded = 0
     async for session_id in sidecar_store.session_ids():
         counted = await sidecar_store.session(session_id).key_census()
         for key, n in counted["sealed"].items():
             sealed[key] = sealed.get(key, 0) + n
         plaintext += counted["plaintext"]
-    return Census(ring["primary"], ring["keys"], sealed, plaintext)
+        shredded += counted["shredded"]
+    subject_keys = ring.get("subjectKeys", {})
+    return Census(ring["primary"], ring["keys"], sealed, plaintext, subject_keys, shredded)
 
 
 def report(census: Census) -> int:
     """Print the census; 1 while any item is under another key than the primary."""
-    for key in sorted({*census.held, *census.sealed}):
+    for key in sorted({*census.held, *census.sealed, *census.subject_keys}):
         role = " (primary)" if key == census.primary else ""
         missing = "" if key in census.held else " (not in the store's keyring!)"
-        print(f"{key}{role}: {census.sealed.get(key, 0)} items{missing}")
+        wraps = census.subject_keys.get(key)
+        subjects = "" if wraps is None else f", {wraps} subject keys"
+        print(f"{key}{role}: {census.sealed.get(key, 0)} items{subjects}{missing}")
     if census.plaintext:
         print(f"in clear: {census.plaintext} items")
-    removable = [k for k in census.held if k != census.primary and not census.sealed.get(k)]
+    if census.shredded:
+        print(f"of erased subjects (unreadable): {census.shredded} items")
+    needed = {k for k, n in [*census.sealed.items(), *census.subject_keys.items()] if n}
+    removable = [k for k in census.held if k != census.primary and k not in needed]
     print(f"safe to remove: {', '.join(removable) or 'none'}")
     if census.stranded or census.plaintext:
         left = ", ".join(f"{k} ({n})" for k, n in sorted(census.stranded.items()))

@@ -358,9 +358,10 @@ class SidecarSession:
         return count
 
     async def key_census(self) -> dict[str, Any]:
-        """How many of this session's stored items each key id seals (`sealed`), and how
-        many are stored in clear (`plaintext`): every branch and the compaction archive,
-        read from the backend."""
+        """How many of this session's stored items depend on each store key id (`sealed`:
+        those sealed under it, and a subject's, whose key it wraps), how many are stored
+        in clear (`plaintext`), and how many are of an erased subject (`shredded`): every
+        branch and the compaction archive, read from the backend."""
         census: dict[str, Any] = await self._transport.call(
             "GET", self._path + "/keys", idempotent=True
         )

@@ -11,7 +11,8 @@ from .session import SidecarSession, store_path
 from .transport import BearerToken, Endpoint, Transport
 
 ERASE_TIMEOUT = 60.0
-"""An erasure call erases for up to 20 s before it answers, asking to be called again."""
+"""An erasure or a re-wrap call works for up to 20 s before it answers, asking to be
+called again; a key census reads every subject's key."""
 
 
 class SidecarStore:
@@ -118,11 +119,27 @@ class SidecarStore:
         return records
 
     async def keyring(self) -> dict[str, Any]:
-        """An encrypted store's key ids: `primary`, and every one it holds (`keys`)."""
+        """An encrypted store's key ids: `primary`, every one it holds (`keys`), and with
+        a subject label, how many subjects' keys each wraps (`subjectKeys`)."""
         ring: dict[str, Any] = await self._transport.call(
-            "GET", store_path(self.store) + "/keys", idempotent=True
+            "GET", store_path(self.store) + "/keys", idempotent=True, answer_within=ERASE_TIMEOUT
         )
         return ring
+
+    async def rewrap_subject_keys(self) -> int:
+        """Seal every subject's key under the store's primary key (a rotation's first
+        step; their items need no re-encryption). Resumable; how many were re-wrapped."""
+        rewrapped = 0
+        while True:
+            answer: dict[str, Any] = await self._transport.call(
+                "POST",
+                store_path(self.store) + "/keys:rewrap",
+                idempotent=True,
+                answer_within=ERASE_TIMEOUT,
+            )
+            rewrapped += int(answer["rewrapped"])
+            if answer["complete"]:
+                return rewrapped
 
     def session(self, session_id: str) -> SidecarSession:
         return SidecarSession(

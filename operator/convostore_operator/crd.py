@@ -293,15 +293,24 @@ def _backend_rules(backends: list[str], where: str = "") -> list[dict[str, Any]]
 
 
 # what each capability's rule refuses, the verb its message uses, and where it points
-CAPABILITY_RULES: dict[Capability, tuple[str, str, str]] = {
-    "retention": ("!has(self.retention)", "honour retention", ".retention"),
-    "encryption": (
-        "!has(self.encryption) || !has(self.encryption.enabled) || !self.encryption.enabled",
-        "encrypt at rest",
-        ".encryption.enabled",
-    ),
-    "compaction": ("!has(self.compaction)", "compact", ".compaction"),
-    "structure": ("!has(self.labels)", "keep labels on sessions", ".labels"),
+CAPABILITY_RULES: dict[Capability, list[tuple[str, str, str]]] = {
+    "retention": [("!has(self.retention)", "honour retention", ".retention")],
+    "encryption": [
+        (
+            "!has(self.encryption) || !has(self.encryption.enabled) || !self.encryption.enabled",
+            "encrypt at rest",
+            ".encryption.enabled",
+        )
+    ],
+    "compaction": [("!has(self.compaction)", "compact", ".compaction")],
+    "structure": [
+        ("!has(self.labels)", "keep labels on sessions", ".labels"),
+        (
+            "!has(self.encryption) || !has(self.encryption.subjectLabel)",
+            "seal sessions for their subjects, which needs labels",
+            ".encryption.subjectLabel",
+        ),
+    ],
 }
 
 
@@ -315,8 +324,9 @@ def _capability_rules() -> list[dict[str, Any]]:
             "fieldPath": field,
         }
         for name, backend in DECLARED.items()
-        for capability, (refused, verb, field) in CAPABILITY_RULES.items()
+        for capability, rules in CAPABILITY_RULES.items()
         if capability in backend.lacks
+        for refused, verb, field in rules
     ]
 
 
@@ -550,7 +560,27 @@ SPEC: dict[str, Any] = {
                     "description": "Keep tool names out of the backend's structure columns "
                     "too (they are then read from the decrypted items).",
                 },
+                "subjectLabel": {
+                    "type": "string",
+                    "pattern": f"^{LABEL_NAME.pattern}$",
+                    "description": "Crypto-shredding: the label naming a session's subject "
+                    "(e.g. user_id); each subject's items are sealed under a key of their "
+                    "own, which erasing them destroys.",
+                },
+                "requireSubject": {
+                    "type": "boolean",
+                    "default": False,
+                    "description": "Refuse writes to sessions without the subject label.",
+                },
             },
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.requireSubject) || !self.requireSubject"
+                    " || has(self.subjectLabel)",
+                    "message": "requireSubject needs subjectLabel",
+                    "fieldPath": ".requireSubject",
+                }
+            ],
         },
         "deletionPolicy": {
             "type": "string",

@@ -90,6 +90,9 @@ def render(
             encryption["primary"] = primary_key
         if spec["encryption"].get("hideToolNames"):
             encryption["hideToolNames"] = True
+        if spec["encryption"].get("subjectLabel"):
+            encryption["subjectLabel"] = spec["encryption"]["subjectLabel"]
+            encryption["requireSubject"] = bool(spec["encryption"].get("requireSubject"))
         store["encryption"] = encryption
     if "compaction" in spec:
         store["compaction"] = _compaction(spec["compaction"], secrets, files, here)

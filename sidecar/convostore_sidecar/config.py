@@ -32,7 +32,7 @@ import yaml
 from .compaction.settings import CompactionSettings
 from .drivers import BACKENDS, Capability, parse_backend_settings
 from .drivers.base import Retention
-from .encryption import Keyring
+from .keyring import Keyring
 from .labels import LabelRules
 from .sections import ConfigError, Section
 
@@ -313,5 +313,18 @@ def parse_store(name: Any, stores: Section) -> StoreConfig:
         ),
         labels=LabelRules.parse(s.section("labels")),
     )
+    _check_subject_label(s, store)
     s.done()
     return store
+
+
+def _check_subject_label(s: Section, store: StoreConfig) -> None:
+    """A subject label is a label the store keeps and allows."""
+    label = None if store.encryption is None else store.encryption.subject_label
+    if label is None:
+        return
+    if not BACKENDS[store.backend].has("structure"):
+        s.fail("encryption", f"subjectLabel: the {store.backend} backend keeps no labels")
+    allowed = store.labels.allowed
+    if allowed is not None and label not in allowed:
+        s.fail("encryption", f"subjectLabel {label!r} is not among labels.allowed")

@@ -1,41 +1,19 @@
-"""Encryption at rest: AES-256-GCM per item, a key per session, rotation without downtime.
+"""Encryption at rest for any driver: items sealed on the way in, opened on the way out.
 
-Each store may name a keyring: one primary key that encrypts new items, and older keys
-that still decrypt. A session's own key is derived from the store key with HKDF, its
-`info` binding store and session, and the associated data binds them again, so a
-ciphertext copied into another session or store fails to decrypt instead of appearing
-there. Every ciphertext starts with a header naming the key id it was made with, so
-reads pick the right key and rotation can find what is left to re-encrypt.
-
-    magic "cs2" | key-id length (1 byte) | key id | position (8 bytes) | nonce (12 bytes)
-        | ciphertext + tag
-
-The associated data also binds the position the backend gave the item when it was
-appended (the driver seals it in the step that makes the position the item's: see
-`Sealed`). Positions only grow along a branch, so reads check them: two items swapped,
-an old item put back after newer ones, an item repeated, all fail as `DecryptionFailed`
-instead of being served. Items written before positions were bound ("cs1", no position)
-still decrypt, unchecked for order.
-
-A missing or wrong key raises `DecryptionFailed` with the key id: never garbage, never
-an item silently skipped. Drivers see only ciphertext; they store bytes as they get them.
+The keys and envelopes are `keyring`'s; with a subject label, `subjects` gives each
+labelled session's items the key of the person it belongs to. Structure, labels and
+usage pass through in clear: the backend finds and orders items by them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
-import os
 import random
-import re
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from functools import lru_cache
-from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import cast
 
 from .drivers.base import (
     AppendResult,
@@ -56,211 +34,22 @@ from .drivers.base import (
     SessionInfo,
     SessionQuery,
     Snapshot,
+    SubjectKeys,
     Transform,
     TurnUsage,
     Usage,
     UserTurn,
 )
+from .keyring import NO_KEYS, DecryptionFailed, Keyring, envelope_of
+from .refusals import Conflict
 from .structure import shapes_of
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    from .sections import Section
-
-MAGIC = b"cs1"
-POSITIONED = b"cs2"
-POSITION_BYTES = 8
-NONCE_BYTES = 12
-TAG_BYTES = 16
-KEY_BYTES = 32
-KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-Read = Callable[[int | None], Awaitable[list[bytes]]]
-"""A read of stored items within a byte cap."""
-
-
-class DecryptionFailed(Exception):
-    """An item that cannot be decrypted with the keys this sidecar has."""
-
-    def __init__(self, key_id: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.key_id = key_id
-        self.reason = reason
-
-
-def generate_key() -> str:
-    """A new random store key, base64-encoded as key files and Secrets hold it."""
-    return base64.b64encode(os.urandom(KEY_BYTES)).decode()
-
-
-def decode_key(text: str, where: str) -> bytes:
-    try:
-        key = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"{where}: not base64") from exc
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"{where}: a key has {KEY_BYTES} bytes, this one has {len(key)}")
-    return key
-
-
-@dataclass(frozen=True)
-class Keyring:
-    """Keys by id; `primary` encrypts, every key decrypts."""
-
-    keys: dict[str, bytes]
-    primary: str
-    allow_plaintext: bool = False
-    hide_tool_names: bool = False
-    """Keep tool names out of the backend's structure columns too (see `shapes`)."""
-
-    @classmethod
-    def parse(cls, s: Section) -> Keyring:
-        keys: dict[str, bytes] = {}
-        keys_dir = s.string("keysDir")
-        if keys_dir is not None:
-            directory = Path(keys_dir)
-            if not directory.is_dir():
-                s.fail("keysDir", f"{keys_dir!r} is not a readable directory")
-            for path in sorted(directory.iterdir()):
-                if path.is_file() and KEY_ID.fullmatch(path.name):
-                    keys[path.name] = _read_key(s, "keysDir", path)
-        listed = s.raw("keys") or []
-        if not isinstance(listed, list):
-            s.fail("keys", "must be a list of {id, file} or {id, value}")
-        for index, entry in enumerate(listed):
-            keys.update(_parse_key_entry(s, index, entry))
-        if not keys:
-            s.fail("keys", "name at least one key (keys or keysDir)")
-        primary = s.string("primary", min(keys) if len(keys) == 1 else None)
-        if primary is None:
-            s.fail("primary", f"name the key that encrypts new items, one of {sorted(keys)}")
-        if primary not in keys:
-            s.fail("primary", f"{primary!r} is not among the keys {sorted(keys)}")
-        return cls(
-            keys,
-            primary,
-            s.boolean("allowPlaintext", False),
-            s.boolean("hideToolNames", False),
-        )
-
-    def encrypt(self, store: str, session_id: str, plaintext: bytes, position: int | None) -> bytes:
-        """Sealed under the primary key at `position`; without one, a "cs1" item (how
-        rotation keeps an item written before positions were bound)."""
-        key_id = self.primary
-        nonce = os.urandom(NONCE_BYTES)
-        aead = _session_cipher(self.keys[key_id], store, session_id)
-        sealed = aead.encrypt(nonce, plaintext, _associated(store, session_id, position))
-        key = bytes([len(key_id)]) + key_id.encode()
-        if position is None:
-            return MAGIC + key + nonce + sealed
-        return POSITIONED + key + position.to_bytes(POSITION_BYTES, "big") + nonce + sealed
-
-    def decrypt(self, store: str, session_id: str, data: bytes) -> bytes:
-        return self.open(store, session_id, data)[0]
-
-    def open(self, store: str, session_id: str, data: bytes) -> tuple[bytes, int | None]:
-        """The plaintext and the position it was sealed at (None for a "cs1" item)."""
-        envelope = _parse(data)
-        if envelope is None:
-            if self.allow_plaintext and data[:1] == b"{":
-                return data, None
-            raise DecryptionFailed(None, "the item is not encrypted (allowPlaintext is off)")
-        key_id, position, nonce, sealed = envelope
-        key = self.keys.get(key_id)
-        if key is None:
-            raise DecryptionFailed(key_id, f"key {key_id!r} is not in this store's keyring")
-        if len(nonce) < NONCE_BYTES or len(sealed) < TAG_BYTES:
-            raise DecryptionFailed(key_id, f"the item made with key {key_id!r} is truncated")
-        from cryptography.exceptions import InvalidTag
-
-        try:
-            plaintext = _session_cipher(key, store, session_id).decrypt(
-                nonce, sealed, _associated(store, session_id, position)
-            )
-        except InvalidTag as exc:
-            raise DecryptionFailed(
-                key_id, f"key {key_id!r} does not authenticate the item (wrong key or tampered)"
-            ) from exc
-        return plaintext, position
-
-    def key_id_of(self, data: bytes) -> str | None:
-        envelope = _parse(data)
-        return None if envelope is None else envelope[0]
-
-
-def refuse_ciphertext(data: bytes) -> None:
-    """A store with encryption off must not hand out an encrypted item as if it were JSON."""
-    if data[:1] != b"{":
-        envelope = _parse(data)
-        key_id = None if envelope is None else envelope[0]
-        raise DecryptionFailed(
-            key_id, f"the item is encrypted (key {key_id!r}) but this store has no encryption"
-        )
-
-
-def _read_key(s: Section, field: str, path: Path) -> bytes:
-    try:
-        return decode_key(path.read_text("ascii"), f"key file {str(path)!r}")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        s.fail(field, str(exc))
-        raise
-
-
-def _parse_key_entry(s: Section, index: int, entry: object) -> dict[str, bytes]:
-    field = f"keys[{index}]"
-    if not isinstance(entry, dict) or not KEY_ID.fullmatch(str(entry.get("id", ""))):
-        s.fail(field, "needs an id of 1-64 letters, digits, '.', '_' or '-'")
-    assert isinstance(entry, dict)
-    if set(entry) - {"id", "file", "value"} or ("file" in entry) == ("value" in entry):
-        s.fail(field, "has an id and exactly one of file or value")
-    if "file" in entry:
-        return {entry["id"]: _read_key(s, field, Path(str(entry["file"])))}
-    try:
-        return {entry["id"]: decode_key(str(entry["value"]), field)}
-    except ValueError as exc:
-        s.fail(field, str(exc))
-        raise
-
-
-def _parse(data: bytes) -> tuple[str, int | None, bytes, bytes] | None:
-    """Key id, position, nonce and sealed bytes; None for bytes that are no envelope."""
-    magic = data[: len(MAGIC)]
-    if magic not in (MAGIC, POSITIONED) or len(data) < len(MAGIC) + 1:
-        return None
-    length = data[len(MAGIC)]
-    start = len(MAGIC) + 1 + length
-    key_id = data[len(MAGIC) + 1 : start].decode("ascii", "replace")
-    position = None
-    if magic == POSITIONED:
-        position = int.from_bytes(data[start : start + POSITION_BYTES], "big")
-        start += POSITION_BYTES
-    return key_id, position, data[start : start + NONCE_BYTES], data[start + NONCE_BYTES :]
-
-
-def _associated(store: str, session_id: str, position: int | None = None) -> bytes:
-    """What a ciphertext is bound to; `position` for "cs2" items (v2)."""
-    if position is None:
-        return f"convostore/v1\x00{store}\x00{session_id}".encode()
-    return f"convostore/v2\x00{store}\x00{session_id}\x00{position}".encode()
-
-
-@lru_cache(maxsize=4096)
-def _session_cipher(key: bytes, store: str, session_id: str) -> AESGCM:
-    """Imports `cryptography` (about 6.6 MB resident) only once a store encrypts."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    derived = HKDF(
-        algorithm=hashes.SHA256(),
-        length=KEY_BYTES,
-        salt=None,
-        info=b"convostore session key\x00" + _associated(store, session_id),
-    ).derive(key)
-    return AESGCM(derived)
-
+from .subjects import Subjects
 
 POP_ATTEMPTS = 50
+Read = Callable[[int | None], Awaitable[list[bytes]]]
+"""A read of stored items within a byte cap."""
+Seal = Callable[[bytes, int | None], bytes]
+"""Seals one item's plaintext at its position (None: a "cs1" item, no position)."""
 
 
 class _NewerArrived(Exception):
@@ -271,16 +60,22 @@ class _StillNewest:
     """The pop's check: the item about to go is the one whose order was checked."""
 
     def __init__(
-        self, driver: EncryptedDriver, session_id: str, expected: bytes | None, check: Check | None
+        self,
+        driver: EncryptedDriver,
+        session_id: str,
+        expected: bytes | None,
+        check: Check | None,
+        subject_keys: Mapping[str, bytes],
     ) -> None:
         self.driver, self.session_id = driver, session_id
-        self.expected, self.check = expected, check
+        self.expected, self.check, self.subject_keys = expected, check, subject_keys
         self.plaintext = b""
 
     def __call__(self, data: bytes) -> None:
         if data != self.expected:
             raise _NewerArrived
-        self.plaintext = self.driver.keyring.decrypt(self.driver.store, self.session_id, data)
+        keyring, store = self.driver.keyring, self.driver.store
+        self.plaintext = keyring.decrypt(store, self.session_id, data, self.subject_keys)
         if self.check is not None:
             self.check(self.plaintext)
 
@@ -290,6 +85,11 @@ class EncryptedDriver:
 
     def __init__(self, inner: Driver, keyring: Keyring, store: str) -> None:
         self.inner, self.keyring, self.store = inner, keyring, store
+        self.subjects = (
+            None
+            if keyring.subject_label is None
+            else Subjects(cast(SubjectKeys, inner), keyring, store)
+        )
         self._pop_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -306,7 +106,8 @@ class EncryptedDriver:
     async def append(
         self, session_id: str, items: Items, idempotency: Idempotency | None
     ) -> AppendResult:
-        return await self.inner.append(session_id, self._sealed(session_id, items), idempotency)
+        sealed = self._sealed(items, await self._sealer(session_id))
+        return await self.inner.append(session_id, sealed, idempotency)
 
     async def latest(
         self, session_id: str, limit: int | None, max_bytes: int | None = None
@@ -322,18 +123,59 @@ class EncryptedDriver:
             check,
         )
 
-    def _sealed(self, session_id: str, items: Items) -> Sealed:
+    async def _sealer(self, session_id: str, *, writing: bool = True) -> Seal:
+        """How the session's items are sealed now: under its subject's key when it has
+        a subject, else under the primary store key. A store that requires a subject
+        refuses new items (`writing`) of a session without one."""
+        subject = await self._subject(session_id)
+        if subject is None:
+            if writing and self.keyring.require_subject:
+                label = self.keyring.subject_label
+                raise Conflict(
+                    "subject_required",
+                    f"store {self.store!r} seals each session under its subject's key: set "
+                    f"the session's {label!r} label (metadata) before writing to it",
+                )
+            return functools.partial(self.keyring.encrypt, self.store, session_id)
+        assert self.subjects is not None
+        key = await self.subjects.key_for_write(subject)
+
+        def seal(plaintext: bytes, position: int | None) -> bytes:
+            if position is None:  # written before positions were bound: the store key's
+                return self.keyring.encrypt(self.store, session_id, plaintext, None)
+            return self.keyring.seal_for_subject(
+                self.store, session_id, subject, key, plaintext, position
+            )
+
+        return seal
+
+    async def _subject(self, session_id: str) -> str | None:
+        """The session's subject (a digest), read from its labels on every call: a label
+        set by another sidecar counts at once."""
+        if self.subjects is None:
+            return None
+        info = await cast(Labelled, self.inner).session_info(session_id)
+        value = None if info is None else info.labels.get(self.subjects.label)
+        return None if value is None else self.subjects.subject_of(value)
+
+    async def _subject_keys(self, stored: Iterable[bytes]) -> Mapping[str, bytes]:
+        """The keys of the subjects these stored items are sealed under; nothing is read
+        when none is a subject's."""
+        subjects = {e.subject for e in map(envelope_of, stored) if e is not None and e.subject}
+        if not subjects or self.subjects is None:
+            return NO_KEYS
+        return await self.subjects.keys_for(subjects)
+
+    @staticmethod
+    def _sealed(items: Items, seal: Seal) -> Sealed:
         if isinstance(items, Sealed):
             raise TypeError("items reach the keyring once, as plaintext")
         plain = list(items)
 
-        def seal(positions: Sequence[int]) -> list[bytes]:
-            return [
-                self.keyring.encrypt(self.store, session_id, item, position)
-                for item, position in zip(plain, positions, strict=True)
-            ]
+        def sealed(positions: Sequence[int]) -> list[bytes]:
+            return [seal(item, at) for item, at in zip(plain, positions, strict=True)]
 
-        return Sealed(len(plain), seal)
+        return Sealed(len(plain), sealed)
 
     async def _within(
         self, session_id: str, read: Read, max_bytes: int | None
@@ -345,18 +187,20 @@ class EncryptedDriver:
         cap = max_bytes
         while True:
             stored = await read(cap)
-            opened = self._open_in_order(session_id, stored)
+            opened = self._open_in_order(session_id, stored, await self._subject_keys(stored))
             stored_size, opened_size = sum(map(len, stored)), sum(map(len, opened))
             if max_bytes is None or cap is None or stored_size <= cap or opened_size > max_bytes:
                 return opened, stored
             cap = max_bytes + stored_size - opened_size
 
-    def _open_in_order(self, session_id: str, items: list[bytes]) -> list[bytes]:
+    def _open_in_order(
+        self, session_id: str, items: list[bytes], subject_keys: Mapping[str, bytes]
+    ) -> list[bytes]:
         """Decrypt a window of a branch, oldest first, refusing it unless the positions
         the items were sealed at grow: a reordered, replayed or repeated item."""
         opened, last = [], -1
         for data in items:
-            plaintext, position = self.keyring.open(self.store, session_id, data)
+            plaintext, position = self.keyring.open(self.store, session_id, data, subject_keys)
             if position is not None:
                 if position <= last:
                     raise DecryptionFailed(
@@ -385,8 +229,10 @@ class EncryptedDriver:
                 if attempt:
                     await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
                 window = await newest_two()
-                self._open_in_order(session_id, window)
-                verify = _StillNewest(self, session_id, window[-1] if window else None, check)
+                keys = await self._subject_keys(window)
+                self._open_in_order(session_id, window, keys)
+                newest = window[-1] if window else None
+                verify = _StillNewest(self, session_id, newest, check, keys)
                 try:
                     item = await pop(verify)
                 except _NewerArrived:
@@ -411,7 +257,7 @@ class EncryptedDriver:
     ) -> AppendResult:
         if self.keyring.hide_tool_names:
             meta = [replace(m, tool=None) for m in meta]
-        sealed = self._sealed(session_id, items)
+        sealed = self._sealed(items, await self._sealer(session_id))
         return await self._structured.append_to(session_id, branch, sealed, meta, idempotency)
 
     async def latest_in(
@@ -438,7 +284,7 @@ class EncryptedDriver:
     async def compact(
         self, session_id: str, branch: str, expected: Sequence[bytes], replacement: Items
     ) -> bool:
-        sealed = self._sealed(session_id, replacement)
+        sealed = self._sealed(replacement, await self._sealer(session_id, writing=False))
         return await cast(Compacting, self.inner).compact(session_id, branch, expected, sealed)
 
     async def full_history(
@@ -463,8 +309,10 @@ class EncryptedDriver:
 
     async def user_turns(self, session_id: str, branch: str) -> list[UserTurn]:
         turns = await self._structured.user_turns(session_id, branch)
+        keys = await self._subject_keys(t.item for t in turns)
         return [
-            replace(t, item=self.keyring.decrypt(self.store, session_id, t.item)) for t in turns
+            replace(t, item=self.keyring.decrypt(self.store, session_id, t.item, keys))
+            for t in turns
         ]
 
     async def shapes(self, session_id: str, branch: str) -> list[ItemShape]:
@@ -483,8 +331,26 @@ class EncryptedDriver:
         return await self._structured.usage(session_id, branch)
 
     async def label(self, session_id: str, changes: LabelChanges, most: int) -> SessionInfo:
-        """Labels are kept in clear: the backend finds sessions by them."""
-        return await cast(Labelled, self.inner).label(session_id, changes, most)
+        """Labels are kept in clear: the backend finds sessions by them. A session's
+        subject, once set, stays until the session is cleared or erased (its items are
+        sealed under that subject's key); set on a session that holds items, it seals
+        them again under the subject's key there and then."""
+        labelled = cast(Labelled, self.inner)
+        label = None if self.subjects is None else self.subjects.label
+        if label is None or label not in changes:
+            return await labelled.label(session_id, changes, most)
+        before = await labelled.session_info(session_id)
+        held = None if before is None else before.labels.get(label)
+        if held is not None and changes[label] != held:
+            raise Conflict(
+                "subject_fixed",
+                f"the session's {label!r} label names the subject its items are sealed "
+                "for; it cannot change: clear the session, or use another one",
+            )
+        info = await labelled.label(session_id, changes, most)
+        if held is None and changes[label] is not None:
+            await self.reencrypt(session_id)
+        return info
 
     async def session_info(self, session_id: str) -> SessionInfo | None:
         return await cast(Labelled, self.inner).session_info(session_id)
@@ -512,44 +378,72 @@ class EncryptedDriver:
 
     async def rewrite(self, session_id: str, transform: Transform) -> int:
         """`transform` sees and returns plaintext; what it changes is sealed again."""
+        seal = await self._sealer(session_id, writing=False)
+        keys = await self._own_subject_keys(session_id)
 
         def reseal(data: bytes) -> bytes | None:
-            plaintext, position = self.keyring.open(self.store, session_id, data)
+            plaintext, position = self.keyring.open(self.store, session_id, data, keys)
             new = transform(plaintext)
-            return None if new is None else self._reseal(session_id, new, position)
+            return None if new is None else seal(new, position)
 
         return await self.inner.rewrite(session_id, reseal)
 
     async def reencrypt(self, session_id: str) -> int:
-        """Re-encrypt the session's items that are not under the primary key."""
+        """Seal again the session's items that are not sealed as it seals them now: under
+        another store key than the primary, or (for a session with a subject) under a
+        store key at all. A subject's items stay as they are: a rotation re-wraps their
+        key instead (`Subjects.rewrap`)."""
+        subject = await self._subject(session_id)
+        seal = await self._sealer(session_id, writing=False)
 
         def reseal(data: bytes) -> bytes | None:
-            if self.keyring.key_id_of(data) == self.keyring.primary:
+            envelope = envelope_of(data)
+            if envelope is not None and envelope.subject is not None:
+                return None
+            under_primary = envelope is not None and envelope.key_id == self.keyring.primary
+            keeps_position = envelope is not None and envelope.position is not None
+            if under_primary and (subject is None or not keeps_position):
                 return None
             plaintext, position = self.keyring.open(self.store, session_id, data)
-            return self._reseal(session_id, plaintext, position)
+            return seal(plaintext, position)
 
         return await self.inner.rewrite(session_id, reseal)
 
-    async def key_census(self, session_id: str) -> tuple[dict[str, int], int]:
+    async def _own_subject_keys(self, session_id: str) -> Mapping[str, bytes]:
+        subject = await self._subject(session_id)
+        if subject is None or self.subjects is None:
+            return NO_KEYS
+        return await self.subjects.keys_for([subject])
+
+    async def key_census(self, session_id: str) -> tuple[dict[str, int], int, int]:
         """How many of the session's stored items (every branch, the compaction archive)
-        each key id seals, and how many are stored in clear (written before the store
-        encrypted). Read through `rewrite` with a transform that changes nothing, so it
-        sees exactly the items a re-encryption would."""
+        depend on each store key id, how many are stored in clear (written before the
+        store encrypted), and how many are sealed for a subject whose key is destroyed.
+        A subject's item depends on the store key that wraps the subject's key. Read
+        through `rewrite` with a transform that changes nothing, so it sees exactly the
+        items a re-encryption would."""
         sealed: dict[str, int] = {}
+        by_subject: dict[str, int] = {}
         clear = 0
 
         def count(data: bytes) -> None:
             nonlocal clear
-            key_id = self.keyring.key_id_of(data)
-            if key_id is None:
+            envelope = envelope_of(data)
+            if envelope is None:
                 clear += 1
+            elif envelope.subject is not None:
+                by_subject[envelope.subject] = by_subject.get(envelope.subject, 0) + 1
             else:
+                key_id = cast(str, envelope.key_id)
                 sealed[key_id] = sealed.get(key_id, 0) + 1
 
         await self.inner.rewrite(session_id, count)
-        return sealed, clear
-
-    def _reseal(self, session_id: str, plaintext: bytes, position: int | None) -> bytes:
-        """Sealed again at the position it was sealed at; a "cs1" item keeps none."""
-        return self.keyring.encrypt(self.store, session_id, plaintext, position)
+        wrapping = {} if self.subjects is None else await self.subjects.wrapping_key_ids(by_subject)
+        shredded = 0
+        for subject, n in by_subject.items():
+            key_id = wrapping.get(subject)
+            if key_id is None:
+                shredded += n
+            else:
+                sealed[key_id] = sealed.get(key_id, 0) + n
+        return sealed, clear, shredded

@@ -95,6 +95,7 @@ class Store:
         if retention is None or not self.structured:
             return swept
         now = wall_clock()
+        erased: list[SessionInfo] = []
         for value, kept in retention.classes.items():
             cutoff = now - kept  # a session made after it was written after it too
             stale = SessionQuery(
@@ -102,9 +103,11 @@ class Store:
             )
             for info in await self._labelled.find_sessions(stale):
                 # written since it was found: kept, in the erasure's own atomic step
-                swept += await self._labelled.erase(info.session_id, cutoff) is not None
+                if await self._labelled.erase(info.session_id, cutoff) is not None:
+                    erased.append(info)
+        await self._shred(erased, {})
         await self._labelled.settle_erasures()
-        return swept
+        return swept + len(erased)
 
     @property
     def name(self) -> str:
@@ -233,20 +236,39 @@ class Store:
         of what it erased, which names no one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
-        sessions = items = 0
+        erased: list[SessionInfo] = []
+        items = 0
         while True:
             page = await self._labelled.find_sessions(SessionQuery(labels, ERASE_BATCH))
             for info in page:
                 items += await self._labelled.erase(info.session_id) or 0
-                sessions += 1
+                erased.append(info)
             if not page or loop.time() > deadline:
                 break
+        await self._shred(erased, labels)
         await self._labelled.settle_erasures()
+        sessions = len(erased)
         record = ErasureRecord(
             uuid.uuid4().hex, wall_clock(), tuple(sorted(labels)), sessions, items, not page
         )
         await self._labelled.record_erasure(record)
         return record
+
+    async def _shred(self, erased: Sequence[SessionInfo], selector: Mapping[str, str]) -> None:
+        """Destroy the keys of the subjects these erasures took the last session of (and
+        of the subject the selector names, so a repeated erasure finishes an interrupted
+        one). A subject with sessions left keeps its key: an erasure by tenant does not
+        shred a person's sessions elsewhere."""
+        subjects = self.driver.subjects if isinstance(self.driver, EncryptedDriver) else None
+        if subjects is None:
+            return
+        label = subjects.label
+        values = {info.labels[label] for info in erased if label in info.labels}
+        if label in selector:
+            values.add(selector[label])
+        for value in sorted(values):
+            if not await self._labelled.find_sessions(SessionQuery({label: value}, 1)):
+                await subjects.forget(value)
 
     async def erasures(self, limit: int) -> list[ErasureRecord]:
         return await self._labelled.erasures(limit)
@@ -266,8 +288,22 @@ class Store:
         keyring = self._encrypted.keyring
         return keyring.primary, sorted(keyring.keys)
 
-    async def key_census(self, session_id: str) -> tuple[dict[str, int], int]:
-        """The items of the session each key id seals, and those stored in clear."""
+    async def subject_key_census(self) -> dict[str, int] | None:
+        """How many subjects' keys each store key wraps; None without a subject label."""
+        subjects = self._encrypted.subjects
+        return None if subjects is None else await subjects.census()
+
+    async def rewrap(self, budget: float) -> tuple[int, bool]:
+        """Re-wrap the subjects' keys under the primary key, for up to `budget` seconds
+        (then it is asked again); how many, and whether it is complete."""
+        subjects = self._encrypted.subjects
+        if subjects is None:
+            return 0, True
+        return await subjects.rewrap(budget)
+
+    async def key_census(self, session_id: str) -> tuple[dict[str, int], int, int]:
+        """The items of the session depending on each key id, those stored in clear,
+        and those of an erased subject."""
         return await self._encrypted.key_census(session_id)
 
     async def branches(self, session_id: str) -> list[BranchInfo]:

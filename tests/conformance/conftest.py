@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.keyring import generate_key
 
 from tests.support import (
     BACKENDS,

@@ -339,6 +339,21 @@ def test_there_is_an_example_per_backend_and_one_encrypted() -> None:
             "spec.labels",
             "the dapr backend cannot keep labels on sessions",
         ),
+        (
+            {"backend": "dapr", "dapr": {"stateStore": "x"}, "encryption": {"subjectLabel": "u"}},
+            "spec.encryption.subjectLabel",
+            "the dapr backend cannot seal sessions for their subjects",
+        ),
+        (
+            {"backend": "sqlite", "encryption": {"enabled": True, "subjectLabel": "user id"}},
+            "spec.encryption.subjectLabel",
+            "does not match",
+        ),
+        (
+            {"backend": "sqlite", "encryption": {"enabled": True, "requireSubject": True}},
+            "spec.encryption.requireSubject",
+            "requireSubject needs subjectLabel",
+        ),
         ({"backend": "dapr"}, "spec.dapr.stateStore", "needs dapr.stateStore"),
         ({"backend": "sqlite", "dapr": {"stateStore": "x"}}, "spec.dapr", "need backend: dapr"),
         (

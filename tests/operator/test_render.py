@@ -13,7 +13,7 @@ from convostore_operator.render import render
 from convostore_operator.spec import SecretRef, secret_refs, validate
 from convostore_operator.trust import OPENAI_API, Endpoint, Flow, flows
 from convostore_sidecar.config import load_config, parse_config
-from convostore_sidecar.encryption import generate_key
+from convostore_sidecar.keyring import generate_key
 from convostore_sidecar.sections import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -272,6 +272,18 @@ def test_connection_budgets_reach_the_sidecar_as_it_reads_them(tmp_path: Path) -
     specs["kv"]["redis"]["idleTimeout"] = "0s"
     with pytest.raises(ConfigError, match=r"idleTimeout.*must be a duration from 0\.1s"):
         parse_config(render("kv", validate(specs["kv"]), {}).config)
+
+
+def test_a_subject_label_reaches_the_sidecars_keyring(tmp_path: Path) -> None:
+    sealing = {"enabled": True, "subjectLabel": "user_id", "requireSubject": True}
+    spec = validate({"backend": "sqlite", "encryption": sealing})
+    keys_root = tmp_path / "keys"
+    (keys_root / "chat").mkdir(parents=True)
+    (keys_root / "chat" / "k1").write_text(generate_key())
+    rendered = render("chat", spec, {}, stores_root=str(tmp_path), keys_root=str(keys_root))
+    keyring = parse_config(rendered.config).stores["chat"].encryption
+    assert keyring is not None
+    assert (keyring.subject_label, keyring.require_subject) == ("user_id", True)
 
 
 def test_labels_render_as_the_sidecar_reads_them(tmp_path: Path) -> None:

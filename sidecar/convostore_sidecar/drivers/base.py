@@ -41,7 +41,8 @@ summary. The replaced items move to the branch's archive (`archive_of`), except 
 earlier compaction wrote (kind `compacted`), so the archive holds each original once.
 
 They also keep each session's record (`Labelled`): its creation and last write, and its
-labels, which listings find sessions by along an index and erasures erase them by.
+labels, which listings find sessions by along an index and erasures erase them by;
+and the data keys of the subjects those labels name (`SubjectKeys`).
 """
 
 from __future__ import annotations
@@ -453,6 +454,37 @@ class Labelled(Protocol):
 
     async def erasures(self, limit: int) -> list[ErasureRecord]:
         """The store's latest erasure records, newest first."""
+
+
+@dataclass(frozen=True)
+class SubjectKey:
+    """A subject's data key as the backend keeps it: sealed by the store's keyring, under
+    a name (`subject`) that is a digest of the label, never the person's id itself."""
+
+    subject: str
+    wrapped: bytes
+
+
+class SubjectKeys(Protocol):
+    """The data keys of a store's subjects (crypto-shredding, see `encryption`): one row
+    or field per subject beside the sessions, which an erasure deletes. Every driver that
+    keeps labels keeps them."""
+
+    async def subject_key(self, subject: str) -> bytes | None: ...
+
+    async def keep_subject_key(self, subject: str, wrapped: bytes) -> bytes:
+        """Keep `wrapped` unless the subject has a key already; the key kept, so
+        sidecars that make a subject's first key at once all use the same one."""
+
+    async def replace_subject_key(self, subject: str, old: bytes, new: bytes) -> bool:
+        """Put `new` in place of `old` (a rotation re-sealing it); False, changing
+        nothing, when the subject's key is no longer `old`."""
+
+    async def forget_subject_key(self, subject: str) -> bool: ...
+
+    async def subject_keys(self, cursor: str, limit: int) -> tuple[list[SubjectKey], str]:
+        """A page of about `limit` keys from `cursor` ("" first); the next cursor, ""
+        after the last page."""
 
 
 @dataclass(frozen=True)

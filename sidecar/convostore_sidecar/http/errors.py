@@ -22,8 +22,8 @@ from ..drivers.base import (
     TooManyLabels,
     TurnNotFound,
 )
-from ..encryption import DecryptionFailed
 from ..jsonbody import dumps
+from ..keyring import DecryptionFailed, SubjectErased
 from ..refusals import (
     Conflict,
     Invalid,
@@ -130,6 +130,14 @@ def error_answer(request: web.Request, exc: Exception) -> web.Response:
         )
     if isinstance(exc, BackendUnavailable):
         return _backend_unavailable(request, exc)
+    if isinstance(exc, SubjectErased):
+        _, store = labels(request)
+        return error_response(
+            410,
+            "subject_erased",
+            f"store {store!r}: the session's items were sealed for a subject since erased;"
+            " they cannot be read by anyone",
+        )
     if isinstance(exc, DecryptionFailed):
         _, store = labels(request)
         log.error("store %s: decryption failed (key %s): %s", store, exc.key_id, exc.reason)

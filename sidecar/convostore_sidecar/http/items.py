@@ -8,8 +8,8 @@ import binascii
 from aiohttp import web
 
 from ..drivers.base import MAIN, Idempotency
-from ..encryption import refuse_ciphertext
 from ..jsonbody import dumps, items_document
+from ..keyring import refuse_ciphertext
 from ..stores import Store
 from ..turns import from_first_turn, latest_turns, widened_to_turns
 from . import validation

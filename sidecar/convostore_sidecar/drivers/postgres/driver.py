@@ -25,6 +25,7 @@ from ..base import (
     Sealed,
     SessionInfo,
     SessionQuery,
+    SubjectKey,
     Transform,
     TurnUsage,
     Usage,
@@ -397,6 +398,69 @@ class PostgresDriver(KeepsStructure):
                 return int(held)
 
         return await self._connections.run(erase)
+
+    async def subject_key(self, subject: str) -> bytes | None:
+        wrapped = await self._connections.run(
+            lambda conn: conn.fetchval(
+                f"SELECT wrapped FROM {self._s}.subject_keys WHERE store = $1 AND subject = $2",
+                self.store,
+                subject,
+            )
+        )
+        return None if wrapped is None else bytes(wrapped)
+
+    async def keep_subject_key(self, subject: str, wrapped: bytes) -> bytes:
+        """One statement: the insert, or the key a racing sidecar kept first."""
+        kept = await self._connections.run(
+            lambda conn: conn.fetchval(
+                f"WITH made AS (INSERT INTO {self._s}.subject_keys VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING wrapped)"
+                " SELECT wrapped FROM made UNION ALL SELECT wrapped FROM"
+                f" {self._s}.subject_keys WHERE store = $1 AND subject = $2 LIMIT 1",
+                self.store,
+                subject,
+                wrapped,
+            )
+        )
+        if kept is None:  # the racing key was forgotten in between
+            return await self.keep_subject_key(subject, wrapped)
+        return bytes(kept)
+
+    async def replace_subject_key(self, subject: str, old: bytes, new: bytes) -> bool:
+        done = await self._connections.run(
+            lambda conn: conn.execute(
+                f"UPDATE {self._s}.subject_keys SET wrapped = $4"
+                " WHERE store = $1 AND subject = $2 AND wrapped = $3",
+                self.store,
+                subject,
+                old,
+                new,
+            )
+        )
+        return bool(done != "UPDATE 0")
+
+    async def forget_subject_key(self, subject: str) -> bool:
+        done = await self._connections.run(
+            lambda conn: conn.execute(
+                f"DELETE FROM {self._s}.subject_keys WHERE store = $1 AND subject = $2",
+                self.store,
+                subject,
+            )
+        )
+        return bool(done != "DELETE 0")
+
+    async def subject_keys(self, cursor: str, limit: int) -> tuple[list[SubjectKey], str]:
+        rows = await self._connections.run(
+            lambda conn: conn.fetch(
+                f"SELECT subject, wrapped FROM {self._s}.subject_keys WHERE store = $1"
+                ' AND subject COLLATE "C" > $2 ORDER BY subject COLLATE "C" LIMIT $3',
+                self.store,
+                cursor,
+                limit,
+            )
+        )
+        keys = [SubjectKey(row["subject"], bytes(row["wrapped"])) for row in rows]
+        return keys, keys[-1].subject if len(keys) == limit else ""
 
     async def record_erasure(self, record: ErasureRecord) -> None:
         await self._connections.run(lambda conn: labels.record_erasure(conn, self._rows, record))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 NO_BRANCH = "CVB01"  # SQLSTATE the append function raises for a branch that is not live
 MIGRATION_LOCK = 0x636F6E766F  # "convo": one advisory lock id for every migration
 
@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS {s}.erasures (
     complete boolean NOT NULL,
     PRIMARY KEY (store, erasure_id));
 CREATE INDEX IF NOT EXISTS erasures_at ON {s}.erasures (store, at);
+CREATE TABLE IF NOT EXISTS {s}.subject_keys (
+    store text NOT NULL, subject text NOT NULL, wrapped bytea NOT NULL,
+    PRIMARY KEY (store, subject));
 CREATE TABLE IF NOT EXISTS {s}.session_labels (
     store text NOT NULL, session_id text NOT NULL, name text NOT NULL, value text NOT NULL,
     created_at timestamptz NOT NULL,

@@ -49,6 +49,7 @@ from ..base import (
     Sealed,
     SessionInfo,
     SessionQuery,
+    SubjectKey,
     TooManyLabels,
     Transform,
     TurnNotFound,
@@ -76,11 +77,14 @@ from .scripts import (
     CREATE_BRANCH,
     DELETE_BRANCH,
     ERASE,
+    KEEP_SUBJECT_KEY,
     LABEL,
     POP,
     READ,
     RECORD_USAGE,
+    REPLACE_SUBJECT_KEY,
     SESSION_KEYS,
+    SUBJECTS,
     Outcome,
 )
 from .settings import Settings
@@ -127,6 +131,9 @@ class RedisDriver(KeepsStructure):
         self._index = f"{self.prefix}:sessions"
         self._label = self.client.register_script(LABEL)
         self._erase = self.client.register_script(ERASE)
+        self._subject_keys = f"{self._base(SUBJECTS)}:keys"
+        self._keep_subject_key = self.client.register_script(KEEP_SUBJECT_KEY)
+        self._replace_subject_key = self.client.register_script(REPLACE_SUBJECT_KEY)
         self._listings = Listings(self.client, self.prefix, self._about, self._through_migration)
         self._idempotency_to_forget: set[str] = set()
 
@@ -605,6 +612,43 @@ class RedisDriver(KeepsStructure):
         found = [key async for key in keys if key[base:].decode().split("}:idem:")[0] in erased]
         for key in found:
             await self._through_migration(functools.partial(self.client.delete, key))
+
+    async def subject_key(self, subject: str) -> bytes | None:
+        wrapped = await self._call(lambda: self.client.hget(self._subject_keys, subject))
+        return cast(bytes | None, wrapped)
+
+    async def keep_subject_key(self, subject: str, wrapped: bytes) -> bytes:
+        """Waits for `waitReplicas` like an append: items sealed under a key that a
+        failover lost could never be read."""
+        keys, args = [self._subject_keys], [subject.encode(), wrapped]
+
+        async def run() -> bytes:
+            return cast(bytes, await self._keep_subject_key(keys=keys, args=args))
+
+        return await self._call(lambda: self._replicated(SUBJECTS, run))
+
+    async def replace_subject_key(self, subject: str, old: bytes, new: bytes) -> bool:
+        keys, args = [self._subject_keys], [subject.encode(), old, new]
+
+        async def run() -> bool:
+            return bool(await self._replace_subject_key(keys=keys, args=args))
+
+        return await self._call(lambda: self._replicated(SUBJECTS, run))
+
+    async def forget_subject_key(self, subject: str) -> bool:
+        async def run() -> bool:
+            return bool(await self.client.hdel(self._subject_keys, subject))
+
+        return await self._call(lambda: self._replicated(SUBJECTS, run))
+
+    async def subject_keys(self, cursor: str, limit: int) -> tuple[list[SubjectKey], str]:
+        """A page of HSCAN, whose cursor this is."""
+        step = await self._call(
+            lambda: self.client.hscan(self._subject_keys, int(cursor or 0), count=limit)
+        )
+        following, fields = cast(tuple[int, dict[bytes, bytes]], step)
+        keys = [SubjectKey(name.decode(), wrapped) for name, wrapped in fields.items()]
+        return keys, str(following) if following else ""
 
     async def record_erasure(self, record: ErasureRecord) -> None:
         """In a list, newest first, each record as JSON."""

@@ -421,3 +421,17 @@ redis.call('DEL', base .. ':seq', base .. ':ids', base .. ':branches', usage, ab
 return {DONE, held, labels}
 """
 )
+
+
+SUBJECTS = "!subjects"
+"""The hash tag of the store's subject keys: a `!` no session id holds, so its slot's
+keys are never a session's."""
+KEEP_SUBJECT_KEY = """
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+REPLACE_SUBJECT_KEY = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""

@@ -10,7 +10,7 @@ Statements are SQLAlchemy Core, so each dialect gets its own SQL; none needs
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
     BindParameter,
@@ -45,6 +45,7 @@ from ..base import (
     Meta,
     SessionInfo,
     SessionQuery,
+    SubjectKey,
     Transform,
     TurnUsage,
     Usage,
@@ -56,7 +57,7 @@ from ..base import (
 )
 from . import labels, structure
 from .connections import Connections
-from .rows import BRANCH, SESSION, STORE, SessionRows, upsert
+from .rows import BRANCH, SESSION, STORE, SessionRows, insert_absent, upsert
 from .settings import Settings
 from .tables import SchemaProblem, migrate, newest_first, on_branch, tables
 
@@ -509,6 +510,56 @@ class SqlAlchemyDriver(KeepsStructure):
             return int(held or 0)
 
         return await self._connections.transact(erase)
+
+    def _subject(self, subject: str) -> ColumnElement[bool]:
+        k = self.t.subject_keys
+        return and_(k.c.store == self.store, k.c.subject == subject)
+
+    async def subject_key(self, subject: str) -> bytes | None:
+        query = select(self.t.subject_keys.c.wrapped).where(self._subject(subject))
+
+        async def read(conn: AsyncConnection) -> bytes | None:
+            return cast(bytes | None, (await conn.execute(query)).scalar_one_or_none())
+
+        wrapped = await self._connections.transact(read)
+        return None if wrapped is None else bytes(wrapped)
+
+    async def keep_subject_key(self, subject: str, wrapped: bytes) -> bytes:
+        k = self.t.subject_keys
+        row = {"store": self.store, "subject": subject, "wrapped": wrapped}
+
+        async def keep(conn: AsyncConnection) -> bytes | None:
+            await conn.execute(insert_absent(conn, k, row))
+            kept = await conn.execute(select(k.c.wrapped).where(self._subject(subject)))
+            return cast(bytes | None, kept.scalar_one_or_none())
+
+        kept = await self._connections.transact(keep)
+        if kept is None:  # the racing key was forgotten in between
+            return await self.keep_subject_key(subject, wrapped)
+        return bytes(kept)
+
+    async def replace_subject_key(self, subject: str, old: bytes, new: bytes) -> bool:
+        k = self.t.subject_keys
+        change = update(k).where(self._subject(subject), k.c.wrapped == old).values(wrapped=new)
+        done = await self._connections.transact(lambda conn: conn.execute(change))
+        return bool(done.rowcount)
+
+    async def forget_subject_key(self, subject: str) -> bool:
+        forget = delete(self.t.subject_keys).where(self._subject(subject))
+        done = await self._connections.transact(lambda conn: conn.execute(forget))
+        return bool(done.rowcount)
+
+    async def subject_keys(self, cursor: str, limit: int) -> tuple[list[SubjectKey], str]:
+        k = self.t.subject_keys
+        query = (
+            select(k.c.subject, k.c.wrapped)
+            .where(k.c.store == self.store, k.c.subject > cursor)
+            .order_by(k.c.subject)
+            .limit(limit)
+        )
+        rows = await self._connections.transact(lambda conn: _all(conn, query))
+        keys = [SubjectKey(subject, bytes(wrapped)) for subject, wrapped in rows]
+        return keys, keys[-1].subject if len(keys) == limit else ""
 
     async def record_erasure(self, record: ErasureRecord) -> None:
         await self._connections.transact(lambda conn: labels.record_erasure(self.db, conn, record))

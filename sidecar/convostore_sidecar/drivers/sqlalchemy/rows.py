@@ -116,3 +116,14 @@ def upsert(conn: AsyncConnection, table: Table, row: dict[str, Any]) -> Any:
     return other.on_conflict_do_update(
         index_elements=keys, set_={c: other.excluded[c] for c in row if c not in keys}
     )
+
+
+def insert_absent(conn: AsyncConnection, table: Table, row: dict[str, Any]) -> Any:
+    """Insert `row` unless a row with its primary key is there, in the dialect's own
+    statement (so a racing insert is no error)."""
+    if conn.dialect.name in ("mysql", "mariadb"):
+        mine = mysql.insert(table).values(row)
+        first = table.primary_key.columns.values()[0].name
+        return mine.on_duplicate_key_update({first: mine.inserted[first]})
+    module = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return module.insert(table).values(row).on_conflict_do_nothing()

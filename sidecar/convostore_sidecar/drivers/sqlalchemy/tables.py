@@ -81,6 +81,7 @@ class Tables:
     idempotency: Table
     labels: Table
     erasures: Table
+    subject_keys: Table
 
 
 def _table(name: str, metadata: MetaData, *parts: Column[Any] | Index) -> Table:
@@ -187,7 +188,16 @@ def tables(prefix: str) -> Tables:
         Column("complete", Boolean, nullable=False),
         Index(f"{prefix}erasures_at", "store", "at"),
     )
-    return Tables(m, version, sessions, items, branches, usage, idempotency, labels, erasures)
+    subject_keys = _table(
+        f"{prefix}subject_keys",
+        m,
+        Column("store", STORE, primary_key=True),
+        Column("subject", _id(64), primary_key=True),
+        Column("wrapped", BYTES, nullable=False),
+    )
+    return Tables(
+        m, version, sessions, items, branches, usage, idempotency, labels, erasures, subject_keys
+    )
 
 
 def on_branch(items: Table, store: Id, session_id: Id, branch: Id) -> list[ColumnElement[bool]]:

@@ -31,6 +31,7 @@ from ..base import (
     Meta,
     SessionInfo,
     SessionQuery,
+    SubjectKey,
     TooManyLabels,
     Transform,
     TurnNotFound,
@@ -716,6 +717,68 @@ class SqliteDriver(KeepsStructure):
             f"sqlite {self._path}: readers kept the write-ahead log, which still holds erased "
             "pages, from being truncated"
         )
+
+    async def subject_key(self, subject: str) -> bytes | None:
+        row = await self._reader.run(
+            lambda conn: conn.execute(
+                "SELECT wrapped FROM convostore_subject_keys WHERE store = ? AND subject = ?",
+                (self.store, subject),
+            ).fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    async def keep_subject_key(self, subject: str, wrapped: bytes) -> bytes:
+        def keep(conn: sqlite3.Connection) -> bytes:
+            key = (self.store, subject)
+            conn.execute(
+                "INSERT OR IGNORE INTO convostore_subject_keys VALUES (?,?,?)", (*key, wrapped)
+            )
+            (kept,) = conn.execute(
+                "SELECT wrapped FROM convostore_subject_keys WHERE store = ? AND subject = ?", key
+            ).fetchone()
+            return bytes(kept)
+
+        return await self._writer.transact(keep)
+
+    async def replace_subject_key(self, subject: str, old: bytes, new: bytes) -> bool:
+        def replace(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "UPDATE convostore_subject_keys SET wrapped = ?"
+                    " WHERE store = ? AND subject = ? AND wrapped = ?",
+                    (new, self.store, subject, old),
+                ).rowcount
+            )
+
+        return await self._writer.transact(replace)
+
+    async def forget_subject_key(self, subject: str) -> bool:
+        """With `secure_delete` on, as an erasure runs (the caller settles the log)."""
+
+        def forget(conn: sqlite3.Connection) -> bool:
+            conn.execute("PRAGMA secure_delete = ON")
+            try:
+                return bool(
+                    conn.execute(
+                        "DELETE FROM convostore_subject_keys WHERE store = ? AND subject = ?",
+                        (self.store, subject),
+                    ).rowcount
+                )
+            finally:
+                conn.execute("PRAGMA secure_delete = OFF")
+
+        return await self._writer.transact(forget)
+
+    async def subject_keys(self, cursor: str, limit: int) -> tuple[list[SubjectKey], str]:
+        rows = await self._reader.run(
+            lambda conn: conn.execute(
+                "SELECT subject, wrapped FROM convostore_subject_keys WHERE store = ?"
+                " AND subject > ? ORDER BY subject LIMIT ?",
+                (self.store, cursor, limit),
+            ).fetchall()
+        )
+        keys = [SubjectKey(subject, bytes(wrapped)) for subject, wrapped in rows]
+        return keys, keys[-1].subject if len(keys) == limit else ""
 
     async def record_erasure(self, record: ErasureRecord) -> None:
         row = (self.store, record.erasure_id, record.at, ",".join(record.label_names))

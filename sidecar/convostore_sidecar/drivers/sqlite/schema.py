@@ -18,6 +18,10 @@ CREATE TABLE IF NOT EXISTS convostore_erasures (
     PRIMARY KEY (store, erasure_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS convostore_erasures_at ON convostore_erasures (store, at);
+CREATE TABLE IF NOT EXISTS convostore_subject_keys (
+    store TEXT NOT NULL, subject TEXT NOT NULL, wrapped BLOB NOT NULL,
+    PRIMARY KEY (store, subject)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS convostore_labels (
     store TEXT NOT NULL, session_id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
     created_at REAL NOT NULL,
