@@ -154,3 +154,21 @@ def test_the_listing_benchmark_fills_each_store_and_pages_through_it(tmp_path: P
             float(large) / float(small), abs=0.01
         )
         assert int(held) == (10 if listing.startswith("a user") else 100), (backend, listing)
+
+
+def test_the_shredding_benchmark_times_each_store_beside_the_one_in_clear(tmp_path: Path) -> None:
+    """Every backend in three modes, each ratio computed from the figures beside it."""
+    rows = table_rows("bench.shredding", "--repeat", "5", "--sessions", "2", out=tmp_path / "s.md")
+    cells = [[cell.strip() for cell in row] for row in rows if len(row) == 6][2:]
+    assert [(row[0], row[1]) for row in cells] == [
+        (backend, mode)
+        for backend in ("sqlite", "postgres", "redis")
+        for mode in ("clear", "store key", "subject keys")
+    ]
+    clear: dict[str, tuple[float, float]] = {}
+    for backend, mode, append, append_ratio, read, read_ratio in cells:
+        if mode == "clear":
+            clear[backend] = (float(append), float(read))
+        ratios = (float(append) / clear[backend][0], float(read) / clear[backend][1])
+        assert float(append_ratio.removesuffix("×")) == pytest.approx(ratios[0], abs=0.01)
+        assert float(read_ratio.removesuffix("×")) == pytest.approx(ratios[1], abs=0.01)
