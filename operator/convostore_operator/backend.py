@@ -155,4 +155,5 @@ async def purge(
             for session_id in ids:
                 await store.clear(session_id)
             cleared += len(ids)
+        await store.forget_subject_keys()
     return cleared

@@ -52,6 +52,7 @@ from .refusals import Conflict, Invalid, NotFound, NotSupported
 if TYPE_CHECKING:
     from .compaction.compactor import Compactor
     from .compaction.policy import Request
+    from .subjects import Subjects
 
 log = logging.getLogger("convostore.sidecar")
 ERASE_BATCH = 100
@@ -259,7 +260,7 @@ class Store:
         of the subject the selector names, so a repeated erasure finishes an interrupted
         one). A subject with sessions left keeps its key: an erasure by tenant does not
         shred a person's sessions elsewhere."""
-        subjects = self.driver.subjects if isinstance(self.driver, EncryptedDriver) else None
+        subjects = self._subjects
         if subjects is None:
             return
         label = subjects.label
@@ -287,6 +288,15 @@ class Store:
         """The primary key's id and every key id the store holds (ids only)."""
         keyring = self._encrypted.keyring
         return keyring.primary, sorted(keyring.keys)
+
+    async def forget_subject_keys(self) -> int:
+        """Destroy every subject's key (a store being deleted); how many there were."""
+        subjects = self._subjects
+        return 0 if subjects is None else await subjects.forget_all()
+
+    @property
+    def _subjects(self) -> Subjects | None:
+        return self.driver.subjects if isinstance(self.driver, EncryptedDriver) else None
 
     async def subject_key_census(self) -> dict[str, int] | None:
         """How many subjects' keys each store key wraps; None without a subject label."""

@@ -73,6 +73,17 @@ class Subjects:
             self._unwrapped.pop(wrapped, None)
         return await self._keys.forget_subject_key(subject)
 
+    async def forget_all(self) -> int:
+        """Destroy every subject's key: the store is being deleted."""
+        forgotten = 0
+        while True:
+            page, _ = await self._keys.subject_keys("", PAGE)
+            for entry in page:
+                forgotten += await self._keys.forget_subject_key(entry.subject)
+            if not page:
+                self._unwrapped.clear()
+                return forgotten
+
     async def rewrap(self, budget: float) -> tuple[int, bool]:
         """Re-seal the subjects' keys that are not under the primary key, for up to
         `budget` seconds; how many, and whether none is left."""

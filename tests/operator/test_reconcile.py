@@ -505,6 +505,7 @@ async def test_retain_keeps_data_and_delete_purges_it(
     client = aioredis.Redis.from_url(redis_url)
     await operator()
     url = await lend_url(cluster, redis_url)
+    sealing = {"enabled": True, "subjectLabel": "user_id"}
     for name, policy in (("keep", "Retain"), ("purge", "Delete")):
         await create_store(
             cluster,
@@ -513,6 +514,7 @@ async def test_retain_keeps_data_and_delete_purges_it(
                 "backend": "redis",
                 "deletionPolicy": policy,
                 "redis": {"urlSecretRef": url, "keyPrefix": f"op-{name}"},
+                "encryption": sealing,
             },
         )
         await eventually(functools.partial(phase_is, cluster, name, "Ready"))
@@ -520,6 +522,7 @@ async def test_retain_keeps_data_and_delete_purges_it(
         await client.rpush(f"{keys}:{{s1}}:items", b'{"n":1}')
         await client.set(f"{keys}:{{s1}}:seq", 1)
         await client.zadd(f"{keys}:sessions", {"s1": 0})
+        await client.hset(f"{keys}:{{!subjects}}:keys", "a1b2", b"a wrapped key")
         obj = store_object(cluster, name)
         assert "convostore.dev/finalizer" in obj["metadata"]["finalizers"]
         await cluster.delete(
@@ -528,6 +531,8 @@ async def test_retain_keeps_data_and_delete_purges_it(
         await eventually(functools.partial(is_gone, cluster, name))
     assert await client.exists(f"op-keep:{NAMESPACE}:{{s1}}:items") == 1
     assert await client.exists(f"op-purge:{NAMESPACE}:{{s1}}:items") == 0
+    assert await client.exists(f"op-keep:{NAMESPACE}:{{!subjects}}:keys") == 1
+    assert await client.exists(f"op-purge:{NAMESPACE}:{{!subjects}}:keys") == 0, "keys kept"
     await eventually(lambda: "Purged" in reasons_of_events(cluster, "purge"))
     await eventually(lambda: "Retained" in reasons_of_events(cluster, "keep"))
     await client.aclose()
