@@ -71,8 +71,8 @@ def test_compare_runs_a_revision_and_this_checkout_side_by_side() -> None:
 
 
 def assert_ratio(shown: str, top: str, bottom: str) -> None:
-    """`shown` (a cell such as "2.45" and its sign) is `top / bottom` as measured, to two decimals: within what
-    the two figures, themselves shown to two decimals, allow."""
+    """A ratio cell is `top / bottom` as measured, to two decimals: within what the two
+    figures, themselves shown to two decimals, allow."""
     low = (float(top) - 0.005) / (float(bottom) + 0.005) - 0.005
     high = (float(top) + 0.005) / max(float(bottom) - 0.005, 1e-9) + 0.005
     assert low <= float(shown.removesuffix("×")) <= high, (shown, top, bottom)
