@@ -21,11 +21,11 @@ ENV PIP_NO_CACHE_DIR=1
 RUN python -m venv --without-pip /opt/convostore \
     && python -m venv /opt/pip \
     && /opt/pip/bin/pip install --upgrade pip==24.3.1 \
-    && /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar]' \
+    && /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar,sidecar-tracing]' \
     && find /opt/convostore -type f \( -name '*.c' -o -name '*.pyx' -o -name '*.pxd' \) -delete
 
 FROM build-sidecar AS build-operator
-RUN /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar,operator]'
+RUN /opt/pip/bin/pip --python /opt/convostore/bin/python install '.[sidecar,sidecar-tracing,operator]'
 
 FROM ${BASE} AS runtime
 RUN groupadd --gid 65532 convostore \

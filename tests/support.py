@@ -292,8 +292,9 @@ async def make_sdk_tables_on_mysql(
 async def raw_contents(sidecar: RunningSidecar) -> bytes:
     """Everything the store's backend holds for it, as the database returns it: every
     row of every table, every key's name and value."""
-    served: Any = sidecar.app[STORES].get("chat").driver
-    driver: Any = getattr(served, "inner", served)
+    driver: Any = sidecar.app[STORES].get("chat").driver
+    while hasattr(driver, "inner"):  # within encryption and instrumentation
+        driver = driver.inner
     kind = type(driver).__name__
     if kind == "SqliteDriver":
         path = driver._writer._settings.path

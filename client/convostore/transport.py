@@ -26,7 +26,7 @@ import os
 import random
 import time
 import weakref
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +42,12 @@ from .errors import (
     StoreUnavailableError,
     UnauthorizedError,
 )
+
+inject_trace_context: Callable[[dict[str, str]], None] | None
+try:  # the `tracing` extra: each call carries the agent's current trace context
+    from opentelemetry.propagate import inject as inject_trace_context
+except ImportError:
+    inject_trace_context = None
 
 DEFAULT_URL = "http://127.0.0.1:8790"
 LARGE_BODY = 1 << 20
@@ -248,6 +254,8 @@ class Transport:
             all_headers = {**self._base_headers(), **(headers or {})}
             if body is not None:
                 all_headers["Content-Type"] = "application/json"
+            if inject_trace_context is not None:
+                inject_trace_context(all_headers)  # `traceparent`, when a span is current
             try:
                 async with (
                     Lease(self.endpoint) as http,

@@ -27,6 +27,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.backend_latency = Histogram(
+            "convostore_backend_call_duration_seconds",
+            "Time of one call to a store's backend, by store, backend and the driver's "
+            "operation (append_to, latest_in, ...).",
+            ["store", "backend", "operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.backend_errors = Counter(
             "convostore_backend_errors",
             "Backend calls that failed because the backend was unavailable.",

@@ -46,8 +46,10 @@ from .drivers.base import (
     wall_clock,
 )
 from .encryption import EncryptedDriver
+from .instrumented import InstrumentedDriver
 from .metrics import Metrics
 from .refusals import Conflict, Invalid, NotFound, NotSupported
+from .tracing import Tracing
 
 if TYPE_CHECKING:
     from .compaction.compactor import Compactor
@@ -65,8 +67,15 @@ class Store:
     _compactor: Compactor | None = None
 
     @classmethod
-    def open(cls, config: StoreConfig) -> Store:
+    def open(
+        cls, config: StoreConfig, metrics: Metrics | None = None, tracing: Tracing | None = None
+    ) -> Store:
+        """The store with its driver; with `metrics`, every backend call is timed (and,
+        with `tracing`, traced)."""
         driver = open_driver(config)
+        if metrics is not None:
+            instrumented = InstrumentedDriver(driver, config.name, config.backend, metrics, tracing)
+            driver = cast(Driver, instrumented)
         if config.encryption is not None:
             driver = EncryptedDriver(driver, config.encryption, config.identity)
         store = cls(config, driver)
@@ -74,7 +83,11 @@ class Store:
             from .compaction.compactor import Compactor
 
             store._compactor = Compactor(
-                config.compaction, config.limits.max_read_items, store._compacting, config.name
+                config.compaction,
+                config.limits.max_read_items,
+                store._compacting,
+                config.name,
+                tracing,
             )
         return store
 
@@ -344,8 +357,12 @@ class Store:
 
 
 class Stores:
-    def __init__(self, config: SidecarConfig) -> None:
-        self._stores = {name: Store.open(cfg) for name, cfg in config.stores.items()}
+    def __init__(
+        self, config: SidecarConfig, metrics: Metrics, tracing: Tracing | None = None
+    ) -> None:
+        self._stores = {
+            name: Store.open(cfg, metrics, tracing) for name, cfg in config.stores.items()
+        }
         self._sweepers: list[asyncio.Task[None]] = []
 
     def __iter__(self) -> Iterator[Store]:

@@ -18,6 +18,7 @@ from typing import Any
 from ..drivers.base import Compacting
 from ..jsonbody import dumps, loads
 from ..refusals import Invalid, UpstreamFailed
+from ..tracing import Tracing
 from . import policy
 from .model import CompactionModel
 from .settings import CompactionSettings
@@ -30,10 +31,15 @@ than a model's context window holds."""
 
 class Compactor:
     def __init__(
-        self, settings: CompactionSettings, max_read_items: int, driver: Compacting, store: str
+        self,
+        settings: CompactionSettings,
+        max_read_items: int,
+        driver: Compacting,
+        store: str,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings, self.max_read_items, self.driver = settings, max_read_items, driver
-        self.model = CompactionModel(settings, store)
+        self.model = CompactionModel(settings, store, tracing)
         self._turns: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )

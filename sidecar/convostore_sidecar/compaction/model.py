@@ -15,6 +15,7 @@ import openai
 
 from ..openai_api import api_client, read_key, redact
 from ..refusals import Invalid, Refused, UpstreamFailed, UpstreamTimedOut
+from ..tracing import Tracing
 from .settings import CompactionSettings
 
 
@@ -25,8 +26,10 @@ class Compacted:
 
 
 class CompactionModel:
-    def __init__(self, settings: CompactionSettings, store: str) -> None:
-        self.model, self.store = settings.model, store
+    def __init__(
+        self, settings: CompactionSettings, store: str, tracing: Tracing | None = None
+    ) -> None:
+        self.model, self.store, self._tracing = settings.model, store, tracing
         self._key = read_key(settings.api_key_file, store)
         self.api = api_client(self._key, settings)
 
@@ -41,8 +44,14 @@ class CompactionModel:
         )
         if items is not None:
             source["input"] = items
-        async with self._calling():
-            answer = await self.api.responses.compact(model=self.model, **source)
+        traced = (
+            contextlib.nullcontext()
+            if self._tracing is None
+            else self._tracing.model_span(self.store, self.model)
+        )
+        with traced:
+            async with self._calling():
+                answer = await self.api.responses.compact(model=self.model, **source)
         output = [item.model_dump(exclude_unset=True, warnings=False) for item in answer.output]
         usage = None if answer.usage is None else answer.usage.model_dump(exclude_unset=True)
         return Compacted(output, usage)

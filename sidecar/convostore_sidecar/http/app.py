@@ -10,6 +10,7 @@ from ..config import SidecarConfig
 from ..metrics import Metrics
 from ..readiness import Readiness
 from ..stores import Stores
+from ..tracing import from_environment
 from . import branches, compaction, keys, metadata
 from .answers import AnswerBudget
 from .items import routes
@@ -28,6 +29,7 @@ from .state import (
     REQUEST_LIMITS,
     STORES,
     TOKEN,
+    TRACING,
 )
 
 BODY_SLACK = 64 << 10
@@ -41,7 +43,8 @@ def build_app(config: SidecarConfig) -> web.Application:
     )
     app[METRICS] = Metrics()
     app[IN_FLIGHT] = InFlight()
-    app[STORES] = Stores(config)
+    app[TRACING] = from_environment()
+    app[STORES] = Stores(config, app[METRICS], app[TRACING])
     app[TOKEN] = TokenCheck(config.token_file) if config.token_file else None
     app[READINESS] = Readiness()
     app[REQUEST_LIMITS] = config.requests
@@ -60,3 +63,6 @@ async def _stores_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[STORES].open(app[METRICS])
     yield
     await app[STORES].close()
+    tracing = app[TRACING]
+    if tracing is not None:
+        tracing.shutdown()

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .errors import WRITES, ApiError, error_answer, labels, overloaded
-from .state import BODY_BUDGET, IN_FLIGHT, METRICS, READINESS, REQUEST_LIMITS, TOKEN
+from .state import BODY_BUDGET, IN_FLIGHT, METRICS, READINESS, REQUEST_LIMITS, TOKEN, TRACING
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
 
@@ -43,7 +43,23 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     """What every request passes through, in one layer (each aiohttp middleware costs a
     coroutine call per request): counted in flight, so shutdown can wait for it; let in
     (`admit`); its failures answered as JSON (`error_answer`); its body bytes given
-    back; its metrics recorded."""
+    back; its metrics recorded; with tracing on, in a span of the caller's trace."""
+    tracing = request.app[TRACING]
+    if tracing is None:
+        return await _handled(request, handler)
+    route, store = labels(request)
+    session_id = request.match_info.get("session_id", "")
+    with tracing.request_span(request.headers, request.method, route, store, session_id) as span:
+        response = await _handled(request, handler)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            from opentelemetry.trace import StatusCode
+
+            span.set_status(StatusCode.ERROR)
+        return response
+
+
+async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app
     in_flight = app[IN_FLIGHT]
     in_flight.enter()

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..readiness import Readiness
     from ..stores import Stores
+    from ..tracing import Tracing
     from .answers import AnswerBudget
     from .middleware import BodyBudget, InFlight, TokenCheck
 
@@ -22,3 +23,4 @@ READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 REQUEST_LIMITS: web.AppKey[RequestLimits] = web.AppKey("request_limits")
 BODY_BUDGET: web.AppKey[BodyBudget] = web.AppKey("body_budget")
 ANSWER_BUDGET: web.AppKey[AnswerBudget] = web.AppKey("answer_budget")
+TRACING: web.AppKey[Tracing | None] = web.AppKey("tracing")
