@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import inspect
 import json
 import signal
@@ -13,9 +14,9 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,6 +32,11 @@ from convostore_sidecar.drivers import BACKENDS as DECLARED
 from convostore_sidecar.drivers.sqlalchemy.tables import tables
 from convostore_sidecar.http.state import STORES
 from convostore_sidecar.migrate import migrate_store
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from sqlalchemy import String, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -340,3 +346,48 @@ async def raw_contents(sidecar: RunningSidecar) -> bytes:
         elif kind_of == "string":
             found.append(await driver.client.get(key))
     return b"".join(found)
+
+
+@dataclass
+class Receiver:
+    url: str
+    spans: list[Span] = field(default_factory=list)
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    """The resource attributes of each export (`service.name`, ...)."""
+
+
+def attributes(holder: Any) -> dict[str, Any]:
+    """A span's or a resource's attributes, as plain values."""
+    found: dict[str, Any] = {}
+    for attribute in holder.attributes:
+        value = attribute.value
+        found[attribute.key] = getattr(value, value.WhichOneof("value") or "string_value")
+    return found
+
+
+@contextlib.asynccontextmanager
+async def otlp_receiver() -> AsyncIterator[Receiver]:
+    """An OTLP/HTTP receiver on a loopback port: decodes each export as a collector
+    would, and keeps the spans."""
+    got = Receiver("")
+
+    async def traces(request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        export = ExportTraceServiceRequest()
+        export.ParseFromString(body)
+        for resource_spans in export.resource_spans:
+            got.resources.append(attributes(resource_spans.resource))
+            for scope_spans in resource_spans.scope_spans:
+                got.spans.extend(scope_spans.spans)
+        answer = ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=answer, content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    got.url = str(server.make_url("")).rstrip("/")
+    yield got
+    await server.close()

@@ -177,3 +177,23 @@ def test_the_shredding_benchmark_times_each_store_beside_the_one_in_clear(tmp_pa
             clear[backend] = (append, read)
         assert_ratio(append_ratio, append, clear[backend][0])
         assert_ratio(read_ratio, read, clear[backend][1])
+
+
+def test_the_tracing_benchmark_exports_every_span_it_measures(tmp_path: Path) -> None:
+    """Tracing off sends nothing; on, every turn's four spans (two requests, each with
+    its backend call) reach the collector; each ratio from the figures beside it."""
+    rows = table_rows("bench.tracing", "--turns", "5", out=tmp_path / "tracing.md")
+    cells = [[cell.strip() for cell in row] for row in rows if len(row) == 7][2:]
+    assert [(row[0], row[1]) for row in cells] == [
+        (backend, mode) for backend in ("sqlite", "postgres", "redis") for mode in ("off", "on")
+    ]
+    off: dict[str, tuple[str, str]] = {}
+    for backend, mode, turn, turn_ratio, cpu, cpu_ratio, spans in cells:
+        if mode == "off":
+            off[backend] = (turn, cpu)
+            assert int(spans) == 0
+        else:
+            assert int(spans) >= 4 * 5
+        assert_ratio(turn_ratio, turn, off[backend][0])
+        if cpu_ratio != "n/a":  # the sidecar took under a clock tick with tracing off
+            assert_ratio(cpu_ratio, cpu, off[backend][1])

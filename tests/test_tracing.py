@@ -6,74 +6,27 @@ the sidecar's server span under it, and the backend's span under that."""
 from __future__ import annotations
 
 import asyncio
-import gzip
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from agents import Agent, Runner
 from agents.testing import ScriptedModel, assistant_message
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from convostore import SidecarSession
 from convostore_sidecar.tracing import from_environment
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import TracerProvider
 
-from tests.servers import free_port
-from tests.support import SidecarProcess, unique
+from tests.support import Receiver, SidecarProcess, attributes, otlp_receiver, unique
 
 SYSTEMS = {"sqlite": "sqlite", "redis": "redis", "postgres": "postgresql"}
 SECRET = "words-only-the-store-should-hold"
 
 
-@dataclass
-class Receiver:
-    url: str
-    spans: list[Span] = field(default_factory=list)
-    services: set[str] = field(default_factory=set)
-
-
-def attributes(span: Span) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for attribute in span.attributes:
-        value = attribute.value
-        found[attribute.key] = getattr(value, value.WhichOneof("value") or "string_value")
-    return found
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    """An OTLP/HTTP receiver: decodes each export as a collector would."""
-    got = Receiver("")
-
-    async def traces(request: web.Request) -> web.Response:
-        body = await request.read()
-        if request.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        export = ExportTraceServiceRequest()
-        export.ParseFromString(body)
-        for resource_spans in export.resource_spans:
-            for attribute in resource_spans.resource.attributes:
-                if attribute.key == "service.name":
-                    got.services.add(attribute.value.string_value)
-            for scope_spans in resource_spans.scope_spans:
-                got.spans.extend(scope_spans.spans)
-        answer = ExportTraceServiceResponse().SerializeToString()
-        return web.Response(body=answer, content_type="application/x-protobuf")
-
-    app = web.Application()
-    app.router.add_post("/v1/traces", traces)
-    server = TestServer(app, host="127.0.0.1", port=free_port())
-    await server.start_server()
-    got.url = str(server.make_url("")).rstrip("/")
-    yield got
-    await server.close()
+    async with otlp_receiver() as got:
+        yield got
 
 
 @pytest.fixture
@@ -142,7 +95,7 @@ async def test_one_trace_runs_from_the_agents_span_to_the_backend(
     assert {s.kind for s in under} == {Span.SpanKind.SPAN_KIND_CLIENT}
     assert {attributes(s)["db.system.name"] for s in under} == {SYSTEMS[backend]}
     assert {"append_to", "latest_in"} <= {attributes(s)["db.operation.name"] for s in under}
-    assert receiver.services == {"chat-sidecar"}
+    assert {r["service.name"] for r in receiver.resources} == {"chat-sidecar"}
     everything = b"".join(s.SerializeToString() for s in spans)
     assert SECRET.encode() not in everything
     assert session_id.encode() not in everything

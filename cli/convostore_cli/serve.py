@@ -61,6 +61,11 @@ def _add_sidecar(sidecar: argparse.ArgumentParser) -> None:
         help="also serve /healthz and /readyz alone on this TCP port, on every address "
         "(for the kubelet's HTTP probes; no data, no token)",
     )
+    sidecar.add_argument(
+        "--health-metrics",
+        action="store_true",
+        help="serve /metrics on the health port too (for Prometheus to scrape a pod)",
+    )
     sidecar.add_argument("--log-level", default="INFO")
     sidecar.set_defaults(run=run_sidecar)
 
@@ -83,6 +88,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
         tcp=not args.no_tcp,
         issue_token=args.issue_token,
         health_port=args.health_port,
+        health_metrics=args.health_metrics,
     )
 
 

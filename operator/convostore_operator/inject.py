@@ -22,7 +22,9 @@ idempotent: a pod that has the sidecar is left alone.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +124,50 @@ def allowed_containers(pod: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(named))
 
 
-def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
+@dataclass(frozen=True)
+class SidecarTelemetry:
+    """What injected sidecars report, as the chart configures the operator: an OTLP
+    endpoint for their traces, and whether Prometheus scrapes their metrics (served then
+    on the health port, which a PodMonitor finds by its name)."""
+
+    otlp_endpoint: str | None = None
+    metrics: bool = False
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] = os.environ) -> SidecarTelemetry:
+        endpoint = env.get("CONVOSTORE_SIDECAR_OTLP_ENDPOINT") or None
+        return cls(endpoint, env.get("CONVOSTORE_SIDECAR_METRICS", "").lower() == "true")
+
+    def apply(self, container: dict[str, Any]) -> None:
+        if self.metrics:
+            container["args"].append("--health-metrics")
+            container["ports"] = [{"name": METRICS_PORT, "containerPort": HEALTH_PORT}]
+        if self.otlp_endpoint:
+            container["env"] = [
+                {"name": "CONVOSTORE_POD", "valueFrom": {"fieldRef": FIELD_POD}},
+                {"name": "CONVOSTORE_POD_NAMESPACE", "valueFrom": {"fieldRef": FIELD_NS}},
+                {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": self.otlp_endpoint},
+                {"name": "OTEL_SERVICE_NAME", "value": "convostore-sidecar"},
+                {
+                    "name": "OTEL_RESOURCE_ATTRIBUTES",
+                    "value": "k8s.pod.name=$(CONVOSTORE_POD),"
+                    "k8s.namespace.name=$(CONVOSTORE_POD_NAMESPACE)",
+                },
+            ]
+
+
+NO_TELEMETRY = SidecarTelemetry()
+METRICS_PORT = "cs-metrics"
+FIELD_POD = {"fieldPath": "metadata.name"}
+FIELD_NS = {"fieldPath": "metadata.namespace"}
+
+
+def inject(
+    pod: dict[str, Any],
+    stores: list[StoreMount],
+    image: str,
+    telemetry: SidecarTelemetry = NO_TELEMETRY,
+) -> None:
     """Add the sidecar to `pod` (a manifest dict), in place; raises InjectionRefused."""
     if already_injected(pod):
         return
@@ -144,7 +189,9 @@ def inject(pod: dict[str, Any], stores: list[StoreMount], image: str) -> None:
     if annotations.get(TCP) != "true":
         args.append("--no-tcp")
     args += mount_stores(stores, volumes, mounts, data_size(annotations))
-    spec.setdefault("initContainers", []).append(sidecar_container(image, args, mounts))
+    sidecar = sidecar_container(image, args, mounts)
+    telemetry.apply(sidecar)
+    spec.setdefault("initContainers", []).append(sidecar)
     grant_callers(spec, callers)
     annotations[CONFIG_HASH] = combined_hash(stores)
 

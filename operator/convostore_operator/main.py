@@ -30,8 +30,10 @@ from aiohttp import web
 from convostore_sidecar.http.listener import LONGEST_HEADER, MOST_HEADERS
 
 from .crd import GROUP
+from .inject import SidecarTelemetry
 from .kube import Kube, api_client, configuration
 from .leader import Election, LeaseSettings
+from .metrics import OperatorMetrics
 from .registration import OperatorConfig, register
 from .webhook import AdmissionServer, WebhookSettings
 
@@ -124,10 +126,14 @@ class Reconciler:
 
 
 async def serve_health(
-    address: tuple[str, int], healthy: Reconciler, admitting: Callable[[], bool]
+    address: tuple[str, int],
+    healthy: Reconciler,
+    admitting: Callable[[], bool],
+    metrics: OperatorMetrics,
 ) -> web.AppRunner:
     """`/healthz` (liveness): the reconcile loop has not failed. `/readyz` (readiness, so
-    the webhook's Service sends admissions here): that, and the webhook serves."""
+    the webhook's Service sends admissions here): that, and the webhook serves.
+    `/metrics`: the replica's metrics, for Prometheus."""
 
     async def healthz(_: web.Request) -> web.Response:
         if healthy.failed:
@@ -139,9 +145,13 @@ async def serve_health(
             return web.json_response({"status": "the webhook is not serving yet"}, status=503)
         return await healthz(request)
 
+    async def exposition(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8")
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", exposition)
     runner = web.AppRunner(
         app, access_log=None, max_field_size=LONGEST_HEADER, max_headers=MOST_HEADERS
     )
@@ -162,10 +172,17 @@ async def run_replica(settings: ReplicaSettings) -> int:
     def admitting() -> bool:
         return settings.webhook is None or (admission is not None and admission.serving)
 
-    health = await serve_health(settings.health_address, reconciler, admitting)
+    metrics = OperatorMetrics(lambda: reconciler.running, lambda: reconciler.failed)
+    health = await serve_health(settings.health_address, reconciler, admitting, metrics)
     background: list[asyncio.Task[None]] = []
     if settings.webhook is not None:
-        admission = AdmissionServer(kube, settings.webhook, settings.sidecar_image)
+        admission = AdmissionServer(
+            kube,
+            settings.webhook,
+            settings.sidecar_image,
+            SidecarTelemetry.from_environment(),
+            metrics,
+        )
         await admission.start()
         background.append(asyncio.create_task(admission.keep_in_sync(stop)))
     code = 0

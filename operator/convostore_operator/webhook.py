@@ -51,7 +51,9 @@ from convostore_sidecar.http.listener import LONGEST_HEADER, MOST_HEADERS, Conne
 from .certs import WebhookTLS, issue
 from .crd import GROUP
 from .inject import (
+    NO_TELEMETRY,
     InjectionRefused,
+    SidecarTelemetry,
     StoreMount,
     already_injected,
     inject,
@@ -59,6 +61,7 @@ from .inject import (
     store_mount,
 )
 from .kube import Kube
+from .metrics import OperatorMetrics
 
 log = logging.getLogger("convostore.operator")
 INJECT_PATH = "/inject-sidecar"
@@ -114,10 +117,17 @@ def ensure_tls(kube: Kube, webhook: WebhookSettings) -> WebhookTLS:
 class AdmissionServer:
     """HTTPS server for the webhook, whose certificate can change while it runs."""
 
-    def __init__(self, kube: Kube, webhook: WebhookSettings, sidecar_image: str) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        webhook: WebhookSettings,
+        sidecar_image: str,
+        telemetry: SidecarTelemetry = NO_TELEMETRY,
+        metrics: OperatorMetrics | None = None,
+    ) -> None:
         self.kube = kube
         self.webhook = webhook
-        self.sidecar_image = sidecar_image
+        self.sidecar_image, self.telemetry, self.metrics = sidecar_image, telemetry, metrics
         self.tls: WebhookTLS | None = None
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.runner: web.AppRunner | None = None
@@ -216,7 +226,11 @@ class AdmissionServer:
             return web.json_response({"error": "an AdmissionReview is smaller"}, status=413)
         except (ValueError, KeyError, TypeError, AssertionError):
             return web.json_response({"error": "expected an AdmissionReview"}, status=400)
-        response = await admit(review["request"], self.kube, self.sidecar_image, self.executor)
+        response = await admit(
+            review["request"], self.kube, self.sidecar_image, self.executor, self.telemetry
+        )
+        if self.metrics is not None:
+            self.metrics.admitted(response)
         return web.json_response(
             {
                 "apiVersion": "admission.k8s.io/v1",
@@ -231,7 +245,11 @@ def _deny(message: str, code: int = 400) -> dict[str, Any]:
 
 
 async def admit(
-    request: dict[str, Any], kube: Kube, image: str, executor: Executor | None = None
+    request: dict[str, Any],
+    kube: Kube,
+    image: str,
+    executor: Executor | None = None,
+    telemetry: SidecarTelemetry = NO_TELEMETRY,
 ) -> dict[str, Any]:
     """The `response` of an AdmissionReview for one pod (without its uid); API reads run
     on `executor` (the event loop's default without one)."""
@@ -267,7 +285,7 @@ async def admit(
         )
     changed = json.loads(json.dumps(pod))
     try:
-        inject(changed, [found[name] for name in names], image)
+        inject(changed, [found[name] for name in names], image, telemetry)
     except InjectionRefused as exc:
         return _deny(str(exc))
     # JSON Patch "add" replaces a member that exists, so two ops cover every pod

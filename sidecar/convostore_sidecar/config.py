@@ -127,6 +127,8 @@ class ListenConfig:
     """A TCP port for the kubelet's probes, serving `/healthz` and `/readyz` alone."""
     health_host: str = "0.0.0.0"
     """The kubelet probes the pod's IP, so by default every address."""
+    health_metrics: bool = False
+    """Serve `/metrics` on the health port too, for Prometheus to scrape a pod's sidecar."""
 
     @classmethod
     def parse(cls, s: Section) -> ListenConfig:
@@ -140,6 +142,7 @@ class ListenConfig:
                 s.integer("healthPort", 0, low=1, high=65535) if s.has("healthPort") else None
             ),
             health_host=s.string("healthHost", cls.health_host),
+            health_metrics=s.boolean("healthMetrics", False),
         )
         s.done()
         return listen

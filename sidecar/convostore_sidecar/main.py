@@ -39,12 +39,16 @@ def run_sidecar(
     tcp: bool = True,
     issue_token: str | None = None,
     health_port: int | None = None,
+    health_metrics: bool = False,
 ) -> int:
     try:
         config = load_config(*config_paths) if config_paths else default_config()
         config = _with_overrides(config, host, port, socket, socket_mode, token_file, tcp)
         if health_port is not None:
             listen = dataclasses.replace(config.listen, health_port=health_port)
+            config = dataclasses.replace(config, listen=listen)
+        if health_metrics:
+            listen = dataclasses.replace(config.listen, health_metrics=True)
             config = dataclasses.replace(config, listen=listen)
         if issue_token:
             config = dataclasses.replace(config, token_file=write_new_token(Path(issue_token)))

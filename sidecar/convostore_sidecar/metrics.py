@@ -27,6 +27,43 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.errors = Counter(
+            "convostore_errors",
+            "Requests answered with an error, by route, store and error code.",
+            ["route", "store", "code"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "convostore_requests_in_flight",
+            "API requests inside their handlers now (turned away past requests.maxConcurrent).",
+            registry=self.registry,
+        )
+        self.buffered = Gauge(
+            "convostore_buffered_bytes",
+            "Bytes of request bodies (`request`) and answers (`answer`) held in memory now, "
+            "within requests.maxBufferedBytes and requests.maxBufferedReadBytes.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.buffer_limit = Gauge(
+            "convostore_buffered_bytes_limit",
+            "The most bytes of request bodies (`request`) and answers (`answer`) held at once.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.sweeps = Counter(
+            "convostore_sweeps",
+            "Retention sweeps of a store, by outcome (`done`, or `skipped` while the backend "
+            "was unavailable).",
+            ["store", "outcome"],
+            registry=self.registry,
+        )
+        self.last_sweep = Gauge(
+            "convostore_sweep_last_done_timestamp_seconds",
+            "When a store's last retention sweep finished (Unix time).",
+            ["store"],
+            registry=self.registry,
+        )
         self.backend_latency = Histogram(
             "convostore_backend_call_duration_seconds",
             "Time of one call to a store's backend, by store, backend and the driver's "

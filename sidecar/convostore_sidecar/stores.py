@@ -399,6 +399,9 @@ async def _sweep_forever(store: Store, metrics: Metrics) -> None:
             swept = await store.sweep()
         except BackendUnavailable as exc:
             log.warning("store %s: retention sweep skipped: %s", store.name, exc)
+            metrics.sweeps.labels(store.name, "skipped").inc()
             continue
+        metrics.sweeps.labels(store.name, "done").inc()
+        metrics.last_sweep.labels(store.name).set_to_current_time()
         if swept:
             metrics.sessions_expired.labels(store.name).inc(swept)

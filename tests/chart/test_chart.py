@@ -19,7 +19,7 @@ from tests.chart.tools import ROOT, checkov_binary, helm_binary
 CHART = ROOT / "charts" / "convostore"
 VALUE_FILES = [None, *sorted((CHART / "ci").glob("*.yaml"))]
 KUBERNETES = "1.37"
-CUSTOM_KINDS = {"ServiceMonitor", "ConversationStore"}
+CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConversationStore"}
 
 
 @pytest.fixture(scope="session")

@@ -60,10 +60,10 @@ def test_the_sidecar_image_holds_the_sidecars_dependencies_alone() -> None:
     operator dependencies in it; the operator's image adds them on top."""
     found = stages()
     assert "COPY --from=build-sidecar /opt/convostore /opt/convostore" in found["sidecar"]
-    assert "'.[sidecar]'" in found["build-sidecar"]
+    assert "'.[sidecar,sidecar-tracing]'" in found["build-sidecar"]
     assert "operator]" not in found["build-sidecar"]
     assert "COPY --from=build-operator /opt/convostore /opt/convostore" in found["operator"]
-    assert "'.[sidecar,operator]'" in found["build-operator"]
+    assert "'.[sidecar,sidecar-tracing,operator]'" in found["build-operator"]
     assert list(found)[-1] == "operator", "a build with no --target makes the operator"
 
 

@@ -7,6 +7,8 @@ import base64
 import copy
 import functools
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,14 @@ import pytest
 from convostore import SidecarSession
 from convostore.errors import UnauthorizedError
 from convostore_operator.crd import DATA_DIR
+from convostore_operator.inject import HEALTH_PORT, METRICS_PORT, SidecarTelemetry
 from convostore_operator.kube import Kube
 from convostore_operator.webhook import admit
 
 from tests.operator.conftest import NAMESPACE, Operator, create_store, phase_is, secret_data
 from tests.operator.deployed import WebhookTarget, admission
 from tests.operator.emulator import RealisticEmulator
-from tests.support import eventually
+from tests.support import eventually, otlp_receiver
 
 pytestmark = pytest.mark.kmock(cls=RealisticEmulator)
 
@@ -317,3 +320,70 @@ async def probed_as_the_kubelet_probes(sidecar: dict[str, Any], pod_ip: str = "1
             assert resp.status == 404  # the API is not there
         async with http.get(f"http://{pod_ip}:{port}/metrics") as resp:
             assert resp.status == 404
+
+
+def kubelet_env(container: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """The container's env as the kubelet gives it: field refs read off the pod, and
+    `$(NAME)` replaced by the variables defined before it."""
+    fields = {"metadata.name": pod_name, "metadata.namespace": NAMESPACE}
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        value = entry.get("value")
+        if value is None:
+            value = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+    return env
+
+
+async def test_telemetry_reaches_the_injected_sidecar_as_the_chart_asks(
+    cluster: Any, operator: Operator, kube: Kube, tmp_path: Path
+) -> None:
+    """With the chart's podMonitor and tracing on, the operator injects sidecars that
+    serve /metrics on the port the PodMonitor scrapes by name, and send their traces to
+    the collector, named by pod and namespace; the probes' answers are unchanged."""
+    await ready_stores(cluster, operator, ("chat", {"backend": "sqlite"}))
+    async with otlp_receiver() as receiver:
+        telemetry = SidecarTelemetry(otlp_endpoint=receiver.url, metrics=True)
+        pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": "chat"})
+        asked = {"namespace": NAMESPACE, "object": pod}
+        result = patched(pod, await admit(asked, kube, "img", None, telemetry))
+        [sidecar] = result["spec"]["initContainers"]
+        assert sidecar["ports"] == [{"name": METRICS_PORT, "containerPort": HEALTH_PORT}]
+        mounts = {m["mountPath"]: tmp_path / m["name"] for m in sidecar["volumeMounts"]}
+        for where in mounts.values():
+            where.mkdir()
+        for name, data in (secret_data(cluster, "chat-convostore") or {}).items():
+            if name == "config.yaml":
+                data = data.replace(DATA_DIR.encode(), str(mounts[DATA_DIR]).encode())
+            (mounts["/etc/convostore/stores/chat"] / name).write_bytes(data)
+        args = [on_disk(arg, mounts) for arg in sidecar["args"]]
+        env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "50", **kubelet_env(sidecar, "agent-1")}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "convostore", *args, cwd=tmp_path, env=env
+        )
+        try:
+            agent = result["spec"]["containers"][0]
+            paths = {
+                e["name"]: on_disk(e["value"].removeprefix("unix://"), mounts) for e in agent["env"]
+            }
+            url, token_file = f"unix://{paths['CONVOSTORE_URL']}", paths["CONVOSTORE_TOKEN_FILE"]
+            await eventually(lambda: Path(token_file).exists(), within=30)
+            session = SidecarSession("u1", "chat", url=url, token_file=token_file)
+            await session.add_items([{"role": "user", "content": "hello"}])
+            async with aiohttp.ClientSession() as http:
+                metrics = f"http://127.0.0.1:{HEALTH_PORT}/metrics"
+                async with http.get(metrics) as resp:
+                    assert resp.status == 200
+                    exposed = await resp.text()
+            assert 'convostore_items_appended_total{store="chat"} 1.0' in exposed
+            assert "u1" not in exposed, "no session id in the metrics"
+            await eventually(lambda: any(s.name.startswith("POST") for s in receiver.spans))
+            resource = receiver.resources[0]
+            assert resource["service.name"] == "convostore-sidecar"
+            assert (resource["k8s.pod.name"], resource["k8s.namespace.name"]) == (
+                "agent-1",
+                NAMESPACE,
+            )
+        finally:
+            process.terminate()
+            assert await process.wait() == 0

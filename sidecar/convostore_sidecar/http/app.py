@@ -50,6 +50,7 @@ def build_app(config: SidecarConfig) -> web.Application:
     app[REQUEST_LIMITS] = config.requests
     app[BODY_BUDGET] = BodyBudget(config.requests.max_buffered_bytes)
     app[ANSWER_BUDGET] = AnswerBudget(config.requests.max_buffered_read_bytes)
+    _gauges(app)
     app.cleanup_ctx.append(_stores_lifecycle)
     app.add_routes(routes)
     app.add_routes(branches.routes)
@@ -57,6 +58,16 @@ def build_app(config: SidecarConfig) -> web.Application:
     app.add_routes(keys.routes)
     app.add_routes(metadata.routes)
     return app
+
+
+def _gauges(app: web.Application) -> None:
+    """The metrics read off the sidecar's state when scraped."""
+    metrics, bodies, answers = app[METRICS], app[BODY_BUDGET], app[ANSWER_BUDGET]
+    metrics.in_flight.set_function(lambda: app[IN_FLIGHT].count)
+    metrics.buffered.labels("request").set_function(lambda: sum(bodies.held.values()))
+    metrics.buffered.labels("answer").set_function(lambda: answers.held)
+    metrics.buffer_limit.labels("request").set(bodies.limit)
+    metrics.buffer_limit.labels("answer").set(answers.limit)
 
 
 async def _stores_lifecycle(app: web.Application) -> AsyncIterator[None]:

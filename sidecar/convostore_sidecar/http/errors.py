@@ -61,12 +61,18 @@ def error_body(code: str, message: str) -> bytes:
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.Response(
+    """The error answer; its code is kept on it for the metrics (`ERROR_CODE`)."""
+    response = web.Response(
         status=status,
         body=error_body(code, message),
         content_type="application/json",
         headers=headers,
     )
+    response[ERROR_CODE] = code
+    return response
+
+
+ERROR_CODE = "convostore.error_code"
 
 
 def overloaded(message: str) -> ApiError:

@@ -16,6 +16,7 @@ from . import validation
 from .answers import send
 from .bodies import read_body
 from .errors import ApiError
+from .health import exposition
 from .middleware import authorized
 from .openapi import openapi_json
 from .state import ANSWER_BUDGET, METRICS, READINESS, REQUEST_LIMITS, STORES
@@ -239,11 +240,7 @@ def _state(unreachable: str | None, refusing: str | None) -> str:
     return "unavailable" if unreachable else "writes_failing" if refusing else "ok"
 
 
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[METRICS].exposition(), content_type="text/plain", charset="utf-8"
-    )
+routes.get("/metrics")(exposition)
 
 
 @routes.get("/v1/openapi.json")

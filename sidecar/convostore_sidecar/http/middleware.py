@@ -11,7 +11,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .errors import WRITES, ApiError, error_answer, labels, overloaded
+from .errors import ERROR_CODE, WRITES, ApiError, error_answer, labels, overloaded
 from .state import BODY_BUDGET, IN_FLIGHT, METRICS, READINESS, REQUEST_LIMITS, TOKEN, TRACING
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
@@ -75,7 +75,11 @@ async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse
     finally:
         in_flight.leave()
     route, store = labels(request)
-    app[METRICS].observe(route, store, request.method, response.status, started)
+    metrics = app[METRICS]
+    metrics.observe(route, store, request.method, response.status, started)
+    code = response.get(ERROR_CODE)
+    if code is not None:
+        metrics.errors.labels(route, store, code).inc()
     done = store and request.method in WRITES and 200 <= response.status < 300
     if done and app[READINESS].write_done(store):  # the store's writes were failing
         app[METRICS].writes_failing.labels(store).set(0)

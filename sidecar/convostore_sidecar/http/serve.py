@@ -63,13 +63,14 @@ async def serve(config: SidecarConfig) -> None:
             os.chmod(listen.socket, listen.socket_mode)
             where.append(f"unix://{listen.socket}")
         if listen.health_port is not None:
-            health = await _health_runner(app)
+            health = await _health_runner(app, listen.health_metrics)
             assert health.server is not None
             probes = ConnectionCap(health.server, HEALTH_CONNECTIONS)
             listeners.append(
                 await loop.create_server(probes, listen.health_host, listen.health_port)
             )
-            where.append(f"probes only on {_tcp_url(listeners[-1])}")
+            served = "probes and metrics" if listen.health_metrics else "probes only"
+            where.append(f"{served} on {_tcp_url(listeners[-1])}")
         stores = ", ".join(f"{s.name} ({s.backend})" for s in config.stores.values())
         log.info("convostore sidecar serving %s on %s", stores, " and ".join(where))
         await stopping.wait()
@@ -88,9 +89,9 @@ async def serve(config: SidecarConfig) -> None:
         await runner.cleanup()
 
 
-async def _health_runner(app: web.Application) -> web.AppRunner:
+async def _health_runner(app: web.Application, metrics: bool) -> web.AppRunner:
     """The probes' own server (see `health`), bounded as the API's is."""
-    runner = _bounded_runner(health_app(app), HEALTH_KEEPALIVE)
+    runner = _bounded_runner(health_app(app, metrics), HEALTH_KEEPALIVE)
     await runner.setup()
     return runner
 
