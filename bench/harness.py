@@ -106,7 +106,7 @@ class Sidecar:
     def _environment(self) -> dict[str, str]:
         if self.tree is None:
             return dict(os.environ)
-        parts = ("client", "sidecar", "operator", ".")
+        parts = ("cli", "client", "sidecar", "operator", ".")
         return {**os.environ, "PYTHONPATH": os.pathsep.join(str(self.tree / p) for p in parts)}
 
     def rss_bytes(self) -> int:

@@ -3,6 +3,7 @@ against Kubernetes' own schemas, and keep the generated files current."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from convostore_operator.inject import METRICS_PORT, SidecarTelemetry
 from convostore_operator.manifests import crd_yaml, rules_yaml
 from convostore_operator.rbac import RULES
 
@@ -291,3 +293,31 @@ def test_checkov_finds_nothing_beyond_the_justified_skips(
     )
     assert result.returncode == 0, result.stdout
     assert "Failed checks: 0" in result.stdout
+
+
+def test_observability_renders_what_the_files_hold_and_tells_the_operator(helm: Any) -> None:
+    """The alerts and the dashboard are rendered as they are in files/ (where promtool and
+    the metric-name test check them); the PodMonitor scrapes the pods the webhook
+    injects, on the port it names; the operator learns to inject metrics and traces."""
+    objects = render(helm, CHART / "ci" / "observability-values.yaml")
+    by_kind = {obj["kind"]: obj for obj in objects if obj["kind"] != "ConversationStore"}
+    alerts = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    assert by_kind["PrometheusRule"]["spec"] == alerts
+    assert by_kind["PrometheusRule"]["metadata"]["labels"]["release"] == "prometheus"
+    dashboards = [
+        o for o in objects if o["kind"] == "ConfigMap" and "convostore.json" in o.get("data", {})
+    ]
+    [dashboard] = dashboards
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    on_disk = json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert json.loads(dashboard["data"]["convostore.json"]) == on_disk
+    monitor = by_kind["PodMonitor"]["spec"]
+    assert monitor["selector"] == {"matchLabels": {"convostore.dev/inject": "true"}}
+    assert monitor["podMetricsEndpoints"][0]["port"] == METRICS_PORT
+    assert by_kind["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
+    [operator] = by_kind["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    told = SidecarTelemetry.from_environment({k: v for k, v in env.items() if v is not None})
+    assert told == SidecarTelemetry("http://otel-collector.observability:4318", metrics=True)
+    plain = render(helm, None)
+    assert not {"PodMonitor", "PrometheusRule", "ServiceMonitor"} & {o["kind"] for o in plain}
