@@ -20,7 +20,14 @@ from openai import AsyncOpenAI
 
 from tests.compaction_support import compaction_config, converse, history
 from tests.openai_standin import OpenAIStandIn
-from tests.support import POSTGRES_POOLED, SidecarProcess, unique
+from tests.support import (
+    POSTGRES_POOLED,
+    SidecarProcess,
+    attributes,
+    eventually,
+    otlp_receiver,
+    unique,
+)
 from tests.test_process import run_cli
 
 COMPACTING = ("sqlite", "postgres", "redis", POSTGRES_POOLED, "sqlalchemy")
@@ -321,3 +328,31 @@ def test_export_from_a_store_that_keeps_no_archive_writes_its_live_items(
     records = [json.loads(line) for line in exported.stdout.splitlines()]
     assert records[0] == {"convostore_export": 2}
     assert [record["item"] for record in records[1:]] == history(2)
+
+
+async def test_a_compactions_model_call_is_a_span_under_its_request(
+    compacting_sidecar: Callable[..., SidecarProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With tracing on, the call to the model is a span of the compaction's request,
+    naming the model and no item."""
+    async with otlp_receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        sidecar = compacting_sidecar("sqlite")
+        session = SidecarSession(unique(), url=sidecar.url)
+        await session.add_items(history(4))
+        await session.run_compaction({"force": True})
+        assert session.last_compaction is not None
+        assert session.last_compaction["compacted"]
+
+        def model_spans() -> list[Any]:
+            return [s for s in receiver.spans if "gen_ai.operation.name" in attributes(s)]
+
+        await eventually(lambda: bool(model_spans()), within=30)
+        [model] = model_spans()
+        found = attributes(model)
+        assert found["gen_ai.operation.name"] == "compact"
+        assert model.name == f"compact {found['gen_ai.request.model']}"
+        [request] = [s for s in receiver.spans if s.span_id == model.parent_span_id]
+        assert request.name == "POST /v1/stores/{store}/sessions/{session_id}/items:compact"
+        assert b"question" not in b"".join(s.SerializeToString() for s in receiver.spans)

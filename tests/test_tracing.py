@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from agents import Agent, Runner
 from agents.testing import ScriptedModel, assistant_message
@@ -105,10 +106,15 @@ async def test_session_ids_are_in_spans_as_given_only_when_asked(
     receiver: Receiver, traced_sidecar: Callable[..., SidecarProcess]
 ) -> None:
     sidecar = traced_sidecar("sqlite", CONVOSTORE_TRACE_SESSION_IDS="plain")
+    async with aiohttp.ClientSession() as http:
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            async with http.get(sidecar.url + probe) as resp:
+                assert resp.status == 200
     session_id = unique("chat")
     await SidecarSession(session_id, url=sidecar.url).add_items([{"role": "user", "content": "x"}])
     spans = await spans_until(receiver, lambda spans: any(s.name.startswith("POST") for s in spans))
     posted = next(s for s in spans if s.name.startswith("POST"))
+    assert sorted(s.name.split()[0] for s in spans) == ["POST", "append_to"], "no probe is traced"
     assert attributes(posted)["convostore.session.id"] == session_id
     assert posted.parent_span_id == b"", "a call from outside any trace starts its own"
 

@@ -71,8 +71,13 @@ class Tracing:
 
     @contextlib.contextmanager
     def backend_span(self, store: str, backend: str, operation: str) -> Iterator[None]:
-        """A call to the store's backend, under the current span."""
-        from opentelemetry.trace import SpanKind
+        """A call to the store's backend, under the current span; none outside a request
+        (a readiness ping, a sweep), which would each start a trace of their own."""
+        from opentelemetry.trace import SpanKind, get_current_span
+
+        if not get_current_span().get_span_context().is_valid:
+            yield
+            return
 
         system = DB_SYSTEMS.get(backend, backend)
         attributes = {

@@ -43,9 +43,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     """What every request passes through, in one layer (each aiohttp middleware costs a
     coroutine call per request): counted in flight, so shutdown can wait for it; let in
     (`admit`); its failures answered as JSON (`error_answer`); its body bytes given
-    back; its metrics recorded; with tracing on, in a span of the caller's trace."""
+    back; its metrics recorded; with tracing on, in a span of the caller's trace (but
+    probes, scrapes and the OpenAPI document, which are no one's conversation)."""
     tracing = request.app[TRACING]
-    if tracing is None:
+    if tracing is None or request.path in OPEN_PATHS:
         return await _handled(request, handler)
     route, store = labels(request)
     session_id = request.match_info.get("session_id", "")
