@@ -27,6 +27,8 @@ command -v debootstrap >/dev/null || need_packages+=(debootstrap)
 command -v docker-registry >/dev/null || need_packages+=(docker-registry)  # --push, tested
 # the chart's alert rules: `promtool check rules` and `promtool test rules`
 command -v promtool >/dev/null || need_packages+=(prometheus)
+# the session browser's tests drive Debian's Chromium, headless
+command -v chromium >/dev/null || need_packages+=(chromium)
 if [ ${#need_packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${need_packages[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_packages[@]}"

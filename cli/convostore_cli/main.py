@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from convostore.errors import ConvostoreError
 
 from . import cluster, keys, serve, sessions
+from .ui import command as ui
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     commands = command.add_subparsers(required=True, metavar="COMMAND")
     serve.add_commands(commands)
     sessions.add_commands(commands)
+    ui.add_commands(commands)
     cluster.add_commands(commands)
     keys.add_commands(commands)
     return command
