@@ -77,6 +77,8 @@ TURNS = [
     ],
 ]
 USAGE = [(120, 30), (200, 45)]
+LONG_ANSWER = "Every stop on the way, in order. " * 100
+THOUGHT = "Weighing trains"
 
 
 async def converse(url: str, secret: str, token_file: str) -> None:
@@ -102,6 +104,18 @@ async def converse(url: str, secret: str, token_file: str) -> None:
     assert compacting.last_compaction["compacted"]
     hostile = SidecarSession("hostile", "chat", url, token_file=token_file)
     await hostile.add_items([{"role": "user", "content": text} for text in HOSTILE])
+    musing = SidecarSession("musing", "chat", url, token_file=token_file)
+    await musing.add_items(
+        [
+            {"role": "user", "content": "Think it over."},
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [{"type": "summary_text", "text": "Weighing trains"}],
+            },
+            {"role": "assistant", "content": LONG_ANSWER},
+        ]
+    )
 
 
 def words(content: Any) -> str:
@@ -157,7 +171,7 @@ async def opened(browser: Browser, browsed: Browsed, width: int = 1280) -> Page:
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.errors = errors  # type: ignore[attr-defined]
     await page.goto(browsed.address)
-    await page.get_by_role("button", name=re.compile("^trip")).wait_for()
+    await page.locator("#sessions button").first.wait_for()
     return page
 
 
@@ -172,7 +186,7 @@ async def test_every_view_shows_what_the_api_holds(browser: Browser, browsed: Br
     assert "key=" not in page.url
     assert await page.locator("#stores button").all_inner_texts() == ["chat\nready"]
     sessions = await page.locator("#sessions button").all_inner_texts()
-    assert [s.split("\n")[0] for s in sessions] == ["hostile", "trip"], "newest first"
+    assert [s.split("\n")[0] for s in sessions] == ["musing", "hostile", "trip"], "newest first"
 
     await open_session(page, "trip")
     labels = await page.locator("#labels").inner_text()
@@ -317,3 +331,48 @@ def test_bad_options_are_refused_with_what_is_wrong(args: list[str], said: str) 
     )
     assert refused.returncode == 1
     assert said in refused.stderr
+
+
+async def test_other_kinds_show_by_kind_and_long_items_fold(
+    browser: Browser, browsed: Browsed
+) -> None:
+    page = await opened(browser, browsed)
+    await open_session(page, "musing")
+    kinds = await page.locator("#live .item .kind").all_text_contents()
+    assert kinds == ["User", "reasoning", "Assistant"]
+    assert THOUGHT in await page.locator("#live .item.other").inner_text()
+    folded = page.locator("#live .item.assistant details:not(.raw)")
+    assert await folded.count() == 1
+    assert await folded.get_attribute("open") is None, "a long item starts collapsed"
+    assert f"Long text ({len(LONG_ANSWER)} characters)" in await folded.inner_text()
+    await folded.locator("summary").click()
+    assert await folded.locator(".text").text_content() == LONG_ANSWER
+    await page.close()
+
+
+async def test_sessions_are_found_by_label_and_prefix_and_paged(
+    browser: Browser, browsed: Browsed
+) -> None:
+    for n in range(55):  # past a page of 50
+        extra = SidecarSession(f"extra-{n:02}", "chat", browsed.url, token_file=browsed.token_file)
+        await extra.add_items([{"role": "user", "content": str(n)}])
+    page = await opened(browser, browsed)
+    fetched: list[str] = []
+    page.on("request", lambda request: fetched.append(request.url))
+    listed = page.locator("#sessions button")
+    assert await listed.count() == 50
+    await page.get_by_role("button", name="More sessions").click()
+    await page.get_by_text("58 session(s) in store chat.").wait_for()  # 55 and 3
+    assert await page.get_by_role("button", name="More sessions").is_hidden()
+    await page.get_by_label("Label (name=value)").fill("user_id=42")
+    await page.get_by_role("button", name="Search").click()
+    await page.get_by_text("1 session(s) in store chat.").wait_for()
+    assert [t.split("\n")[0] for t in await listed.all_inner_texts()] == ["trip"]
+    await page.get_by_label("Label (name=value)").fill("")
+    await page.get_by_label("Session id starts with").fill("extra-5")
+    await page.get_by_role("button", name="Search").click()
+    await page.get_by_text("5 session(s) in store chat.").wait_for()
+    origin = browsed.address.partition("/#")[0]
+    assert fetched
+    assert all(url.startswith(origin + "/") for url in fetched), "nothing from elsewhere"
+    await page.close()
