@@ -74,13 +74,19 @@ class Subjects:
         return await self._keys.forget_subject_key(subject)
 
     async def forget_all(self) -> int:
-        """Destroy every subject's key: the store is being deleted."""
+        """Destroy every subject's key: the store is being deleted. Passes over the keys
+        until one finds none (a scan's page may come back empty before its end)."""
         forgotten = 0
         while True:
-            page, _ = await self._keys.subject_keys("", PAGE)
-            for entry in page:
-                forgotten += await self._keys.forget_subject_key(entry.subject)
-            if not page:
+            found, cursor = 0, ""
+            while True:
+                page, cursor = await self._keys.subject_keys(cursor, PAGE)
+                for entry in page:
+                    forgotten += await self._keys.forget_subject_key(entry.subject)
+                found += len(page)
+                if not cursor:
+                    break
+            if not found:
                 self._unwrapped.clear()
                 return forgotten
 
