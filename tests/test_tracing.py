@@ -6,17 +6,21 @@ the sidecar's server span under it, and the backend's span under that."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
-from agents import Agent, Runner
+from agents import Agent, RunConfig, Runner, set_tracing_disabled
 from agents.testing import ScriptedModel, assistant_message
+from agents.tracing import get_trace_provider, set_trace_processors
 from convostore import SidecarSession
+from convostore.tracing import AgentRunSpans
 from convostore_sidecar.tracing import from_environment
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.support import Receiver, SidecarProcess, attributes, otlp_receiver, unique
 
@@ -135,3 +139,45 @@ def test_an_endpoint_alone_turns_tracing_on() -> None:
     tracing = from_environment({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
     assert tracing is not None
     tracing.shutdown()
+
+
+@pytest.fixture
+def agent_run_spans() -> Iterator[InMemorySpanExporter]:
+    """`AgentRunSpans` as the only processor of the SDK's traces, for one test."""
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    before = get_trace_provider()._multi_processor._processors  # type: ignore[attr-defined]
+    set_trace_processors([AgentRunSpans(provider)])
+    set_tracing_disabled(False)  # the suite turns the SDK's tracing off (conftest)
+    yield exporter
+    set_tracing_disabled(True)
+    set_trace_processors(list(before))
+
+
+async def test_an_agent_run_made_a_span_holds_its_session_calls(
+    receiver: Receiver,
+    traced_sidecar: Callable[..., SidecarProcess],
+    agent_run_spans: InMemorySpanExporter,
+) -> None:
+    """With the SDK's tracing bridged by `AgentRunSpans` (and no span of the app's own),
+    the sidecar's spans of the session calls the run makes are children of its span."""
+    sidecar = traced_sidecar("redis")
+    agent = Agent(name="planner", model=ScriptedModel([[assistant_message("hi")]]))
+    session = SidecarSession(unique("chat"), url=sidecar.url)
+    traced = RunConfig(workflow_name="trip planning")
+    await Runner.run(agent, "hello", session=session, run_config=traced)
+    [run] = agent_run_spans.get_finished_spans()
+    assert run.name == "agent run: trip planning"
+    run_id = run.context.span_id.to_bytes(8, "big")
+
+    def under_the_run(spans: list[Span]) -> list[Span]:
+        return [s for s in spans if s.parent_span_id == run_id]
+
+    await spans_until(receiver, lambda spans: len(under_the_run(spans)) >= 2)
+    names = {s.name for s in under_the_run(receiver.spans)}
+    # the run's writes; the SDK reads the session's history before its trace begins
+    assert "POST /v1/stores/{store}/sessions/{session_id}/items" in names
+    assert {s.trace_id for s in under_the_run(receiver.spans)} == {
+        run.context.trace_id.to_bytes(16, "big")
+    }

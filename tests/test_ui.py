@@ -376,3 +376,34 @@ async def test_sessions_are_found_by_label_and_prefix_and_paged(
     assert fetched
     assert all(url.startswith(origin + "/") for url in fetched), "nothing from elsewhere"
     await page.close()
+
+
+def test_open_hands_the_address_to_the_default_browser(
+    sessions: tuple[SidecarProcess, Path], tmp_path: Path
+) -> None:
+    """`--open` gives the printed address (key and all) to the browser `$BROWSER` names,
+    as `webbrowser` does on a desktop."""
+    sidecar, token = sessions
+    handed = tmp_path / "handed"
+    browser = tmp_path / "browser"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {handed}\n')
+    browser.chmod(0o755)
+    log_path = tmp_path / "ui.log"
+    command = [sys.executable, "-m", "convostore", "ui", "--url", sidecar.url, "--open"]
+    command += ["--token-file", str(token)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stderr=log, env={**os.environ, "BROWSER": str(browser)})
+        try:
+            address = asyncio.run(printed_address(process, log_path))
+            asyncio.run(until_written(handed))
+            assert handed.read_text().strip() == address
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+async def until_written(path: Path) -> None:
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await asyncio.to_thread(lambda: path.exists() and path.stat().st_size > 0):
+        assert asyncio.get_running_loop().time() < deadline, f"nothing wrote {path}"
+        await asyncio.sleep(0.05)
