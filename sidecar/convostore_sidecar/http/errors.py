@@ -58,6 +58,9 @@ def error_body(code: str, message: str) -> bytes:
     return dumps({"error": {"code": code, "message": message}})
 
 
+ERROR_CODE: web.ResponseKey[str] = web.ResponseKey("error_code")
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -70,9 +73,6 @@ def error_response(
     )
     response[ERROR_CODE] = code
     return response
-
-
-ERROR_CODE = "convostore.error_code"
 
 
 def overloaded(message: str) -> ApiError:
