@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .labels import NAME
 
@@ -220,24 +220,24 @@ class Keyring:
         return WRAPPED + bytes([len(self.primary)]) + self.primary.encode() + nonce + sealed
 
     def unwrap(self, store: str, subject: str, wrapped: bytes) -> bytes:
-        key_id = self.wrapped_with(wrapped)
-        nonce_at = len(WRAPPED) + 1 + len(key_id.encode())
-        envelope = Envelope(
-            key_id,
-            None,
-            None,
-            wrapped[nonce_at : nonce_at + NONCE_BYTES],
-            wrapped[nonce_at + NONCE_BYTES :],
-        )
+        envelope = _wrapped_envelope(wrapped)
+        key_id = envelope.key_id
         cipher = _wrapping_cipher(self._key(key_id), store)
         return _opened(cipher, envelope, _wrapped_for(store, subject), key_id)
 
     def wrapped_with(self, wrapped: bytes) -> str:
         """The id of the store key a wrapped subject key is sealed under."""
-        if wrapped[: len(WRAPPED)] != WRAPPED or len(wrapped) < len(WRAPPED) + 1:
-            raise DecryptionFailed(None, "a subject key is not in a key envelope")
-        length = wrapped[len(WRAPPED)]
-        return wrapped[len(WRAPPED) + 1 : len(WRAPPED) + 1 + length].decode("ascii", "replace")
+        return cast(str, _wrapped_envelope(wrapped).key_id)
+
+
+def _wrapped_envelope(wrapped: bytes) -> Envelope:
+    """A wrapped subject key's header ("ck1", the store key's id) and sealed bytes."""
+    if wrapped[: len(WRAPPED)] != WRAPPED or len(wrapped) < len(WRAPPED) + 1:
+        raise DecryptionFailed(None, "a subject key is not in a key envelope")
+    nonce_at = len(WRAPPED) + 1 + wrapped[len(WRAPPED)]
+    key_id = wrapped[len(WRAPPED) + 1 : nonce_at].decode("ascii", "replace")
+    nonce = wrapped[nonce_at : nonce_at + NONCE_BYTES]
+    return Envelope(key_id, None, None, nonce, wrapped[nonce_at + NONCE_BYTES :])
 
 
 def _opened(cipher: AESGCM, envelope: Envelope, aad: bytes, key_id: str | None) -> bytes:

@@ -49,11 +49,16 @@ class Subjects:
 
     async def keys_for(self, subjects: Iterable[str]) -> dict[str, bytes]:
         """The keys the store still holds of these subjects (an erased one's is gone)."""
+        held = await self._held(subjects)
+        return {subject: self._unwrap(subject, wrapped) for subject, wrapped in held.items()}
+
+    async def _held(self, subjects: Iterable[str]) -> dict[str, bytes]:
+        """These subjects' keys as the backend holds them, wrapped; erased: absent."""
         found = {}
         for subject in set(subjects):
             wrapped = await self._keys.subject_key(subject)
             if wrapped is not None:
-                found[subject] = self._unwrap(subject, wrapped)
+                found[subject] = wrapped
         return found
 
     def _unwrap(self, subject: str, wrapped: bytes) -> bytes:
@@ -123,9 +128,5 @@ class Subjects:
 
     async def wrapping_key_ids(self, subjects: Iterable[str]) -> dict[str, str]:
         """The store key id each of these subjects' keys is wrapped by; erased: absent."""
-        found = {}
-        for subject in set(subjects):
-            wrapped = await self._keys.subject_key(subject)
-            if wrapped is not None:
-                found[subject] = self._keyring.wrapped_with(wrapped)
-        return found
+        held = await self._held(subjects)
+        return {subject: self._keyring.wrapped_with(wrapped) for subject, wrapped in held.items()}
