@@ -39,6 +39,7 @@ def require(what: str) -> None:
 
 
 PORT_ATTEMPTS = 3
+CLUSTER_CREATE_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -265,20 +266,29 @@ class RedisClusterNodes:
         tls: TlsFiles | None = None,
         extra: tuple[str, ...] = (),
     ) -> None:
-        options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-        timeout = ("--cluster-node-timeout", str(node_timeout_ms), "--appendfsync", appendfsync)
+        self.primaries = primaries
+        self.options = (
+            *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            *("--cluster-node-timeout", str(node_timeout_ms), "--appendfsync", appendfsync),
+            *extra,
+        )
         self.tls = tls
-        self.nodes = [
+        self.nodes = self._fresh_nodes()
+
+    def _fresh_nodes(self) -> list[RedisServer]:
+        nodes = [
             # the bus port is named: by default it is port + 10000, past 65535 for some
-            RedisServer(*options, *timeout, "--cluster-port", str(free_port()), *extra)
-            for _ in range(primaries * 2)
+            RedisServer("--cluster-port", str(free_port()), *self.options)
+            for _ in range(self.primaries * 2)
         ]
-        if tls is not None:
-            for node in self.nodes:
+        if self.tls is not None:
+            tls = self.tls
+            for node in nodes:
                 node.extra = (*node.extra, "--port", "0", "--tls-port", str(node.port))
                 node.extra += ("--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key))
                 node.extra += ("--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no")
                 node.extra += ("--tls-replication", "yes", "--tls-cluster", "yes")
+        return nodes
 
     @property
     def addresses(self) -> list[str]:
@@ -293,15 +303,27 @@ class RedisClusterNodes:
         return next(node for node in self.nodes if node.port == port)
 
     def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-        create = self.cli(self.nodes[0].port, "--cluster", "create", *self.addresses)
-        subprocess.run(
-            [*create, "--cluster-replicas", "1", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        """`--cluster create` can fail on a loaded machine (a replica told to follow a
+        primary it has not met yet, nodes that do not agree when it checks): the nodes
+        it half-configured are thrown away and fresh ones tried."""
+        failures = []
+        for _ in range(CLUSTER_CREATE_ATTEMPTS):
+            for node in self.nodes:
+                node.start()
+            create = self.cli(self.nodes[0].port, "--cluster", "create", *self.addresses)
+            created = subprocess.run(
+                [*create, "--cluster-replicas", "1", "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if created.returncode == 0:
+                break
+            failures.append(created.stdout[-2000:] + created.stderr[-2000:])
+            self.destroy()
+            self.nodes = self._fresh_nodes()
+        else:
+            raise RuntimeError("redis-cli --cluster create failed:\n" + "\n---\n".join(failures))
         deadline = time.monotonic() + 30
         while not all(self._ready(node.port) for node in self.nodes):
             if time.monotonic() > deadline:
