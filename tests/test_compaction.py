@@ -280,14 +280,18 @@ async def test_a_subjects_compacted_history_rotates_exports_and_is_shredded(
     compacting_sidecar: Callable[..., SidecarProcess],
 ) -> None:
     """With a subject label, the summary and the archive are sealed under the subject's
-    key: a rotation re-wraps that key and seals no item again, the export reads them,
-    and the subject's erasure leaves nothing."""
+    key: a rotation re-wraps that key and seals no item again, the export seals them
+    and restores the compaction into the store, and the subject's erasure leaves
+    nothing."""
     old, new = {"id": "old", "value": generate_key()}, {"id": "new", "value": generate_key()}
     config = compacting_store(backend, encryption={"keys": [old], "subjectLabel": "user_id"})
     sidecar = compacting_sidecar(config)
     session_id, person = unique(), unique("person")
-    labelled = SidecarSession(session_id, url=sidecar.url, metadata={"user_id": person})
+    labels = {"user_id": person, "topic": "compacted"}
+    labelled = SidecarSession(session_id, url=sidecar.url, metadata=labels)
     await converse(labelled, store=False)
+    kept = SidecarSession(unique(), url=sidecar.url, metadata={"user_id": person})
+    await kept.add_items([{"role": "user", "content": "keeps the subject's key"}])
     live = await SidecarSession(session_id, url=sidecar.url).get_items()
     full = await SidecarSession(session_id, url=sidecar.url).get_full_items()
     assert any(item.get("type") == "compaction" for item in live)
@@ -309,10 +313,19 @@ async def test_a_subjects_compacted_history_rotates_exports_and_is_shredded(
     assert exported.returncode == 0, exported.stderr
     records = [json.loads(line) for line in exported.stdout.splitlines()]
     mine = [r for r in records if r.get("session_id") == session_id]
-    assert mine[0] == {"session_id": session_id, "labels": {"user_id": person}}
-    assert [r["item"] for r in mine if "item" in r] == full
-    erased = await SidecarStore("default", current.url).erase({"user_id": person})
-    assert erased["erased_sessions"] == 1
+    assert mine[0] == {"session_id": session_id, "labels": labels}
+    assert len([r for r in mine if "item" in r]) == len(full)
+    summary = next(r["archive"]["summary"] for r in mine if "archive" in r)
+    sealed = [r["item"] for r in mine if "item" in r] + summary
+    assert {item["type"] for item in sealed} == {"convostore.sealed"}
+    store = SidecarStore("default", current.url)
+    assert (await store.erase({"topic": "compacted"}))["erased_sessions"] == 1
+    imported = run_cli("sessions", "--url", current.url, "import", "-", stdin=exported.stdout)
+    assert imported.returncode == 0, imported.stderr
+    assert "1 compactions restored" in imported.stderr
+    assert await reread.get_items() == live
+    assert await reread.get_full_items() == full
+    assert (await store.erase({"user_id": person}))["erased_sessions"] == 2
     assert await reread.get_full_items() == []
 
 

@@ -5,6 +5,7 @@ each store's export is the same file."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Callable
@@ -222,3 +223,30 @@ def test_malformed_label_records_stop_an_import_before_it_writes(line: str, why:
     with pytest.raises(ValueError, match="line 3: ") as refused:
         transfer.parse(text)
     assert why in str(refused.value)
+
+
+def test_an_import_halves_a_batch_until_the_sidecar_takes_it(
+    store_config: Callable[..., dict[str, Any]],
+    sidecar_process: Callable[[dict[str, Any]], SidecarProcess],
+    tmp_path: Path,
+) -> None:
+    """A store whose requests are small (`limits.maxRequestBytes`) refuses a batch of
+    the import as too large: the import sends it in halves, and a re-run still skips
+    every half it wrote."""
+    limits = {"maxRequestBytes": 4096, "maxItemBytes": 1024}
+    source = sidecar_process({"stores": {"default": store_config("sqlite")}})
+    source.start()
+    items = [{"role": "user", "content": f"{n} " + "x" * 500} for n in range(20)]
+    asyncio.run(SidecarSession("long", url=source.url).add_items(items))
+    exported = run_cli("sessions", "--url", source.url, "export")
+    assert exported.returncode == 0, exported.stderr
+    small = {"path": str(tmp_path / "small.db")}
+    target = sidecar_process(
+        {"stores": {"default": store_config("sqlite", sqlite=small, limits=limits)}}
+    )
+    target.start()
+    for said in ("imported 20 items", "imported 0 items; 20 were imported before"):
+        imported = run_cli("sessions", "--url", target.url, "import", "-", stdin=exported.stdout)
+        assert imported.returncode == 0, imported.stderr
+        assert imported.stderr.startswith(said), imported.stderr
+        assert asyncio.run(SidecarSession("long", url=target.url).get_items()) == items

@@ -19,7 +19,6 @@ from . import transfer
 from .common import run, sidecar_options, store
 from .wire import Sidecar
 
-IMPORT_BATCH = 500
 TIME_BOUNDS = ("created_after", "created_before", "updated_after", "updated_before")
 
 
@@ -88,6 +87,13 @@ def add_commands(commands: Any) -> None:
         default="full",
         help="full: every branch with its usage and compaction archive, for import "
         "(default); live: what agents read now, summaries as items, no archive",
+    )
+    export.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="write a subject's items in clear, to read them or to move sessions to a store "
+        "with other keys (by default, on a store with encryption.subjectLabel, they are "
+        "sealed: only that store reads them, and not once the subject is erased)",
     )
     export.set_defaults(run=run_export)
     imp = actions.add_parser("import", help="append sessions from JSON Lines", parents=shared)
@@ -168,7 +174,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 async def _export(args: argparse.Namespace, out: TextIO) -> int:
-    await transfer.export(Sidecar(args), args.prefix, args.view == "full", out)
+    full = args.view == "full"
+    await transfer.export(Sidecar(args), args.prefix, full, out, sealed=not args.plaintext)
     return 0
 
 

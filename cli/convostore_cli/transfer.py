@@ -18,6 +18,13 @@ per session, its `main` branch and then each other branch, every line naming its
   to the archive, and `summary` took their place.
 
 A file of version 1 (item lines alone, no header) imports as `main` items.
+
+On a store that seals each subject's items under a key of their own (crypto-shredding),
+the items of a session with a subject are exported sealed, as the sidecar seals them
+for an export: `{"type": "convostore.sealed", "subject", "opens_turn", "sealed"}`.
+Erasing the subject makes them unreadable; until then they import into the store that
+exported them (its sidecar opens them), and nowhere else. `--plaintext` writes them in
+clear instead, to read them or to move sessions to a store with other keys.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ from .wire import Sidecar, json_body
 
 FORMAT = 2
 MAIN = "main"
+SEALED = "convostore.sealed"
+"""The type of an item exported sealed (the sidecar's `exports` module makes them)."""
+SEALED_REFUSALS = ("subject_erased", "sealed_elsewhere", "subject_required")
+"""A sealed item's store will not open it."""
 IMPORT_BATCH = 500
 USAGE_FIELDS = (
     "requests",
@@ -52,10 +63,14 @@ def session_path(sidecar: Sidecar, session_id: str) -> str:
     return f"{sidecar.store_path}/sessions/{quote(session_id, safe='')}"
 
 
-async def export(sidecar: Sidecar, prefix: str, full: bool, out: TextIO) -> None:
+async def export(
+    sidecar: Sidecar, prefix: str, full: bool, out: TextIO, *, sealed: bool = True
+) -> None:
+    """`sealed`: a subject's items as their store seals them for an export."""
     write(out, {"convostore_export": FORMAT})
+    sealing = {"sealed": "true"} if sealed else {}
     async for session_id in sidecar.session_ids(prefix):
-        for record in await session_records(sidecar, session_id, full):
+        for record in await session_records(sidecar, session_id, full, sealing):
             write(out, record)
 
 
@@ -63,14 +78,16 @@ def write(out: TextIO, record: dict[str, Any]) -> None:
     out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
-async def session_records(sidecar: Sidecar, session_id: str, full: bool) -> list[dict[str, Any]]:
+async def session_records(
+    sidecar: Sidecar, session_id: str, full: bool, sealing: dict[str, str]
+) -> list[dict[str, Any]]:
     path = session_path(sidecar, session_id)
     try:
         listed = await sidecar.get(path + "/branches")
     except ConvostoreError as exc:
         if exc.code != "not_supported":
             raise
-        items = await whole(sidecar, session_id, {})  # a backend that keeps items alone
+        items = await whole(sidecar, session_id, sealing)  # a backend that keeps items alone
         return [{"session_id": session_id, "item": item} for item in items]
     others = [b["branch_id"] for b in listed["branches"] if b["branch_id"] != MAIN]
     records: list[dict[str, Any]] = []
@@ -78,14 +95,14 @@ async def session_records(sidecar: Sidecar, session_id: str, full: bool) -> list
     if labels:
         records.append({"session_id": session_id, "labels": labels})
     for branch in [MAIN, *others]:
-        records += await branch_records(sidecar, session_id, branch, full)
+        records += await branch_records(sidecar, session_id, branch, full, sealing)
     return sorted(records, key=lambda record: "archive" in record)  # stable: archives last
 
 
 async def branch_records(
-    sidecar: Sidecar, session_id: str, branch: str, full: bool
+    sidecar: Sidecar, session_id: str, branch: str, full: bool, sealing: dict[str, str]
 ) -> list[dict[str, Any]]:
-    path, where = session_path(sidecar, session_id), {"branch": branch}
+    path, where = session_path(sidecar, session_id), {"branch": branch, **sealing}
     named: dict[str, Any] = {"session_id": session_id}
     if branch != MAIN:
         named["branch"] = branch
@@ -131,10 +148,23 @@ def numbered(items: list[Any]) -> Iterator[tuple[int, Any, bool]]:
     the first is turn 0), and whether it is its turn's last."""
     turns, turn = [], 0
     for item in items:
-        turn += isinstance(item, dict) and item.get("role") == "user"
+        turn += opens_turn(item)
         turns.append(turn)
     for index, item in enumerate(items):
         yield turns[index], item, index + 1 == len(items) or turns[index + 1] != turns[index]
+
+
+def opens_turn(item: Any) -> bool:
+    """A user message; a sealed item says whether it was one."""
+    if not isinstance(item, dict):
+        return False
+    if is_sealed(item):
+        return item.get("opens_turn") is True
+    return item.get("role") == "user"
+
+
+def is_sealed(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("type") == SEALED
 
 
 @dataclass(frozen=True)
@@ -264,14 +294,22 @@ class Tally:
 class Batch:
     session_id: str
     branch: str
-    first_line: int
+    lines: list[int] = field(default_factory=list)
     items: list[Any] = field(default_factory=list)
+
+    def halves(self) -> tuple[Batch, Batch]:
+        half = len(self.items) // 2
+        return (
+            Batch(self.session_id, self.branch, self.lines[:half], self.items[:half]),
+            Batch(self.session_id, self.branch, self.lines[half:], self.items[half:]),
+        )
 
 
 class Importer:
     """Writes parsed records in order: items in batches (each with an idempotency key
-    from the file and its line, so a re-run appends nothing twice), then what follows
-    them. A record the sidecar refuses stops it, naming the line and session."""
+    from the file and its line, so a re-run appends nothing twice; halved while the
+    sidecar finds one too large), then what follows them. A record the sidecar refuses
+    stops it, naming the line and session."""
 
     def __init__(self, sidecar: Sidecar, text: str) -> None:
         self.sidecar = sidecar
@@ -281,8 +319,12 @@ class Importer:
         self.answers: dict[tuple[str, str], dict[str, Any]] = {}
         self.present: dict[tuple[str, str], deque[Any]] = {}
         """Items a branch already held when it was opened, which its records repeat."""
+        self.sealed: set[str] = set()
+        """Sessions whose items come sealed: what they hold is compared sealed."""
+        self.labelled: set[str] = set()
 
     async def run(self, records: list[Record]) -> Tally:
+        self.sealed = {r.session_id for r in records if r.kind == "item" and is_sealed(r.value)}
         for entry in records:
             try:
                 await self.take(entry)
@@ -312,6 +354,7 @@ class Importer:
         elif entry.kind == "labels":
             path = session_path(self.sidecar, entry.session_id) + "/metadata"
             await self.sidecar.patch(path, json_body({"labels": entry.value}))
+            self.labelled.add(entry.session_id)
             self.tally.labelled += 1
         else:
             await self.restore_archive(entry)
@@ -331,29 +374,50 @@ class Importer:
             or len(batch.items) >= IMPORT_BATCH
         ):
             await self.flush()
-            self.batch = batch = Batch(entry.session_id, entry.branch, entry.line)
+            self.batch = batch = Batch(entry.session_id, entry.branch)
+        batch.lines.append(entry.line)
         batch.items.append(entry.value)
 
     async def flush(self) -> None:
         batch, self.batch = self.batch, None
-        if batch is None:
-            return
+        if batch is not None:
+            await self.write(batch)
+
+    async def write(self, batch: Batch) -> None:
         path = session_path(self.sidecar, batch.session_id) + "/items"
         try:
             answer = await self.sidecar.post(
                 path,
                 encode_items(batch.items),
                 {"branch": batch.branch},
-                key=f"import-{self.digest}-{batch.first_line}",
+                key=f"import-{self.digest}-{batch.lines[0]}",
             )
         except ConvostoreError as exc:
+            if exc.code == "request_too_large" and len(batch.items) > 1:
+                for half in batch.halves():
+                    await self.write(half)
+                return
+            if exc.code in SEALED_REFUSALS:
+                await self.unlabel(batch.session_id)
             why = f"{exc.code}: {exc.message}"
-            raise self.stopped(batch.first_line, batch.session_id, why) from None
+            raise self.stopped(batch.lines[0], batch.session_id, why) from None
         self.answers[(batch.session_id, batch.branch)] = answer
         if answer.get("replayed"):
             self.tally.before += len(batch.items)
         else:
             self.tally.items += len(batch.items)
+
+    async def unlabel(self, session_id: str) -> None:
+        """A session this run labelled, whose sealed items its store will not open (its
+        subject erased, say), is removed again if it holds nothing: the labels of an
+        erased subject do not come back with an old export."""
+        if session_id not in self.labelled or any(s == session_id for s, _ in self.answers):
+            return
+        held = await self.sidecar.get(session_path(self.sidecar, session_id) + "/items")
+        if not held["items"]:
+            await self.sidecar.store.session(session_id).clear_session()
+            self.labelled.discard(session_id)
+            self.tally.labelled -= 1
 
     async def open_branch(self, entry: Record) -> None:
         """An empty branch made from `main`'s first user turn; on a re-run, the one made
@@ -369,6 +433,8 @@ class Importer:
             await self.sidecar.post(path + "/branches", json_body(body))
             self.tally.branches += 1
         where = {"branch": entry.branch, "view": "full"}
+        if entry.session_id in self.sealed:
+            where["sealed"] = "true"
         held = await self.sidecar.get(path + "/items", where)
         self.present[(entry.session_id, entry.branch)] = deque(held["items"])
 

@@ -40,7 +40,8 @@ from .drivers.base import (
     Usage,
     UserTurn,
 )
-from .keyring import NO_KEYS, DecryptionFailed, Keyring, envelope_of
+from .exports import ExportCipher
+from .keyring import NO_KEYS, DecryptionFailed, Keyring, SubjectErased, envelope_of
 from .refusals import Conflict
 from .structure import shapes_of
 from .subjects import Subjects
@@ -148,6 +149,18 @@ class EncryptedDriver:
             )
 
         return seal
+
+    async def export_cipher(self, session_id: str) -> ExportCipher | None:
+        """What seals the session's items for an export, and opens them again on
+        import: its subject's (see `exports`); None for a session without a subject."""
+        subject = await self._subject(session_id)
+        if subject is None:
+            return None
+        assert self.subjects is not None
+        key = (await self.subjects.keys_for([subject])).get(subject)
+        if key is None:
+            raise SubjectErased
+        return ExportCipher(self.store, subject, key)
 
     async def _subject(self, session_id: str) -> str | None:
         """The session's subject (a digest), read from its labels on every call: a label
@@ -334,7 +347,9 @@ class EncryptedDriver:
         """Labels are kept in clear: the backend finds sessions by them. A session's
         subject, once set, stays until the session is cleared or erased (its items are
         sealed under that subject's key); set on a session that holds items, it seals
-        them again under the subject's key there and then."""
+        them again under the subject's key there and then. The subject's key is made at
+        their first item, not their first label: an import labels a session before it
+        appends the items exported sealed, which then find an erased subject's key gone."""
         labelled = cast(Labelled, self.inner)
         label = None if self.subjects is None else self.subjects.label
         if label is None or label not in changes:
@@ -348,8 +363,8 @@ class EncryptedDriver:
                 "for; it cannot change: clear the session, or use another one",
             )
         info = await labelled.label(session_id, changes, most)
-        if held is None and changes[label] is not None:
-            await self.reencrypt(session_id)
+        if before is not None and held is None and changes[label] is not None:
+            await self.reencrypt(session_id)  # a session new now holds nothing to seal
         return info
 
     async def session_info(self, session_id: str) -> SessionInfo | None:

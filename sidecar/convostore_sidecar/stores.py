@@ -46,6 +46,7 @@ from .drivers.base import (
     wall_clock,
 )
 from .encryption import EncryptedDriver
+from .exports import ExportCipher, SealedItem
 from .instrumented import InstrumentedDriver
 from .metrics import Metrics
 from .refusals import Conflict, Invalid, NotFound, NotSupported
@@ -323,6 +324,44 @@ class Store:
         if subjects is None:
             return 0, True
         return await subjects.rewrap(budget)
+
+    async def export_cipher(self, session_id: str) -> ExportCipher | None:
+        """What seals the session's items for an export (`exports`); None when the store
+        seals no subject's items or the session has no subject."""
+        if self._subjects is None:
+            return None
+        return await self._encrypted.export_cipher(session_id)
+
+    async def open_sealed(
+        self, session_id: str, sealed: Mapping[int, SealedItem]
+    ) -> dict[int, bytes]:
+        """The items these exported ones were, by their index in an append: they open
+        only in the store that sealed them, for a session of their subject."""
+        cipher, subjects = await self.export_cipher(session_id), self._subjects
+        if subjects is None:
+            raise Conflict(
+                "sealed_elsewhere",
+                f"store {self.name!r} seals no subject's items, so sealed items do not open "
+                "here: they open only in the store that exported them (export with "
+                "--plaintext to move sessions between stores)",
+            )
+        if cipher is None:
+            raise Conflict(
+                "subject_required",
+                "the items are sealed for a subject: set the session's "
+                f"{subjects.label!r} label first (an import does, from the export)",
+            )
+        opened = {}
+        for index, item in sealed.items():
+            plaintext = cipher.open(item)
+            if plaintext is None:
+                raise Conflict(
+                    "sealed_elsewhere",
+                    f"item {index} does not open for this session: it was sealed by another "
+                    "store, for another subject, for a subject since erased, or altered",
+                )
+            opened[index] = plaintext
+        return opened
 
     async def key_census(self, session_id: str) -> tuple[dict[str, int], int, int]:
         """The items of the session depending on each key id, those stored in clear,

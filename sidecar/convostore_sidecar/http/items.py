@@ -55,6 +55,11 @@ async def get_items(request: web.Request) -> web.StreamResponse:
     if view not in ("live", "full"):
         raise ApiError(400, "invalid_view", "view must be live or full")
     history = store.full_history if view == "full" else store.latest
+    sealed = validation.flag_param(query.get("sealed"), "sealed")
+    if sealed and (turns is not None or whole_turns):
+        why = "a sealed read (an export's) takes no turns or whole_turns"
+        raise ApiError(400, "invalid_sealed", why)
+    cipher = await store.export_cipher(session_id) if sealed else None
     limits, timeout = store.config.limits, request.app[REQUEST_LIMITS].body_timeout
     most, max_bytes = limits.max_read_items, limits.max_read_bytes
 
@@ -77,6 +82,9 @@ async def get_items(request: web.Request) -> web.StreamResponse:
         if store.config.encryption is None:
             for item in items:
                 refuse_ciphertext(item)
+        if cipher is not None:  # the answer's caps count the items as sent
+            items, cut = _within([cipher.seal(item) for item in items], most, max_bytes)
+            truncated = truncated or cut
         return items_document(items, truncated=truncated)
 
     async with request.app[ANSWER_BUDGET].hold(limits.most_read_bytes, timeout) as held:
@@ -105,7 +113,7 @@ async def append_items(request: web.Request) -> web.Response:
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     raw = await read_body(request, limits.max_request_bytes)
     branch = validation.branch_id(request.query.get("branch"))
-    body = validation.append_body(raw, limits)
+    body = await _opened(store, session_id, validation.append_body(raw, limits))
     fingerprint = body.fingerprint if branch == MAIN else f"{body.fingerprint}@{branch}"
     idempotency = (
         None if key is None else Idempotency(key, fingerprint, store.config.idempotency_ttl)
@@ -117,6 +125,16 @@ async def append_items(request: web.Request) -> web.Response:
     if result.turn is not None:
         answer.update(turn=result.turn, anchor=result.anchor)
     return _json(dumps(answer))
+
+
+async def _opened(
+    store: Store, session_id: str, body: validation.AppendBody
+) -> validation.AppendBody:
+    """The body as its items were before an export sealed them (an import's)."""
+    if not body.sealed:
+        return body
+    plaintexts = await store.open_sealed(session_id, body.sealed)
+    return validation.opened(body, plaintexts, store.config.limits)
 
 
 @routes.post(SESSION + "/items:archive")
@@ -141,7 +159,8 @@ async def archive_items(request: web.Request) -> web.Response:
             "in one call",
         )
     branch = validation.branch_id(request.query.get("branch"))
-    body = validation.append_body(await read_body(request, limits.max_request_bytes), limits)
+    raw = await read_body(request, limits.max_request_bytes)
+    body = await _opened(store, session_id, validation.append_body(raw, limits))
     if len(body.items) > count:
         raise ApiError(
             409,

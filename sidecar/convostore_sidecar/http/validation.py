@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ..config import Limits
 from ..drivers.base import MAIN, Meta
-from ..jsonbody import WrongShape, append_items, dumps
+from ..exports import NotSealedItem, SealedItem, is_sealed, most_sealed_bytes, sealed_item
+from ..jsonbody import WrongShape, append_items, dumps, loads
 from ..structure import describe
 from .errors import ApiError
 
@@ -121,13 +123,17 @@ class AppendBody:
     items: list[bytes]
     meta: list[Meta]
     fingerprint: str
+    sealed: dict[int, SealedItem] = field(default_factory=dict)
+    """The items an export sealed (`exports`), by index: only their store opens them."""
 
 
 def append_body(raw: bytes, limits: Limits) -> AppendBody:
-    """Parse `{"items": [...]}`; each item must be a JSON object within the size limit.
-    Items are parsed one at a time and kept only as their compact bytes."""
+    """Parse `{"items": [...]}`; each item must be a JSON object within the size limit
+    (a sealed one, within the size it has sealed). Items are parsed one at a time and
+    kept only as their compact bytes."""
     encoded: list[bytes] = []
     meta: list[Meta] = []
+    sealed: dict[int, SealedItem] = {}
     try:
         for index, item in enumerate(append_items(raw)):
             if index == limits.max_items_per_request:
@@ -142,17 +148,40 @@ def append_body(raw: bytes, limits: Limits) -> AppendBody:
                     "invalid_item",
                     f"item {index} must be a JSON object, got {type(item).__name__}",
                 )
+            most = limits.max_item_bytes
+            if is_sealed(item):
+                sealed[index] = _sealed_item(index, item)
+                most = most_sealed_bytes(most)
             data = dumps(item)
-            if len(data) > limits.max_item_bytes:
-                raise ApiError(
-                    413,
-                    "item_too_large",
-                    f"item {index} has {len(data)} bytes; the limit is {limits.max_item_bytes}",
-                )
+            if len(data) > most:
+                why = f"item {index} has {len(data)} bytes; the limit is {most}"
+                raise ApiError(413, "item_too_large", why)
             encoded.append(data)
             meta.append(describe(item))
     except WrongShape as exc:
         raise ApiError(400, "invalid_body", str(exc)) from exc
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, "invalid_body", f"the body is not valid JSON: {exc}") from exc
-    return AppendBody(items=encoded, meta=meta, fingerprint=hashlib.sha256(raw).hexdigest())
+    fingerprint = hashlib.sha256(raw).hexdigest()
+    return AppendBody(items=encoded, meta=meta, fingerprint=fingerprint, sealed=sealed)
+
+
+def _sealed_item(index: int, item: dict[str, object]) -> SealedItem:
+    try:
+        return sealed_item(item)
+    except NotSealedItem as exc:
+        raise ApiError(400, "invalid_item", f"item {index}: {exc}") from None
+
+
+def opened(body: AppendBody, plaintexts: Mapping[int, bytes], limits: Limits) -> AppendBody:
+    """The body with its sealed items as they were, each within the item size limit."""
+    items, meta = list(body.items), list(body.meta)
+    for index, data in plaintexts.items():
+        if len(data) > limits.max_item_bytes:
+            raise ApiError(
+                413,
+                "item_too_large",
+                f"item {index} has {len(data)} bytes opened; the limit is {limits.max_item_bytes}",
+            )
+        items[index], meta[index] = data, describe(loads(data))
+    return AppendBody(items=items, meta=meta, fingerprint=body.fingerprint)
