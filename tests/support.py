@@ -389,5 +389,7 @@ async def otlp_receiver() -> AsyncIterator[Receiver]:
     server = TestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     got.url = str(server.make_url("")).rstrip("/")
-    yield got
-    await server.close()
+    try:
+        yield got
+    finally:  # a failed test's receiver closes too, not when collected in a later test
+        await server.close()
