@@ -165,18 +165,19 @@ def test_the_listing_benchmark_fills_each_store_and_pages_through_it(tmp_path: P
 def test_the_shredding_benchmark_times_each_store_beside_the_one_in_clear(tmp_path: Path) -> None:
     """Every backend in three modes, each ratio computed from the figures beside it."""
     rows = table_rows("bench.shredding", "--repeat", "5", "--sessions", "2", out=tmp_path / "s.md")
-    cells = [[cell.strip() for cell in row] for row in rows if len(row) == 6][2:]
+    cells = [[cell.strip() for cell in row] for row in rows if len(row) == 7][2:]
     assert [(row[0], row[1]) for row in cells] == [
         (backend, mode)
         for backend in ("sqlite", "postgres", "redis")
         for mode in ("clear", "store key", "subject keys")
     ]
     clear: dict[str, tuple[str, str]] = {}
-    for backend, mode, append, append_ratio, read, read_ratio in cells:
+    for backend, mode, append, append_ratio, read, read_ratio, sealed in cells:
         if mode == "clear":
             clear[backend] = (append, read)
         assert_ratio(append_ratio, append, clear[backend][0])
         assert_ratio(read_ratio, read, clear[backend][1])
+        assert float(sealed.rstrip("×")) > 0
 
 
 def test_the_tracing_benchmark_exports_every_span_it_measures(tmp_path: Path) -> None:
