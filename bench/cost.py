@@ -17,8 +17,8 @@ import asyncio
 import statistics
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
+from bench import report
 from bench.harness import Floor, Servers, Sidecar, sidecar_factory
 from bench.scenarios import paced_load
 
@@ -91,16 +91,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    report.add_options(parser, None)
     args = parser.parse_args()
-    command = "python -m bench.cost " + " ".join(sys.argv[1:])
     with Servers() as servers:
         figures = asyncio.run(measure(servers, args.rounds, args.rate, args.seconds))
-    report = render(figures, command.strip())
-    print(report)
-    if args.out:
-        args.out.write_text(report)
-    return 0
+    return report.publish(render(figures, report.invocation(parser)), args.out)
 
 
 if __name__ == "__main__":

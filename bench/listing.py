@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
@@ -33,6 +32,7 @@ import redis.asyncio as aioredis
 import sqlalchemy
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench import report
 from bench.harness import Servers, Sidecar
 
 BACKENDS = ("sqlite", "postgres", "redis", "mariadb")
@@ -243,22 +243,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.listing", description=__doc__)
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=10_000)
-    parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    report.add_options(parser, BACKENDS)
     args = parser.parse_args()
-    backends = [b for b in args.backends.split(",") if b]
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
-    command = "python -m bench.listing " + " ".join(sys.argv[1:])
+    backends = report.chosen_backends(parser, args, BACKENDS)
     with Servers() as servers:
         table = asyncio.run(run(servers, backends, [args.small, args.sessions], args.repeat))
-    report = f"`{command.strip()}`, in one run:\n\n{table}"
-    print(report)
-    if args.out:
-        args.out.write_text(report)
-    return 0
+    return report.publish(report.one_run(parser, table), args.out)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ import asyncio
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from convostore import SidecarSession
 from convostore_sidecar.keyring import generate_key
 
+from bench import report
 from bench.harness import Servers, Sidecar
 from bench.scenarios import MESSAGE
 
@@ -112,21 +112,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.shredding", description=__doc__)
     parser.add_argument("--repeat", type=int, default=300)
     parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    report.add_options(parser, BACKENDS)
     args = parser.parse_args()
-    backends = [b for b in args.backends.split(",") if b]
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
-    command = "python -m bench.shredding " + " ".join(sys.argv[1:])
+    backends = report.chosen_backends(parser, args, BACKENDS)
     with Servers() as servers:
         table = asyncio.run(run(servers, backends, args.sessions, args.repeat))
-    report = f"`{command.strip()}`, in one run:\n\n{table}"
-    print(report)
-    if args.out:
-        args.out.write_text(report)
-    return 0
+    return report.publish(report.one_run(parser, table), args.out)
 
 
 if __name__ == "__main__":

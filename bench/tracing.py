@@ -20,11 +20,11 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from convostore import SidecarSession
 from opentelemetry.sdk.trace import TracerProvider
 
+from bench import report
 from bench.harness import Servers, Sidecar
 from bench.scenarios import MESSAGE
 from tests.support import otlp_receiver
@@ -86,21 +86,12 @@ async def run(servers: Servers, backends: list[str], count: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__)
     parser.add_argument("--turns", type=int, default=500)
-    parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    report.add_options(parser, BACKENDS)
     args = parser.parse_args()
-    backends = [b for b in args.backends.split(",") if b]
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
-    command = "python -m bench.tracing " + " ".join(sys.argv[1:])
+    backends = report.chosen_backends(parser, args, BACKENDS)
     with Servers() as servers:
         table = asyncio.run(run(servers, backends, args.turns))
-    report = f"`{command.strip()}`, in one run:\n\n{table}"
-    print(report)
-    if args.out:
-        args.out.write_text(report)
-    return 0
+    return report.publish(report.one_run(parser, table), args.out)
 
 
 if __name__ == "__main__":

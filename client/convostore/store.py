@@ -92,19 +92,24 @@ class SidecarStore:
         branch, the compaction archive, usage, labels and idempotency records. Safe to
         run again, and to resume after an interruption; answers the totals erased."""
         body = json.dumps({"labels": dict(labels)}, ensure_ascii=False).encode("utf-8")
-        totals = {"erased_sessions": 0, "erased_items": 0}
+        answers = await self._until_complete("/sessions:erase", body)
+        return {key: sum(a[key] for a in answers) for key in ("erased_sessions", "erased_items")}
+
+    async def _until_complete(self, path: str, body: bytes | None = None) -> list[Any]:
+        """A call that works for a while and says whether it is done, asked again until
+        it is (each time it goes on where it stopped): every answer."""
+        answers = []
         while True:
             answer: dict[str, Any] = await self._transport.call(
                 "POST",
-                store_path(self.store) + "/sessions:erase",
+                store_path(self.store) + path,
                 body=body,
                 idempotent=True,
                 answer_within=ERASE_TIMEOUT,
             )
-            for key in totals:
-                totals[key] += answer[key]
+            answers.append(answer)
             if answer["complete"]:
-                return totals
+                return answers
 
     async def erasures(self, limit: int = 100) -> list[dict[str, Any]]:
         """The store's latest erasure records, newest first: `erasure_id`, `at`,
@@ -129,17 +134,8 @@ class SidecarStore:
     async def rewrap_subject_keys(self) -> int:
         """Seal every subject's key under the store's primary key (a rotation's first
         step; their items need no re-encryption). Resumable; how many were re-wrapped."""
-        rewrapped = 0
-        while True:
-            answer: dict[str, Any] = await self._transport.call(
-                "POST",
-                store_path(self.store) + "/keys:rewrap",
-                idempotent=True,
-                answer_within=ERASE_TIMEOUT,
-            )
-            rewrapped += int(answer["rewrapped"])
-            if answer["complete"]:
-                return rewrapped
+        answers = await self._until_complete("/keys:rewrap")
+        return sum(int(answer["rewrapped"]) for answer in answers)
 
     def session(self, session_id: str) -> SidecarSession:
         return SidecarSession(

@@ -277,14 +277,7 @@ async def test_an_injected_pod_runs_and_only_its_named_container_gets_in(
     pod = agent_pod({"convostore.dev/inject": "true", "convostore.dev/stores": "chat"})
     result = patched(pod, await review(operator, pod))
     [sidecar] = result["spec"]["initContainers"]
-    mounts = {m["mountPath"]: tmp_path / m["name"] for m in sidecar["volumeMounts"]}
-    for where in mounts.values():
-        where.mkdir()
-    for name, data in (secret_data(cluster, "chat-convostore") or {}).items():
-        if name == "config.yaml":
-            data = data.replace(DATA_DIR.encode(), str(mounts[DATA_DIR]).encode())
-        (mounts["/etc/convostore/stores/chat"] / name).write_bytes(data)
-    args = [on_disk(arg, mounts) for arg in sidecar["args"]]
+    mounts, args = mounted(cluster, sidecar, tmp_path)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "convostore", *args, cwd=tmp_path
     )
@@ -302,6 +295,22 @@ async def test_an_injected_pod_runs_and_only_its_named_container_gets_in(
     finally:
         process.terminate()
         assert await process.wait() == 0
+
+
+def mounted(
+    cluster: Any, sidecar: dict[str, Any], tmp_path: Path
+) -> tuple[dict[str, Path], list[str]]:
+    """The kubelet's part for the injected `chat` sidecar: each volume a directory, the
+    store's config Secret written into its own (its data directory pointed at the
+    one made here), and the container's args with the mount paths made local."""
+    mounts = {m["mountPath"]: tmp_path / m["name"] for m in sidecar["volumeMounts"]}
+    for where in mounts.values():
+        where.mkdir()
+    for name, data in (secret_data(cluster, "chat-convostore") or {}).items():
+        if name == "config.yaml":
+            data = data.replace(DATA_DIR.encode(), str(mounts[DATA_DIR]).encode())
+        (mounts["/etc/convostore/stores/chat"] / name).write_bytes(data)
+    return mounts, [on_disk(arg, mounts) for arg in sidecar["args"]]
 
 
 async def probed_as_the_kubelet_probes(sidecar: dict[str, Any], pod_ip: str = "127.0.0.1") -> None:
@@ -349,14 +358,7 @@ async def test_telemetry_reaches_the_injected_sidecar_as_the_chart_asks(
         result = patched(pod, await admit(asked, kube, "img", None, telemetry))
         [sidecar] = result["spec"]["initContainers"]
         assert sidecar["ports"] == [{"name": METRICS_PORT, "containerPort": HEALTH_PORT}]
-        mounts = {m["mountPath"]: tmp_path / m["name"] for m in sidecar["volumeMounts"]}
-        for where in mounts.values():
-            where.mkdir()
-        for name, data in (secret_data(cluster, "chat-convostore") or {}).items():
-            if name == "config.yaml":
-                data = data.replace(DATA_DIR.encode(), str(mounts[DATA_DIR]).encode())
-            (mounts["/etc/convostore/stores/chat"] / name).write_bytes(data)
-        args = [on_disk(arg, mounts) for arg in sidecar["args"]]
+        mounts, args = mounted(cluster, sidecar, tmp_path)
         env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "50", **kubelet_env(sidecar, "agent-1")}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "convostore", *args, cwd=tmp_path, env=env

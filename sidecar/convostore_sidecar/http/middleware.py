@@ -46,12 +46,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     back; its metrics recorded; with tracing on, in a span of the caller's trace (but
     probes, scrapes and the OpenAPI document, which are no one's conversation)."""
     tracing = request.app[TRACING]
-    if tracing is None or request.path in OPEN_PATHS:
-        return await _handled(request, handler)
     route, store = labels(request)
+    if tracing is None or request.path in OPEN_PATHS:
+        return await _handled(request, handler, route, store)
     session_id = request.match_info.get("session_id", "")
     with tracing.request_span(request.headers, request.method, route, store, session_id) as span:
-        response = await _handled(request, handler)
+        response = await _handled(request, handler, route, store)
         span.set_attribute("http.response.status_code", response.status)
         if response.status >= 500:
             from opentelemetry.trace import StatusCode
@@ -60,7 +60,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
 
 
-async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _handled(
+    request: web.Request, handler: Handler, route: str, store: str
+) -> web.StreamResponse:
+    """The request let in, answered and counted under its `route` and `store`."""
     app = request.app
     in_flight = app[IN_FLIGHT]
     in_flight.enter()
@@ -75,7 +78,6 @@ async def _handled(request: web.Request, handler: Handler) -> web.StreamResponse
             app[BODY_BUDGET].release(request)
     finally:
         in_flight.leave()
-    route, store = labels(request)
     metrics = app[METRICS]
     metrics.observe(route, store, request.method, response.status, started)
     code = response.get(ERROR_CODE)
